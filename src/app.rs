@@ -1,0 +1,234 @@
+//! The running server: binds every socket before serving (so a taken port fails fast
+//! with its address), runs the listeners, tells systemd, and shuts down in order
+//! (stop accepting, close long-lived connections with a proper close, exit).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use ipnet::IpNet;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::ice::IceProvider;
+use crate::metrics::{HttpMetrics, Metrics};
+use crate::tls::Tls;
+
+/// How long shutdown may take before the remaining tasks are abandoned.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// State shared by every connection. Each piece has one owner; cores sit behind short
+/// `std::sync::Mutex` sections inside their modules.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub tls: Arc<Tls>,
+    pub metrics: Metrics,
+    pub http_metrics: HttpMetrics,
+    pub metrics_allow: Vec<IpNet>,
+    pub ice: Arc<IceProvider>,
+    pub started: Instant,
+    /// Cancelled when the server shuts down; long-lived tasks watch it.
+    pub shutdown: CancellationToken,
+    /// Long-lived tasks (WebSockets, relay IO) that shutdown waits for.
+    pub tasks: TaskTracker,
+    pub https_port: u16,
+}
+
+/// The addresses actually bound (ports differ from the config when it asks for 0).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    pub https: SocketAddr,
+    pub redirect: Option<SocketAddr>,
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    state: Arc<AppState>,
+    https: TcpListener,
+    redirect: Option<TcpListener>,
+    addrs: BoundAddrs,
+}
+
+impl Server {
+    /// Loads TLS material and binds every socket. Errors name the address or file.
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        crate::tls::install_crypto_provider();
+        let tls = Arc::new(Tls::load(&config).context("TLS setup failed")?);
+        let https_addr = config.http_listen()?;
+        let https = bind_tcp(https_addr, "http.listen").await?;
+        let redirect = match config.redirect_listen()? {
+            Some(addr) => Some(bind_tcp(addr, "http.redirect_listen").await?),
+            None => None,
+        };
+        let addrs = BoundAddrs {
+            https: https.local_addr()?,
+            redirect: redirect.as_ref().map(|l| l.local_addr()).transpose()?,
+        };
+        let secret = crate::ice::turn_secret(&config).context("TURN secret")?;
+        let turn_port = config.turn_listen()?.port();
+        let turns_port = config.turn_tls_listen()?.map(|a| a.port());
+        let ice = Arc::new(IceProvider::new(&config, secret, turn_port, turns_port));
+        let mut registry = Registry::default();
+        let http_metrics = HttpMetrics::register(&mut registry);
+        let metrics_allow = config.metrics_allow()?;
+        let state = Arc::new(AppState {
+            config: Arc::new(config),
+            tls,
+            metrics: Metrics::new(registry),
+            http_metrics,
+            metrics_allow,
+            ice,
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            https_port: addrs.https.port(),
+        });
+        Ok(Server {
+            state,
+            https,
+            redirect,
+            addrs,
+        })
+    }
+
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Logs the start-up banner: version, URLs, ports, certificate.
+    pub fn log_banner(&self) {
+        let s = &self.state;
+        let host = if s.config.http.public_host.is_empty() {
+            "localhost".to_string()
+        } else {
+            crate::ice::client_host(&s.config.http.public_host, None)
+        };
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "meshmeet starting");
+        tracing::info!(
+            listen = %self.addrs.https,
+            "open https://{host}:{}/ in a browser",
+            self.addrs.https.port()
+        );
+        if let Some(r) = self.addrs.redirect {
+            tracing::info!(listen = %r, "plain HTTP redirects to HTTPS");
+        }
+        tracing::info!(
+            kind = %s.tls.kind(),
+            sha256 = %s.tls.fingerprint(),
+            path = %s.tls.cert_path().display(),
+            "TLS certificate"
+        );
+    }
+
+    /// Serves until `shutdown` resolves, then stops in order and returns.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let app = crate::http::router(state.clone());
+        let https = tokio::spawn(crate::http::serve_https(self.https, state.clone(), app));
+        let redirect = self.redirect.map(|listener| {
+            let router = crate::http::redirect_router(
+                state.config.http.public_host.clone(),
+                state.https_port,
+            );
+            let token = state.shutdown.clone();
+            tokio::spawn(async move {
+                let serve = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { token.cancelled().await });
+                if let Err(e) = serve.await {
+                    tracing::warn!(error = %e, "redirect listener failed");
+                }
+            })
+        });
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+        tokio::select! {
+            _ = shutdown => {},
+            _ = state.shutdown.cancelled() => {},
+        }
+        tracing::info!("shutting down");
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        state.shutdown.cancel();
+        state.tasks.close();
+        let stop = async {
+            let _ = https.await;
+            if let Some(r) = redirect {
+                let _ = r.await;
+            }
+            state.tasks.wait().await;
+        };
+        if tokio::time::timeout(SHUTDOWN_TIMEOUT, stop).await.is_err() {
+            tracing::warn!("shutdown timed out; exiting anyway");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn bind_tcp(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (TCP, {key})"))
+}
+
+fn notify_systemd(states: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, states) {
+            tracing::warn!(error = %e, "systemd notify failed");
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address as plain IPv4, so allow-lists match either form.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Resolves on SIGTERM or Ctrl-C; reloads the certificate on every SIGHUP meanwhile.
+pub async fn signals(tls: Arc<Tls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(h)) => (t, h),
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            _ = hup.recv() => {
+                notify_systemd(&[sd_notify::NotifyState::Reloading]);
+                match tls.reload() {
+                    Ok(fp) => tracing::info!(sha256 = %fp, "TLS certificate reloaded"),
+                    Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the old certificate"),
+                }
+                notify_systemd(&[sd_notify::NotifyState::Ready]);
+            }
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! HTTPS: the axum router (embedded web client, `/healthz`, `/metrics`, and the routes
+//! other modules add), security headers, the TLS accept loop with graceful shutdown,
+//! and the optional plain-HTTP listener that redirects to HTTPS.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rust_embed::RustEmbed;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+use tower_http::compression::CompressionLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+
+use crate::app::AppState;
+use crate::metrics::HttpLabels;
+use crate::signaling::room::normalize_room;
+use crate::tls::CertKind;
+
+/// The web client, embedded at build time.
+#[derive(RustEmbed)]
+#[folder = "web/"]
+struct Web;
+
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+img-src 'self' data: blob:; media-src 'self' blob: mediastream:; connect-src 'self'; \
+font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'";
+const PERMISSIONS: &str =
+    "camera=(self), microphone=(self), display-capture=(self), geolocation=(), payment=(), usb=()";
+const HSTS: &str = "max-age=31536000";
+
+/// Time limits that keep slow or idle clients from pinning resources.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The whole HTTPS router, ready to serve.
+pub fn router(state: Arc<AppState>) -> Router {
+    let hsts = state.tls.kind() == CertKind::Configured;
+    let mut app = Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/favicon.ico", get(favicon))
+        .route("/robots.txt", get(robots))
+        .route("/check", get(check_page))
+        .route("/assets/{*path}", get(asset))
+        .route("/{room}", get(room_page));
+    app = crate::signaling::ws::routes(app);
+    app.fallback(not_found)
+        .layer(RequestBodyLimitLayer::new(16 * 1024))
+        .layer(CompressionLayer::new())
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(middleware::from_fn(move |req, next| {
+            security_headers(req, next, hsts)
+        }))
+        .with_state(state)
+}
+
+async fn security_headers(req: Request, next: Next, hsts: bool) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert("permissions-policy", HeaderValue::from_static(PERMISSIONS));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    if hsts {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static(HSTS),
+        );
+    }
+    res
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/" => "index",
+        "/healthz" => "healthz",
+        "/metrics" => "metrics",
+        "/ws" => "ws",
+        "/check" => "check",
+        "/favicon.ico" | "/robots.txt" => "static",
+        p if p.starts_with("/assets/") => "assets",
+        p if p[1..].contains('/') => "other",
+        _ => "room",
+    }
+}
+
+async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = route_label(req.uri().path());
+    let res = next.run(req).await;
+    state
+        .http_metrics
+        .requests
+        .get_or_create(&HttpLabels {
+            route,
+            status: res.status().as_u16(),
+        })
+        .inc();
+    res
+}
+
+async fn index(headers: HeaderMap) -> Response {
+    embedded("index.html", &headers)
+}
+
+async fn check_page(headers: HeaderMap) -> Response {
+    if Web::get("check.html").is_some() {
+        embedded("check.html", &headers)
+    } else {
+        not_found().await
+    }
+}
+
+async fn room_page(Path(room): Path<String>, headers: HeaderMap) -> Response {
+    match normalize_room(&room) {
+        Ok(_) => {
+            let page = if Web::get("room.html").is_some() {
+                "room.html"
+            } else {
+                "index.html"
+            };
+            embedded(page, &headers)
+        }
+        Err(_) => not_found().await,
+    }
+}
+
+async fn asset(Path(path): Path<String>, headers: HeaderMap) -> Response {
+    if path.split('/').any(|seg| seg.is_empty() || seg == "..") {
+        return not_found().await;
+    }
+    embedded(&format!("assets/{path}"), &headers)
+}
+
+async fn favicon(headers: HeaderMap) -> Response {
+    embedded("assets/favicon.svg", &headers)
+}
+
+async fn robots() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "User-agent: *\nDisallow: /\n",
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "Not found\n",
+    )
+        .into_response()
+}
+
+fn content_type(path: &str) -> String {
+    let ext = path.rsplit('.').next().unwrap_or("");
+    match ext {
+        "html" => "text/html; charset=utf-8".into(),
+        "js" | "mjs" => "text/javascript; charset=utf-8".into(),
+        "css" => "text/css; charset=utf-8".into(),
+        "json" => "application/json".into(),
+        "webmanifest" => "application/manifest+json".into(),
+        "svg" => "image/svg+xml".into(),
+        "txt" => "text/plain; charset=utf-8".into(),
+        _ => mime_guess::from_path(path)
+            .first_or_octet_stream()
+            .to_string(),
+    }
+}
+
+/// Serves an embedded file with its content type and a content-hash ETag
+/// (`If-None-Match` answers 304). Browsers revalidate every load, so a new binary
+/// never leaves a stale client behind.
+fn embedded(path: &str, headers: &HeaderMap) -> Response {
+    let Some(file) = Web::get(path) else {
+        return (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "Not found\n",
+        )
+            .into_response();
+    };
+    let etag = format!("\"{}\"", hex::encode(&file.metadata.sha256_hash()[..16]));
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let mut res = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut r = Response::new(Body::from(file.data.into_owned()));
+        if let Ok(v) = HeaderValue::from_str(&content_type(path)) {
+            r.headers_mut().insert(header::CONTENT_TYPE, v);
+        }
+        r
+    };
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        res.headers_mut().insert(header::ETAG, v);
+    }
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    res
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": state.started.elapsed().as_secs(),
+    }))
+    .into_response()
+}
+
+async fn metrics(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let ip = crate::app::canonical_ip(peer.ip());
+    if !state.metrics_allow.iter().any(|net| net.contains(&ip)) {
+        return (
+            StatusCode::FORBIDDEN,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "Forbidden\n",
+        )
+            .into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Accepts TLS connections until shutdown, then lets in-flight requests finish (for at
+/// most a few seconds). Upgraded WebSockets are closed by their own handlers.
+pub async fn serve_https(listener: TcpListener, state: Arc<AppState>, app: Router) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            res = listener.accept() => match res {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = state.shutdown.cancelled() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        state.http_metrics.connections.inc();
+        let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.server_config());
+        let app = app.clone();
+        let builder = builder.clone();
+        let state2 = state.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        state2.http_metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        state2.http_metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let svc = app.map_request(move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            });
+            let conn = builder.serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(svc),
+            );
+            let conn = watcher.watch(conn.into_owned());
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(GRACEFUL_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some HTTPS connections did not finish in time");
+    }
+}
+
+/// Plain HTTP: every request is redirected (301) to the same path over HTTPS.
+pub fn redirect_router(public_host: String, https_port: u16) -> Router {
+    Router::new().fallback(move |headers: HeaderMap, uri: Uri| {
+        let public_host = public_host.clone();
+        async move { redirect_to_https(&public_host, https_port, &headers, &uri) }
+    })
+}
+
+fn redirect_to_https(
+    public_host: &str,
+    https_port: u16,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Response {
+    let from_header = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::ice::host_part);
+    let host = if !public_host.is_empty() {
+        crate::ice::client_host(public_host, None)
+    } else if let Some(h) = from_header {
+        h
+    } else {
+        return (StatusCode::BAD_REQUEST, "Missing or invalid Host header\n").into_response();
+    };
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let target = format!("https://{host}{port}{path}");
+    let mut res = Redirect::permanent(&target).into_response();
+    *res.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        assert_eq!(route_label("/"), "index");
+        assert_eq!(route_label("/abc"), "room");
+        assert_eq!(route_label("/assets/app.js"), "assets");
+        assert_eq!(route_label("/a/b"), "other");
+    }
+
+    #[test]
+    fn redirect_keeps_path_and_swaps_port() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::HOST,
+            HeaderValue::from_static("meet.example.org:80"),
+        );
+        let uri: Uri = "/room-1?x=1".parse().unwrap();
+        let res = redirect_to_https("", 443, &h, &uri);
+        assert_eq!(res.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(
+            res.headers()[header::LOCATION],
+            "https://meet.example.org/room-1?x=1"
+        );
+        let res = redirect_to_https("", 8443, &h, &uri);
+        assert_eq!(
+            res.headers()[header::LOCATION],
+            "https://meet.example.org:8443/room-1?x=1"
+        );
+        let res = redirect_to_https("", 443, &HeaderMap::new(), &uri);
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(content_type("a.js"), "text/javascript; charset=utf-8");
+        assert_eq!(content_type("a.css"), "text/css; charset=utf-8");
+        assert_eq!(content_type("a.png"), "image/png");
+    }
+}

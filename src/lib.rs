@@ -1,0 +1,26 @@
+//! meshmeet: self-hosted multi-party video calls in one binary.
+//!
+//! Modules, one per job:
+//! - [`config`]: the one typed [`config::Config`] (defaults, TOML file, environment),
+//!   validated once at start.
+//! - [`tls`]: rustls server config from PEM files or a persisted self-signed
+//!   certificate (rcgen); hot reload on SIGHUP.
+//! - [`http`]: the axum router (embedded web client, `/healthz`, `/metrics`), security
+//!   headers, the TLS accept loop, and the HTTP-to-HTTPS redirect.
+//! - [`signaling`]: room signaling per `PROTOCOL.md`: room names, the pure rooms core,
+//!   and the WebSocket layer at `/ws`.
+//! - [`ice`]: ICE servers and time-limited TURN REST credentials handed to clients; the
+//!   TURN shared secret.
+//! - [`metrics`]: the Prometheus registry and process figures.
+//! - [`app`]: binds every socket, runs the listeners, shuts down in order.
+
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod ice;
+pub mod metrics;
+pub mod signaling;
+pub mod tls;
+
+pub use app::Server;
+pub use config::Config;

@@ -1,0 +1,357 @@
+//! TLS for HTTPS and TURN over TLS: the configured PEM chain and key, or a self-signed
+//! certificate generated once under `data_dir` and reused. The live server config sits
+//! behind an [`ArcSwap`] so SIGHUP can swap certificates without dropping connections.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+
+const SELF_SIGNED_CERT: &str = "selfsigned-cert.pem";
+const SELF_SIGNED_KEY: &str = "selfsigned-key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Pem { path: PathBuf, reason: String },
+    #[error("certificate {cert} and key {key} do not match or are unusable: {reason}")]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error("cannot generate a self-signed certificate: {0}")]
+    Generate(String),
+}
+
+/// Where the certificate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertKind {
+    Configured,
+    SelfSigned,
+}
+
+impl std::fmt::Display for CertKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CertKind::Configured => "configured",
+            CertKind::SelfSigned => "self-signed",
+        })
+    }
+}
+
+/// A loaded certificate with its server config.
+pub struct LoadedCert {
+    pub kind: CertKind,
+    /// SHA-256 of the leaf certificate (DER), colon-separated hex.
+    pub fingerprint: String,
+    pub server_config: Arc<ServerConfig>,
+}
+
+/// The live TLS state shared by every TLS listener.
+pub struct Tls {
+    current: ArcSwap<ServerConfig>,
+    kind: CertKind,
+    fingerprint: ArcSwap<String>,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+}
+
+impl Tls {
+    /// Loads the configured certificate, or creates/reuses the self-signed one.
+    pub fn load(cfg: &Config) -> Result<Tls, TlsError> {
+        let (cert_path, key_path, kind) = if cfg.tls.cert.is_empty() {
+            let (c, k) = ensure_self_signed(cfg)?;
+            (c, k, CertKind::SelfSigned)
+        } else {
+            (
+                PathBuf::from(&cfg.tls.cert),
+                PathBuf::from(&cfg.tls.key),
+                CertKind::Configured,
+            )
+        };
+        let loaded = load_pem(&cert_path, &key_path, kind)?;
+        Ok(Tls {
+            current: ArcSwap::new(loaded.server_config),
+            kind,
+            fingerprint: ArcSwap::new(Arc::new(loaded.fingerprint)),
+            cert_path,
+            key_path,
+        })
+    }
+
+    /// Re-reads the certificate and key from disk; on error the old ones stay.
+    pub fn reload(&self) -> Result<String, TlsError> {
+        let loaded = load_pem(&self.cert_path, &self.key_path, self.kind)?;
+        self.current.store(loaded.server_config);
+        self.fingerprint.store(Arc::new(loaded.fingerprint.clone()));
+        Ok(loaded.fingerprint)
+    }
+
+    /// The server config new connections should use.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.current.load_full()
+    }
+
+    pub fn kind(&self) -> CertKind {
+        self.kind
+    }
+
+    pub fn fingerprint(&self) -> String {
+        self.fingerprint.load().as_ref().clone()
+    }
+
+    pub fn cert_path(&self) -> &Path {
+        &self.cert_path
+    }
+}
+
+/// Installs ring as the process-wide rustls provider (idempotent).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Loads a PEM chain and key into a server config with ALPN h2 and http/1.1.
+pub fn load_pem(cert: &Path, key: &Path, kind: CertKind) -> Result<LoadedCert, TlsError> {
+    let certs = read_certs(cert)?;
+    let key_der = read_key(key)?;
+    let fingerprint = fingerprint(&certs[0]);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut sc = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Generate(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| TlsError::Mismatch {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(LoadedCert {
+        kind,
+        fingerprint,
+        server_config: Arc::new(sc),
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut bytes.as_slice()).collect();
+    let certs = certs.map_err(|e| TlsError::Pem {
+        path: path.to_path_buf(),
+        reason: format!("bad PEM: {e}"),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_path_buf(),
+            reason: "no CERTIFICATE block found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read(path)?;
+    rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            reason: format!("bad PEM: {e}"),
+        })?
+        .ok_or_else(|| TlsError::Pem {
+            path: path.to_path_buf(),
+            reason: "no PRIVATE KEY block found".into(),
+        })
+}
+
+/// SHA-256 of a DER certificate as colon-separated upper-case hex.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    let digest = Sha256::digest(cert.as_ref());
+    digest
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Returns the paths of the self-signed pair under `data_dir`, generating it when absent.
+fn ensure_self_signed(cfg: &Config) -> Result<(PathBuf, PathBuf), TlsError> {
+    let dir = &cfg.data_dir;
+    let cert = dir.join(SELF_SIGNED_CERT);
+    let key = dir.join(SELF_SIGNED_KEY);
+    if cert.exists() && key.exists() {
+        return Ok((cert, key));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| TlsError::Write {
+        path: dir.clone(),
+        reason: e.to_string(),
+    })?;
+    let names = self_signed_names(cfg);
+    let mut params =
+        rcgen::CertificateParams::new(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "meshmeet self-signed");
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let key_pair = rcgen::KeyPair::generate().map_err(|e| TlsError::Generate(e.to_string()))?;
+    let generated = params
+        .self_signed(&key_pair)
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    write_private(&key, key_pair.serialize_pem().as_bytes())?;
+    std::fs::write(&cert, generated.pem()).map_err(|e| TlsError::Write {
+        path: cert.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok((cert, key))
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: std::io::Error| TlsError::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(bytes).map_err(err)
+}
+
+/// localhost, the host name, every local address, and `tls.self_signed_names`.
+fn self_signed_names(cfg: &Config) -> Vec<String> {
+    let mut names = vec!["localhost".to_string()];
+    if let Some(h) = host_name() {
+        names.push(h);
+    }
+    for ip in local_ips() {
+        names.push(ip.to_string());
+    }
+    for n in &cfg.tls.self_signed_names {
+        names.push(n.trim_start_matches('[').trim_end_matches(']').to_string());
+    }
+    if !cfg.http.public_host.is_empty() {
+        let h = &cfg.http.public_host;
+        names.push(h.trim_start_matches('[').trim_end_matches(']').to_string());
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    names
+}
+
+/// The machine's host name, if it is a usable DNS name.
+pub fn host_name() -> Option<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let h = h.trim();
+    (!h.is_empty() && crate::config::valid_host(h)).then(|| h.to_string())
+}
+
+/// Every address on a local interface (loopback included).
+pub fn local_ips() -> Vec<IpAddr> {
+    let mut ips = vec![
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+    ];
+    if let Ok(ifaces) = if_addrs::get_if_addrs() {
+        for iface in ifaces {
+            let ip = iface.ip();
+            if let IpAddr::V6(v6) = ip {
+                // Link-local addresses need a scope and cannot go in a certificate usefully.
+                if (v6.segments()[0] & 0xffc0) == 0xfe80 {
+                    continue;
+                }
+            }
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    ips
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg_in(dir: &Path) -> Config {
+        let mut c = Config::default();
+        c.data_dir = dir.to_path_buf();
+        c
+    }
+
+    #[test]
+    fn self_signed_is_persisted_and_reused() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg_in(dir.path());
+        let a = Tls::load(&cfg).unwrap();
+        let b = Tls::load(&cfg).unwrap();
+        assert_eq!(a.kind(), CertKind::SelfSigned);
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint().len(), 32 * 3 - 1);
+        let key_mode = std::fs::metadata(dir.path().join(SELF_SIGNED_KEY))
+            .unwrap()
+            .permissions();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(key_mode.mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn bad_pem_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        let key = dir.path().join("k.pem");
+        std::fs::write(&cert, "not a pem").unwrap();
+        std::fs::write(&key, "not a pem").unwrap();
+        let err = load_pem(&cert, &key, CertKind::Configured)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("c.pem"), "{err}");
+        let missing = dir.path().join("missing.pem");
+        let err = load_pem(&missing, &key, CertKind::Configured)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("missing.pem"), "{err}");
+    }
+
+    #[test]
+    fn mismatched_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["b.test".to_string()]).unwrap();
+        let cert = dir.path().join("a.pem");
+        let key = dir.path().join("b-key.pem");
+        std::fs::write(&cert, a.cert.pem()).unwrap();
+        std::fs::write(&key, b.signing_key.serialize_pem()).unwrap();
+        let err = load_pem(&cert, &key, CertKind::Configured)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("do not match"), "{err}");
+    }
+}

@@ -1,0 +1,239 @@
+//! HTTPS behaviour against the real server in-process, with a real HTTPS client.
+
+mod common;
+
+use common::{test_config, TestServer};
+use meshmeet::Server;
+use reqwest::StatusCode;
+
+fn assert_security_headers(res: &reqwest::Response) {
+    let h = res.headers();
+    let csp = h["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["referrer-policy"], "no-referrer");
+    let pp = h["permissions-policy"].to_str().unwrap();
+    assert!(pp.contains("camera=(self)") && pp.contains("microphone=(self)"));
+    assert!(pp.contains("display-capture=(self)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_and_room_pages_have_security_headers() {
+    let s = TestServer::start().await;
+    let c = s.http_client();
+    for path in ["/", "/team-standup", "/%ED%9A%8C%EC%9D%98"] {
+        let res = c
+            .get(format!("{}{path}", s.base_url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        assert_eq!(res.headers()["content-type"], "text/html; charset=utf-8");
+        assert_security_headers(&res);
+        // Self-signed certificate: no HSTS (it would lock browsers out after a change).
+        assert!(res.headers().get("strict-transport-security").is_none());
+        let body = res.text().await.unwrap();
+        assert!(body.contains("<!doctype html>"), "{path}");
+    }
+    // Reserved and invalid room names are not rooms.
+    for path in ["/api", "/-bad", "/a%20b", "/x/y", "/assets"] {
+        let res = c
+            .get(format!("{}{path}", s.base_url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND, "{path}");
+        assert_security_headers(&res);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assets_types_etags_and_compression() {
+    let s = TestServer::start().await;
+    let c = s.http_client();
+    let url = format!("{}/assets/style.css", s.base_url());
+    let res = c.get(&url).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "text/css; charset=utf-8");
+    let etag = res.headers()["etag"].to_str().unwrap().to_string();
+    assert!(etag.starts_with('"') && etag.len() > 10);
+    let res = c
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_MODIFIED);
+
+    let res = c
+        .get(format!("{}/assets/favicon.svg", s.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["content-type"], "image/svg+xml");
+
+    for missing in [
+        "/assets/nope.js",
+        "/assets/a//b",
+        "/assets/%2F..%2FCargo.toml",
+    ] {
+        let res = c
+            .get(format!("{}{missing}", s.base_url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND, "{missing}");
+    }
+
+    // Compression when asked for (the client does not decode; we look at the header).
+    let res = c
+        .get(format!("{}/", s.base_url()))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-encoding"], "gzip");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_and_metrics() {
+    let s = TestServer::start().await;
+    let c = s.http_client();
+    let v: serde_json::Value = c
+        .get(format!("{}/healthz", s.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["uptime_s"].is_u64());
+
+    let res = c
+        .get(format!("{}/metrics", s.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = res.text().await.unwrap();
+    assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    assert!(
+        text.contains("meshmeet_http_requests_total{route=\"healthz\",status=\"200\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_refused_outside_allowed_networks() {
+    let s = TestServer::start_with(|c| c.http.metrics_allow = vec!["10.0.0.0/8".into()]).await;
+    let res = s
+        .http_client()
+        .get(format!("{}/metrics", s.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_listener_sends_301_to_https() {
+    let s = TestServer::start_with(|c| c.http.redirect_listen = "127.0.0.1:0".into()).await;
+    let addr = s.addrs.redirect.expect("redirect bound");
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let res = c
+        .get(format!("http://{addr}/my-room?x=1"))
+        .header("host", "meet.example.org")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(
+        res.headers()["location"],
+        format!(
+            "https://meet.example.org:{}/my-room?x=1",
+            s.https_addr().port()
+        )
+        .as_str()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.http.listen = addr.to_string();
+    let err = Server::bind(cfg).await.err().expect("bind fails");
+    let msg = format!("{err:#}");
+    assert!(msg.contains(&addr.to_string()), "{msg}");
+    assert!(msg.contains("http.listen"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_signed_certificate_is_reused_across_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fps = Vec::new();
+    for _ in 0..2 {
+        let server = Server::bind(test_config(dir.path())).await.unwrap();
+        fps.push(server.state().tls.fingerprint());
+        let state = server.state();
+        let run = tokio::spawn(server.run(async {}));
+        run.await.unwrap().unwrap();
+        assert!(state.shutdown.is_cancelled());
+    }
+    assert_eq!(fps[0], fps[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_certificate_is_served_with_hsts() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = dir.path().join("chain.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let s = TestServer::start_with(|c| {
+        c.tls.cert = cert.display().to_string();
+        c.tls.key = key.display().to_string();
+    })
+    .await;
+    assert_eq!(s.cert_path(), cert);
+    let res = s
+        .http_client()
+        .get(format!("{}/", s.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()["strict-transport-security"],
+        "max-age=31536000"
+    );
+    // No self-signed pair was generated.
+    assert!(!s.data_dir.path().join("selfsigned-cert.pem").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configured_pem_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("broken-chain.pem");
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.tls.cert = cert.display().to_string();
+    cfg.tls.key = cert.display().to_string();
+    let err = Server::bind(cfg).await.err().expect("bind fails");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("broken-chain.pem"), "{msg}");
+}

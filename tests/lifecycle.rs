@@ -1,0 +1,221 @@
+//! The real binary: command line, signals (SIGTERM exits cleanly, SIGHUP swaps the
+//! certificate), readiness from the start-up banner.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshmeet");
+
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Starts the binary with `config` and waits for the banner naming the HTTPS port.
+    fn start(config: &Path) -> (Proc, SocketAddr) {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = Proc { child, lines: rx };
+        let line = p.wait_for("open https://");
+        let port: u16 = line
+            .split("https://localhost:")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line}"));
+        (p, SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("server never logged {needle:?}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("meshmeet.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n{extra}",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn client(roots: &[&[u8]], addr: SocketAddr) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .tls_info(true)
+        .resolve("localhost", addr);
+    for pem in roots {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
+async fn peer_cert(c: &reqwest::Client, addr: SocketAddr) -> Vec<u8> {
+    let res = c
+        .get(format!("https://localhost:{}/healthz", addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let info = res.extensions().get::<reqwest::tls::TlsInfo>().unwrap();
+    info.peer_certificate().unwrap().to_vec()
+}
+
+#[test]
+fn version_and_check_config() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "[rooms]\npassword = \"hunter2-secret\"\n");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("capacity = 6"), "{text}");
+    assert!(!text.contains("hunter2-secret"), "{text}");
+    assert!(text.contains("<redacted>"), "{text}");
+
+    let bad = write_config(dir.path(), "[rooms]\ncapacity = 1\n");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rooms.capacity"));
+
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", "/nonexistent/meshmeet.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/meshmeet.toml"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_open_connection_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let (mut p, addr) = Proc::start(&cfg);
+    let pem = std::fs::read(dir.path().join("data/selfsigned-cert.pem")).unwrap();
+    let c = client(&[&pem], addr);
+    // An open keep-alive connection.
+    peer_cert(&c, addr).await;
+    let t0 = Instant::now();
+    p.signal(libc::SIGTERM);
+    let st = tokio::task::spawn_blocking(move || {
+        let st = p.wait_exit(Duration::from_secs(5));
+        (st, p)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert!(st.success(), "exit status {st:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_swaps_certificate_without_dropping_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let b = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = dir.path().join("chain.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, a.cert.pem()).unwrap();
+    std::fs::write(&key, a.signing_key.serialize_pem()).unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let (mut p, addr) = Proc::start(&cfg);
+    let (pem_a, pem_b) = (a.cert.pem(), b.cert.pem());
+    let old = client(&[pem_a.as_bytes(), pem_b.as_bytes()], addr);
+    assert_eq!(peer_cert(&old, addr).await, a.cert.der().to_vec());
+
+    std::fs::write(&cert, b.cert.pem()).unwrap();
+    std::fs::write(&key, b.signing_key.serialize_pem()).unwrap();
+    p.signal(libc::SIGHUP);
+    let p = tokio::task::spawn_blocking(move || {
+        p.wait_for("TLS certificate reloaded");
+        p
+    })
+    .await
+    .unwrap();
+
+    let fresh = client(&[pem_a.as_bytes(), pem_b.as_bytes()], addr);
+    assert_eq!(peer_cert(&fresh, addr).await, b.cert.der().to_vec());
+    // The pooled connection opened before the reload still works (and still shows A).
+    assert_eq!(peer_cert(&old, addr).await, a.cert.der().to_vec());
+    drop(p);
+}

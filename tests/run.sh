@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh Debian machine (root, Rust toolchain, Node present):
+# installs what the tests need, then runs format and lint checks, the Rust tests
+# (unit, integration, relay interop with coturn's tools) and the browser tests in
+# headless Chromium.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v turnutils_uclient >/dev/null || need_apt+=(coturn)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# coturn's package starts a system service on install; the tests start their own.
+if command -v systemctl >/dev/null; then systemctl stop coturn 2>/dev/null || true; fi
+
+if [ -f tests/browser/package.json ]; then
+  echo "== installing browser test dependencies"
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --all-targets
+if [ -f tests/browser/package.json ]; then
+  echo "== browser tests (headless Chromium)"
+  cargo build --bin meshmeet
+  (cd tests/browser && MESHMEET_BIN="$PWD/../../target/debug/meshmeet" npm test)
+fi
