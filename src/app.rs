@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::ice::IceProvider;
+use crate::ice::{IceProvider, NoPeerEvents, PeerEvents};
 use crate::metrics::{HttpMetrics, Metrics};
 use crate::tls::Tls;
 
@@ -30,6 +30,8 @@ pub struct AppState {
     pub http_metrics: HttpMetrics,
     pub metrics_allow: Vec<IpNet>,
     pub ice: Arc<IceProvider>,
+    /// Told when a peer leaves its room for good; the relay drops its allocations.
+    pub peer_events: Arc<dyn PeerEvents>,
     pub started: Instant,
     /// Cancelled when the server shuts down; long-lived tasks watch it.
     pub shutdown: CancellationToken,
@@ -82,6 +84,7 @@ impl Server {
             http_metrics,
             metrics_allow,
             ice,
+            peer_events: Arc::new(NoPeerEvents),
             started: Instant::now(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
