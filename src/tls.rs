@@ -264,8 +264,15 @@ fn self_signed_names(cfg: &Config) -> Vec<String> {
 
 /// The machine's host name, if it is a usable DNS name.
 pub fn host_name() -> Option<String> {
-    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-    let h = h.trim();
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success
+    // when the name fits, and we stop at the first NUL or the end regardless.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let h = std::str::from_utf8(&buf[..end]).ok()?.trim();
     (!h.is_empty() && crate::config::valid_host(h)).then(|| h.to_string())
 }
 

@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# Installs meshmeet as a systemd service on a Debian or Ubuntu VPS.
+#
+#   deploy/install.sh DOMAIN [options]
+#
+# Options:
+#   --binary PATH      install this meshmeet binary instead of building one from this
+#                      checkout (cargo build --release)
+#   --cert PATH        PEM certificate chain (e.g. /etc/letsencrypt/live/DOMAIN/fullchain.pem)
+#   --key PATH         PEM private key (e.g. /etc/letsencrypt/live/DOMAIN/privkey.pem);
+#                      both are copied to /etc/meshmeet/tls/ readable by the service, and
+#                      a certbot deploy hook keeps the copies fresh. Without them the
+#                      server uses a self-signed certificate for DOMAIN.
+#   --https-port N     HTTPS port (default 443)
+#   --http-port N      plain-HTTP redirect port (default 80; 0 = off)
+#   --external-ip IP   public address when the VPS sits behind 1:1 NAT (clouds)
+#   --relay-ports A-B  UDP range for TURN relays (default 49152-65535)
+#   --root DIR         install into DIR instead of / (packaging, tests): touches nothing
+#                      outside DIR, creates no user, starts nothing
+#   --no-start         install but do not (re)start the service
+#   --uninstall        stop and remove the service and binary (config and state kept;
+#                      add --purge to remove them too)
+#
+# A second run upgrades: the binary and unit are replaced; the config, the TURN secret
+# and the state under /var/lib/meshmeet are kept.
+set -euo pipefail
+
+die() { echo "install.sh: $*" >&2; exit 1; }
+
+ROOT=""
+DOMAIN=""
+BINARY=""
+CERT=""
+KEY=""
+HTTPS_PORT=443
+HTTP_PORT=80
+EXTERNAL_IP=""
+RELAY_PORTS="49152-65535"
+START=1
+UNINSTALL=0
+PURGE=0
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --binary) BINARY="${2:?--binary needs a path}"; shift 2 ;;
+    --cert) CERT="${2:?--cert needs a path}"; shift 2 ;;
+    --key) KEY="${2:?--key needs a path}"; shift 2 ;;
+    --https-port) HTTPS_PORT="${2:?}"; shift 2 ;;
+    --http-port) HTTP_PORT="${2:?}"; shift 2 ;;
+    --external-ip) EXTERNAL_IP="${2:?}"; shift 2 ;;
+    --relay-ports) RELAY_PORTS="${2:?}"; shift 2 ;;
+    --root) ROOT="${2:?--root needs a directory}"; shift 2 ;;
+    --no-start) START=0; shift ;;
+    --uninstall) UNINSTALL=1; shift ;;
+    --purge) PURGE=1; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *) [ -z "$DOMAIN" ] || die "unexpected argument $1"; DOMAIN="$1"; shift ;;
+  esac
+done
+
+ROOT="${ROOT%/}"
+if [ -n "$ROOT" ]; then
+  mkdir -p "$ROOT"
+  ROOT="$(cd "$ROOT" && pwd)"
+  [ "$ROOT" != "/" ] || ROOT=""
+fi
+LIVE=0; [ -z "$ROOT" ] && LIVE=1
+[ "$LIVE" = 0 ] || [ "$(id -u)" = 0 ] || die "run as root (or use --root DIR)"
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+SRC="$(cd "$HERE/.." && pwd)"
+BIN_DST="$ROOT/usr/local/bin/meshmeet"
+ETC="$ROOT/etc/meshmeet"
+CONF="$ETC/meshmeet.toml"
+UNIT="$ROOT/etc/systemd/system/meshmeet.service"
+STATE="$ROOT/var/lib/meshmeet"
+HOOK_DIR="$ROOT/etc/letsencrypt/renewal-hooks/deploy"
+HOOK="$HOOK_DIR/meshmeet.sh"
+
+if [ "$UNINSTALL" = 1 ]; then
+  if [ "$LIVE" = 1 ] && command -v systemctl >/dev/null; then
+    systemctl disable --now meshmeet 2>/dev/null || true
+  fi
+  rm -f "$UNIT" "$BIN_DST" "$HOOK"
+  if [ "$PURGE" = 1 ]; then rm -rf "$ETC" "$STATE"; fi
+  if [ "$LIVE" = 1 ] && command -v systemctl >/dev/null; then systemctl daemon-reload; fi
+  echo "meshmeet removed$([ "$PURGE" = 1 ] && echo ", with its config and state" || echo "; config in /etc/meshmeet and state in /var/lib/meshmeet kept")."
+  exit 0
+fi
+
+[ -n "$DOMAIN" ] || die "usage: install.sh DOMAIN [options] (see --help)"
+case "$DOMAIN" in
+  *[!A-Za-z0-9.:-]*|-*|'') die "'$DOMAIN' is not a host name or IP address" ;;
+esac
+for p in "$HTTPS_PORT" "$HTTP_PORT"; do
+  case "$p" in ''|*[!0-9]*) die "bad port $p" ;; esac
+done
+if [ -n "$CERT$KEY" ] && { [ -z "$CERT" ] || [ -z "$KEY" ]; }; then
+  die "--cert and --key go together"
+fi
+[ -z "$CERT" ] || [ -r "$CERT" ] || die "cannot read certificate $CERT"
+[ -z "$KEY" ] || [ -r "$KEY" ] || die "cannot read key $KEY"
+
+# 1. The binary.
+if [ -z "$BINARY" ]; then
+  command -v cargo >/dev/null || die "cargo not found: install Rust, or pass --binary PATH"
+  echo "== building meshmeet (release)"
+  (cd "$SRC" && cargo build --release --locked --bin meshmeet)
+  BINARY="$SRC/target/release/meshmeet"
+fi
+[ -x "$BINARY" ] || die "binary $BINARY is not executable"
+install -D -m 0755 "$BINARY" "$BIN_DST.new"
+mv -f "$BIN_DST.new" "$BIN_DST"
+
+# 2. The service user (a live install only).
+if [ "$LIVE" = 1 ] && ! id meshmeet >/dev/null 2>&1; then
+  useradd --system --home-dir /var/lib/meshmeet --no-create-home \
+    --shell /usr/sbin/nologin meshmeet
+fi
+
+# 3. Certificates: copies the service user can read (ACME keys are root-only).
+mkdir -p "$ETC"
+chmod 0750 "$ETC"
+TLS_CERT=""
+TLS_KEY=""
+if [ -n "$CERT" ]; then
+  install -d -m 0750 "$ETC/tls"
+  install -m 0644 "$CERT" "$ETC/tls/fullchain.pem"
+  install -m 0640 "$KEY" "$ETC/tls/privkey.pem"
+  TLS_CERT="/etc/meshmeet/tls/fullchain.pem"
+  TLS_KEY="/etc/meshmeet/tls/privkey.pem"
+  install -d "$HOOK_DIR"
+  cat > "$HOOK" <<HOOK_EOF
+#!/bin/sh
+# certbot deploy hook: copy the renewed certificate for meshmeet and reload it
+# (SIGHUP: new connections get the new certificate, calls are not dropped).
+set -e
+case "\${RENEWED_DOMAINS:-$DOMAIN}" in *"$DOMAIN"*) ;; *) exit 0 ;; esac
+LIVE_DIR="\${RENEWED_LINEAGE:-$(dirname "$CERT")}"
+install -m 0644 "\$LIVE_DIR/fullchain.pem" /etc/meshmeet/tls/fullchain.pem
+install -m 0640 -g meshmeet "\$LIVE_DIR/privkey.pem" /etc/meshmeet/tls/privkey.pem
+systemctl reload meshmeet
+HOOK_EOF
+  chmod 0755 "$HOOK"
+fi
+
+# 4. The config: written once, kept (with its secret) on upgrades.
+# set_key SECTION KEY VALUE: replace `KEY = ...` inside [SECTION] ("" = top level).
+set_key() {
+  local section="$1" key="$2" value="$3" tmp
+  tmp="$(mktemp)"
+  awk -v sec="$section" -v key="$key" -v val="$value" '
+    /^\[/ { cur = $0; gsub(/^\[|\].*$/, "", cur) }
+    {
+      line = $0
+      if (cur == sec && !done && line ~ ("^" key "[ ]*=")) { print key " = " val; done = 1; next }
+      print
+    }
+    END { if (!done) exit 3 }
+  ' "$CONF" > "$tmp" || { rm -f "$tmp"; die "cannot set $section.$key in $CONF"; }
+  cat "$tmp" > "$CONF"
+  rm -f "$tmp"
+}
+
+if [ -f "$CONF" ]; then
+  echo "== keeping existing $CONF"
+else
+  echo "== writing $CONF"
+  umask 027
+  cp "$SRC/config/meshmeet.toml" "$CONF"
+  SECRET="$(head -c 32 /dev/urandom | base64 | tr -d '/+=\n' | cut -c1-40)"
+  set_key "" data_dir '"/var/lib/meshmeet"'
+  set_key http listen "\"0.0.0.0:$HTTPS_PORT\""
+  if [ "$HTTP_PORT" != 0 ]; then
+    set_key http redirect_listen "\"0.0.0.0:$HTTP_PORT\""
+  fi
+  set_key http public_host "\"$DOMAIN\""
+  if [ -n "$TLS_CERT" ]; then
+    set_key tls cert "\"$TLS_CERT\""
+    set_key tls key "\"$TLS_KEY\""
+  else
+    set_key tls self_signed_names "[\"$DOMAIN\"]"
+  fi
+  set_key turn secret "\"$SECRET\""
+  set_key turn relay_ports "\"$RELAY_PORTS\""
+  if [ -n "$EXTERNAL_IP" ]; then
+    set_key turn external_ips "[\"$EXTERNAL_IP\"]"
+  fi
+  chmod 0640 "$CONF"
+fi
+
+# 5. The unit.
+install -D -m 0644 "$SRC/deploy/meshmeet.service" "$UNIT"
+mkdir -p "$STATE"
+chmod 0750 "$STATE"
+
+# 6. Validate what was installed.
+"$BIN_DST" check-config --config "$CONF" >/dev/null || die "the installed config is invalid: $CONF"
+
+if [ "$LIVE" = 1 ]; then
+  chown -R root:meshmeet "$ETC"
+  chown meshmeet:meshmeet "$STATE"
+  if command -v systemctl >/dev/null && [ "$START" = 1 ]; then
+    systemctl daemon-reload
+    systemctl enable meshmeet >/dev/null
+    systemctl restart meshmeet
+    echo "== meshmeet is running: systemctl status meshmeet; journalctl -u meshmeet"
+  fi
+fi
+
+PORT_SUFFIX=""; [ "$HTTPS_PORT" = 443 ] || PORT_SUFFIX=":$HTTPS_PORT"
+RELAY_UFW="${RELAY_PORTS/-/:}"
+cat <<DONE
+
+meshmeet is installed.
+  Open:   https://$DOMAIN$PORT_SUFFIX/        (diagnostics: https://$DOMAIN$PORT_SUFFIX/check)
+  Config: /etc/meshmeet/meshmeet.toml          (then: systemctl restart meshmeet)
+  Logs:   journalctl -u meshmeet -f
+
+Open these ports in the firewall (and in the cloud provider's security group):
+  TCP $HTTPS_PORT (HTTPS)$( [ "$HTTP_PORT" != 0 ] && echo ", TCP $HTTP_PORT (redirect)")
+  UDP 3478 and TCP 3478 (STUN/TURN), TCP 5349 (TURN over TLS)
+  UDP $RELAY_PORTS (TURN relays)
+DONE
+if command -v ufw >/dev/null 2>&1; then
+  cat <<UFW
+ufw is installed; run:
+  ufw allow $HTTPS_PORT/tcp$( [ "$HTTP_PORT" != 0 ] && printf '\n  ufw allow %s/tcp' "$HTTP_PORT")
+  ufw allow 3478
+  ufw allow 5349/tcp
+  ufw allow $RELAY_UFW/udp
+UFW
+fi
