@@ -28,8 +28,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
-echo "== cargo test"
-cargo test --all-targets
+echo "== cargo test (benches are built by clippy above and run with cargo bench)"
+cargo test --lib --bins --tests
 if [ -f tests/browser/package.json ]; then
   echo "== browser tests (headless Chromium)"
   cargo build --bin meshmeet
