@@ -237,3 +237,40 @@ async fn bad_configured_pem_names_the_file() {
     let msg = format!("{err:#}");
     assert!(msg.contains("broken-chain.pem"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_headers_are_refused_and_server_keeps_serving() {
+    let s = TestServer::start().await;
+    for http1 in [true, false] {
+        let cert = reqwest::Certificate::from_pem(&s.cert_pem()).unwrap();
+        let mut b = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(cert)
+            .resolve("localhost", s.https_addr());
+        if http1 {
+            b = b.http1_only();
+        }
+        let c = b.build().unwrap();
+        let res = c
+            .get(format!("{}/", s.base_url()))
+            .header("x-filler", "a".repeat(100_000))
+            .send()
+            .await;
+        match res {
+            Ok(r) => assert_eq!(
+                r.status(),
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "http1={http1}"
+            ),
+            // HTTP/2 may reset the stream instead of answering.
+            Err(e) => assert!(!http1, "http1 should answer 431, got {e}"),
+        }
+    }
+    let res = s
+        .http_client()
+        .get(format!("{}/healthz", s.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
