@@ -73,11 +73,11 @@ impl Family {
 
 /// Source of relay sockets. `bind` returns the address to advertise in
 /// XOR-RELAYED-ADDRESS and a handle the IO layer uses to send; `close` is called
-/// once when the allocation ends.
+/// once when the allocation ends. `even_port` asks for an even port number.
 pub trait RelaySockets {
     type Handle: Clone;
     fn has_family(&self, family: Family) -> bool;
-    fn bind(&mut self, family: Family) -> Option<(SocketAddr, Self::Handle)>;
+    fn bind(&mut self, family: Family, even_port: bool) -> Option<(SocketAddr, Self::Handle)>;
     fn close(&mut self, handle: &Self::Handle);
 }
 
@@ -224,6 +224,7 @@ fn known_attr(t: AttrType) -> bool {
                 | ATTR_PASSWORD_ALGORITHM
                 | ATTR_USER_HASH
                 | ATTR_PADDING
+                | ATTR_EVEN_PORT
         )
 }
 
@@ -548,6 +549,7 @@ impl<S: RelaySockets> Core<S> {
         if unknown.is_empty() {
             Ok(())
         } else {
+            tracing::debug!(?unknown, "unknown comprehension-required attributes");
             Err(Fail {
                 code: 420,
                 reason: "Unknown Attribute",
@@ -606,14 +608,24 @@ impl<S: RelaySockets> Core<S> {
             }
         }
         Self::check_unknown(m)?;
-        if m.contains(ATTR_EVEN_PORT) || m.contains(ATTR_RESERVATION_TOKEN) {
+        // EVEN-PORT without reservation is honoured (some clients send it at random);
+        // reservations (R bit, RESERVATION-TOKEN) are not implemented: 420.
+        let even = match attr_bytes(m, ATTR_EVEN_PORT) {
+            None => false,
+            Some([flags, ..]) if flags & 0x80 == 0 => true,
+            Some(_) => {
+                return Err(Fail {
+                    code: 420,
+                    reason: "Unknown Attribute",
+                    unknown: vec![ATTR_EVEN_PORT],
+                })
+            }
+        };
+        if m.contains(ATTR_RESERVATION_TOKEN) {
             return Err(Fail {
                 code: 420,
                 reason: "Unknown Attribute",
-                unknown: [ATTR_EVEN_PORT, ATTR_RESERVATION_TOKEN]
-                    .into_iter()
-                    .filter(|t| m.contains(*t))
-                    .collect(),
+                unknown: vec![ATTR_RESERVATION_TOKEN],
             });
         }
         let Some(rt) = attr_bytes(m, ATTR_REQUESTED_TRANSPORT) else {
@@ -642,7 +654,7 @@ impl<S: RelaySockets> Core<S> {
         if self.allocs.len() >= self.cfg.total_quota {
             return Err(fail(508, "Insufficient Capacity"));
         }
-        let Some((relay, handle)) = self.sockets.bind(family) else {
+        let Some((relay, handle)) = self.sockets.bind(family, even) else {
             return Err(fail(508, "Insufficient Capacity"));
         };
         let id = self.next_id;
@@ -780,7 +792,9 @@ impl<S: RelaySockets> Core<S> {
             return Err(fail(400, "Bad CHANNEL-NUMBER"));
         }
         let number = u16::from_be_bytes([cn[0], cn[1]]);
-        if !(0x4000..=0x4FFF).contains(&number) {
+        // RFC 5766 range: RFC 8656 narrowed it to 0x4FFF, but deployed clients (coturn's
+        // included) still pick numbers up to 0x7FFF.
+        if !(0x4000..=0x7FFF).contains(&number) {
             return Err(fail(400, "Channel Number out of range"));
         }
         let peers = Self::peers(m)?;

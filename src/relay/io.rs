@@ -79,7 +79,7 @@ impl RelaySockets for IoSockets {
         }
     }
 
-    fn bind(&mut self, family: Family) -> Option<(SocketAddr, Arc<RelaySocket>)> {
+    fn bind(&mut self, family: Family, even_port: bool) -> Option<(SocketAddr, Arc<RelaySocket>)> {
         let (bind_ip, adv_ip) = match family {
             Family::V4 => self.v4?,
             Family::V6 => self.v6?,
@@ -89,6 +89,9 @@ impl RelaySockets for IoSockets {
         let start = rand::random::<u32>() % span;
         for i in 0..span.min(4096) {
             let port = lo + ((start + i) % span) as u16;
+            if even_port && port % 2 == 1 {
+                continue;
+            }
             let Ok(std_sock) = Self::bind_one(bind_ip, port) else {
                 continue;
             };
