@@ -7,13 +7,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
-use stun::attributes::*;
 use stun::agent::TransactionId;
+use stun::attributes::*;
 use stun::error_code::{ErrorCode, ErrorCodeAttribute};
-use stun::textattrs::TextAttribute;
 use stun::fingerprint::FINGERPRINT;
 use stun::integrity::MessageIntegrity;
 use stun::message::*;
+use stun::textattrs::TextAttribute;
 use stun::xoraddr::XorMappedAddress;
 
 use super::auth::{CredError, Credentials, NonceCheck, Nonces};
@@ -28,7 +28,6 @@ pub const CHANNEL_LIFETIME_MS: u64 = 600_000;
 pub const RETRANSMIT_TTL_MS: u64 = 40_000;
 const RETRANSMIT_CACHE_MAX: usize = 20_000;
 const SOFTWARE: &str = "meshmeet";
-
 
 /// How the client reached the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -369,7 +368,9 @@ impl<S: RelaySockets> Core<S> {
             METHOD_CREATE_PERMISSION => self
                 .create_permission(&m, five, &auth, now_ms)
                 .map(|r| (r, None)),
-            _ => self.channel_bind(&m, five, &auth, now_ms).map(|r| (r, None)),
+            _ => self
+                .channel_bind(&m, five, &auth, now_ms)
+                .map(|r| (r, None)),
         };
         let (reply, alloc) = match result {
             Ok(r) => r,
@@ -464,7 +465,14 @@ impl<S: RelaySockets> Core<S> {
         ))
     }
 
-    fn challenge(&self, m: &Message, five: FiveTuple, code: u16, reason: &str, now_ms: u64) -> Vec<u8> {
+    fn challenge(
+        &self,
+        m: &Message,
+        five: FiveTuple,
+        code: u16,
+        reason: &str,
+        now_ms: u64,
+    ) -> Vec<u8> {
         let ec = ErrorCodeAttribute {
             code: ErrorCode(code),
             reason: reason.as_bytes().to_vec(),
@@ -485,19 +493,31 @@ impl<S: RelaySockets> Core<S> {
             code: ErrorCode(400),
             reason: b"Bad Request".to_vec(),
         };
-        encode(m.typ.method, CLASS_ERROR_RESPONSE, m.transaction_id.0, &[&ec], None)
+        encode(
+            m.typ.method,
+            CLASS_ERROR_RESPONSE,
+            m.transaction_id.0,
+            &[&ec],
+            None,
+        )
     }
 
     /// Long-term credential check (RFC 8489 section 9.2.4); no state is kept for
     /// requests that fail it.
-    fn authenticate(&mut self, m: &mut Message, five: FiveTuple, now_ms: u64) -> Result<Authed, Vec<u8>> {
+    fn authenticate(
+        &mut self,
+        m: &mut Message,
+        five: FiveTuple,
+        now_ms: u64,
+    ) -> Result<Authed, Vec<u8>> {
         if !m.contains(ATTR_MESSAGE_INTEGRITY) {
             return Err(self.challenge(m, five, 401, "Unauthorized", now_ms));
         }
         let username = attr_text(m, ATTR_USERNAME, 513);
         let realm = attr_text(m, ATTR_REALM, 763);
         let nonce = attr_text(m, ATTR_NONCE, 763);
-        let (Some(Ok(username)), Some(Ok(_realm)), Some(Ok(nonce))) = (username, realm, nonce) else {
+        let (Some(Ok(username)), Some(Ok(_realm)), Some(Ok(nonce))) = (username, realm, nonce)
+        else {
             self.metrics.auth_failure("bad_request");
             return Err(self.bad_request(m));
         };
@@ -580,8 +600,14 @@ impl<S: RelaySockets> Core<S> {
     }
 
     fn allocation_mut(&mut self, five: &FiveTuple, auth: &Authed) -> Result<u64, Fail> {
-        let id = *self.by_five.get(five).ok_or(fail(437, "Allocation Mismatch"))?;
-        let a = self.allocs.get(&id).ok_or(fail(437, "Allocation Mismatch"))?;
+        let id = *self
+            .by_five
+            .get(five)
+            .ok_or(fail(437, "Allocation Mismatch"))?;
+        let a = self
+            .allocs
+            .get(&id)
+            .ok_or(fail(437, "Allocation Mismatch"))?;
         if a.username != auth.username {
             return Err(fail(441, "Wrong Credentials"));
         }
@@ -702,7 +728,13 @@ impl<S: RelaySockets> Core<S> {
         Ok((reply, Some((id, relay, handle))))
     }
 
-    fn refresh(&mut self, m: &Message, five: FiveTuple, auth: &Authed, now_ms: u64) -> Result<Vec<u8>, Fail> {
+    fn refresh(
+        &mut self,
+        m: &Message,
+        five: FiveTuple,
+        auth: &Authed,
+        now_ms: u64,
+    ) -> Result<Vec<u8>, Fail> {
         let id = self.allocation_mut(&five, auth)?;
         Self::check_unknown(m)?;
         if let Some(v) = attr_bytes(m, ATTR_REQUESTED_ADDRESS_FAMILY) {
@@ -739,8 +771,16 @@ impl<S: RelaySockets> Core<S> {
 
     fn peers(m: &Message) -> Result<Vec<SocketAddr>, Fail> {
         let mut out = Vec::new();
-        for a in m.attributes.0.iter().filter(|a| a.typ == ATTR_XOR_PEER_ADDRESS) {
-            out.push(decode_xor_addr(&a.value, &m.transaction_id.0).ok_or(fail(400, "Bad XOR-PEER-ADDRESS"))?);
+        for a in m
+            .attributes
+            .0
+            .iter()
+            .filter(|a| a.typ == ATTR_XOR_PEER_ADDRESS)
+        {
+            out.push(
+                decode_xor_addr(&a.value, &m.transaction_id.0)
+                    .ok_or(fail(400, "Bad XOR-PEER-ADDRESS"))?,
+            );
         }
         if out.is_empty() {
             return Err(fail(400, "Missing XOR-PEER-ADDRESS"));
@@ -759,11 +799,21 @@ impl<S: RelaySockets> Core<S> {
         Ok(())
     }
 
-    fn create_permission(&mut self, m: &Message, five: FiveTuple, auth: &Authed, now_ms: u64) -> Result<Vec<u8>, Fail> {
+    fn create_permission(
+        &mut self,
+        m: &Message,
+        five: FiveTuple,
+        auth: &Authed,
+        now_ms: u64,
+    ) -> Result<Vec<u8>, Fail> {
         let id = self.allocation_mut(&five, auth)?;
         Self::check_unknown(m)?;
         let peers = Self::peers(m)?;
-        let relay = self.allocs.get(&id).map(|a| a.relay).ok_or(fail(437, "Allocation Mismatch"))?;
+        let relay = self
+            .allocs
+            .get(&id)
+            .map(|a| a.relay)
+            .ok_or(fail(437, "Allocation Mismatch"))?;
         // All or nothing: any refused peer refuses the request.
         for p in &peers {
             self.check_peer(relay, *p)?;
@@ -782,7 +832,13 @@ impl<S: RelaySockets> Core<S> {
         ))
     }
 
-    fn channel_bind(&mut self, m: &Message, five: FiveTuple, auth: &Authed, now_ms: u64) -> Result<Vec<u8>, Fail> {
+    fn channel_bind(
+        &mut self,
+        m: &Message,
+        five: FiveTuple,
+        auth: &Authed,
+        now_ms: u64,
+    ) -> Result<Vec<u8>, Fail> {
         let id = self.allocation_mut(&five, auth)?;
         Self::check_unknown(m)?;
         let Some(cn) = attr_bytes(m, ATTR_CHANNEL_NUMBER) else {
@@ -802,9 +858,16 @@ impl<S: RelaySockets> Core<S> {
             return Err(fail(400, "One XOR-PEER-ADDRESS expected"));
         }
         let peer = peers[0];
-        let relay = self.allocs.get(&id).map(|a| a.relay).ok_or(fail(437, "Allocation Mismatch"))?;
+        let relay = self
+            .allocs
+            .get(&id)
+            .map(|a| a.relay)
+            .ok_or(fail(437, "Allocation Mismatch"))?;
         self.check_peer(relay, peer)?;
-        let a = self.allocs.get_mut(&id).ok_or(fail(437, "Allocation Mismatch"))?;
+        let a = self
+            .allocs
+            .get_mut(&id)
+            .ok_or(fail(437, "Allocation Mismatch"))?;
         if let Some((bound, _)) = a.channels.get(&number) {
             if *bound != peer {
                 return Err(fail(400, "Channel bound to another peer"));
@@ -815,7 +878,8 @@ impl<S: RelaySockets> Core<S> {
                 return Err(fail(400, "Peer bound to another channel"));
             }
         }
-        a.channels.insert(number, (peer, now_ms + CHANNEL_LIFETIME_MS));
+        a.channels
+            .insert(number, (peer, now_ms + CHANNEL_LIFETIME_MS));
         a.peer_channels.insert(peer, number);
         a.perms.insert(peer.ip(), now_ms + PERMISSION_LIFETIME_MS);
         Ok(encode(
@@ -831,7 +895,9 @@ impl<S: RelaySockets> Core<S> {
         let Some(&id) = self.by_five.get(&five) else {
             return Handled::Nothing;
         };
-        let Some(peer) = attr_bytes(m, ATTR_XOR_PEER_ADDRESS).and_then(|v| decode_xor_addr(v, &m.transaction_id.0)) else {
+        let Some(peer) = attr_bytes(m, ATTR_XOR_PEER_ADDRESS)
+            .and_then(|v| decode_xor_addr(v, &m.transaction_id.0))
+        else {
             return Handled::Nothing;
         };
         let Some(data) = attr_bytes(m, ATTR_DATA) else {
@@ -842,7 +908,8 @@ impl<S: RelaySockets> Core<S> {
             return Handled::Nothing;
         };
         if !permitted(a, peer.ip(), now_ms) || !take(&mut a.bucket, max_bps, data.len(), now_ms) {
-            self.metrics.dropped(five.transport, "no_permission_or_rate");
+            self.metrics
+                .dropped(five.transport, "no_permission_or_rate");
             return Handled::Nothing;
         }
         self.metrics.to_peer(five.transport, data.len());
@@ -854,13 +921,23 @@ impl<S: RelaySockets> Core<S> {
     }
 
     /// ChannelData from the client: where to send `len` payload bytes, if anywhere.
-    pub fn channel_data(&mut self, five: &FiveTuple, channel: u16, len: usize, now_ms: u64) -> Option<(S::Handle, SocketAddr)> {
+    pub fn channel_data(
+        &mut self,
+        five: &FiveTuple,
+        channel: u16,
+        len: usize,
+        now_ms: u64,
+    ) -> Option<(S::Handle, SocketAddr)> {
         let max_bps = self.cfg.max_bps;
         let id = *self.by_five.get(five)?;
         let a = self.allocs.get_mut(&id)?;
         let (peer, exp) = *a.channels.get(&channel)?;
-        if exp <= now_ms || !permitted(a, peer.ip(), now_ms) || !take(&mut a.bucket, max_bps, len, now_ms) {
-            self.metrics.dropped(five.transport, "no_permission_or_rate");
+        if exp <= now_ms
+            || !permitted(a, peer.ip(), now_ms)
+            || !take(&mut a.bucket, max_bps, len, now_ms)
+        {
+            self.metrics
+                .dropped(five.transport, "no_permission_or_rate");
             return None;
         }
         self.metrics.to_peer(five.transport, len);
@@ -868,7 +945,13 @@ impl<S: RelaySockets> Core<S> {
     }
 
     /// A datagram from `peer` arrived on allocation `id`'s relay socket.
-    pub fn from_peer(&mut self, id: u64, peer: SocketAddr, len: usize, now_ms: u64) -> Option<ToClient> {
+    pub fn from_peer(
+        &mut self,
+        id: u64,
+        peer: SocketAddr,
+        len: usize,
+        now_ms: u64,
+    ) -> Option<ToClient> {
         let max_bps = self.cfg.max_bps;
         let a = self.allocs.get_mut(&id)?;
         let transport = a.five.transport;
@@ -877,7 +960,9 @@ impl<S: RelaySockets> Core<S> {
             return None;
         }
         let via = match a.peer_channels.get(&peer) {
-            Some(n) if a.channels.get(n).is_some_and(|(_, exp)| *exp > now_ms) => ToClient::Channel(*n),
+            Some(n) if a.channels.get(n).is_some_and(|(_, exp)| *exp > now_ms) => {
+                ToClient::Channel(*n)
+            }
             _ => ToClient::DataIndication,
         };
         self.metrics.to_client(transport, len);

@@ -224,7 +224,11 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 impl Relay {
     /// Binds the listeners (UDP and TCP on `turn.listen`, TLS on `turn.tls_listen`).
-    pub async fn bind(cfg: &Config, secret: String, metrics: RelayMetrics) -> anyhow::Result<Relay> {
+    pub async fn bind(
+        cfg: &Config,
+        secret: String,
+        metrics: RelayMetrics,
+    ) -> anyhow::Result<Relay> {
         let listen = cfg.turn_listen()?;
         let udp = bind_udp(listen)
             .with_context(|| format!("cannot listen on {listen} (UDP, turn.listen)"))?;
@@ -235,7 +239,8 @@ impl Relay {
             .with_context(|| format!("cannot listen on {tcp_addr} (TCP, turn.listen)"))?;
         let tls = match cfg.turn_tls_listen()? {
             Some(a) => Some(
-                bind_tcp(a).with_context(|| format!("cannot listen on {a} (TLS, turn.tls_listen)"))?,
+                bind_tcp(a)
+                    .with_context(|| format!("cannot listen on {a} (TLS, turn.tls_listen)"))?,
             ),
             None => None,
         };
@@ -400,7 +405,13 @@ async fn act(
             handle,
         } => {
             tracing::debug!(client = %five.client, relay = %relay, transport = five.transport.label(), "allocation created");
-            tasks.spawn(relay_loop(shared.clone(), id, handle, sink.clone(), five.transport));
+            tasks.spawn(relay_loop(
+                shared.clone(),
+                id,
+                handle,
+                sink.clone(),
+                five.transport,
+            ));
             send_client(sink, reply, true).await;
         }
         Handled::Forward { handle, peer, data } => {

@@ -173,7 +173,9 @@ impl RelayMetrics {
     }
 
     fn auth_failure(&self, reason: &'static str) {
-        self.auth_failures.get_or_create(&ReasonLabels { reason }).inc();
+        self.auth_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     fn allocation_created(&self, t: Transport) {

@@ -59,21 +59,21 @@ fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
 /// Special-purpose IPv4 ranges (RFC 6890 and friends) that are never relayed to.
 fn denied_v4(ip: Ipv4Addr) -> bool {
     const DENIED: &[([u8; 4], u32)] = &[
-        ([0, 0, 0, 0], 8),        // "this network", unspecified
-        ([10, 0, 0, 0], 8),       // private
-        ([100, 64, 0, 0], 10),    // CGNAT shared space
-        ([127, 0, 0, 0], 8),      // loopback
-        ([169, 254, 0, 0], 16),   // link-local (cloud metadata)
-        ([172, 16, 0, 0], 12),    // private
-        ([192, 0, 0, 0], 24),     // IETF protocol assignments
-        ([192, 0, 2, 0], 24),     // TEST-NET-1
-        ([192, 88, 99, 0], 24),   // 6to4 relay anycast
-        ([192, 168, 0, 0], 16),   // private
-        ([198, 18, 0, 0], 15),    // benchmarking
-        ([198, 51, 100, 0], 24),  // TEST-NET-2
-        ([203, 0, 113, 0], 24),   // TEST-NET-3
-        ([224, 0, 0, 0], 4),      // multicast
-        ([240, 0, 0, 0], 4),      // reserved, incl. broadcast 255.255.255.255
+        ([0, 0, 0, 0], 8),       // "this network", unspecified
+        ([10, 0, 0, 0], 8),      // private
+        ([100, 64, 0, 0], 10),   // CGNAT shared space
+        ([127, 0, 0, 0], 8),     // loopback
+        ([169, 254, 0, 0], 16),  // link-local (cloud metadata)
+        ([172, 16, 0, 0], 12),   // private
+        ([192, 0, 0, 0], 24),    // IETF protocol assignments
+        ([192, 0, 2, 0], 24),    // TEST-NET-1
+        ([192, 88, 99, 0], 24),  // 6to4 relay anycast
+        ([192, 168, 0, 0], 16),  // private
+        ([198, 18, 0, 0], 15),   // benchmarking
+        ([198, 51, 100, 0], 24), // TEST-NET-2
+        ([203, 0, 113, 0], 24),  // TEST-NET-3
+        ([224, 0, 0, 0], 4),     // multicast
+        ([240, 0, 0, 0], 4),     // reserved, incl. broadcast 255.255.255.255
     ];
     DENIED.iter().any(|(net, p)| in_v4(ip, *net, *p))
 }
@@ -90,20 +90,20 @@ fn in_v6(ip: Ipv6Addr, net: [u16; 8], prefix: u32) -> bool {
 /// Special IPv6 ranges, judged on the IPv6 address itself.
 fn denied_v6_native(ip: Ipv6Addr) -> bool {
     const DENIED: &[([u16; 8], u32)] = &[
-        ([0, 0, 0, 0, 0, 0, 0, 0], 96),            // ::/96 unspecified, loopback, compat
-        ([0, 0, 0, 0, 0, 0xffff, 0, 0], 96),       // IPv4-mapped
-        ([0, 0, 0, 0, 0xffff, 0, 0, 0], 96),       // IPv4-translated (RFC 2765)
-        ([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48),    // NAT64 local use
-        ([0x100, 0, 0, 0, 0, 0, 0, 0], 64),        // discard-only
-        ([0x2001, 0, 0, 0, 0, 0, 0, 0], 23),       // IETF protocol assignments (incl. Teredo)
-        ([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32),   // documentation
-        ([0x2002, 0, 0, 0, 0, 0, 0, 0], 16),       // 6to4 (judged by embedded v4 too)
-        ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20),       // documentation (RFC 9637)
-        ([0x5f00, 0, 0, 0, 0, 0, 0, 0], 16),       // segment routing SIDs
-        ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7),        // unique local
-        ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10),       // link-local
-        ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10),       // site-local (deprecated)
-        ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8),        // multicast
+        ([0, 0, 0, 0, 0, 0, 0, 0], 96), // ::/96 unspecified, loopback, compat
+        ([0, 0, 0, 0, 0, 0xffff, 0, 0], 96), // IPv4-mapped
+        ([0, 0, 0, 0, 0xffff, 0, 0, 0], 96), // IPv4-translated (RFC 2765)
+        ([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48), // NAT64 local use
+        ([0x100, 0, 0, 0, 0, 0, 0, 0], 64), // discard-only
+        ([0x2001, 0, 0, 0, 0, 0, 0, 0], 23), // IETF protocol assignments (incl. Teredo)
+        ([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32), // documentation
+        ([0x2002, 0, 0, 0, 0, 0, 0, 0], 16), // 6to4 (judged by embedded v4 too)
+        ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20), // documentation (RFC 9637)
+        ([0x5f00, 0, 0, 0, 0, 0, 0, 0], 16), // segment routing SIDs
+        ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7), // unique local
+        ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10), // link-local
+        ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10), // site-local (deprecated)
+        ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8), // multicast
     ];
     DENIED.iter().any(|(net, p)| in_v6(ip, *net, *p))
 }
@@ -119,12 +119,7 @@ fn is_mapped_or_compat(ip: Ipv6Addr) -> bool {
 /// checked by the caller through `teredo_v4s`).
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
-    let low = Ipv4Addr::new(
-        (s[6] >> 8) as u8,
-        s[6] as u8,
-        (s[7] >> 8) as u8,
-        s[7] as u8,
-    );
+    let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     if s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0 || s[5] == 0xffff) {
         return Some(low);
     }
@@ -218,7 +213,14 @@ mod tests {
     #[test]
     fn allows_public_addresses() {
         let pol = p(&[]);
-        for ip in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2a00:1450::1", "2606:4700::1111"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2a00:1450::1",
+            "2606:4700::1111",
+        ] {
             assert!(ok(&pol, ip), "{ip} must be allowed");
         }
     }
