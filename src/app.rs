@@ -149,6 +149,15 @@ impl Server {
         if let Some(r) = self.addrs.redirect {
             tracing::info!(listen = %r, "plain HTTP redirects to HTTPS");
         }
+        match (self.addrs.turn_udp, self.addrs.turn_tcp) {
+            (Some(udp), Some(tcp)) => {
+                tracing::info!(udp = %udp, tcp = %tcp, "STUN/TURN listening");
+                if let Some(tls) = self.addrs.turn_tls {
+                    tracing::info!(listen = %tls, "TURN over TLS listening");
+                }
+            }
+            _ => tracing::info!("STUN/TURN disabled (turn.enabled = false)"),
+        }
         tracing::info!(
             kind = %s.tls.kind(),
             sha256 = %s.tls.fingerprint(),
