@@ -1,5 +1,6 @@
 //! Deployment: the systemd unit verifies, `install.sh --root` produces the expected
-//! tree and config (kept on upgrade), and the installed binary runs the installed config.
+//! tree and config (kept on upgrade), and the installed binary serves HTTPS and answers
+//! STUN with the installed config.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -235,17 +236,34 @@ fn installed_binary_serves_the_installed_config() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Drain stderr on a thread for the whole run (a closed pipe would fail writes).
     let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
     let mut port = None;
+    let mut stun = None;
     let deadline = Instant::now() + Duration::from_secs(30);
-    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+    while port.is_none() || stun.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("banner lines");
         if let Some(rest) = line.split("open https://localhost:").nth(1) {
             port = rest.split('/').next().and_then(|p| p.parse::<u16>().ok());
-            break;
         }
-        assert!(Instant::now() < deadline, "no banner");
+        if line.contains("STUN/TURN listening") {
+            stun = line
+                .split("udp=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+        }
     }
     let port = port.expect("banner names the HTTPS port");
+    let stun = stun.expect("banner names the STUN/TURN UDP address");
+    let mapped = stun_binding(stun);
     let pem = std::fs::read(data.join("selfsigned-cert.pem")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
@@ -264,4 +282,35 @@ fn installed_binary_serves_the_installed_config() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(status, 200);
+    let (mapped, local) = mapped;
+    assert_eq!(mapped, local, "STUN answers with our own address");
+}
+
+/// A minimal, independent STUN Binding client (RFC 8489): returns the
+/// XOR-MAPPED-ADDRESS from the answer and the local address it should equal.
+fn stun_binding(server: std::net::SocketAddr) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let tid: [u8; 12] = rand::random();
+    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    req.extend_from_slice(&tid);
+    sock.send_to(&req, server).unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = sock.recv_from(&mut buf).expect("STUN answer");
+    let msg = &buf[..n];
+    assert_eq!(&msg[0..2], &[0x01, 0x01], "Binding success response");
+    assert_eq!(&msg[8..20], &tid, "same transaction id");
+    let mut i = 20;
+    while i + 4 <= msg.len() {
+        let ty = u16::from_be_bytes([msg[i], msg[i + 1]]);
+        let len = u16::from_be_bytes([msg[i + 2], msg[i + 3]]) as usize;
+        let v = &msg[i + 4..i + 4 + len];
+        if ty == 0x0020 && v[1] == 0x01 {
+            let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
+            let ip = std::net::Ipv4Addr::new(v[4] ^ 0x21, v[5] ^ 0x12, v[6] ^ 0xa4, v[7] ^ 0x42);
+            return ((ip, port).into(), sock.local_addr().unwrap());
+        }
+        i += 4 + len.div_ceil(4) * 4;
+    }
+    panic!("no XOR-MAPPED-ADDRESS in {msg:?}");
 }
