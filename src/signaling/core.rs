@@ -118,13 +118,7 @@ impl<H: Clone> Rooms<H> {
         format!("{n:032x}")
     }
 
-    pub fn join(
-        &mut self,
-        conn: ConnId,
-        handle: H,
-        req: JoinReq,
-        now: Instant,
-    ) -> Vec<Effect<H>> {
+    pub fn join(&mut self, conn: ConnId, handle: H, req: JoinReq, now: Instant) -> Vec<Effect<H>> {
         let err = |code| vec![Effect::Send(vec![handle.clone()], ServerMsg::error(code))];
         if self.conns.contains_key(&conn) {
             return err(ErrorCode::AlreadyJoined);
@@ -460,7 +454,11 @@ impl<H: Clone> Rooms<H> {
                 self.rooms.remove(&peer.room);
             }
         }
-        self.deliver(&others, ServerMsg::PeerLeft { id: id.clone() }, &mut effects);
+        self.deliver(
+            &others,
+            ServerMsg::PeerLeft { id: id.clone() },
+            &mut effects,
+        );
         effects.push(Effect::PeerGone(id.clone()));
         effects
     }

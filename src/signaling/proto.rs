@@ -256,7 +256,9 @@ impl ServerMsg {
             ErrorCode::InvalidRoom => {
                 "room must be 1 to 64 letters, digits, '-', '_' or '.', not a reserved name"
             }
-            ErrorCode::InvalidName => "name must be at most 64 characters without control characters",
+            ErrorCode::InvalidName => {
+                "name must be at most 64 characters without control characters"
+            }
             ErrorCode::NotJoined => "join a room first",
             ErrorCode::AlreadyJoined => "already joined; send leave first",
             ErrorCode::UnknownPeer => "no such peer in your room",
@@ -351,7 +353,10 @@ mod tests {
             ClientMsg::parse(r#"{"type":"leave"}"#).unwrap(),
             ClientMsg::Leave
         );
-        assert_eq!(ClientMsg::parse(r#"{"type":"ping"}"#).unwrap(), ClientMsg::Ping);
+        assert_eq!(
+            ClientMsg::parse(r#"{"type":"ping"}"#).unwrap(),
+            ClientMsg::Ping
+        );
         assert_eq!(
             ClientMsg::parse(r#"{"type":"ice_request","password":"p"}"#).unwrap(),
             ClientMsg::IceRequest {
@@ -391,8 +396,8 @@ mod tests {
         };
         assert_eq!(m.to_json(), r#"{"type":"offer","from":"ab","sdp":"v=0"}"#);
         assert_eq!(ServerMsg::Pong.to_json(), r#"{"type":"pong"}"#);
-        let e: Value = serde_json::from_str(&ServerMsg::error(ErrorCode::UnknownPeer).to_json())
-            .unwrap();
+        let e: Value =
+            serde_json::from_str(&ServerMsg::error(ErrorCode::UnknownPeer).to_json()).unwrap();
         assert_eq!(e["type"], "error");
         assert_eq!(e["code"], "unknown_peer");
         let f: Value = serde_json::from_str(
@@ -411,7 +416,10 @@ mod tests {
         assert_eq!(normalize_name(None).unwrap(), "Guest");
         assert_eq!(normalize_name(Some("  ")).unwrap(), "Guest");
         assert_eq!(normalize_name(Some("  Ann ")).unwrap(), "Ann");
-        assert_eq!(normalize_name(Some(&"é".repeat(64))).unwrap(), "é".repeat(64));
+        assert_eq!(
+            normalize_name(Some(&"é".repeat(64))).unwrap(),
+            "é".repeat(64)
+        );
         assert_eq!(normalize_name(Some(&"a".repeat(65))), None);
         assert_eq!(normalize_name(Some("a\u{7}b")), None);
     }

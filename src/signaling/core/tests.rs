@@ -119,24 +119,42 @@ fn join_lists_peers_and_announces() {
 fn join_errors() {
     let now = Instant::now();
     let mut r = core(6, "");
-    assert_eq!(error_of(&r.join(1, 1, req("ws"), now)), ErrorCode::InvalidRoom);
-    assert_eq!(error_of(&r.join(1, 1, req("a b"), now)), ErrorCode::InvalidRoom);
+    assert_eq!(
+        error_of(&r.join(1, 1, req("ws"), now)),
+        ErrorCode::InvalidRoom
+    );
+    assert_eq!(
+        error_of(&r.join(1, 1, req("a b"), now)),
+        ErrorCode::InvalidRoom
+    );
     let bad_name = JoinReq {
         room: "r".into(),
         name: Some("x\ny".into()),
         ..Default::default()
     };
-    assert_eq!(error_of(&r.join(1, 1, bad_name, now)), ErrorCode::InvalidName);
+    assert_eq!(
+        error_of(&r.join(1, 1, bad_name, now)),
+        ErrorCode::InvalidName
+    );
     join(&mut r, 1, "r", now);
-    assert_eq!(error_of(&r.join(1, 1, req("r"), now)), ErrorCode::AlreadyJoined);
-    assert_eq!(error_of(&r.join(1, 1, req("other"), now)), ErrorCode::AlreadyJoined);
+    assert_eq!(
+        error_of(&r.join(1, 1, req("r"), now)),
+        ErrorCode::AlreadyJoined
+    );
+    assert_eq!(
+        error_of(&r.join(1, 1, req("other"), now)),
+        ErrorCode::AlreadyJoined
+    );
 }
 
 #[test]
 fn password() {
     let now = Instant::now();
     let mut r = core(6, "s3cret");
-    assert_eq!(error_of(&r.join(1, 1, req("r"), now)), ErrorCode::BadPassword);
+    assert_eq!(
+        error_of(&r.join(1, 1, req("r"), now)),
+        ErrorCode::BadPassword
+    );
     let wrong = JoinReq {
         room: "r".into(),
         password: Some("s3creT".into()),
@@ -237,10 +255,19 @@ fn relay_stamps_sender_and_stays_in_room() {
     // Other room, unknown id, self: refused, nothing delivered.
     assert_eq!(error_of(&offer(&mut r, 1, &c, "x")), ErrorCode::UnknownPeer);
     assert_eq!(error_of(&offer(&mut r, 3, &a, "x")), ErrorCode::UnknownPeer);
-    assert_eq!(error_of(&offer(&mut r, 1, "nobody", "x")), ErrorCode::UnknownPeer);
+    assert_eq!(
+        error_of(&offer(&mut r, 1, "nobody", "x")),
+        ErrorCode::UnknownPeer
+    );
     assert_eq!(error_of(&offer(&mut r, 1, &a, "x")), ErrorCode::UnknownPeer);
     // Mismatched payload is a bad message.
-    let fx = r.relay(1, &1, RelayKind::Offer, &b, RelayPayload::Candidate(json!(null)));
+    let fx = r.relay(
+        1,
+        &1,
+        RelayKind::Offer,
+        &b,
+        RelayPayload::Candidate(json!(null)),
+    );
     assert_eq!(error_of(&fx), ErrorCode::BadMessage);
     // Before join.
     assert_eq!(error_of(&offer(&mut r, 9, &a, "x")), ErrorCode::NotJoined);
@@ -455,7 +482,9 @@ fn resume_takes_over_open_socket() {
         now,
     );
     assert_eq!(fx[0], Effect::Close(1, CLOSE_TAKEN_OVER));
-    assert!(matches!(&fx[1], Effect::Send(t, ServerMsg::Joined { id, resumed: true, .. }) if t == &vec![2] && *id == a));
+    assert!(
+        matches!(&fx[1], Effect::Send(t, ServerMsg::Joined { id, resumed: true, .. }) if t == &vec![2] && *id == a)
+    );
     // The old socket's close changes nothing.
     assert!(r.disconnect(1, now).is_empty());
     assert_eq!(r.peer_of(2), Some(a));
