@@ -113,6 +113,7 @@ fn start_coturn(dir: &Path) -> Result<Server> {
             "--no-tcp-relay",
             "--no-cli",
             "--no-rfc5780",
+            "--allow-loopback-peers",
             "--allowed-peer-ip=127.0.0.1",
             "--no-stdout-log",
             "--simple-log",

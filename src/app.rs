@@ -149,6 +149,9 @@ impl Server {
         if let Some(r) = self.addrs.redirect {
             tracing::info!(listen = %r, "plain HTTP redirects to HTTPS");
         }
+        if let (Some(udp), Some(tcp)) = (self.addrs.turn_udp, self.addrs.turn_tcp) {
+            tracing::info!(udp = %udp, tcp = %tcp, tls = ?self.addrs.turn_tls, "STUN/TURN listening");
+        }
         tracing::info!(
             kind = %s.tls.kind(),
             sha256 = %s.tls.fingerprint(),
