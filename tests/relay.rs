@@ -599,3 +599,58 @@ async fn taken_turn_port_fails_with_address_and_key() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn ipv6_relay_on_request() {
+    let server = TestServer::start_with(|c| {
+        relay_config(c);
+        c.turn.relay_ips = vec!["127.0.0.1".into(), "::1".into()];
+        c.turn.allowed_peer_ranges = vec!["::1/128".into()];
+    })
+    .await;
+    let peer = match UdpSocket::bind("[::1]:0").await {
+        Ok(p) => p,
+        Err(e) => panic!("IPv6 loopback unavailable: {e}"),
+    };
+    let peer_addr = peer.local_addr().unwrap();
+    let (user, pass) = rest_user("v6", future());
+    let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
+    let resp = c
+        .request(
+            METHOD_ALLOCATE,
+            &[
+                &RequestedTransport {
+                    protocol: PROTO_UDP,
+                },
+                &Raw4(ATTR_REQUESTED_ADDRESS_FAMILY, [2, 0, 0, 0]),
+            ],
+        )
+        .await;
+    assert_eq!(
+        resp.typ.class,
+        CLASS_SUCCESS_RESPONSE,
+        "{:?}",
+        error_code(&resp)
+    );
+    let mut a = XorMappedAddress::default();
+    a.get_from_as(&resp, ATTR_XOR_RELAYED_ADDRESS).unwrap();
+    let relay = SocketAddr::new(a.ip, a.port);
+    assert!(relay.is_ipv6(), "{relay}");
+    // An IPv4 peer on an IPv6 allocation: 443.
+    let resp = c.permission(&["8.8.8.8:53".parse().unwrap()]).await;
+    assert_eq!(error_code(&resp), Some(443));
+    let resp = c.permission(&[peer_addr]).await;
+    assert_eq!(
+        resp.typ.class,
+        CLASS_SUCCESS_RESPONSE,
+        "{:?}",
+        error_code(&resp)
+    );
+    c.send_indication(peer_addr, b"six").await;
+    let mut buf = [0u8; 16];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), peer.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((&buf[..n], from), (&b"six"[..], relay));
+}

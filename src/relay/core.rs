@@ -251,7 +251,7 @@ fn encode(
     m.raw
 }
 
-fn attr_bytes<'a>(m: &'a Message, t: AttrType) -> Option<&'a [u8]> {
+fn attr_bytes(m: &Message, t: AttrType) -> Option<&[u8]> {
     m.attributes
         .0
         .iter()
@@ -1090,4 +1090,744 @@ pub fn data_indication(peer: SocketAddr, data: &[u8]) -> Vec<u8> {
     .add_to_as(&mut m, ATTR_XOR_PEER_ADDRESS);
     m.add(ATTR_DATA, data);
     m.raw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::auth::long_term_key;
+    use super::*;
+    use stun::agent::TransactionId;
+
+    const SECRET: &str = "core-test-secret-0123";
+    const T0: u64 = 1_800_000_000_000; // a virtual "now" in Unix ms
+
+    #[derive(Default)]
+    struct FakeSockets {
+        next: u16,
+        closed: Vec<u32>,
+        no_v6: bool,
+        exhausted: bool,
+    }
+
+    impl RelaySockets for FakeSockets {
+        type Handle = u32;
+        fn has_family(&self, family: Family) -> bool {
+            !(family == Family::V6 && self.no_v6)
+        }
+        fn bind(&mut self, family: Family, even: bool) -> Option<(SocketAddr, u32)> {
+            if self.exhausted {
+                return None;
+            }
+            self.next += if even { 2 } else { 1 };
+            let ip: IpAddr = match family {
+                Family::V4 => "192.0.2.10".parse().unwrap(),
+                Family::V6 => "2001:db8::10".parse().unwrap(),
+            };
+            let port = 50_000 + self.next * 2;
+            Some((SocketAddr::new(ip, port), u32::from(self.next)))
+        }
+        fn close(&mut self, h: &u32) {
+            self.closed.push(*h);
+        }
+    }
+
+    fn core_with(edit: impl FnOnce(&mut CoreConfig)) -> Core<FakeSockets> {
+        let mut cfg = CoreConfig {
+            max_lifetime_s: 3600,
+            user_quota: 10,
+            total_quota: 100,
+            max_bps: 0,
+            policy: PeerPolicy::new(vec![
+                "192.0.2.0/24".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ]),
+        };
+        edit(&mut cfg);
+        let mut users = HashMap::new();
+        users.insert("static".to_string(), "static-pw".to_string());
+        Core::new(
+            cfg,
+            Credentials::new(SECRET.into(), "realm".into(), users),
+            Nonces::new([1; 32], 600_000),
+            FakeSockets::default(),
+            RelayMetrics::default(),
+        )
+    }
+
+    fn core() -> Core<FakeSockets> {
+        core_with(|_| {})
+    }
+
+    fn five(port: u16) -> FiveTuple {
+        FiveTuple {
+            client: SocketAddr::new("203.0.113.5".parse().unwrap(), port),
+            server: "198.51.100.1:3478".parse().unwrap(),
+            transport: Transport::Udp,
+        }
+    }
+
+    fn rest(id: &str, expiry_s: u64) -> (String, String) {
+        let u = format!("{expiry_s}:{id}");
+        let p = crate::ice::rest_password(SECRET, &u);
+        (u, p)
+    }
+
+    struct Peer(SocketAddr);
+    impl Setter for Peer {
+        fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+            XorMappedAddress {
+                ip: self.0.ip(),
+                port: self.0.port(),
+            }
+            .add_to_as(m, ATTR_XOR_PEER_ADDRESS)
+        }
+    }
+
+    struct Raw(AttrType, Vec<u8>);
+    impl Setter for Raw {
+        fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+            m.add(self.0, &self.1);
+            Ok(())
+        }
+    }
+
+    fn transport_udp() -> Raw {
+        Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0])
+    }
+
+    fn lifetime(s: u32) -> Raw {
+        Raw(ATTR_LIFETIME, s.to_be_bytes().to_vec())
+    }
+
+    fn channel(n: u16) -> Raw {
+        let b = n.to_be_bytes();
+        Raw(ATTR_CHANNEL_NUMBER, vec![b[0], b[1], 0, 0])
+    }
+
+    /// A test client: a 5-tuple, credentials and the current nonce.
+    struct Client {
+        five: FiveTuple,
+        user: String,
+        pass: String,
+        nonce: String,
+    }
+
+    impl Client {
+        fn new(c: &mut Core<FakeSockets>, port: u16, user: &str, pass: &str, now: u64) -> Client {
+            let five = five(port);
+            let mut cl = Client {
+                five,
+                user: user.into(),
+                pass: pass.into(),
+                nonce: String::new(),
+            };
+            let r =
+                reply(c.handle_stun(&cl.unauth(METHOD_ALLOCATE, &[&transport_udp()]), five, now));
+            assert_eq!(code(&r), Some(401));
+            cl.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).unwrap().text;
+            cl
+        }
+
+        fn unauth(&self, method: Method, attrs: &[&dyn Setter]) -> Vec<u8> {
+            let mut m = Message::new();
+            m.build(&[
+                Box::new(TransactionId::new()),
+                Box::new(MessageType::new(method, CLASS_REQUEST)),
+            ])
+            .unwrap();
+            for a in attrs {
+                a.add_to(&mut m).unwrap();
+            }
+            m.raw
+        }
+
+        fn req(&self, method: Method, attrs: &[&dyn Setter]) -> Vec<u8> {
+            let mut m = Message::new();
+            m.build(&[
+                Box::new(TransactionId::new()),
+                Box::new(MessageType::new(method, CLASS_REQUEST)),
+            ])
+            .unwrap();
+            for a in attrs {
+                a.add_to(&mut m).unwrap();
+            }
+            TextAttribute::new(ATTR_USERNAME, self.user.clone())
+                .add_to(&mut m)
+                .unwrap();
+            TextAttribute::new(ATTR_REALM, "realm".into())
+                .add_to(&mut m)
+                .unwrap();
+            TextAttribute::new(ATTR_NONCE, self.nonce.clone())
+                .add_to(&mut m)
+                .unwrap();
+            MessageIntegrity(long_term_key(&self.user, "realm", &self.pass))
+                .add_to(&mut m)
+                .unwrap();
+            FINGERPRINT.add_to(&mut m).unwrap();
+            m.raw
+        }
+
+        fn call(
+            &self,
+            c: &mut Core<FakeSockets>,
+            method: Method,
+            attrs: &[&dyn Setter],
+            now: u64,
+        ) -> Message {
+            reply(c.handle_stun(&self.req(method, attrs), self.five, now))
+        }
+
+        fn allocate(&self, c: &mut Core<FakeSockets>, now: u64) -> Message {
+            self.call(c, METHOD_ALLOCATE, &[&transport_udp()], now)
+        }
+    }
+
+    fn reply(h: Handled<u32>) -> Message {
+        let bytes = match h {
+            Handled::Reply(b) => b,
+            Handled::Allocated { reply, .. } => reply,
+            other => panic!("expected a reply, got {other:?}"),
+        };
+        let mut m = Message::new();
+        m.unmarshal_binary(&bytes).unwrap();
+        m
+    }
+
+    fn code(m: &Message) -> Option<u16> {
+        if m.typ.class != CLASS_ERROR_RESPONSE {
+            return None;
+        }
+        let mut e = ErrorCodeAttribute::default();
+        e.get_from(m).unwrap();
+        Some(e.code.0)
+    }
+
+    fn ok(m: &Message) {
+        assert_eq!(m.typ.class, CLASS_SUCCESS_RESPONSE, "error {:?}", code(m));
+    }
+
+    fn lifetime_of(m: &Message) -> u32 {
+        let v = m.get(ATTR_LIFETIME).unwrap();
+        u32::from_be_bytes([v[0], v[1], v[2], v[3]])
+    }
+
+    fn alice(c: &mut Core<FakeSockets>, port: u16) -> Client {
+        let (u, p) = rest("alice", T0 / 1000 + 3600);
+        Client::new(c, port, &u, &p, T0)
+    }
+
+    fn peer(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn binding_answers_without_state() {
+        let mut c = core();
+        let cl = Client {
+            five: five(1000),
+            user: String::new(),
+            pass: String::new(),
+            nonce: String::new(),
+        };
+        let r = reply(c.handle_stun(&cl.unauth(METHOD_BINDING, &[]), cl.five, T0));
+        ok(&r);
+        let mut x = XorMappedAddress::default();
+        x.get_from_as(&r, ATTR_XORMAPPED_ADDRESS).unwrap();
+        assert_eq!(SocketAddr::new(x.ip, x.port), cl.five.client);
+        assert_eq!(c.cache_len(), 0);
+        // Unknown comprehension-required attribute: 420 with UNKNOWN-ATTRIBUTES.
+        let r = reply(c.handle_stun(
+            &cl.unauth(METHOD_BINDING, &[&Raw(AttrType(0x0031), vec![1, 2, 3, 4])]),
+            cl.five,
+            T0,
+        ));
+        assert_eq!(code(&r), Some(420));
+        assert!(r.contains(ATTR_UNKNOWN_ATTRIBUTES));
+    }
+
+    #[test]
+    fn unauthenticated_requests_cost_no_state() {
+        let mut c = core();
+        for port in 1..200 {
+            let cl = Client {
+                five: five(port),
+                user: String::new(),
+                pass: String::new(),
+                nonce: String::new(),
+            };
+            let r = reply(c.handle_stun(
+                &cl.unauth(METHOD_ALLOCATE, &[&transport_udp()]),
+                cl.five,
+                T0,
+            ));
+            assert_eq!(code(&r), Some(401));
+            assert!(r.contains(ATTR_REALM) && r.contains(ATTR_NONCE));
+            assert!(!r.contains(ATTR_MESSAGE_INTEGRITY));
+        }
+        assert_eq!(c.cache_len(), 0);
+        assert_eq!(c.allocation_count(), 0);
+    }
+
+    #[test]
+    fn allocation_lifetime_default_cap_and_expiry() {
+        let mut c = core();
+        let a = alice(&mut c, 1);
+        let r = a.allocate(&mut c, T0);
+        ok(&r);
+        assert_eq!(lifetime_of(&r), 600);
+        assert!(r.contains(ATTR_XOR_RELAYED_ADDRESS) && r.contains(ATTR_XORMAPPED_ADDRESS));
+        assert!(r.contains(ATTR_MESSAGE_INTEGRITY) && r.contains(ATTR_FINGERPRINT));
+        c.expire(T0 + 599_999);
+        assert_eq!(c.allocation_count(), 1);
+        c.expire(T0 + 600_000);
+        assert_eq!(c.allocation_count(), 0);
+        assert_eq!(c.sockets.closed.len(), 1);
+        // Requested lifetimes are capped by the configured maximum, never below default.
+        let b = alice(&mut c, 2);
+        let r = b.call(
+            &mut c,
+            METHOD_ALLOCATE,
+            &[&transport_udp(), &lifetime(100_000)],
+            T0,
+        );
+        assert_eq!(lifetime_of(&r), 3600);
+        let b = alice(&mut c, 3);
+        let r = b.call(
+            &mut c,
+            METHOD_ALLOCATE,
+            &[&transport_udp(), &lifetime(30)],
+            T0,
+        );
+        assert_eq!(lifetime_of(&r), 600);
+        let mut c = core_with(|cfg| cfg.max_lifetime_s = 300);
+        let a = alice(&mut c, 1);
+        assert_eq!(lifetime_of(&a.allocate(&mut c, T0)), 300);
+    }
+
+    #[test]
+    fn refresh_extends_and_zero_deletes() {
+        let mut c = core();
+        let a = alice(&mut c, 1);
+        ok(&a.allocate(&mut c, T0));
+        let r = a.call(&mut c, METHOD_REFRESH, &[&lifetime(1200)], T0 + 500_000);
+        ok(&r);
+        assert_eq!(lifetime_of(&r), 1200);
+        c.expire(T0 + 1_000_000);
+        assert_eq!(c.allocation_count(), 1);
+        c.expire(T0 + 500_000 + 1_200_000);
+        assert_eq!(c.allocation_count(), 0);
+        // Lifetime 0 deletes at once and answers LIFETIME 0.
+        let b = alice(&mut c, 2);
+        ok(&b.allocate(&mut c, T0));
+        let r = b.call(&mut c, METHOD_REFRESH, &[&lifetime(0)], T0 + 1);
+        ok(&r);
+        assert_eq!(lifetime_of(&r), 0);
+        assert_eq!(c.allocation_count(), 0);
+        // Without an allocation: 437.
+        let r = b.call(&mut c, METHOD_REFRESH, &[&lifetime(600)], T0 + 2);
+        assert_eq!(code(&r), Some(437));
+    }
+
+    #[test]
+    fn permissions_expire_after_300_s() {
+        let mut c = core();
+        let a = alice(&mut c, 1);
+        ok(&a.allocate(&mut c, T0));
+        let (id, _) = c.allocation_of(&a.five).unwrap();
+        let p = peer("192.0.2.77:9000");
+        assert_eq!(c.from_peer(id, p, 10, T0), None);
+        ok(&a.call(&mut c, METHOD_CREATE_PERMISSION, &[&Peer(p)], T0));
+        assert_eq!(
+            c.from_peer(id, p, 10, T0 + 1),
+            Some(ToClient::DataIndication)
+        );
+        // Permissions are per IP: another port of the same host is allowed.
+        assert_eq!(
+            c.from_peer(id, peer("192.0.2.77:1"), 10, T0 + 1),
+            Some(ToClient::DataIndication)
+        );
+        assert_eq!(
+            c.from_peer(id, p, 10, T0 + 299_999),
+            Some(ToClient::DataIndication)
+        );
+        assert_eq!(c.from_peer(id, p, 10, T0 + 300_000), None);
+        // Send indications need the permission too.
+        let send = {
+            let mut m = Message::new();
+            m.build(&[
+                Box::new(TransactionId::new()),
+                Box::new(MessageType::new(METHOD_SEND, CLASS_INDICATION)),
+            ])
+            .unwrap();
+            Peer(p).add_to(&mut m).unwrap();
+            m.add(ATTR_DATA, b"hi");
+            m.raw
+        };
+        assert!(matches!(
+            c.handle_stun(&send, a.five, T0 + 300_000),
+            Handled::Nothing
+        ));
+        ok(&a.call(&mut c, METHOD_CREATE_PERMISSION, &[&Peer(p)], T0 + 300_001));
+        match c.handle_stun(&send, a.five, T0 + 300_002) {
+            Handled::Forward { peer: to, data, .. } => assert_eq!((to, data), (p, b"hi".to_vec())),
+            other => panic!("{other:?}"),
+        }
+        c.expire(T0 + 700_000);
+        assert!(c.allocs.values().all(|a| a.perms.is_empty()));
+    }
+
+    #[test]
+    fn multi_address_permission_installs_all_or_none() {
+        let mut c = core();
+        let a = alice(&mut c, 1);
+        ok(&a.allocate(&mut c, T0));
+        let (id, _) = c.allocation_of(&a.five).unwrap();
+        let (p1, p2, p3) = (peer("192.0.2.1:1"), peer("192.0.2.2:2"), peer("8.8.8.8:53"));
+        ok(&a.call(
+            &mut c,
+            METHOD_CREATE_PERMISSION,
+            &[&Peer(p1), &Peer(p2), &Peer(p3)],
+            T0,
+        ));
+        for p in [p1, p2, p3] {
+            assert!(c.from_peer(id, p, 1, T0).is_some(), "{p}");
+        }
+        let denied = peer("127.0.0.1:5");
+        let other = peer("9.9.9.9:5");
+        let r = a.call(
+            &mut c,
+            METHOD_CREATE_PERMISSION,
+            &[&Peer(other), &Peer(denied)],
+            T0,
+        );
+        assert_eq!(code(&r), Some(403));
+        assert!(c.from_peer(id, other, 1, T0).is_none());
+        assert!(c.from_peer(id, denied, 1, T0).is_none());
+        let r = a.call(&mut c, METHOD_CREATE_PERMISSION, &[], T0);
+        assert_eq!(code(&r), Some(400));
+    }
+
+    #[test]
+    fn channels_bind_rules_and_expiry() {
+        let mut c = core();
+        let mut a = alice(&mut c, 1);
+        ok(&a.allocate(&mut c, T0));
+        let (id, _) = c.allocation_of(&a.five).unwrap();
+        let (p1, p2) = (peer("192.0.2.1:1000"), peer("192.0.2.2:2000"));
+        for bad in [0x3FFF, 0x8000, 0xFFFF] {
+            let r = a.call(&mut c, METHOD_CHANNEL_BIND, &[&channel(bad), &Peer(p1)], T0);
+            assert_eq!(code(&r), Some(400), "{bad:#x}");
+        }
+        ok(&a.call(
+            &mut c,
+            METHOD_CHANNEL_BIND,
+            &[&channel(0x4000), &Peer(p1)],
+            T0,
+        ));
+        // The bind installs the permission too.
+        assert_eq!(c.from_peer(id, p1, 8, T0), Some(ToClient::Channel(0x4000)));
+        assert_eq!(c.channel_data(&a.five, 0x4000, 8, T0), Some((1, p1)));
+        // Rebinding the same pair refreshes; a different peer or number is refused.
+        ok(&a.call(
+            &mut c,
+            METHOD_CHANNEL_BIND,
+            &[&channel(0x4000), &Peer(p1)],
+            T0 + 1,
+        ));
+        assert_eq!(
+            code(&a.call(
+                &mut c,
+                METHOD_CHANNEL_BIND,
+                &[&channel(0x4000), &Peer(p2)],
+                T0
+            )),
+            Some(400)
+        );
+        assert_eq!(
+            code(&a.call(
+                &mut c,
+                METHOD_CHANNEL_BIND,
+                &[&channel(0x4001), &Peer(p1)],
+                T0
+            )),
+            Some(400)
+        );
+        assert_eq!(
+            code(&a.call(&mut c, METHOD_CHANNEL_BIND, &[&channel(0x4001)], T0)),
+            Some(400)
+        );
+        assert_eq!(
+            code(&a.call(&mut c, METHOD_CHANNEL_BIND, &[&Peer(p1)], T0)),
+            Some(400)
+        );
+        ok(&a.call(
+            &mut c,
+            METHOD_CHANNEL_BIND,
+            &[&channel(0x7FFF), &Peer(p2)],
+            T0,
+        ));
+        // Unknown channel numbers go nowhere.
+        assert_eq!(c.channel_data(&a.five, 0x4002, 8, T0), None);
+        // Keep the permission alive without the channel: the channel lapses at 600 s.
+        ok(&a.call(&mut c, METHOD_REFRESH, &[&lifetime(3600)], T0 + 250_000));
+        ok(&a.call(&mut c, METHOD_CREATE_PERMISSION, &[&Peer(p1)], T0 + 250_000));
+        ok(&a.call(&mut c, METHOD_CREATE_PERMISSION, &[&Peer(p1)], T0 + 500_000));
+        assert_eq!(
+            c.channel_data(&a.five, 0x4000, 8, T0 + 600_000),
+            Some((1, p1))
+        );
+        assert_eq!(c.channel_data(&a.five, 0x4000, 8, T0 + 600_001), None);
+        assert_eq!(
+            c.from_peer(id, p1, 8, T0 + 600_001),
+            Some(ToClient::DataIndication)
+        );
+        c.expire(T0 + 600_002);
+        // After expiry the number may be bound to another peer (with a fresh nonce).
+        let r = a.call(
+            &mut c,
+            METHOD_CHANNEL_BIND,
+            &[&channel(0x4000), &Peer(p2)],
+            T0 + 600_003,
+        );
+        assert_eq!(code(&r), Some(438));
+        a.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).unwrap().text;
+        ok(&a.call(
+            &mut c,
+            METHOD_CHANNEL_BIND,
+            &[&channel(0x4000), &Peer(p2)],
+            T0 + 600_004,
+        ));
+    }
+
+    #[test]
+    fn stale_nonce_gets_438_with_a_fresh_one() {
+        let mut c = core();
+        let mut a = alice(&mut c, 1);
+        ok(&a.allocate(&mut c, T0));
+        let r = a.call(&mut c, METHOD_REFRESH, &[&lifetime(600)], T0 + 600_001);
+        assert_eq!(code(&r), Some(438));
+        a.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).unwrap().text;
+        ok(&a.call(&mut c, METHOD_REFRESH, &[&lifetime(600)], T0 + 600_002));
+        // A forged nonce is refused the same way.
+        a.nonce = "0".repeat(40);
+        assert_eq!(
+            code(&a.call(&mut c, METHOD_REFRESH, &[], T0 + 600_003)),
+            Some(438)
+        );
+    }
+
+    #[test]
+    fn credentials_expiry_and_wrong_user() {
+        let mut c = core();
+        let (u, p) = rest("old", T0 / 1000 - 1);
+        let old = Client::new(&mut c, 1, &u, &p, T0);
+        let r = old.allocate(&mut c, T0);
+        assert_eq!(code(&r), Some(401));
+        // Wrong password: 401.
+        let (u, _) = rest("bob", T0 / 1000 + 10);
+        let bad = Client::new(&mut c, 2, &u, "nope", T0);
+        assert_eq!(code(&bad.allocate(&mut c, T0)), Some(401));
+        // A username that expires later keeps refreshing its allocation.
+        let (u, p) = rest("bob", T0 / 1000 + 10);
+        let bob = Client::new(&mut c, 3, &u, &p, T0);
+        ok(&bob.allocate(&mut c, T0));
+        ok(&bob.call(&mut c, METHOD_REFRESH, &[&lifetime(600)], T0 + 500_000));
+        // Another valid user on the same 5-tuple: 441.
+        let mut carol = alice(&mut c, 3);
+        carol.nonce = bob.nonce.clone();
+        assert_eq!(
+            code(&carol.call(&mut c, METHOD_REFRESH, &[], T0 + 1)),
+            Some(441)
+        );
+        // Static users.
+        let s = Client::new(&mut c, 4, "static", "static-pw", T0);
+        ok(&s.allocate(&mut c, T0));
+    }
+
+    #[test]
+    fn allocate_error_codes() {
+        let mut c = core();
+        let a = alice(&mut c, 1);
+        assert_eq!(code(&a.call(&mut c, METHOD_ALLOCATE, &[], T0)), Some(400));
+        let tcp = Raw(ATTR_REQUESTED_TRANSPORT, vec![6, 0, 0, 0]);
+        assert_eq!(
+            code(&a.call(&mut c, METHOD_ALLOCATE, &[&tcp], T0)),
+            Some(442)
+        );
+        let fam = |f: u8| Raw(ATTR_REQUESTED_ADDRESS_FAMILY, vec![f, 0, 0, 0]);
+        assert_eq!(
+            code(&a.call(&mut c, METHOD_ALLOCATE, &[&transport_udp(), &fam(3)], T0)),
+            Some(440)
+        );
+        let even_reserve = Raw(ATTR_EVEN_PORT, vec![0x80]);
+        let r = a.call(
+            &mut c,
+            METHOD_ALLOCATE,
+            &[&transport_udp(), &even_reserve],
+            T0,
+        );
+        assert_eq!(code(&r), Some(420));
+        let token = Raw(ATTR_RESERVATION_TOKEN, vec![0; 8]);
+        assert_eq!(
+            code(&a.call(&mut c, METHOD_ALLOCATE, &[&transport_udp(), &token], T0)),
+            Some(420)
+        );
+        let unknown = Raw(AttrType(0x0031), vec![0; 4]);
+        assert_eq!(
+            code(&a.call(&mut c, METHOD_ALLOCATE, &[&transport_udp(), &unknown], T0)),
+            Some(420)
+        );
+        // Error answers to authenticated requests carry integrity.
+        let r = a.call(&mut c, METHOD_ALLOCATE, &[&tcp], T0);
+        assert!(r.contains(ATTR_MESSAGE_INTEGRITY));
+        // EVEN-PORT without reservation is honoured.
+        let r = a.call(
+            &mut c,
+            METHOD_ALLOCATE,
+            &[&transport_udp(), &Raw(ATTR_EVEN_PORT, vec![0])],
+            T0,
+        );
+        ok(&r);
+        let mut x = XorMappedAddress::default();
+        x.get_from_as(&r, ATTR_XOR_RELAYED_ADDRESS).unwrap();
+        assert_eq!(x.port % 2, 0);
+        // IPv6 relay on request; an IPv4 peer then mismatches (443).
+        let b = alice(&mut c, 2);
+        ok(&b.call(&mut c, METHOD_ALLOCATE, &[&transport_udp(), &fam(2)], T0));
+        let r = b.call(
+            &mut c,
+            METHOD_CREATE_PERMISSION,
+            &[&Peer(peer("192.0.2.1:1"))],
+            T0,
+        );
+        assert_eq!(code(&r), Some(443));
+        ok(&b.call(
+            &mut c,
+            METHOD_CREATE_PERMISSION,
+            &[&Peer(peer("[2001:db8::1]:1"))],
+            T0,
+        ));
+        assert_eq!(
+            code(&b.call(
+                &mut c,
+                METHOD_CREATE_PERMISSION,
+                &[&Peer(peer("[::1]:1"))],
+                T0
+            )),
+            Some(403)
+        );
+        // No IPv6 relay address: 440.
+        let mut c = core();
+        c.sockets.no_v6 = true;
+        let a = alice(&mut c, 1);
+        assert_eq!(
+            code(&a.call(&mut c, METHOD_ALLOCATE, &[&transport_udp(), &fam(2)], T0)),
+            Some(440)
+        );
+        // No free port: 508.
+        c.sockets.exhausted = true;
+        assert_eq!(code(&a.allocate(&mut c, T0)), Some(508));
+        // Requests other than Allocate without an allocation: 437.
+        assert_eq!(
+            code(&a.call(
+                &mut c,
+                METHOD_CREATE_PERMISSION,
+                &[&Peer(peer("192.0.2.1:1"))],
+                T0
+            )),
+            Some(437)
+        );
+        assert_eq!(
+            code(&a.call(
+                &mut c,
+                METHOD_CHANNEL_BIND,
+                &[&channel(0x4000), &Peer(peer("192.0.2.1:1"))],
+                T0
+            )),
+            Some(437)
+        );
+    }
+
+    #[test]
+    fn quotas() {
+        let mut c = core_with(|cfg| {
+            cfg.user_quota = 2;
+            cfg.total_quota = 3;
+        });
+        for port in 1..=2 {
+            ok(&alice(&mut c, port).allocate(&mut c, T0));
+        }
+        assert_eq!(code(&alice(&mut c, 3).allocate(&mut c, T0)), Some(486));
+        let (u, p) = rest("bob", T0 / 1000 + 100);
+        ok(&Client::new(&mut c, 4, &u, &p, T0).allocate(&mut c, T0));
+        assert_eq!(
+            code(&Client::new(&mut c, 5, &u, &p, T0).allocate(&mut c, T0)),
+            Some(508)
+        );
+        // Freed allocations free the quota.
+        let a = alice(&mut c, 1);
+        ok(&a.call(&mut c, METHOD_REFRESH, &[&lifetime(0)], T0));
+        ok(&alice(&mut c, 6).allocate(&mut c, T0));
+    }
+
+    #[test]
+    fn retransmissions_get_the_same_answer() {
+        let mut c = core();
+        let a = alice(&mut c, 1);
+        let req = a.req(METHOD_ALLOCATE, &[&transport_udp()]);
+        let first = reply(c.handle_stun(&req, a.five, T0));
+        ok(&first);
+        let again = reply(c.handle_stun(&req, a.five, T0 + 5_000));
+        assert_eq!(first.raw, again.raw);
+        assert_eq!(c.allocation_count(), 1);
+        // Errors are repeated as well (a retransmitted Refresh 0 stays a success).
+        let refresh = a.req(METHOD_REFRESH, &[&lifetime(0)]);
+        let r1 = reply(c.handle_stun(&refresh, a.five, T0 + 6_000));
+        let r2 = reply(c.handle_stun(&refresh, a.five, T0 + 6_500));
+        ok(&r1);
+        assert_eq!(r1.raw, r2.raw);
+        // After the cache lifetime a replay is a new request.
+        c.expire(T0 + 6_000 + RETRANSMIT_TTL_MS);
+        let r3 = reply(c.handle_stun(&refresh, a.five, T0 + 6_000 + RETRANSMIT_TTL_MS + 1));
+        assert_eq!(code(&r3), Some(437));
+        // A new Allocate transaction on a 5-tuple that has an allocation: 437.
+        ok(&a.allocate(&mut c, T0 + 50_000));
+        assert_eq!(code(&a.allocate(&mut c, T0 + 50_001)), Some(437));
+    }
+
+    #[test]
+    fn bandwidth_cap_is_a_token_bucket() {
+        let mut c = core_with(|cfg| cfg.max_bps = 1000);
+        let a = alice(&mut c, 1);
+        ok(&a.allocate(&mut c, T0));
+        let (id, _) = c.allocation_of(&a.five).unwrap();
+        let p = peer("192.0.2.1:1");
+        ok(&a.call(
+            &mut c,
+            METHOD_CHANNEL_BIND,
+            &[&channel(0x4000), &Peer(p)],
+            T0,
+        ));
+        assert!(c.channel_data(&a.five, 0x4000, 600, T0).is_some());
+        assert!(c.from_peer(id, p, 400, T0).is_some());
+        assert!(c.channel_data(&a.five, 0x4000, 1, T0).is_none());
+        assert!(c.channel_data(&a.five, 0x4000, 500, T0 + 499).is_none());
+        assert!(c.channel_data(&a.five, 0x4000, 500, T0 + 500).is_some());
+    }
+
+    #[test]
+    fn peer_gone_and_client_gone_remove_allocations() {
+        let mut c = core();
+        ok(&alice(&mut c, 1).allocate(&mut c, T0));
+        ok(&alice(&mut c, 2).allocate(&mut c, T0));
+        let (u, p) = rest("bob", T0 / 1000 + 100);
+        let bob = Client::new(&mut c, 3, &u, &p, T0);
+        ok(&bob.allocate(&mut c, T0));
+        assert_eq!(c.peer_gone("alice"), 2);
+        assert_eq!(c.allocation_count(), 1);
+        assert_eq!(c.peer_gone("nobody"), 0);
+        c.client_gone(&bob.five);
+        assert_eq!(c.allocation_count(), 0);
+        assert_eq!(c.sockets.closed.len(), 3);
+    }
 }

@@ -1,0 +1,669 @@
+//! Relay load generator: meshmeet (release binary, separate process) against coturn
+//! (`turnserver` from Debian) configured alike on loopback, in the same run.
+//!
+//! Measures relayed packets/s (raw ChannelData client -> peer over UDP and over TCP,
+//! 100 and 1200 byte payloads, 1 and 100 allocations) with the loss at that offered
+//! rate, allocations per second, and STUN Binding answers per second, and prints a
+//! table with both servers and their ratio.
+//!
+//! `cargo bench --bench relay` (needs `turnserver` on PATH; `MESHMEET_BENCH_SECS`
+//! sets the length of each measurement, default 2).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use stun::agent::TransactionId;
+use stun::attributes::*;
+use stun::error_code::ErrorCodeAttribute;
+use stun::fingerprint::FINGERPRINT;
+use stun::integrity::MessageIntegrity;
+use stun::message::*;
+use stun::textattrs::TextAttribute;
+use stun::xoraddr::XorMappedAddress;
+
+const SECRET: &str = "bench-secret-0123456789abcdef";
+const REALM: &str = "meshmeet";
+
+struct Server {
+    name: &'static str,
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port free for both UDP and TCP right now.
+fn free_port() -> Result<u16> {
+    for _ in 0..50 {
+        let u = UdpSocket::bind("127.0.0.1:0")?;
+        let port = u.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port")
+}
+
+fn start_meshmeet(dir: &Path) -> Result<Server> {
+    let port = free_port()?;
+    let cfg = format!(
+        r#"data_dir = "{dir}"
+[http]
+listen = "127.0.0.1:0"
+[log]
+level = "warn"
+[turn]
+listen = "127.0.0.1:{port}"
+tls_listen = ""
+relay_ips = ["127.0.0.1"]
+relay_ports = "40000-49999"
+secret = "{SECRET}"
+realm = "{REALM}"
+allowed_peer_ranges = ["127.0.0.1/32"]
+user_allocation_quota = 100000
+total_allocation_quota = 100000
+max_allocation_lifetime_s = 3600
+"#,
+        dir = dir.display()
+    );
+    let path = dir.join("meshmeet.toml");
+    std::fs::write(&path, cfg)?;
+    let child = Command::new(env!("CARGO_BIN_EXE_meshmeet"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start meshmeet")?;
+    let s = Server {
+        name: "meshmeet",
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    wait_ready(s.addr)?;
+    Ok(s)
+}
+
+fn start_coturn(dir: &Path) -> Result<Server> {
+    let port = free_port()?;
+    let child = Command::new("turnserver")
+        .args([
+            "-n",
+            "--listening-ip=127.0.0.1",
+            &format!("--listening-port={port}"),
+            "--relay-ip=127.0.0.1",
+            "--min-port=50000",
+            "--max-port=59999",
+            "--use-auth-secret",
+            &format!("--static-auth-secret={SECRET}"),
+            &format!("--realm={REALM}"),
+            "--no-tls",
+            "--no-dtls",
+            "--no-tcp-relay",
+            "--no-cli",
+            "--no-rfc5780",
+            "--allow-loopback-peers",
+            "--allowed-peer-ip=127.0.0.1",
+            "--no-stdout-log",
+            "--simple-log",
+            "--max-allocate-lifetime=3600",
+        ])
+        .arg(format!("--log-file={}", dir.join("coturn.log").display()))
+        .arg(format!("--pidfile={}", dir.join("coturn.pid").display()))
+        .arg(format!("--db={}", dir.join("turndb").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start turnserver (apt install coturn)")?;
+    let s = Server {
+        name: "coturn",
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    wait_ready(s.addr)?;
+    Ok(s)
+}
+
+/// Ready = answers a STUN Binding request.
+fn wait_ready(addr: SocketAddr) -> Result<()> {
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        sock.send_to(&binding_request(), addr)?;
+        if sock.recv_from(&mut buf).is_ok() {
+            return Ok(());
+        }
+    }
+    bail!("server on {addr} did not answer a Binding request")
+}
+
+fn binding_request() -> Vec<u8> {
+    let mut m = Message::new();
+    let _ = m.build(&[Box::new(TransactionId::new()), Box::new(BINDING_REQUEST)]);
+    m.raw
+}
+
+/// Client credentials and the current nonce.
+struct Session {
+    user: String,
+    pass: String,
+    realm: String,
+    nonce: Option<String>,
+}
+
+impl Session {
+    fn new(id: &str) -> Session {
+        let expiry = meshmeet::app::unix_now() + 86_400;
+        let user = format!("{expiry}:{id}");
+        let pass = meshmeet::ice::rest_password(SECRET, &user);
+        Session {
+            user,
+            pass,
+            realm: String::new(),
+            nonce: None,
+        }
+    }
+
+    fn build(&self, method: Method, attrs: &[&dyn Setter]) -> Result<Vec<u8>> {
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(method, CLASS_REQUEST)),
+        ])?;
+        for a in attrs {
+            a.add_to(&mut m)?;
+        }
+        if let Some(nonce) = &self.nonce {
+            TextAttribute::new(ATTR_USERNAME, self.user.clone()).add_to(&mut m)?;
+            TextAttribute::new(ATTR_REALM, self.realm.clone()).add_to(&mut m)?;
+            TextAttribute::new(ATTR_NONCE, nonce.clone()).add_to(&mut m)?;
+            MessageIntegrity::new_long_term_integrity(
+                self.user.clone(),
+                self.realm.clone(),
+                self.pass.clone(),
+            )
+            .add_to(&mut m)?;
+        }
+        FINGERPRINT.add_to(&mut m)?;
+        Ok(m.raw)
+    }
+
+    /// A request/response exchange, answering 401/438 challenges.
+    fn transact(
+        &mut self,
+        link: &mut Link,
+        method: Method,
+        attrs: &[&dyn Setter],
+    ) -> Result<Message> {
+        for _ in 0..4 {
+            let req = self.build(method, attrs)?;
+            let resp = link.roundtrip(&req)?;
+            let code = error_code(&resp);
+            if (code == Some(401) && self.nonce.is_none()) || code == Some(438) {
+                self.nonce = Some(TextAttribute::get_from_as(&resp, ATTR_NONCE)?.text);
+                self.realm = TextAttribute::get_from_as(&resp, ATTR_REALM)?.text;
+                continue;
+            }
+            if let Some(c) = code {
+                bail!("{method} failed with {c}");
+            }
+            return Ok(resp);
+        }
+        bail!("challenge loop")
+    }
+}
+
+fn error_code(m: &Message) -> Option<u16> {
+    if m.typ.class != CLASS_ERROR_RESPONSE {
+        return None;
+    }
+    let mut e = ErrorCodeAttribute::default();
+    e.get_from(m).ok()?;
+    Some(e.code.0)
+}
+
+struct Raw(AttrType, Vec<u8>);
+
+impl Setter for Raw {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        m.add(self.0, &self.1);
+        Ok(())
+    }
+}
+
+struct PeerAttr(SocketAddr);
+
+impl Setter for PeerAttr {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        XorMappedAddress {
+            ip: self.0.ip(),
+            port: self.0.port(),
+        }
+        .add_to_as(m, ATTR_XOR_PEER_ADDRESS)
+    }
+}
+
+/// A client connection to the server: a connected UDP socket or a TCP stream.
+enum Link {
+    Udp(UdpSocket),
+    Tcp(TcpStream, Vec<u8>),
+}
+
+impl Link {
+    fn open(server: SocketAddr, tcp: bool) -> Result<Link> {
+        if tcp {
+            let s = TcpStream::connect(server)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(Link::Tcp(s, Vec::new()))
+        } else {
+            let s = UdpSocket::bind("127.0.0.1:0")?;
+            s.connect(server)?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok(Link::Udp(s))
+        }
+    }
+
+    fn roundtrip(&mut self, req: &[u8]) -> Result<Message> {
+        let txid = &req[8..20];
+        match self {
+            Link::Udp(s) => {
+                let mut buf = [0u8; 2048];
+                for _ in 0..6 {
+                    s.send(req)?;
+                    while let Ok(n) = s.recv(&mut buf) {
+                        let mut m = Message::new();
+                        if m.unmarshal_binary(&buf[..n]).is_ok() && &m.transaction_id.0[..] == txid
+                        {
+                            return Ok(m);
+                        }
+                    }
+                }
+                bail!("no answer")
+            }
+            Link::Tcp(s, pending) => {
+                s.write_all(req)?;
+                loop {
+                    while pending.len() >= 4 {
+                        let len = u16::from_be_bytes([pending[2], pending[3]]) as usize;
+                        let total = if pending[0] & 0xC0 == 0x40 {
+                            (4 + len + 3) & !3
+                        } else {
+                            20 + len
+                        };
+                        if pending.len() < total {
+                            break;
+                        }
+                        let frame: Vec<u8> = pending.drain(..total).collect();
+                        let mut m = Message::new();
+                        if frame[0] & 0xC0 == 0
+                            && m.unmarshal_binary(&frame).is_ok()
+                            && &m.transaction_id.0[..] == txid
+                        {
+                            return Ok(m);
+                        }
+                    }
+                    let mut chunk = [0u8; 4096];
+                    let n = s.read(&mut chunk)?;
+                    if n == 0 {
+                        bail!("connection closed");
+                    }
+                    pending.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
+    }
+}
+
+fn allocate(link: &mut Link, session: &mut Session) -> Result<SocketAddr> {
+    let resp = session.transact(
+        link,
+        METHOD_ALLOCATE,
+        &[&Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
+    )?;
+    let mut a = XorMappedAddress::default();
+    a.get_from_as(&resp, ATTR_XOR_RELAYED_ADDRESS)?;
+    Ok(SocketAddr::new(a.ip, a.port))
+}
+
+fn channel_bind(link: &mut Link, session: &mut Session, ch: u16, peer: SocketAddr) -> Result<()> {
+    let b = ch.to_be_bytes();
+    session.transact(
+        link,
+        METHOD_CHANNEL_BIND,
+        &[
+            &Raw(ATTR_CHANNEL_NUMBER, vec![b[0], b[1], 0, 0]),
+            &PeerAttr(peer),
+        ],
+    )?;
+    Ok(())
+}
+
+fn secs() -> Duration {
+    let s: f64 = std::env::var("MESHMEET_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2.0);
+    Duration::from_secs_f64(s)
+}
+
+/// A UDP sink counting datagrams on its own thread.
+struct Sink {
+    addr: SocketAddr,
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    fn new() -> Result<Sink> {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        let _ = sock.set_recv_buffer_size(8 << 20);
+        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        let sock: UdpSocket = sock.into();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let addr = sock.local_addr()?;
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (count.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if sock.recv_from(&mut buf).is_ok() {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Ok(Sink {
+            addr,
+            count,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits until no datagram arrived for 150 ms, then returns the count.
+    fn settle(&self) -> u64 {
+        let mut last = self.count.load(Ordering::Relaxed);
+        loop {
+            std::thread::sleep(Duration::from_millis(150));
+            let now = self.count.load(Ordering::Relaxed);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Relayed ChannelData rate client -> peer: (packets/s delivered, loss fraction).
+fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<(f64, f64)> {
+    let sink = Sink::new()?;
+    let mut links = Vec::new();
+    for i in 0..allocs {
+        let mut link = Link::open(server.addr, tcp)?;
+        let mut session = Session::new(&format!("bench{i}"));
+        allocate(&mut link, &mut session)?;
+        channel_bind(&mut link, &mut session, 0x4000, sink.addr)?;
+        links.push(link);
+    }
+    let mut frame = vec![0u8; if tcp { (4 + size + 3) & !3 } else { 4 + size }];
+    frame[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
+    frame[2..4].copy_from_slice(&(size as u16).to_be_bytes());
+    // Warm-up: one packet per allocation must arrive (readiness of every path).
+    for l in &mut links {
+        send_frames(l, &frame, 1)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sink.count.load(Ordering::Relaxed) < allocs as u64 {
+        if Instant::now() > deadline {
+            bail!("warm-up packets not relayed by {}", server.name);
+        }
+        std::thread::yield_now();
+    }
+    sink.settle();
+    sink.count.store(0, Ordering::Relaxed);
+    // Two sender threads share the allocations.
+    let dur = secs();
+    let start = Instant::now();
+    let mut groups: Vec<Vec<Link>> = vec![Vec::new(), Vec::new()];
+    for (i, l) in links.into_iter().enumerate() {
+        groups[i % 2].push(l);
+    }
+    let mut handles = Vec::new();
+    for mut group in groups.into_iter().filter(|g| !g.is_empty()) {
+        let frame = frame.clone();
+        handles.push(std::thread::spawn(move || -> Result<u64> {
+            let mut sent = 0u64;
+            let batch = if tcp { 16 } else { 1 };
+            while start.elapsed() < dur {
+                for l in group.iter_mut() {
+                    sent += send_frames(l, &frame, batch)?;
+                }
+            }
+            Ok(sent)
+        }));
+    }
+    let mut sent = 0;
+    for h in handles {
+        sent += h.join().map_err(|_| anyhow!("sender panicked"))??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let got = sink.settle();
+    let loss = if sent == 0 {
+        0.0
+    } else {
+        1.0 - (got as f64 / sent as f64).min(1.0)
+    };
+    Ok((got as f64 / elapsed, loss))
+}
+
+fn send_frames(link: &mut Link, frame: &[u8], n: usize) -> Result<u64> {
+    match link {
+        Link::Udp(s) => {
+            let mut sent = 0;
+            for _ in 0..n {
+                // A full socket buffer (ENOBUFS/EAGAIN) is an offered-but-lost packet.
+                let _ = s.send(frame);
+                sent += 1;
+            }
+            Ok(sent)
+        }
+        Link::Tcp(s, _) => {
+            let mut buf = Vec::with_capacity(frame.len() * n);
+            for _ in 0..n {
+                buf.extend_from_slice(frame);
+            }
+            s.write_all(&buf)?;
+            Ok(n as u64)
+        }
+    }
+}
+
+/// Complete allocations per second (challenge, Allocate, Refresh 0), 4 clients.
+fn allocation_rate(server: &Server) -> Result<f64> {
+    let dur = secs();
+    let start = Instant::now();
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = server.addr;
+            std::thread::spawn(move || -> Result<u64> {
+                let mut n = 0u64;
+                while start.elapsed() < dur {
+                    let mut link = Link::open(addr, false)?;
+                    let mut session = Session::new(&format!("alloc{t}"));
+                    allocate(&mut link, &mut session)?;
+                    session.transact(
+                        &mut link,
+                        METHOD_REFRESH,
+                        &[&Raw(ATTR_LIFETIME, vec![0, 0, 0, 0])],
+                    )?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h.join().map_err(|_| anyhow!("client panicked"))??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Binding answers per second: 4 clients with 16 requests in flight each.
+fn binding_rate(server: &Server) -> Result<f64> {
+    let dur = secs();
+    let start = Instant::now();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = server.addr;
+            std::thread::spawn(move || -> Result<u64> {
+                let s = UdpSocket::bind("127.0.0.1:0")?;
+                s.connect(addr)?;
+                s.set_read_timeout(Some(Duration::from_millis(100)))?;
+                let req = binding_request();
+                let mut buf = [0u8; 512];
+                for _ in 0..16 {
+                    s.send(&req)?;
+                }
+                let mut n = 0u64;
+                while start.elapsed() < dur {
+                    match s.recv(&mut buf) {
+                        Ok(_) => {
+                            n += 1;
+                            s.send(&req)?;
+                        }
+                        Err(_) => {
+                            // Lost in flight: refill the window.
+                            for _ in 0..16 {
+                                s.send(&req)?;
+                            }
+                        }
+                    }
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h.join().map_err(|_| anyhow!("client panicked"))??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+struct Row {
+    name: String,
+    figures: [f64; 2],
+    unit: &'static str,
+    /// Lower is better (loss).
+    lower_better: bool,
+}
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    meshmeet::tls::install_crypto_provider();
+    let dir = tempfile::tempdir()?;
+    let mdir = dir.path().join("meshmeet");
+    let cdir = dir.path().join("coturn");
+    std::fs::create_dir_all(&mdir)?;
+    std::fs::create_dir_all(&cdir)?;
+    let servers = [start_meshmeet(&mdir)?, start_coturn(&cdir)?];
+    let mut rows: Vec<Row> = Vec::new();
+    for (tcp, label) in [(false, "UDP"), (true, "TCP")] {
+        for size in [100usize, 1200] {
+            for allocs in [1usize, 100] {
+                let mut pps = [0.0; 2];
+                let mut loss = [0.0; 2];
+                for (i, s) in servers.iter().enumerate() {
+                    let (p, l) = relay_rate(s, tcp, allocs, size)
+                        .with_context(|| format!("{} {label} {size} B x{allocs}", s.name))?;
+                    pps[i] = p;
+                    loss[i] = l * 100.0;
+                }
+                let name = format!("relayed pkt/s, {label}, {size} B, {allocs} alloc");
+                eprintln!("{name}: meshmeet {:.0}, coturn {:.0}", pps[0], pps[1]);
+                rows.push(Row {
+                    name: name.clone(),
+                    figures: pps,
+                    unit: "pkt/s",
+                    lower_better: false,
+                });
+                rows.push(Row {
+                    name: format!("loss at that rate, {label}, {size} B, {allocs} alloc"),
+                    figures: loss,
+                    unit: "%",
+                    lower_better: true,
+                });
+            }
+        }
+    }
+    let mut a = [0.0; 2];
+    let mut b = [0.0; 2];
+    for (i, s) in servers.iter().enumerate() {
+        a[i] = allocation_rate(s).with_context(|| format!("{} allocations", s.name))?;
+        b[i] = binding_rate(s).with_context(|| format!("{} bindings", s.name))?;
+    }
+    rows.push(Row {
+        name: "allocations/s (401, Allocate, Refresh 0)".into(),
+        figures: a,
+        unit: "/s",
+        lower_better: false,
+    });
+    rows.push(Row {
+        name: "STUN Binding answers/s".into(),
+        figures: b,
+        unit: "/s",
+        lower_better: false,
+    });
+    println!();
+    println!("| figure | meshmeet | coturn 4.6 | ratio |");
+    println!("|---|---:|---:|---:|");
+    for r in &rows {
+        let ratio = if r.lower_better {
+            format!("{:+.1} pt", r.figures[0] - r.figures[1])
+        } else if r.figures[1] > 0.0 {
+            format!("{:.2}x", r.figures[0] / r.figures[1])
+        } else {
+            "n/a".into()
+        };
+        let fmt = |v: f64| {
+            if r.unit == "%" {
+                format!("{v:.1} %")
+            } else {
+                format!("{v:.0}")
+            }
+        };
+        println!(
+            "| {} | {} | {} | {} |",
+            r.name,
+            fmt(r.figures[0]),
+            fmt(r.figures[1]),
+            ratio
+        );
+    }
+    Ok(())
+}
