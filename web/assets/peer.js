@@ -19,6 +19,11 @@ const DISCONNECTED_RESTART_MS = 4000;
 
 let serial = 0;
 
+/** @param {RTCRtpTransceiver} t */
+function isStopped(t) {
+  return t.currentDirection === 'stopped' || t.direction === 'stopped';
+}
+
 export class Peer {
   /**
    * @param {string} id remote peer id
@@ -115,8 +120,8 @@ export class Peer {
     this.attached = true;
     const local = this.hooks.local();
     const txs = this.pc.getTransceivers();
-    const audioTx = txs.find((t) => t.receiver.track.kind === 'audio' && !t.stopped) || null;
-    const videoTx = txs.find((t) => t.receiver.track.kind === 'video' && !t.stopped) || null;
+    const audioTx = txs.find((t) => t.receiver.track.kind === 'audio' && !isStopped(t)) || null;
+    const videoTx = txs.find((t) => t.receiver.track.kind === 'video' && !isStopped(t)) || null;
     if (local.audio && audioTx) {
       const s = this.pc.addTrack(local.audio, local.stream);
       this.audioTx = this.pc.getTransceivers().find((t) => t.sender === s) || null;
@@ -136,7 +141,7 @@ export class Peer {
     if (this.closed) return;
     const track = stream ? stream.getVideoTracks()[0] || null : null;
     if (track && stream) {
-      if (this.screenTx && !this.screenTx.stopped) {
+      if (this.screenTx && !isStopped(this.screenTx)) {
         this.screenTx.sender.replaceTrack(track);
         if (this.screenTx.sender.setStreams) this.screenTx.sender.setStreams(stream);
         this.screenTx.direction = 'sendonly';
@@ -144,7 +149,7 @@ export class Peer {
         this.screenTx = this.pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
       }
       this.applyLimits();
-    } else if (this.screenTx && !this.screenTx.stopped) {
+    } else if (this.screenTx && !isStopped(this.screenTx)) {
       this.screenTx.sender.replaceTrack(null);
       this.screenTx.direction = 'inactive';
     }
@@ -157,7 +162,7 @@ export class Peer {
    */
   replaceTrack(kind, track) {
     const tx = kind === 'audio' ? this.audioTx : this.videoTx;
-    if (!tx || tx.stopped) return;
+    if (!tx || isStopped(tx)) return;
     tx.sender.replaceTrack(track).catch((e) => console.warn('replaceTrack', e));
     if (track && tx.direction === 'recvonly') tx.direction = 'sendrecv';
   }
@@ -290,7 +295,7 @@ export class Peer {
     }
   }
 
-  /** @returns {Promise<{local: string, remote: string, protocol: string}|null>} */
+  /** @returns {Promise<{local: string, remote: string, protocol: string, localAddress: string, remoteAddress: string}|null>} */
   async selectedPath() {
     const stats = await this.pc.getStats();
     /** @type {any} */
@@ -307,7 +312,10 @@ export class Peer {
     const l = stats.get(pair.localCandidateId);
     const r = stats.get(pair.remoteCandidateId);
     if (!l || !r) return null;
-    return { local: l.candidateType, remote: r.candidateType, protocol: l.relayProtocol || l.protocol };
+    return {
+      local: l.candidateType, remote: r.candidateType, protocol: l.relayProtocol || l.protocol,
+      localAddress: l.address || l.ip, remoteAddress: r.address || r.ip,
+    };
   }
 
   /** New ICE servers and credentials. @param {RTCConfiguration} config */
@@ -330,7 +338,7 @@ export class Peer {
       [this.screenTx, { maxBitrate: limits.screen.maxBitrate }],
     ];
     for (const [tx, lim] of plan) {
-      if (!tx || tx.stopped || !tx.sender.track) continue;
+      if (!tx || isStopped(tx) || !tx.sender.track) continue;
       const sender = tx.sender;
       const params = sender.getParameters();
       if (!params.encodings || params.encodings.length === 0) continue;
