@@ -14,6 +14,8 @@ const SILENCE_LIMIT_MS = 30000;
 const BACKOFF_MS = [300, 700, 1500, 3000, 5000];
 /** Consecutive failed first attempts before the server counts as unreachable. */
 const FIRST_CONNECT_TRIES = 3;
+/** A socket that has not opened by then is given up and retried. */
+const OPEN_TIMEOUT_MS = 8000;
 
 export class Signaling {
   /**
@@ -59,7 +61,11 @@ export class Signaling {
       return;
     }
     this.ws = ws;
+    const openTimer = setTimeout(() => {
+      if (this.ws === ws && ws.readyState === WebSocket.CONNECTING) this.drop();
+    }, OPEN_TIMEOUT_MS);
     ws.onopen = () => {
+      clearTimeout(openTimer);
       if (this.ws !== ws) return;
       this.everOpened = true;
       this.attempt = 0;
@@ -93,6 +99,7 @@ export class Signaling {
       this.handlers.onMessage(msg);
     };
     ws.onclose = () => {
+      clearTimeout(openTimer);
       if (this.ws !== ws) return;
       this.ws = null;
       this.joined = false;

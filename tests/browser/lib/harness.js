@@ -98,7 +98,7 @@ force_relay = ${o.forceRelay ? 'true' : 'false'}
     const argv = process.env.DEVMOCK ? ['node', process.env.DEVMOCK] : [bin, '--config', cfgPath];
     const proc = spawn(this.ns.prefix()[0], [...this.ns.prefix().slice(1), ...argv], {
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, CAP: String(o.capacity ?? 6), RUST_LOG: process.env.MESHMEET_LOG || 'info', NO_COLOR: '1' },
+      env: { ...process.env, CAP: String(o.capacity ?? 6), PW: o.password || '', RUST_LOG: process.env.MESHMEET_LOG || 'info', NO_COLOR: '1' },
     });
     this.proc = proc;
     const ready = new Promise((resolve, reject) => {
