@@ -45,6 +45,10 @@ pub struct AppState {
 pub struct BoundAddrs {
     pub https: SocketAddr,
     pub redirect: Option<SocketAddr>,
+    /// TURN listeners; `None` when `turn.enabled` is false (or TLS is off).
+    pub turn_udp: Option<SocketAddr>,
+    pub turn_tcp: Option<SocketAddr>,
+    pub turn_tls: Option<SocketAddr>,
 }
 
 /// A bound, not yet running server.
@@ -52,6 +56,7 @@ pub struct Server {
     state: Arc<AppState>,
     https: TcpListener,
     redirect: Option<TcpListener>,
+    relay: Option<crate::relay::Relay>,
     addrs: BoundAddrs,
 }
 
@@ -66,15 +71,35 @@ impl Server {
             Some(addr) => Some(bind_tcp(addr, "http.redirect_listen").await?),
             None => None,
         };
+        let secret = crate::ice::turn_secret(&config).context("TURN secret")?;
+        let mut registry = Registry::default();
+        let relay = if config.turn.enabled {
+            let metrics = crate::relay::RelayMetrics::register(&mut registry);
+            Some(crate::relay::Relay::bind(&config, secret.clone(), metrics).await?)
+        } else {
+            None
+        };
+        let relay_addrs = relay.as_ref().map(|r| r.addrs());
         let addrs = BoundAddrs {
             https: https.local_addr()?,
             redirect: redirect.as_ref().map(|l| l.local_addr()).transpose()?,
+            turn_udp: relay_addrs.map(|a| a.udp),
+            turn_tcp: relay_addrs.map(|a| a.tcp),
+            turn_tls: relay_addrs.and_then(|a| a.tls),
         };
-        let secret = crate::ice::turn_secret(&config).context("TURN secret")?;
-        let turn_port = config.turn_listen()?.port();
-        let turns_port = config.turn_tls_listen()?.map(|a| a.port());
+        // Clients are told the ports actually bound.
+        let (turn_port, turns_port) = match relay_addrs {
+            Some(a) => (a.udp.port(), a.tls.map(|t| t.port())),
+            None => (
+                config.turn_listen()?.port(),
+                config.turn_tls_listen()?.map(|a| a.port()),
+            ),
+        };
         let ice = Arc::new(IceProvider::new(&config, secret, turn_port, turns_port));
-        let mut registry = Registry::default();
+        let peer_events: Arc<dyn PeerEvents> = match &relay {
+            Some(r) => Arc::new(r.handle()),
+            None => Arc::new(NoPeerEvents),
+        };
         let http_metrics = HttpMetrics::register(&mut registry);
         let metrics_allow = config.metrics_allow()?;
         let state = Arc::new(AppState {
@@ -84,7 +109,7 @@ impl Server {
             http_metrics,
             metrics_allow,
             ice,
-            peer_events: Arc::new(NoPeerEvents),
+            peer_events,
             started: Instant::now(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -94,6 +119,7 @@ impl Server {
             state,
             https,
             redirect,
+            relay,
             addrs,
         })
     }
@@ -150,6 +176,9 @@ impl Server {
                 }
             })
         });
+        if let Some(relay) = self.relay {
+            relay.spawn(&state);
+        }
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         tokio::select! {
             _ = shutdown => {},

@@ -12,6 +12,9 @@
 //! - [`ice`]: ICE servers and time-limited TURN REST credentials handed to clients; the
 //!   TURN shared secret.
 //! - [`metrics`]: the Prometheus registry and process figures.
+//! - [`relay`]: the embedded STUN/TURN server: a pure state machine (allocations,
+//!   permissions, channels, REST credentials, stateless nonces, peer address policy,
+//!   quotas) and its UDP/TCP/TLS listeners and relay sockets.
 //! - [`app`]: binds every socket, runs the listeners, shuts down in order.
 
 pub mod app;
@@ -19,6 +22,7 @@ pub mod config;
 pub mod http;
 pub mod ice;
 pub mod metrics;
+pub mod relay;
 pub mod signaling;
 pub mod tls;
 

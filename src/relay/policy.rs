@@ -1,0 +1,238 @@
+//! Which peer addresses the relay may send to. Private, loopback, link-local,
+//! multicast and reserved ranges are refused unless `turn.allowed_peer_ranges` opens
+//! them; IPv6 encodings that embed an IPv4 address (mapped, compatible, NAT64, 6to4,
+//! Teredo) are judged by the embedded address as well.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+/// Peer address policy: a denied-by-default list of special ranges with configured
+/// exceptions.
+#[derive(Debug, Clone, Default)]
+pub struct PeerPolicy {
+    allowed: Vec<IpNet>,
+}
+
+impl PeerPolicy {
+    pub fn new(allowed: Vec<IpNet>) -> Self {
+        PeerPolicy { allowed }
+    }
+
+    fn opened(&self, ip: IpAddr) -> bool {
+        self.allowed.iter().any(|n| n.contains(&ip))
+    }
+
+    /// True when relaying to `ip` is allowed.
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        if self.opened(ip) {
+            return true;
+        }
+        match ip {
+            IpAddr::V4(v4) => !denied_v4(v4),
+            IpAddr::V6(v6) => {
+                if let Some(v4) = embedded_v4(v6) {
+                    // The embedded address decides, in either direction of the
+                    // allow-list: an opened IPv4 range also opens its encodings.
+                    if self.opened(IpAddr::V4(v4)) {
+                        return !denied_v6_native(v6) || is_mapped_or_compat(v6);
+                    }
+                    if denied_v4(v4) {
+                        return false;
+                    }
+                }
+                !denied_v6_native(v6)
+            }
+        }
+    }
+}
+
+fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
+}
+
+/// Special-purpose IPv4 ranges (RFC 6890 and friends) that are never relayed to.
+fn denied_v4(ip: Ipv4Addr) -> bool {
+    const DENIED: &[([u8; 4], u32)] = &[
+        ([0, 0, 0, 0], 8),       // "this network", unspecified
+        ([10, 0, 0, 0], 8),      // private
+        ([100, 64, 0, 0], 10),   // CGNAT shared space
+        ([127, 0, 0, 0], 8),     // loopback
+        ([169, 254, 0, 0], 16),  // link-local (cloud metadata)
+        ([172, 16, 0, 0], 12),   // private
+        ([192, 0, 0, 0], 24),    // IETF protocol assignments
+        ([192, 0, 2, 0], 24),    // TEST-NET-1
+        ([192, 88, 99, 0], 24),  // 6to4 relay anycast
+        ([192, 168, 0, 0], 16),  // private
+        ([198, 18, 0, 0], 15),   // benchmarking
+        ([198, 51, 100, 0], 24), // TEST-NET-2
+        ([203, 0, 113, 0], 24),  // TEST-NET-3
+        ([224, 0, 0, 0], 4),     // multicast
+        ([240, 0, 0, 0], 4),     // reserved, incl. broadcast 255.255.255.255
+    ];
+    DENIED.iter().any(|(net, p)| in_v4(ip, *net, *p))
+}
+
+fn in_v6(ip: Ipv6Addr, net: [u16; 8], prefix: u32) -> bool {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u128::MAX << (128 - prefix)
+    };
+    (u128::from(ip) & mask) == (u128::from(Ipv6Addr::from(net)) & mask)
+}
+
+/// Special IPv6 ranges, judged on the IPv6 address itself.
+fn denied_v6_native(ip: Ipv6Addr) -> bool {
+    const DENIED: &[([u16; 8], u32)] = &[
+        ([0, 0, 0, 0, 0, 0, 0, 0], 96), // ::/96 unspecified, loopback, compat
+        ([0, 0, 0, 0, 0, 0xffff, 0, 0], 96), // IPv4-mapped
+        ([0, 0, 0, 0, 0xffff, 0, 0, 0], 96), // IPv4-translated (RFC 2765)
+        ([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48), // NAT64 local use
+        ([0x100, 0, 0, 0, 0, 0, 0, 0], 64), // discard-only
+        ([0x2001, 0, 0, 0, 0, 0, 0, 0], 23), // IETF protocol assignments (incl. Teredo)
+        ([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32), // documentation
+        ([0x2002, 0, 0, 0, 0, 0, 0, 0], 16), // 6to4 (judged by embedded v4 too)
+        ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20), // documentation (RFC 9637)
+        ([0x5f00, 0, 0, 0, 0, 0, 0, 0], 16), // segment routing SIDs
+        ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7), // unique local
+        ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10), // link-local
+        ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10), // site-local (deprecated)
+        ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8), // multicast
+    ];
+    DENIED.iter().any(|(net, p)| in_v6(ip, *net, *p))
+}
+
+fn is_mapped_or_compat(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0 || s[5] == 0xffff)
+}
+
+/// The IPv4 address an IPv6 address stands for, in the encodings a relay could be
+/// tricked with: IPv4-mapped, IPv4-compatible, SIIT-translated, NAT64 (well-known
+/// and local-use prefixes), 6to4 and Teredo (both server and client addresses are
+/// checked by the caller through `teredo_v4s`).
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    if s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0 || s[5] == 0xffff) {
+        return Some(low);
+    }
+    if s[..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0 {
+        return Some(low);
+    }
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+        return Some(low);
+    }
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        return Some(low);
+    }
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            s[1] as u8,
+            (s[2] >> 8) as u8,
+            s[2] as u8,
+        ));
+    }
+    if s[0] == 0x2001 && s[1] == 0 {
+        // Teredo: the client's public IPv4 address is stored inverted in the last
+        // 32 bits; a denied one there (or in the server field) denies the address.
+        let client = Ipv4Addr::from(!u32::from(low));
+        let server = Ipv4Addr::new((s[2] >> 8) as u8, s[2] as u8, (s[3] >> 8) as u8, s[3] as u8);
+        if denied_v4(server) {
+            return Some(server);
+        }
+        return Some(client);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(allowed: &[&str]) -> PeerPolicy {
+        PeerPolicy::new(allowed.iter().map(|s| s.parse().unwrap()).collect())
+    }
+
+    fn ok(pol: &PeerPolicy, ip: &str) -> bool {
+        pol.permits(ip.parse().unwrap())
+    }
+
+    #[test]
+    fn denies_special_ranges_by_default() {
+        let pol = p(&[]);
+        for ip in [
+            "127.0.0.1",
+            "127.8.9.10",
+            "0.0.0.0",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.254",
+            "169.254.169.254",
+            "224.0.0.1",
+            "239.255.255.250",
+            "255.255.255.255",
+            "240.0.0.1",
+            "192.0.2.1",
+            "198.18.0.1",
+            "::",
+            "::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:10.0.0.1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::1",
+            "2002:c0a8:101::",
+            "2001:0:4136:e378:8000:63bf:80ff:fffe", // Teredo client 127.0.0.1
+            "2001::1",
+        ] {
+            assert!(!ok(&pol, ip), "{ip} must be denied");
+        }
+    }
+
+    #[test]
+    fn allows_public_addresses() {
+        let pol = p(&[]);
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2a00:1450::1",
+            "2606:4700::1111",
+        ] {
+            assert!(ok(&pol, ip), "{ip} must be allowed");
+        }
+    }
+
+    #[test]
+    fn configured_ranges_open_exactly_themselves() {
+        let pol = p(&["127.0.0.0/8", "192.168.1.0/24"]);
+        assert!(ok(&pol, "127.0.0.1"));
+        assert!(ok(&pol, "192.168.1.77"));
+        assert!(ok(&pol, "::ffff:127.0.0.1"));
+        assert!(!ok(&pol, "192.168.2.1"));
+        assert!(!ok(&pol, "169.254.169.254"));
+        assert!(!ok(&pol, "::1"));
+        assert!(!ok(&pol, "10.0.0.1"));
+    }
+}

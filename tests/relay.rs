@@ -1,0 +1,601 @@
+//! The embedded STUN/TURN relay against independent clients: the `turn` crate's
+//! client, coturn's `turnutils_uclient` and `turnutils_stunclient`, and a raw STUN
+//! client for the protocol edges (403 for denied peers, 401 for expired credentials,
+//! multi-peer permissions, retransmissions, quotas, peers leaving).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestServer;
+use meshmeet::Config;
+use stun::agent::TransactionId;
+use stun::attributes::*;
+use stun::error_code::ErrorCodeAttribute;
+use stun::fingerprint::FINGERPRINT;
+use stun::integrity::MessageIntegrity;
+use stun::message::*;
+use stun::textattrs::TextAttribute;
+use stun::xoraddr::XorMappedAddress;
+use tokio::net::UdpSocket;
+use turn::proto::reqtrans::RequestedTransport;
+use turn::proto::PROTO_UDP;
+
+const SECRET: &str = "relay-test-secret-0123456789";
+
+fn relay_config(c: &mut Config) {
+    c.turn.secret = SECRET.into();
+    c.turn.relay_ips = vec!["127.0.0.1".into()];
+    c.turn.relay_ports = "40000-40999".into();
+}
+
+fn loopback_peers(c: &mut Config) {
+    relay_config(c);
+    c.turn.allowed_peer_ranges = vec!["127.0.0.0/8".into()];
+}
+
+fn rest_user(id: &str, expiry: u64) -> (String, String) {
+    let user = format!("{expiry}:{id}");
+    let pass = meshmeet::ice::rest_password(SECRET, &user);
+    (user, pass)
+}
+
+fn future() -> u64 {
+    meshmeet::app::unix_now() + 3600
+}
+
+/// A UDP echo peer on 127.0.0.1; returns its address.
+async fn echo_peer() -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let _ = sock.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+struct PeerAttr(SocketAddr);
+
+impl Setter for PeerAttr {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        XorMappedAddress {
+            ip: self.0.ip(),
+            port: self.0.port(),
+        }
+        .add_to_as(m, ATTR_XOR_PEER_ADDRESS)
+    }
+}
+
+struct Raw4(AttrType, [u8; 4]);
+
+impl Setter for Raw4 {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        m.add(self.0, &self.1);
+        Ok(())
+    }
+}
+
+/// A minimal TURN client over UDP that speaks raw STUN, for protocol edge cases.
+struct RawClient {
+    sock: UdpSocket,
+    server: SocketAddr,
+    user: String,
+    pass: String,
+    nonce: Option<String>,
+    realm: String,
+}
+
+impl RawClient {
+    async fn new(server: SocketAddr, user: &str, pass: &str) -> RawClient {
+        RawClient {
+            sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            server,
+            user: user.into(),
+            pass: pass.into(),
+            nonce: None,
+            realm: String::new(),
+        }
+    }
+
+    /// Encodes a request; authenticated once a nonce is known.
+    fn build(&self, method: Method, attrs: &[&dyn Setter]) -> Vec<u8> {
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(method, CLASS_REQUEST)),
+        ])
+        .unwrap();
+        for a in attrs {
+            a.add_to(&mut m).unwrap();
+        }
+        if let Some(nonce) = &self.nonce {
+            TextAttribute::new(ATTR_USERNAME, self.user.clone())
+                .add_to(&mut m)
+                .unwrap();
+            TextAttribute::new(ATTR_REALM, self.realm.clone())
+                .add_to(&mut m)
+                .unwrap();
+            TextAttribute::new(ATTR_NONCE, nonce.clone())
+                .add_to(&mut m)
+                .unwrap();
+            MessageIntegrity::new_long_term_integrity(
+                self.user.clone(),
+                self.realm.clone(),
+                self.pass.clone(),
+            )
+            .add_to(&mut m)
+            .unwrap();
+        }
+        FINGERPRINT.add_to(&mut m).unwrap();
+        m.raw
+    }
+
+    async fn roundtrip(&self, bytes: &[u8]) -> Message {
+        let txid = &bytes[8..20];
+        self.sock.send_to(bytes, self.server).await.unwrap();
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let (n, _) =
+                tokio::time::timeout(Duration::from_secs(5), self.sock.recv_from(&mut buf))
+                    .await
+                    .expect("answer within 5 s")
+                    .unwrap();
+            let mut m = Message::new();
+            if m.unmarshal_binary(&buf[..n]).is_ok() && &m.transaction_id.0[..] == txid {
+                return m;
+            }
+        }
+    }
+
+    /// Sends a request, answering a 401/438 challenge once.
+    async fn request(&mut self, method: Method, attrs: &[&dyn Setter]) -> Message {
+        for _ in 0..3 {
+            let req = self.build(method, attrs);
+            let resp = self.roundtrip(&req).await;
+            let code = error_code(&resp);
+            if (code == Some(401) && self.nonce.is_none()) || code == Some(438) {
+                self.nonce = Some(TextAttribute::get_from_as(&resp, ATTR_NONCE).unwrap().text);
+                self.realm = TextAttribute::get_from_as(&resp, ATTR_REALM).unwrap().text;
+                continue;
+            }
+            return resp;
+        }
+        panic!("challenge loop");
+    }
+
+    async fn allocate(&mut self) -> Message {
+        self.request(
+            METHOD_ALLOCATE,
+            &[&RequestedTransport {
+                protocol: PROTO_UDP,
+            }],
+        )
+        .await
+    }
+
+    async fn relayed(&mut self) -> SocketAddr {
+        let resp = self.allocate().await;
+        assert_eq!(
+            resp.typ.class,
+            CLASS_SUCCESS_RESPONSE,
+            "{:?}",
+            error_code(&resp)
+        );
+        let mut a = XorMappedAddress::default();
+        a.get_from_as(&resp, ATTR_XOR_RELAYED_ADDRESS).unwrap();
+        SocketAddr::new(a.ip, a.port)
+    }
+
+    async fn permission(&mut self, peers: &[SocketAddr]) -> Message {
+        let attrs: Vec<PeerAttr> = peers.iter().map(|p| PeerAttr(*p)).collect();
+        let refs: Vec<&dyn Setter> = attrs.iter().map(|a| a as &dyn Setter).collect();
+        self.request(METHOD_CREATE_PERMISSION, &refs).await
+    }
+
+    async fn send_indication(&self, peer: SocketAddr, data: &[u8]) {
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(METHOD_SEND, CLASS_INDICATION)),
+        ])
+        .unwrap();
+        PeerAttr(peer).add_to(&mut m).unwrap();
+        m.add(ATTR_DATA, data);
+        self.sock.send_to(&m.raw, self.server).await.unwrap();
+    }
+
+    /// A Binding round trip: everything sent before it on this 5-tuple is processed.
+    async fn sync(&self) {
+        let mut m = Message::new();
+        m.build(&[Box::new(TransactionId::new()), Box::new(BINDING_REQUEST)])
+            .unwrap();
+        let resp = self.roundtrip(&m.raw).await;
+        assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
+    }
+}
+
+fn error_code(m: &Message) -> Option<u16> {
+    if m.typ.class != CLASS_ERROR_RESPONSE {
+        return None;
+    }
+    let mut e = ErrorCodeAttribute::default();
+    e.get_from(m).ok()?;
+    Some(e.code.0)
+}
+
+fn turn_udp(s: &TestServer) -> SocketAddr {
+    s.addrs.turn_udp.expect("turn enabled")
+}
+
+#[tokio::test]
+async fn turn_crate_client_relays_over_udp() {
+    let server = TestServer::start_with(loopback_peers).await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let (user, pass) = rest_user("alice", future());
+    let conn = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let cfg = turn::client::ClientConfig {
+        stun_serv_addr: turn_udp(&server).to_string(),
+        turn_serv_addr: turn_udp(&server).to_string(),
+        username: user,
+        password: pass,
+        realm: "meshmeet".into(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: Arc::new(conn),
+        vnet: None,
+    };
+    let client = turn::client::Client::new(cfg).await.unwrap();
+    client.listen().await.unwrap();
+    let relay = client.allocate().await.unwrap();
+    use webrtc_util::Conn;
+    let relay_addr = relay.local_addr().unwrap();
+    assert_eq!(relay_addr.ip().to_string(), "127.0.0.1");
+    let mapped = client.send_binding_request().await.unwrap();
+    assert_eq!(mapped.ip().to_string(), "127.0.0.1");
+
+    // Client -> peer through the relay, then peer -> client back.
+    let mut buf = vec![0u8; 1500];
+    for i in 0..5u8 {
+        relay.send_to(&[i; 100], peer_addr).await.unwrap();
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), peer.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(from, relay_addr);
+        assert_eq!(&buf[..n], &[i; 100]);
+        peer.send_to(&[i + 100; 60], relay_addr).await.unwrap();
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), relay.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(from, peer_addr);
+        assert_eq!(&buf[..n], &[i + 100; 60]);
+    }
+    let metrics = server.state.metrics.encode();
+    assert!(
+        metrics.contains("meshmeet_turn_allocations_active 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "meshmeet_turn_relayed_packets_total{transport=\"udp\",direction=\"to_peer\"} 5"
+        ),
+        "{metrics}"
+    );
+    client.close().await.unwrap();
+}
+
+/// Runs turnutils_uclient and returns its output; asserts zero loss.
+fn uclient(args: &[&str], port: u16, peer: SocketAddr) -> String {
+    let out = Command::new("turnutils_uclient")
+        .args(args)
+        .args(["-u", "uclient", "-W", SECRET, "-e"])
+        .arg(peer.ip().to_string())
+        .arg("-r")
+        .arg(peer.port().to_string())
+        .args([
+            "-p",
+            &port.to_string(),
+            "-n",
+            "20",
+            "-m",
+            "3",
+            "-l",
+            "200",
+            "-c",
+            "127.0.0.1",
+        ])
+        .output()
+        .expect("turnutils_uclient runs (apt install coturn)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "uclient failed:\n{text}");
+    let lost = text
+        .lines()
+        .find(|l| l.contains("Total lost packets"))
+        .unwrap_or_else(|| panic!("no loss summary:\n{text}"));
+    assert!(lost.contains("Total lost packets 0 ("), "{lost}");
+    let sent = text
+        .lines()
+        .find(|l| l.contains("tot_send_msgs=") && !l.contains("msz="))
+        .unwrap_or_else(|| panic!("no totals:\n{text}"));
+    assert!(
+        sent.contains("tot_send_msgs=60, tot_recv_msgs=60"),
+        "{sent}"
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coturn_uclient_udp_tcp_tls_without_loss() {
+    let server = TestServer::start_with(loopback_peers).await;
+    let peer = echo_peer().await;
+    let udp = turn_udp(&server).port();
+    let tls = server.addrs.turn_tls.expect("tls listener").port();
+    assert_eq!(server.addrs.turn_tcp.unwrap().port(), udp);
+    tokio::task::spawn_blocking(move || {
+        uclient(&[], udp, peer);
+        uclient(&["-t"], udp, peer);
+        uclient(&["-t", "-S"], tls, peer);
+    })
+    .await
+    .unwrap();
+    let metrics = server.state.metrics.encode();
+    for t in ["udp", "tcp", "tls"] {
+        assert!(
+            metrics.contains(&format!(
+                "meshmeet_turn_allocations_created_total{{transport=\"{t}\"}}"
+            )),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coturn_stunclient_gets_mapped_address() {
+    let server = TestServer::start_with(relay_config).await;
+    let port = turn_udp(&server).port();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("turnutils_stunclient")
+            .args(["-p", &port.to_string(), "127.0.0.1"])
+            .output()
+            .expect("turnutils_stunclient runs")
+    })
+    .await
+    .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("UDP reflexive addr: 127.0.0.1:"), "{text}");
+}
+
+#[tokio::test]
+async fn denied_peers_get_403_and_no_packet() {
+    let server = TestServer::start_with(relay_config).await;
+    let target = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let (user, pass) = rest_user("mallory", future());
+    let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
+    c.relayed().await;
+    for peer in [
+        target_addr,
+        "169.254.169.254:80".parse().unwrap(),
+        "10.0.0.1:5000".parse().unwrap(),
+    ] {
+        let resp = c.permission(&[peer]).await;
+        assert_eq!(error_code(&resp), Some(403), "{peer}");
+    }
+    // A public address alongside a denied one refuses the whole request.
+    let resp = c
+        .permission(&["8.8.8.8:53".parse().unwrap(), target_addr])
+        .await;
+    assert_eq!(error_code(&resp), Some(403));
+    let bind = c
+        .request(
+            METHOD_CHANNEL_BIND,
+            &[
+                &Raw4(ATTR_CHANNEL_NUMBER, [0x40, 0x00, 0, 0]),
+                &PeerAttr(target_addr),
+            ],
+        )
+        .await;
+    assert_eq!(error_code(&bind), Some(403));
+    // Data towards the denied peer by every path is dropped.
+    c.send_indication(target_addr, b"leak").await;
+    c.sock
+        .send_to(&[0x40, 0x00, 0x00, 0x04, b'l', b'e', b'a', b'k'], c.server)
+        .await
+        .unwrap();
+    c.sync().await;
+    let mut buf = [0u8; 64];
+    assert!(
+        target.try_recv_from(&mut buf).is_err(),
+        "a packet reached the denied peer"
+    );
+}
+
+#[tokio::test]
+async fn expired_credentials_get_401() {
+    let server = TestServer::start_with(relay_config).await;
+    let (user, pass) = rest_user("late", meshmeet::app::unix_now() - 10);
+    let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
+    let resp = c.allocate().await;
+    assert_eq!(error_code(&resp), Some(401));
+    // A wrong password is refused the same way.
+    let (user, _) = rest_user("bob", future());
+    let mut c = RawClient::new(turn_udp(&server), &user, "not-the-password").await;
+    assert_eq!(error_code(&c.allocate().await), Some(401));
+    // Static users from [turn.users] work.
+    drop(server);
+    let server = TestServer::start_with(|c| {
+        relay_config(c);
+        c.turn.users.insert("tool".into(), "tool-password".into());
+    })
+    .await;
+    let mut c = RawClient::new(turn_udp(&server), "tool", "tool-password").await;
+    c.relayed().await;
+}
+
+#[tokio::test]
+async fn multi_address_permission_installs_every_peer() {
+    let server = TestServer::start_with(loopback_peers).await;
+    let p1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let p2 = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let (a1, a2) = (p1.local_addr().unwrap(), p2.local_addr().unwrap());
+    let (user, pass) = rest_user("carol", future());
+    let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
+    let relay = c.relayed().await;
+    let resp = c.permission(&[a1, a2]).await;
+    assert_eq!(
+        resp.typ.class,
+        CLASS_SUCCESS_RESPONSE,
+        "{:?}",
+        error_code(&resp)
+    );
+    c.send_indication(a1, b"one").await;
+    c.send_indication(a2, b"two").await;
+    let mut buf = [0u8; 64];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), p1.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((&buf[..n], from), (&b"one"[..], relay));
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), p2.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((&buf[..n], from), (&b"two"[..], relay));
+    // Both peers can answer: Data indications reach the client.
+    p2.send_to(b"back", relay).await.unwrap();
+    let mut b = vec![0u8; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), c.sock.recv_from(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut m = Message::new();
+    m.unmarshal_binary(&b[..n]).unwrap();
+    assert_eq!(m.typ, MessageType::new(METHOD_DATA, CLASS_INDICATION));
+    assert_eq!(m.get(ATTR_DATA).unwrap(), b"back");
+}
+
+#[tokio::test]
+async fn retransmitted_allocate_gets_the_same_success() {
+    let server = TestServer::start_with(relay_config).await;
+    let (user, pass) = rest_user("dave", future());
+    let mut c2 = RawClient::new(turn_udp(&server), &user, &pass).await;
+    // Learn this 5-tuple's nonce from the 401 challenge (nonces are per client address).
+    let challenge = c2.roundtrip(&c2.build(METHOD_ALLOCATE, &[])).await;
+    assert_eq!(error_code(&challenge), Some(401));
+    c2.nonce = Some(
+        TextAttribute::get_from_as(&challenge, ATTR_NONCE)
+            .unwrap()
+            .text,
+    );
+    c2.realm = TextAttribute::get_from_as(&challenge, ATTR_REALM)
+        .unwrap()
+        .text;
+    assert_eq!(c2.realm, "meshmeet");
+    // An Allocate sent twice with one transaction id.
+    let req = c2.build(
+        METHOD_ALLOCATE,
+        &[&RequestedTransport {
+            protocol: PROTO_UDP,
+        }],
+    );
+    let a = c2.roundtrip(&req).await;
+    let b = c2.roundtrip(&req).await;
+    assert_eq!(a.typ.class, CLASS_SUCCESS_RESPONSE, "{:?}", error_code(&a));
+    assert_eq!(a.raw, b.raw);
+    // A new transaction for the same 5-tuple is a mismatch.
+    let again = c2.allocate().await;
+    assert_eq!(error_code(&again), Some(437));
+    let metrics = server.state.metrics.encode();
+    assert!(
+        metrics.contains("meshmeet_turn_allocations_active 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn user_quota_answers_486() {
+    let server = TestServer::start_with(|c| {
+        relay_config(c);
+        c.turn.user_allocation_quota = 2;
+    })
+    .await;
+    let (user, pass) = rest_user("erin", future());
+    for _ in 0..2 {
+        RawClient::new(turn_udp(&server), &user, &pass)
+            .await
+            .relayed()
+            .await;
+    }
+    let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
+    assert_eq!(error_code(&c.allocate().await), Some(486));
+    // Another user is not affected.
+    let (other, opass) = rest_user("frank", future());
+    RawClient::new(turn_udp(&server), &other, &opass)
+        .await
+        .relayed()
+        .await;
+}
+
+#[tokio::test]
+async fn peer_leaving_loses_its_allocation() {
+    let server = TestServer::start_with(relay_config).await;
+    let (user, pass) = rest_user("gina", future());
+    let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
+    c.relayed().await;
+    let (other, opass) = rest_user("hank", future());
+    let mut keep = RawClient::new(turn_udp(&server), &other, &opass).await;
+    keep.relayed().await;
+    server.state.peer_events.peer_gone("gina");
+    let resp = c
+        .request(
+            METHOD_REFRESH,
+            &[&Raw4(ATTR_LIFETIME, 600u32.to_be_bytes())],
+        )
+        .await;
+    assert_eq!(error_code(&resp), Some(437));
+    let resp = keep
+        .request(
+            METHOD_REFRESH,
+            &[&Raw4(ATTR_LIFETIME, 600u32.to_be_bytes())],
+        )
+        .await;
+    assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
+}
+
+#[tokio::test]
+async fn disabled_relay_binds_nothing() {
+    let server = TestServer::start_with(|c| c.turn.enabled = false).await;
+    assert!(server.addrs.turn_udp.is_none());
+    assert!(server.addrs.turn_tcp.is_none());
+    assert!(server.addrs.turn_tls.is_none());
+}
+
+#[tokio::test]
+async fn taken_turn_port_fails_with_address_and_key() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::test_config(dir.path());
+    cfg.turn.listen = addr.to_string();
+    let err = match meshmeet::Server::bind(cfg).await {
+        Ok(_) => panic!("bind must fail"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains(&format!("cannot listen on {addr} (UDP, turn.listen)")),
+        "{err}"
+    );
+}
