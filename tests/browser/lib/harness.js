@@ -89,16 +89,16 @@ listen = "${HOST_IP}:3478"
 tls_listen = "${HOST_IP}:5349"
 relay_ips = ["${HOST_IP}"]
 relay_ports = "50000-50999"
+secret = "browser-test-secret-0123456789"
 allowed_peer_ranges = ["10.213.0.0/24"]
 [ice]
 force_relay = ${o.forceRelay ? 'true' : 'false'}
 `;
     const cfgPath = join(this.dir, 'meshmeet.toml');
     writeFileSync(cfgPath, cfg);
-    const argv = process.env.DEVMOCK ? ['node', process.env.DEVMOCK] : [bin, '--config', cfgPath];
-    const proc = spawn(this.ns.prefix()[0], [...this.ns.prefix().slice(1), ...argv], {
+    const proc = spawn(this.ns.prefix()[0], [...this.ns.prefix().slice(1), bin, '--config', cfgPath], {
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, CAP: String(o.capacity ?? 6), PW: o.password || '', RUST_LOG: process.env.MESHMEET_LOG || 'info', NO_COLOR: '1' },
+      env: { ...process.env, RUST_LOG: process.env.MESHMEET_LOG || 'info', NO_COLOR: '1' },
     });
     this.proc = proc;
     const ready = new Promise((resolve, reject) => {
@@ -120,10 +120,17 @@ force_relay = ${o.forceRelay ? 'true' : 'false'}
       });
     });
     this.url = /** @type {string} */ (await ready);
+    if (process.env.DEVMOCK) {
+      const m = spawn('ip', ['netns', 'exec', this.ns.name, 'node', process.env.DEVMOCK], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RELAY: o.forceRelay ? '1' : '' } });
+      this.mock = m;
+      await new Promise((r) => m.stderr.on('data', (d) => { if (String(d).includes('open https')) r(undefined); }));
+      this.url = this.url.replace(':8443', ':8444');
+    }
     return this;
   }
 
   async stop() {
+    if (this.mock) this.mock.kill();
     const p = this.proc;
     if (p && p.exitCode === null) {
       const exited = new Promise((r) => p.once('exit', r));
