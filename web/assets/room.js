@@ -752,9 +752,11 @@ function scheduleIceRenewal() {
   const left = state.iceExpires * 1000 - Date.now();
   const margin = Math.max(60_000, left * 0.1);
   const wait = Math.max(5_000, left - margin);
-  state.iceTimer = setTimeout(() => {
-    if (state.inCall) signaling.send({ type: 'ice_request', ...(state.password ? { password: state.password } : {}) });
-  }, Math.min(wait, 2 ** 31 - 1));
+  state.iceTimer = setTimeout(renewIce, Math.min(wait, 2 ** 31 - 1));
+}
+
+function renewIce() {
+  if (state.inCall) signaling.send({ type: 'ice_request', ...(state.password ? { password: state.password } : {}) });
 }
 
 /** @param {any} ice */
@@ -1025,7 +1027,9 @@ async function stats() {
   stats,
   /** Closes the signaling socket as a network drop would (it resumes). */
   dropSocket() { signaling.drop(); },
-  toggleMic, toggleCam, toggleShare, leave,
+  toggleMic, toggleCam, toggleShare, leave, renewIce,
+  /** @param {string} id */
+  restartIce(id) { state.peers.get(id)?.restartIce(); },
   /** @param {string} text */
   chat(text) { signaling.send({ type: 'chat', text }); },
 };

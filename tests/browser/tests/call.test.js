@@ -69,6 +69,34 @@ test('four participants: everyone decodes video and receives audio from the othe
   }
 });
 
+test('active speaker, ICE credential renewal and ICE restart', async () => {
+  const [a, b] = people.map((p) => p.page);
+  // The fake microphone beeps: some tile lights up as the active speaker.
+  await a.waitForFunction(() => document.querySelector('.tile.speaking') !== null, null, { timeout: 15000, polling: 100 });
+  // Renewal: a new username (EXPIRY:ID) is applied to every connection.
+  const before = await a.evaluate(() => {
+    const mm = /** @type {any} */ (window).meshmeet;
+    return Array.from(mm.peers.values()).map((p) => JSON.stringify(p.pc.getConfiguration().iceServers));
+  });
+  await new Promise((r) => setTimeout(r, 1100));
+  await a.evaluate(() => /** @type {any} */ (window).meshmeet.renewIce());
+  await a.waitForFunction((old) => {
+    const mm = /** @type {any} */ (window).meshmeet;
+    return Array.from(mm.peers.values()).every((p, i) => JSON.stringify(p.pc.getConfiguration().iceServers) !== old[i]);
+  }, before, { timeout: 5000 });
+  // ICE restart on one pair: new credentials in the SDP, same connection, media flows.
+  const bId = await myId(b);
+  const ufrag = (/** @type {string} */ sdp) => (sdp.match(/a=ice-ufrag:(\S+)/) || [])[1];
+  const sdpBefore = await a.evaluate((id) => /** @type {any} */ (window).meshmeet.peers.get(id).pc.localDescription.sdp, bId);
+  await a.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), bId);
+  await a.waitForFunction(([id, old]) => {
+    const pc = /** @type {any} */ (window).meshmeet.peers.get(id).pc;
+    const m = pc.localDescription.sdp.match(/a=ice-ufrag:(\S+)/);
+    return pc.signalingState === 'stable' && m && m[1] !== old && pc.connectionState === 'connected';
+  }, [bId, ufrag(sdpBefore)], { timeout: 10000 });
+  await waitForMedia(people.map((p) => p.page), 4, 20000);
+});
+
 test('screenshot of the four-way call', async () => {
   const page = people[0].page;
   const dir = ensureArtifacts();
