@@ -68,6 +68,7 @@ const TEXT = {
     chatPlaceholder: 'Message everyone',
     chatEmpty: 'No messages yet.',
     close: 'Close',
+    controls: 'Call controls',
     participants: '{n} in call',
     enableSound: 'Click to enable sound',
     shareFailed: 'Screen sharing is not available.',
@@ -143,6 +144,7 @@ const TEXT = {
     chatPlaceholder: '모두에게 메시지 보내기',
     chatEmpty: '아직 메시지가 없습니다.',
     close: '닫기',
+    controls: '통화 제어',
     participants: '{n}명 참가 중',
     enableSound: '클릭해서 소리 켜기',
     shareFailed: '화면 공유를 사용할 수 없습니다.',
@@ -190,6 +192,9 @@ export function translate(root = document) {
   }
   for (const el of root.querySelectorAll('[data-i18n-placeholder]')) {
     el.setAttribute('placeholder', t(/** @type {HTMLElement} */ (el).dataset.i18nPlaceholder || ''));
+  }
+  for (const el of root.querySelectorAll('[data-i18n-label]')) {
+    el.setAttribute('aria-label', t(/** @type {HTMLElement} */ (el).dataset.i18nLabel || ''));
   }
   for (const el of root.querySelectorAll('[data-i18n-aria]')) {
     const s = t(/** @type {HTMLElement} */ (el).dataset.i18nAria || '');

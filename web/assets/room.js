@@ -628,6 +628,7 @@ function renderUnread() {
   b.hidden = state.unread === 0;
   const label = state.unread ? `${t('chat')} · ${state.unread}` : t('chat');
   $('btn-chat').setAttribute('aria-label', label);
+  document.title = `${state.unread ? `(${state.unread}) ` : ''}${state.room} · meshmeet`;
 }
 
 /** @param {{from: string, name: string, text: string, ts: number}} m */
