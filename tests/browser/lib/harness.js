@@ -24,9 +24,22 @@ function ip(...args) {
 
 let nsCounter = 0;
 
+/** Removes namespaces left behind by test runs that were killed. */
+function removeStaleNamespaces() {
+  let list = '';
+  try { list = execFileSync('ip', ['netns', 'list'], { encoding: 'utf8' }); } catch { return; }
+  for (const line of list.split('\n')) {
+    const m = line.match(/^(mmtest-(\d+)-\d+)/);
+    if (!m || Number(m[2]) === process.pid) continue;
+    try { process.kill(Number(m[2]), 0); continue; } catch { /* owner is gone */ }
+    try { ip('netns', 'del', m[1]); } catch { /* raced */ }
+  }
+}
+
 /** A network namespace with lo and one interface holding HOST_IP. */
 export class Netns {
   constructor() {
+    removeStaleNamespaces();
     this.name = `mmtest-${process.pid}-${++nsCounter}`;
     ip('netns', 'add', this.name);
     try {
