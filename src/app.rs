@@ -38,6 +38,8 @@ pub struct AppState {
     /// Long-lived tasks (WebSockets, relay IO) that shutdown waits for.
     pub tasks: TaskTracker,
     pub https_port: u16,
+    /// Room signaling: the rooms core, its metrics and timings.
+    pub signaling: Arc<crate::signaling::ws::Signaling>,
 }
 
 /// The addresses actually bound (ports differ from the config when it asks for 0).
@@ -101,6 +103,11 @@ impl Server {
             None => Arc::new(NoPeerEvents),
         };
         let http_metrics = HttpMetrics::register(&mut registry);
+        let signaling_metrics = crate::signaling::ws::SignalingMetrics::register(&mut registry);
+        let signaling = Arc::new(crate::signaling::ws::Signaling::new(
+            &config,
+            signaling_metrics,
+        ));
         let metrics_allow = config.metrics_allow()?;
         let state = Arc::new(AppState {
             config: Arc::new(config),
@@ -114,6 +121,7 @@ impl Server {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             https_port: addrs.https.port(),
+            signaling,
         });
         Ok(Server {
             state,
@@ -263,4 +271,26 @@ pub async fn signals(tls: Arc<Tls>) {
             }
         }
     }
+}
+
+/// Raises the soft open-files limit to the hard limit (each WebSocket is a file
+/// descriptor; the usual soft default of 1024 is far too low for a server). Returns the
+/// new soft limit.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur as u64)
 }

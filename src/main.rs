@@ -41,6 +41,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&config.log.level);
+    if let Err(e) = meshmeet::app::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-files limit");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -1,5 +1,7 @@
-//! Room signaling (PROTOCOL.md): room names here; the pure rooms core and the
-//! WebSocket layer live in submodules.
+//! Room signaling (PROTOCOL.md): wire messages ([`proto`]), room names ([`room`]), the
+//! pure rooms core ([`core`]) and the WebSocket layer at `/ws` ([`ws`]).
 
+pub mod core;
+pub mod proto;
 pub mod room;
 pub mod ws;

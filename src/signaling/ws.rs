@@ -1,12 +1,728 @@
-//! WebSocket layer for signaling: `/ws` upgrade (filled in by the signaling work).
+//! WebSocket layer for signaling: the `/ws` upgrade (Origin check, frame limits) and
+//! one task per connection that feeds the rooms core and writes what it returns.
+//!
+//! Each connection has a bounded outgoing queue ([`QUEUE_LEN`] messages). Others put
+//! messages there with `try_send`, never waiting: a full queue means the reader is too
+//! slow, and it is closed with 1013 while everyone else carries on. The core's lock is
+//! held only for the core call; serializing and queueing happen after it, once per
+//! message however many peers receive it.
+//!
+//! A request without an `Origin` header is allowed: browsers always send one on a
+//! WebSocket upgrade, so a missing Origin means a non-browser client, which cross-site
+//! WebSocket hijacking cannot involve.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use axum::Router;
+use futures_util::SinkExt;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rand::Rng;
+use tokio::sync::{mpsc, Notify};
 
-use crate::app::AppState;
+use super::core::{
+    Beat, ConnId, CoreConfig, Effect, Heartbeat, RateLimiter, Rooms, Verdict, CLOSE_TAKEN_OVER,
+};
+use super::proto::{ClientMsg, ErrorCode, ServerMsg};
+use crate::app::{unix_now, AppState};
+use crate::config::Config;
+
+/// Outgoing messages a connection may have waiting.
+pub const QUEUE_LEN: usize = 1024;
+/// Lifetime of ICE credentials handed out before `join`.
+pub const PRE_JOIN_ICE_TTL_S: u64 = 120;
+/// Messages written per flush.
+const WRITE_BATCH: usize = 256;
+/// How long a closing socket may take to get its close frame out.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_UNSUPPORTED: u16 = 1003;
+pub const CLOSE_POLICY: u16 = 1008;
+pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_TRY_LATER: u16 = 1013;
+
+/// Heartbeat timings (PROTOCOL.md: ping every 15 s, gone after 45 s of silence);
+/// tests shorten them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalingTimings {
+    pub ping_interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for SignalingTimings {
+    fn default() -> Self {
+        SignalingTimings {
+            ping_interval: Duration::from_secs(15),
+            timeout: Duration::from_secs(45),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Signaling figures for `/metrics`.
+#[derive(Clone, Default)]
+pub struct SignalingMetrics {
+    pub rooms: Gauge,
+    pub peers: Gauge,
+    pub connections: Gauge,
+    pub relayed: Family<TypeLabel, Counter>,
+    pub errors: Family<CodeLabel, Counter>,
+    pub disconnects: Family<ReasonLabel, Counter>,
+}
+
+impl SignalingMetrics {
+    pub fn register(registry: &mut Registry) -> SignalingMetrics {
+        let m = SignalingMetrics::default();
+        registry.register("meshmeet_rooms", "Rooms with peers", m.rooms.clone());
+        registry.register(
+            "meshmeet_peers",
+            "Peers in rooms (including those in their resume grace)",
+            m.peers.clone(),
+        );
+        registry.register(
+            "meshmeet_ws_connections",
+            "Open signaling WebSockets",
+            m.connections.clone(),
+        );
+        registry.register(
+            "meshmeet_signaling_messages",
+            "Messages relayed or broadcast, by type",
+            m.relayed.clone(),
+        );
+        registry.register(
+            "meshmeet_signaling_errors",
+            "Error replies, by code",
+            m.errors.clone(),
+        );
+        registry.register(
+            "meshmeet_ws_disconnects",
+            "Closed signaling WebSockets, by reason",
+            m.disconnects.clone(),
+        );
+        m
+    }
+}
+
+/// Why a connection ended (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The client closed it or the connection broke.
+    Closed,
+    /// No answer to pings within the timeout.
+    Timeout,
+    /// Its outgoing queue overflowed (1013).
+    SlowReader,
+    /// Refused input: flood, oversize or binary frame (1008, 1009, 1003).
+    Policy,
+    /// Another socket resumed its peer (4001).
+    Replaced,
+    /// Server shutdown (1001).
+    Shutdown,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Closed => "closed",
+            Reason::Timeout => "timeout",
+            Reason::SlowReader => "slow_reader",
+            Reason::Policy => "policy",
+            Reason::Replaced => "replaced",
+            Reason::Shutdown => "shutdown",
+        }
+    }
+
+    fn of_code(code: u16) -> Reason {
+        match code {
+            CLOSE_TRY_LATER => Reason::SlowReader,
+            CLOSE_TAKEN_OVER => Reason::Replaced,
+            CLOSE_GOING_AWAY => Reason::Shutdown,
+            _ => Reason::Policy,
+        }
+    }
+}
+
+/// Asks a connection task to close with a code; the first code wins.
+#[derive(Default)]
+struct CloseSignal {
+    code: AtomicU16,
+    notify: Notify,
+}
+
+/// The core's handle to a connection: its outgoing queue and close signal.
+#[derive(Clone)]
+pub struct ConnHandle {
+    tx: mpsc::Sender<Utf8Bytes>,
+    close: Arc<CloseSignal>,
+}
+
+impl ConnHandle {
+    /// Queues a message; a full queue closes the connection with 1013.
+    fn send(&self, text: Utf8Bytes) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(text) {
+            self.close(CLOSE_TRY_LATER);
+        }
+    }
+
+    fn close(&self, code: u16) {
+        if self
+            .close
+            .code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.close.notify.notify_one();
+        }
+    }
+}
+
+/// Signaling state shared by all connections.
+pub struct Signaling {
+    core: Mutex<Rooms<ConnHandle>>,
+    pub metrics: SignalingMetrics,
+    timings: Mutex<SignalingTimings>,
+    next_conn: AtomicU64,
+}
+
+impl Signaling {
+    pub fn new(config: &Config, metrics: SignalingMetrics) -> Signaling {
+        let core = Rooms::with_os_rng(CoreConfig {
+            capacity: config.rooms.capacity,
+            password: config.rooms.password.clone(),
+            resume_grace: Duration::from_secs(config.rooms.resume_grace_s),
+        });
+        Signaling {
+            core: Mutex::new(core),
+            metrics,
+            timings: Mutex::new(SignalingTimings::default()),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    pub fn timings(&self) -> SignalingTimings {
+        *self.timings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the heartbeat timings for connections opened from now on.
+    pub fn set_timings(&self, t: SignalingTimings) {
+        *self.timings.lock().unwrap_or_else(|e| e.into_inner()) = t;
+    }
+
+    fn core(&self) -> MutexGuard<'_, Rooms<ConnHandle>> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one core call and updates the room and peer gauges, all under the lock.
+    fn with_core<T>(&self, f: impl FnOnce(&mut Rooms<ConnHandle>) -> T) -> T {
+        let mut core = self.core();
+        let out = f(&mut core);
+        self.metrics.rooms.set(core.room_count() as i64);
+        self.metrics.peers.set(core.peer_count() as i64);
+        out
+    }
+}
 
 /// Adds the signaling routes to the HTTPS router.
 pub fn routes(app: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
-    app
+    app.route("/ws", get(upgrade))
+}
+
+/// The request's `Host` header, or the `:authority` of an HTTP/2 request.
+fn host_of(headers: &HeaderMap, uri: &Uri) -> Option<String> {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| uri.authority().map(|a| a.as_str().to_string()))
+}
+
+async fn upgrade(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let host = host_of(&headers, &uri);
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or(""));
+    if !origin_allowed(origin, host.as_deref(), &state.config.http.allowed_origins) {
+        state
+            .signaling
+            .metrics
+            .disconnects
+            .get_or_create(&ReasonLabel { reason: "origin" })
+            .inc();
+        return (StatusCode::FORBIDDEN, "Origin not allowed\n").into_response();
+    }
+    let max = state.config.rooms.max_message_bytes;
+    let tasks = state.tasks.clone();
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(4096)
+        .write_buffer_size(8192)
+        .max_write_buffer_size(max.saturating_mul(4).max(1 << 20))
+        .on_upgrade(move |socket| tasks.track_future(connection(socket, state, host)))
+}
+
+/// True when a WebSocket upgrade with this `Origin` may proceed: no Origin (not a
+/// browser), the server's own origin (`https://` + the request's Host, default port
+/// 443), or one of `allowed`.
+pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(origin) = origin else {
+        return true;
+    };
+    let origin = origin.trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let lower = origin.to_ascii_lowercase();
+    let (Some(rest), Some(host)) = (lower.strip_prefix("https://"), host) else {
+        return false;
+    };
+    !rest.is_empty() && with_port(rest) == with_port(&host.to_ascii_lowercase())
+}
+
+/// `host[:port]` with the default HTTPS port made explicit.
+fn with_port(hp: &str) -> String {
+    let has_port = match hp.rfind(']') {
+        Some(i) => hp[i..].contains(':'),
+        None => hp.contains(':'),
+    };
+    if has_port {
+        hp.to_string()
+    } else {
+        format!("{hp}:443")
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How a connection ends.
+enum Ending {
+    /// Send a close frame with this code.
+    Close(u16, Reason),
+    /// The connection is already gone (or unresponsive): just drop it.
+    Gone(Reason),
+}
+
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        CLOSE_GOING_AWAY => "server shutting down",
+        CLOSE_UNSUPPORTED => "binary frames are not accepted",
+        CLOSE_POLICY => "policy violation",
+        CLOSE_TOO_BIG => "message too big",
+        CLOSE_TRY_LATER => "too slow to read messages",
+        CLOSE_TAKEN_OVER => "resumed on another connection",
+        _ => "closing",
+    }
+}
+
+/// Per-connection context for handling frames.
+struct Conn {
+    id: ConnId,
+    handle: ConnHandle,
+    host: Option<String>,
+    limiter: RateLimiter,
+}
+
+async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String>) {
+    let sig = &state.signaling;
+    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(QUEUE_LEN);
+    let close = Arc::new(CloseSignal::default());
+    let now = Instant::now();
+    let timings = sig.timings();
+    let mut conn = Conn {
+        id: sig.next_conn.fetch_add(1, Ordering::Relaxed),
+        handle: ConnHandle {
+            tx,
+            close: close.clone(),
+        },
+        host,
+        limiter: RateLimiter::new(
+            state.config.rooms.rate_per_s,
+            state.config.rooms.rate_burst,
+            now,
+        ),
+    };
+    let mut heartbeat = Heartbeat::new(timings.ping_interval, timings.timeout, now);
+    sig.metrics.connections.inc();
+    let shutdown = state.shutdown.clone();
+
+    let ending = loop {
+        let deadline = tokio::time::Instant::from_std(heartbeat.deadline());
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ending::Close(CLOSE_GOING_AWAY, Reason::Shutdown),
+            _ = close.notify.notified() => {
+                let code = close.code.load(Ordering::Acquire);
+                break Ending::Close(code, Reason::of_code(code));
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                match heartbeat.poll(Instant::now()) {
+                    Beat::Wait => {}
+                    Beat::TimedOut => break Ending::Gone(Reason::Timeout),
+                    Beat::Ping => {
+                        let send = ws.send(Message::Ping(bytes::Bytes::new()));
+                        match guarded(send, &close, &shutdown).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break Ending::Gone(Reason::Closed),
+                            Err(e) => break e,
+                        }
+                    }
+                }
+            }
+            Some(first) = rx.recv() => {
+                let write = write_batch(&mut ws, first, &mut rx);
+                match guarded(write, &close, &shutdown).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break Ending::Gone(Reason::Closed),
+                    Err(e) => break e,
+                }
+            }
+            incoming = ws.recv() => {
+                heartbeat.seen(Instant::now());
+                match incoming {
+                    None => break Ending::Gone(Reason::Closed),
+                    Some(Err(e)) => {
+                        if is_too_big(e) {
+                            break Ending::Close(CLOSE_TOO_BIG, Reason::Policy);
+                        }
+                        break Ending::Gone(Reason::Closed);
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        if let Some(end) = on_text(&state, &mut conn, text.as_str()) {
+                            break end;
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        break Ending::Close(CLOSE_UNSUPPORTED, Reason::Policy)
+                    }
+                    Some(Ok(Message::Close(_))) => break Ending::Gone(Reason::Closed),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                }
+            }
+        }
+    };
+
+    let reason = match &ending {
+        Ending::Close(_, r) | Ending::Gone(r) => *r,
+    };
+    sig.metrics.connections.dec();
+    sig.metrics
+        .disconnects
+        .get_or_create(&ReasonLabel {
+            reason: reason.as_str(),
+        })
+        .inc();
+    match ending {
+        Ending::Close(code, _) => {
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(close_reason(code)),
+            }));
+            let finish = async {
+                // What was queued before the decision to close (e.g. the last error)
+                // still goes out, except to a reader already too slow for its queue.
+                if code != CLOSE_TRY_LATER {
+                    rx.close();
+                    while let Ok(m) = rx.try_recv() {
+                        ws.feed(Message::Text(m)).await?;
+                    }
+                }
+                ws.send(frame).await
+            };
+            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, finish).await;
+        }
+        Ending::Gone(Reason::Closed) => {
+            // Completes the closing handshake the client may have started.
+            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, ws.close()).await;
+        }
+        Ending::Gone(_) => {}
+    }
+    let fx = sig.with_core(|core| core.disconnect(conn.id, Instant::now()));
+    apply(&state, None, fx);
+}
+
+/// Runs a socket write unless the connection is told to close or the server stops
+/// meanwhile (a write to a reader that stopped reading may never finish).
+async fn guarded<F: Future>(
+    fut: F,
+    close: &CloseSignal,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<F::Output, Ending> {
+    tokio::select! {
+        out = fut => Ok(out),
+        _ = close.notify.notified() => {
+            let code = close.code.load(Ordering::Acquire);
+            Err(Ending::Close(code, Reason::of_code(code)))
+        }
+        _ = shutdown.cancelled() => Err(Ending::Close(CLOSE_GOING_AWAY, Reason::Shutdown)),
+    }
+}
+
+/// Writes `first` and whatever else is queued (up to a batch), then flushes once.
+async fn write_batch(
+    ws: &mut WebSocket,
+    first: Utf8Bytes,
+    rx: &mut mpsc::Receiver<Utf8Bytes>,
+) -> Result<(), axum::Error> {
+    ws.feed(Message::Text(first)).await?;
+    for _ in 1..WRITE_BATCH {
+        match rx.try_recv() {
+            Ok(m) => ws.feed(Message::Text(m)).await?,
+            Err(_) => break,
+        }
+    }
+    ws.flush().await
+}
+
+/// True when a read failed because a frame or message exceeded the size limit.
+fn is_too_big(e: axum::Error) -> bool {
+    matches!(
+        e.into_inner().downcast::<tungstenite::Error>().map(|b| *b),
+        Ok(tungstenite::Error::Capacity(_))
+    )
+}
+
+/// Handles one text frame; returns how the connection must end, if it must.
+fn on_text(state: &Arc<AppState>, conn: &mut Conn, text: &str) -> Option<Ending> {
+    let sig = &state.signaling;
+    let now = Instant::now();
+    match conn.limiter.frame(now) {
+        Verdict::Allow => {}
+        Verdict::Drop { notify } => {
+            if notify {
+                reply(state, conn, &ServerMsg::error(ErrorCode::RateLimited));
+            }
+            return None;
+        }
+        Verdict::Close => return Some(Ending::Close(CLOSE_POLICY, Reason::Policy)),
+    }
+    let msg = match ClientMsg::parse(text) {
+        Ok(m) => m,
+        Err(_) => return bad_message(state, conn, now),
+    };
+    let id = conn.id;
+    let h = &conn.handle;
+    let fx = match msg {
+        ClientMsg::Ping => {
+            reply(state, conn, &ServerMsg::Pong);
+            return None;
+        }
+        ClientMsg::IceRequest { password } => {
+            let unix = unix_now();
+            let host = conn.host.as_deref();
+            let ice = match sig.core().peer_of(id) {
+                Some(peer) => state.ice.for_peer(&peer, host, unix),
+                None => {
+                    let required = &state.config.rooms.password;
+                    if !required.is_empty()
+                        && password.as_deref().map(str::as_bytes) != Some(required.as_bytes())
+                    {
+                        reply(state, conn, &ServerMsg::error(ErrorCode::BadPassword));
+                        return None;
+                    }
+                    let token = format!("{:016x}", rand::thread_rng().gen::<u64>());
+                    state.ice.build(&token, host, unix, PRE_JOIN_ICE_TTL_S)
+                }
+            };
+            reply(state, conn, &ServerMsg::Ice { ice });
+            return None;
+        }
+        ClientMsg::Join(req) => sig.with_core(|c| c.join(id, h.clone(), req, now)),
+        ClientMsg::Relay { kind, to, payload } => {
+            sig.with_core(|c| c.relay(id, h, kind, &to, payload))
+        }
+        ClientMsg::Media(m) => sig.with_core(|c| c.media(id, h, m)),
+        ClientMsg::Chat { text } => sig.with_core(|c| c.chat(id, h, &text, unix_ms())),
+        ClientMsg::Leave => sig.with_core(|c| c.leave(id, h)),
+    };
+    let bad = fx.iter().any(|e| {
+        matches!(
+            e,
+            Effect::Send(
+                _,
+                ServerMsg::Error {
+                    code: ErrorCode::BadMessage,
+                    ..
+                }
+            )
+        )
+    });
+    apply(state, conn.host.as_deref(), fx);
+    if bad && conn.limiter.bad_message(now) {
+        return Some(Ending::Close(CLOSE_POLICY, Reason::Policy));
+    }
+    None
+}
+
+fn bad_message(state: &AppState, conn: &mut Conn, now: Instant) -> Option<Ending> {
+    reply(state, conn, &ServerMsg::error(ErrorCode::BadMessage));
+    if conn.limiter.bad_message(now) {
+        return Some(Ending::Close(CLOSE_POLICY, Reason::Policy));
+    }
+    None
+}
+
+fn count(state: &AppState, msg: &ServerMsg) {
+    let m = &state.signaling.metrics;
+    let kind = match msg {
+        ServerMsg::Offer { .. } => "offer",
+        ServerMsg::Answer { .. } => "answer",
+        ServerMsg::Candidate { .. } => "candidate",
+        ServerMsg::Media { .. } => "media",
+        ServerMsg::Chat { .. } => "chat",
+        ServerMsg::Error { code, .. } => {
+            m.errors
+                .get_or_create(&CodeLabel {
+                    code: code.as_str(),
+                })
+                .inc();
+            return;
+        }
+        _ => return,
+    };
+    m.relayed.get_or_create(&TypeLabel { r#type: kind }).inc();
+}
+
+/// A message to this connection only.
+fn reply(state: &AppState, conn: &Conn, msg: &ServerMsg) {
+    count(state, msg);
+    conn.handle.send(Utf8Bytes::from(msg.to_json()));
+}
+
+/// Carries out the core's effects (outside its lock). `host` is the Host header of the
+/// connection that caused them, for the ICE config in `joined`.
+fn apply(state: &Arc<AppState>, host: Option<&str>, effects: Vec<Effect<ConnHandle>>) {
+    for effect in effects {
+        match effect {
+            Effect::Send(targets, mut msg) => {
+                count(state, &msg);
+                if let ServerMsg::Joined { id, ice, .. } = &mut msg {
+                    *ice = Some(state.ice.for_peer(id, host, unix_now()));
+                }
+                let text = Utf8Bytes::from(msg.to_json());
+                for t in &targets {
+                    t.send(text.clone());
+                }
+            }
+            Effect::Close(h, code) => h.close(code),
+            Effect::PeerGone(id) => state.peer_events.peer_gone(&id),
+            Effect::ExpireAt(at) => schedule_expiry(state, at),
+        }
+    }
+}
+
+/// Ends the resume grace at `at` (unless the server stops first).
+fn schedule_expiry(state: &Arc<AppState>, at: Instant) {
+    let st = state.clone();
+    state.tasks.spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
+                let fx = st.signaling.with_core(|c| c.expire(Instant::now()));
+                apply(&st, None, fx);
+            }
+            _ = st.shutdown.cancelled() => {}
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins() {
+        let none: Vec<String> = Vec::new();
+        assert!(origin_allowed(None, Some("x.org"), &none));
+        assert!(origin_allowed(Some("https://x.org"), Some("x.org"), &none));
+        assert!(origin_allowed(
+            Some("https://X.org:443"),
+            Some("x.org"),
+            &none
+        ));
+        assert!(origin_allowed(
+            Some("https://localhost:8443"),
+            Some("localhost:8443"),
+            &none
+        ));
+        assert!(origin_allowed(
+            Some("https://[::1]:8443"),
+            Some("[::1]:8443"),
+            &none
+        ));
+        assert!(!origin_allowed(
+            Some("https://localhost:8444"),
+            Some("localhost:8443"),
+            &none
+        ));
+        assert!(!origin_allowed(
+            Some("http://localhost:8443"),
+            Some("localhost:8443"),
+            &none
+        ));
+        assert!(!origin_allowed(
+            Some("https://evil.org"),
+            Some("x.org"),
+            &none
+        ));
+        assert!(!origin_allowed(Some("null"), Some("x.org"), &none));
+        assert!(!origin_allowed(Some("https://x.org"), None, &none));
+        let allowed = vec!["https://app.example.org".to_string()];
+        assert!(origin_allowed(
+            Some("https://app.example.org"),
+            Some("x.org"),
+            &allowed
+        ));
+    }
+
+    #[test]
+    fn metrics_encode() {
+        let mut reg = Registry::default();
+        let m = SignalingMetrics::register(&mut reg);
+        m.relayed
+            .get_or_create(&TypeLabel { r#type: "offer" })
+            .inc();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains("meshmeet_signaling_messages_total{type=\"offer\"} 1"),
+            "{out}"
+        );
+    }
 }

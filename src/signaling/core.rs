@@ -1,0 +1,630 @@
+//! The pure rooms core: who is in which room, relaying, media state, chat, resume,
+//! grace expiry, capacity; plus the per-connection rate limiter and heartbeat. No
+//! sockets, no tokio: every call takes `now` and returns the [`Effect`]s (what to send
+//! to whom, what to close) for the IO layer to carry out after the lock is released.
+//!
+//! `H` is the IO layer's handle to a connection (its outgoing queue); tests use plain
+//! values.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::proto::{
+    normalize_name, ErrorCode, JoinReq, Media, PeerInfo, RelayKind, RelayPayload, ServerMsg,
+    MAX_CHAT_CHARS, PROTOCOL_VERSION,
+};
+use super::room::normalize_room;
+
+/// Identifies one WebSocket connection for the server's lifetime.
+pub type ConnId = u64;
+
+/// Messages kept for a peer in its resume grace; beyond this the oldest are dropped.
+pub const MAX_QUEUED: usize = 256;
+/// Close code sent to a socket whose peer was resumed by another socket.
+pub const CLOSE_TAKEN_OVER: u16 = 4001;
+
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub capacity: usize,
+    /// Empty = rooms need no password.
+    pub password: String,
+    pub resume_grace: Duration,
+}
+
+/// What the IO layer must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect<H> {
+    /// Send one message to each of these connections (serialize once).
+    Send(Vec<H>, ServerMsg),
+    /// Close this connection with this code.
+    Close(H, u16),
+    /// The peer left its room for good (leave, or grace over).
+    PeerGone(Arc<str>),
+    /// Call [`Rooms::expire`] at (or after) this instant.
+    ExpireAt(Instant),
+}
+
+struct Peer<H> {
+    id: Arc<str>,
+    name: Arc<str>,
+    room: Arc<str>,
+    media: Option<Media>,
+    conn: Option<(ConnId, H)>,
+    token: String,
+    grace_until: Option<Instant>,
+    queue: VecDeque<ServerMsg>,
+}
+
+/// All rooms and peers.
+pub struct Rooms<H> {
+    cfg: CoreConfig,
+    peers: HashMap<Arc<str>, Peer<H>>,
+    /// Room name -> its peers in join order.
+    rooms: HashMap<Arc<str>, Vec<Arc<str>>>,
+    conns: HashMap<ConnId, Arc<str>>,
+    tokens: HashMap<String, Arc<str>>,
+    issued: HashSet<u64>,
+    graces: VecDeque<(Instant, Arc<str>)>,
+    rng: StdRng,
+}
+
+impl<H: Clone> Rooms<H> {
+    pub fn new(cfg: CoreConfig, rng: StdRng) -> Self {
+        Rooms {
+            cfg,
+            peers: HashMap::new(),
+            rooms: HashMap::new(),
+            conns: HashMap::new(),
+            tokens: HashMap::new(),
+            issued: HashSet::new(),
+            graces: VecDeque::new(),
+            rng,
+        }
+    }
+
+    /// A core with an OS-seeded random generator.
+    pub fn with_os_rng(cfg: CoreConfig) -> Self {
+        Self::new(cfg, StdRng::from_entropy())
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The peer this connection is joined as.
+    pub fn peer_of(&self, conn: ConnId) -> Option<Arc<str>> {
+        self.conns.get(&conn).cloned()
+    }
+
+    fn new_id(&mut self) -> Arc<str> {
+        loop {
+            let n: u64 = self.rng.gen();
+            if self.issued.insert(n) {
+                return format!("{n:016x}").into();
+            }
+        }
+    }
+
+    fn new_token(&mut self) -> String {
+        let n: u128 = self.rng.gen();
+        format!("{n:032x}")
+    }
+
+    pub fn join(&mut self, conn: ConnId, handle: H, req: JoinReq, now: Instant) -> Vec<Effect<H>> {
+        let err = |code| vec![Effect::Send(vec![handle.clone()], ServerMsg::error(code))];
+        if self.conns.contains_key(&conn) {
+            return err(ErrorCode::AlreadyJoined);
+        }
+        let Ok(room) = normalize_room(&req.room) else {
+            return err(ErrorCode::InvalidRoom);
+        };
+        let Some(name) = normalize_name(req.name.as_deref()) else {
+            return err(ErrorCode::InvalidName);
+        };
+        if !self.cfg.password.is_empty()
+            && !constant_time_eq(
+                req.password.as_deref().unwrap_or("").as_bytes(),
+                self.cfg.password.as_bytes(),
+            )
+        {
+            return err(ErrorCode::BadPassword);
+        }
+        if let Some(token) = req.resume.as_deref() {
+            if let Some(id) = self.tokens.get(token).cloned() {
+                if self.peers.get(&id).is_some_and(|p| *p.room == *room) {
+                    return self.resume(conn, handle, id, now);
+                }
+            }
+        }
+        let room: Arc<str> = room.into();
+        let present = self.rooms.get(&room).map_or(0, Vec::len);
+        if present >= self.cfg.capacity {
+            return vec![Effect::Send(
+                vec![handle],
+                ServerMsg::RoomFull {
+                    room,
+                    capacity: self.cfg.capacity,
+                },
+            )];
+        }
+        let id = self.new_id();
+        let token = self.new_token();
+        let name: Arc<str> = name.into();
+        let others = self.rooms.get(&room).cloned().unwrap_or_default();
+        let peers = self.peer_infos(&others);
+        let mut effects = vec![Effect::Send(
+            vec![handle.clone()],
+            ServerMsg::Joined {
+                protocol: PROTOCOL_VERSION,
+                id: id.clone(),
+                room: room.clone(),
+                capacity: self.cfg.capacity,
+                peers,
+                ice: None,
+                resume: token.clone(),
+                resumed: false,
+            },
+        )];
+        self.tokens.insert(token.clone(), id.clone());
+        self.conns.insert(conn, id.clone());
+        self.peers.insert(
+            id.clone(),
+            Peer {
+                id: id.clone(),
+                name: name.clone(),
+                room: room.clone(),
+                media: None,
+                conn: Some((conn, handle)),
+                token,
+                grace_until: None,
+                queue: VecDeque::new(),
+            },
+        );
+        self.rooms.entry(room).or_default().push(id.clone());
+        self.deliver(&others, ServerMsg::PeerJoined { id, name }, &mut effects);
+        effects
+    }
+
+    fn peer_infos(&self, ids: &[Arc<str>]) -> Vec<PeerInfo> {
+        ids.iter()
+            .filter_map(|i| self.peers.get(i))
+            .map(|p| PeerInfo {
+                id: p.id.clone(),
+                name: p.name.clone(),
+                media: p.media,
+            })
+            .collect()
+    }
+
+    fn resume(&mut self, conn: ConnId, handle: H, id: Arc<str>, now: Instant) -> Vec<Effect<H>> {
+        let _ = now;
+        let token = self.new_token();
+        let mut effects = Vec::new();
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return effects;
+        };
+        if let Some((old, old_handle)) = peer.conn.take() {
+            self.conns.remove(&old);
+            effects.push(Effect::Close(old_handle, CLOSE_TAKEN_OVER));
+        }
+        self.tokens.remove(&peer.token);
+        peer.token = token.clone();
+        peer.grace_until = None;
+        peer.conn = Some((conn, handle.clone()));
+        let queued: Vec<ServerMsg> = peer.queue.drain(..).collect();
+        let room = peer.room.clone();
+        self.tokens.insert(token.clone(), id.clone());
+        self.conns.insert(conn, id.clone());
+        let others: Vec<Arc<str>> = self
+            .rooms
+            .get(&room)
+            .map(|r| r.iter().filter(|p| **p != id).cloned().collect())
+            .unwrap_or_default();
+        effects.push(Effect::Send(
+            vec![handle.clone()],
+            ServerMsg::Joined {
+                protocol: PROTOCOL_VERSION,
+                id,
+                room,
+                capacity: self.cfg.capacity,
+                peers: self.peer_infos(&others),
+                ice: None,
+                resume: token,
+                resumed: true,
+            },
+        ));
+        for m in queued {
+            effects.push(Effect::Send(vec![handle.clone()], m));
+        }
+        effects
+    }
+
+    /// Sends `msg` to these peers: now if connected, else into their resume queue.
+    fn deliver(&mut self, to: &[Arc<str>], msg: ServerMsg, effects: &mut Vec<Effect<H>>) {
+        let mut targets = Vec::with_capacity(to.len());
+        for id in to {
+            let Some(p) = self.peers.get_mut(id) else {
+                continue;
+            };
+            match &p.conn {
+                Some((_, h)) => targets.push(h.clone()),
+                None => {
+                    if p.queue.len() >= MAX_QUEUED {
+                        p.queue.pop_front();
+                    }
+                    p.queue.push_back(msg.clone());
+                }
+            }
+        }
+        if !targets.is_empty() {
+            effects.push(Effect::Send(targets, msg));
+        }
+    }
+
+    fn sender(&self, conn: ConnId, handle: &H) -> Result<Arc<str>, Vec<Effect<H>>> {
+        self.conns.get(&conn).cloned().ok_or_else(|| {
+            vec![Effect::Send(
+                vec![handle.clone()],
+                ServerMsg::error(ErrorCode::NotJoined),
+            )]
+        })
+    }
+
+    /// `offer`, `answer`, `candidate`: only to a peer of the sender's own room.
+    pub fn relay(
+        &mut self,
+        conn: ConnId,
+        handle: &H,
+        kind: RelayKind,
+        to: &str,
+        payload: RelayPayload,
+    ) -> Vec<Effect<H>> {
+        let from = match self.sender(conn, handle) {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        let same_room = match (self.peers.get(&from), self.peers.get(to)) {
+            (Some(a), Some(b)) => a.room == b.room && a.id != b.id,
+            _ => false,
+        };
+        if !same_room {
+            return vec![Effect::Send(
+                vec![handle.clone()],
+                ServerMsg::error(ErrorCode::UnknownPeer),
+            )];
+        }
+        let msg = match (kind, payload) {
+            (RelayKind::Offer, RelayPayload::Sdp(s)) => ServerMsg::Offer {
+                from,
+                sdp: s.into(),
+            },
+            (RelayKind::Answer, RelayPayload::Sdp(s)) => ServerMsg::Answer {
+                from,
+                sdp: s.into(),
+            },
+            (RelayKind::Candidate, RelayPayload::Candidate(c)) => ServerMsg::Candidate {
+                from,
+                candidate: Arc::new(c),
+            },
+            _ => {
+                return vec![Effect::Send(
+                    vec![handle.clone()],
+                    ServerMsg::error(ErrorCode::BadMessage),
+                )]
+            }
+        };
+        let mut effects = Vec::with_capacity(1);
+        let to: Arc<str> = match self.peers.get(to) {
+            Some(p) => p.id.clone(),
+            None => return effects,
+        };
+        self.deliver(&[to], msg, &mut effects);
+        effects
+    }
+
+    /// Others of the sender's room (join order).
+    fn room_others(&self, id: &Arc<str>) -> Vec<Arc<str>> {
+        self.peers
+            .get(id)
+            .and_then(|p| self.rooms.get(&p.room))
+            .map(|r| r.iter().filter(|p| *p != id).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn media(&mut self, conn: ConnId, handle: &H, media: Media) -> Vec<Effect<H>> {
+        let from = match self.sender(conn, handle) {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.media = Some(media);
+        }
+        let others = self.room_others(&from);
+        let mut effects = Vec::new();
+        let msg = ServerMsg::Media {
+            from,
+            audio: media.audio,
+            video: media.video,
+            screen: media.screen,
+        };
+        self.deliver(&others, msg, &mut effects);
+        effects
+    }
+
+    pub fn chat(&mut self, conn: ConnId, handle: &H, text: &str, ts_ms: u64) -> Vec<Effect<H>> {
+        let from = match self.sender(conn, handle) {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        let n = text.chars().count();
+        if n == 0 || n > MAX_CHAT_CHARS {
+            return vec![Effect::Send(
+                vec![handle.clone()],
+                ServerMsg::error(ErrorCode::BadMessage),
+            )];
+        }
+        let Some(p) = self.peers.get(&from) else {
+            return Vec::new();
+        };
+        let everyone = self.rooms.get(&p.room).cloned().unwrap_or_default();
+        let msg = ServerMsg::Chat {
+            from: from.clone(),
+            name: p.name.clone(),
+            text: text.into(),
+            ts: ts_ms,
+        };
+        let mut effects = Vec::new();
+        self.deliver(&everyone, msg, &mut effects);
+        effects
+    }
+
+    /// `leave`: out of the room at once, the others told now.
+    pub fn leave(&mut self, conn: ConnId, handle: &H) -> Vec<Effect<H>> {
+        let id = match self.sender(conn, handle) {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        self.conns.remove(&conn);
+        self.remove_peer(&id)
+    }
+
+    /// The socket closed or timed out: its peer (if any) enters the resume grace.
+    pub fn disconnect(&mut self, conn: ConnId, now: Instant) -> Vec<Effect<H>> {
+        let Some(id) = self.conns.remove(&conn) else {
+            return Vec::new();
+        };
+        if self.cfg.resume_grace.is_zero() {
+            return self.remove_peer(&id);
+        }
+        let deadline = now + self.cfg.resume_grace;
+        match self.peers.get_mut(&id) {
+            Some(p) if p.conn.as_ref().is_some_and(|(c, _)| *c == conn) => {
+                p.conn = None;
+                p.grace_until = Some(deadline);
+                self.graces.push_back((deadline, id));
+                vec![Effect::ExpireAt(deadline)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Removes every peer whose grace has ended by `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<Effect<H>> {
+        let mut effects = Vec::new();
+        while let Some((deadline, _)) = self.graces.front() {
+            if *deadline > now {
+                break;
+            }
+            let Some((deadline, id)) = self.graces.pop_front() else {
+                break;
+            };
+            let due = self
+                .peers
+                .get(&id)
+                .is_some_and(|p| p.conn.is_none() && p.grace_until == Some(deadline));
+            if due {
+                effects.extend(self.remove_peer(&id));
+            }
+        }
+        effects
+    }
+
+    fn remove_peer(&mut self, id: &Arc<str>) -> Vec<Effect<H>> {
+        let mut effects = Vec::new();
+        let Some(peer) = self.peers.remove(id) else {
+            return effects;
+        };
+        self.tokens.remove(&peer.token);
+        if let Some((c, _)) = &peer.conn {
+            self.conns.remove(c);
+        }
+        let mut others = Vec::new();
+        if let Some(r) = self.rooms.get_mut(&peer.room) {
+            r.retain(|p| p != id);
+            others = r.clone();
+            if r.is_empty() {
+                self.rooms.remove(&peer.room);
+            }
+        }
+        self.deliver(
+            &others,
+            ServerMsg::PeerLeft { id: id.clone() },
+            &mut effects,
+        );
+        effects.push(Effect::PeerGone(id.clone()));
+        effects
+    }
+}
+
+/// Compares secrets without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Counts events in a sliding window of 10 one-second slots.
+#[derive(Debug, Clone)]
+pub struct WindowCounter {
+    start: Instant,
+    slots: [u32; 10],
+    last: u64,
+}
+
+impl WindowCounter {
+    pub fn new(start: Instant) -> Self {
+        WindowCounter {
+            start,
+            slots: [0; 10],
+            last: 0,
+        }
+    }
+
+    /// Records one event; returns how many fell in the last 10 s, this one included.
+    pub fn add(&mut self, now: Instant) -> u32 {
+        let idx = now.saturating_duration_since(self.start).as_secs();
+        if idx > self.last {
+            let gap = (idx - self.last).min(10);
+            for k in 1..=gap {
+                self.slots[((self.last + k) % 10) as usize] = 0;
+            }
+            self.last = idx;
+        }
+        let slot = &mut self.slots[(self.last % 10) as usize];
+        *slot = slot.saturating_add(1);
+        self.slots.iter().fold(0u32, |a, b| a.saturating_add(*b))
+    }
+}
+
+/// What to do with an incoming frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Drop it; `notify` says whether to send `rate_limited` (at most once a second).
+    Drop {
+        notify: bool,
+    },
+    /// Close the socket with 1008.
+    Close,
+}
+
+/// Max `bad_message` errors in 10 s before the socket is closed with 1008.
+pub const MAX_BAD_MESSAGES: u32 = 20;
+
+/// The per-connection token bucket and abuse counters of PROTOCOL.md.
+#[derive(Debug, Clone)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    max_drops: u32,
+    tokens: f64,
+    last: Instant,
+    last_notice: Option<Instant>,
+    drops: WindowCounter,
+    bad: WindowCounter,
+}
+
+impl RateLimiter {
+    pub fn new(rate_per_s: u32, burst: u32, now: Instant) -> Self {
+        RateLimiter {
+            rate: f64::from(rate_per_s),
+            burst: f64::from(burst.max(1)),
+            max_drops: burst,
+            tokens: f64::from(burst.max(1)),
+            last: now,
+            last_notice: None,
+            drops: WindowCounter::new(now),
+            bad: WindowCounter::new(now),
+        }
+    }
+
+    /// Every text frame goes through here.
+    pub fn frame(&mut self, now: Instant) -> Verdict {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Verdict::Allow;
+        }
+        if self.drops.add(now) > self.max_drops {
+            return Verdict::Close;
+        }
+        let notify = self
+            .last_notice
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+        if notify {
+            self.last_notice = Some(now);
+        }
+        Verdict::Drop { notify }
+    }
+
+    /// A `bad_message` was answered; true when the socket must now be closed (1008).
+    pub fn bad_message(&mut self, now: Instant) -> bool {
+        self.bad.add(now) > MAX_BAD_MESSAGES
+    }
+}
+
+/// What the heartbeat wants done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// Nothing before [`Heartbeat::deadline`].
+    Wait,
+    /// Send a WebSocket Ping now.
+    Ping,
+    /// Nothing heard for the timeout: the connection is gone.
+    TimedOut,
+}
+
+/// Ping every `interval`; gone after `timeout` without any frame from the client.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    interval: Duration,
+    timeout: Duration,
+    last_seen: Instant,
+    next_ping: Instant,
+}
+
+impl Heartbeat {
+    pub fn new(interval: Duration, timeout: Duration, now: Instant) -> Self {
+        Heartbeat {
+            interval,
+            timeout,
+            last_seen: now,
+            next_ping: now + interval,
+        }
+    }
+
+    /// Any frame (pong included) from the client.
+    pub fn seen(&mut self, now: Instant) {
+        self.last_seen = self.last_seen.max(now);
+    }
+
+    pub fn poll(&mut self, now: Instant) -> Beat {
+        if now >= self.last_seen + self.timeout {
+            return Beat::TimedOut;
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + self.interval;
+            return Beat::Ping;
+        }
+        Beat::Wait
+    }
+
+    /// When [`Heartbeat::poll`] next has something to do.
+    pub fn deadline(&self) -> Instant {
+        self.next_ping.min(self.last_seen + self.timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,426 @@
+//! Wire messages of PROTOCOL.md (version 1): what clients send, parsed and validated
+//! into [`ClientMsg`], and what the server sends, [`ServerMsg`], serialized once per
+//! message however many peers receive it.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+use crate::ice::IceConfig;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const MAX_CHAT_CHARS: usize = 2000;
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// A validated client message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientMsg {
+    Join(JoinReq),
+    Relay {
+        kind: RelayKind,
+        to: String,
+        payload: RelayPayload,
+    },
+    Media(Media),
+    Chat {
+        text: String,
+    },
+    Leave,
+    Ping,
+    IceRequest {
+        password: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct JoinReq {
+    pub room: String,
+    pub name: Option<String>,
+    pub password: Option<String>,
+    pub resume: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RelayKind {
+    Offer,
+    Answer,
+    Candidate,
+}
+
+impl RelayKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayKind::Offer => "offer",
+            RelayKind::Answer => "answer",
+            RelayKind::Candidate => "candidate",
+        }
+    }
+}
+
+/// The relayed body: an SDP string, or an ICE candidate (object or null).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RelayPayload {
+    Sdp(String),
+    Candidate(Value),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Media {
+    pub audio: bool,
+    pub video: bool,
+    pub screen: bool,
+}
+
+/// Every field any client message may carry, so parsing needs no intermediate
+/// buffering; fields a type does not use are ignored (a client-supplied `from`, too).
+#[derive(Deserialize)]
+struct Incoming {
+    #[serde(rename = "type")]
+    kind: String,
+    room: Option<String>,
+    name: Option<String>,
+    password: Option<String>,
+    resume: Option<String>,
+    to: Option<String>,
+    sdp: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    candidate: Option<Value>,
+    audio: Option<bool>,
+    video: Option<bool>,
+    screen: Option<bool>,
+    text: Option<String>,
+}
+
+/// Distinguishes `"candidate": null` (Some(Null)) from a missing field (None).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// Why a frame is a `bad_message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("not a JSON object with a string `type`: {0}")]
+    Json(String),
+    #[error("unknown message type")]
+    UnknownType,
+    #[error("missing or invalid field `{0}`")]
+    Field(&'static str),
+}
+
+impl ClientMsg {
+    pub fn parse(text: &str) -> Result<ClientMsg, ParseError> {
+        let m: Incoming = serde_json::from_str(text).map_err(|e| {
+            // The serde message names the field and the expected type, not the input.
+            ParseError::Json(e.to_string())
+        })?;
+        let relay = |kind: RelayKind, m: Incoming| -> Result<ClientMsg, ParseError> {
+            let to = m.to.ok_or(ParseError::Field("to"))?;
+            let payload = match kind {
+                RelayKind::Candidate => match m.candidate {
+                    Some(v @ (Value::Object(_) | Value::Null)) => RelayPayload::Candidate(v),
+                    _ => return Err(ParseError::Field("candidate")),
+                },
+                _ => RelayPayload::Sdp(m.sdp.ok_or(ParseError::Field("sdp"))?),
+            };
+            Ok(ClientMsg::Relay { kind, to, payload })
+        };
+        match m.kind.as_str() {
+            "join" => Ok(ClientMsg::Join(JoinReq {
+                room: m.room.ok_or(ParseError::Field("room"))?,
+                name: m.name,
+                password: m.password,
+                resume: m.resume,
+            })),
+            "offer" => relay(RelayKind::Offer, m),
+            "answer" => relay(RelayKind::Answer, m),
+            "candidate" => relay(RelayKind::Candidate, m),
+            "media" => Ok(ClientMsg::Media(Media {
+                audio: m.audio.ok_or(ParseError::Field("audio"))?,
+                video: m.video.ok_or(ParseError::Field("video"))?,
+                screen: m.screen.ok_or(ParseError::Field("screen"))?,
+            })),
+            "chat" => Ok(ClientMsg::Chat {
+                text: m.text.ok_or(ParseError::Field("text"))?,
+            }),
+            "leave" => Ok(ClientMsg::Leave),
+            "ping" => Ok(ClientMsg::Ping),
+            "ice_request" => Ok(ClientMsg::IceRequest {
+                password: m.password,
+            }),
+            _ => Err(ParseError::UnknownType),
+        }
+    }
+}
+
+/// Error codes of PROTOCOL.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadMessage,
+    InvalidRoom,
+    InvalidName,
+    NotJoined,
+    AlreadyJoined,
+    UnknownPeer,
+    BadPassword,
+    RateLimited,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadMessage => "bad_message",
+            ErrorCode::InvalidRoom => "invalid_room",
+            ErrorCode::InvalidName => "invalid_name",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::AlreadyJoined => "already_joined",
+            ErrorCode::UnknownPeer => "unknown_peer",
+            ErrorCode::BadPassword => "bad_password",
+            ErrorCode::RateLimited => "rate_limited",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerInfo {
+    pub id: Arc<str>,
+    pub name: Arc<str>,
+    pub media: Option<Media>,
+}
+
+/// A server message. Cheap to clone (shared strings), serialized once per send.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    Joined {
+        protocol: u32,
+        id: Arc<str>,
+        room: Arc<str>,
+        capacity: usize,
+        peers: Vec<PeerInfo>,
+        /// Filled in by the IO layer (it knows the request's Host).
+        ice: Option<IceConfig>,
+        resume: String,
+        resumed: bool,
+    },
+    PeerJoined {
+        id: Arc<str>,
+        name: Arc<str>,
+    },
+    PeerLeft {
+        id: Arc<str>,
+    },
+    Offer {
+        from: Arc<str>,
+        sdp: Arc<str>,
+    },
+    Answer {
+        from: Arc<str>,
+        sdp: Arc<str>,
+    },
+    Candidate {
+        from: Arc<str>,
+        candidate: Arc<Value>,
+    },
+    Media {
+        from: Arc<str>,
+        audio: bool,
+        video: bool,
+        screen: bool,
+    },
+    Ice {
+        ice: IceConfig,
+    },
+    Chat {
+        from: Arc<str>,
+        name: Arc<str>,
+        text: Arc<str>,
+        ts: u64,
+    },
+    RoomFull {
+        room: Arc<str>,
+        capacity: usize,
+    },
+    Pong,
+    Error {
+        code: ErrorCode,
+        message: &'static str,
+    },
+}
+
+impl ServerMsg {
+    pub fn error(code: ErrorCode) -> ServerMsg {
+        let message = match code {
+            ErrorCode::BadMessage => "malformed message: not JSON, unknown type, or bad fields",
+            ErrorCode::InvalidRoom => {
+                "room must be 1 to 64 letters, digits, '-', '_' or '.', not a reserved name"
+            }
+            ErrorCode::InvalidName => {
+                "name must be at most 64 characters without control characters"
+            }
+            ErrorCode::NotJoined => "join a room first",
+            ErrorCode::AlreadyJoined => "already joined; send leave first",
+            ErrorCode::UnknownPeer => "no such peer in your room",
+            ErrorCode::BadPassword => "wrong room password",
+            ErrorCode::RateLimited => "too many messages; slow down",
+        };
+        ServerMsg::Error { code, message }
+    }
+
+    /// The JSON text of this message.
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail (string keys, finite values only).
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"type\":\"pong\"}"))
+    }
+}
+
+/// A display name: trimmed, at most 64 characters, no control characters; missing or
+/// empty becomes `Guest`.
+pub fn normalize_name(raw: Option<&str>) -> Option<String> {
+    let name = raw.unwrap_or("").trim();
+    if name.is_empty() {
+        return Some("Guest".to_string());
+    }
+    if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        return None;
+    }
+    Some(name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_every_type() {
+        assert_eq!(
+            ClientMsg::parse(r#"{"type":"join","room":"a","name":"N","resume":"t"}"#).unwrap(),
+            ClientMsg::Join(JoinReq {
+                room: "a".into(),
+                name: Some("N".into()),
+                password: None,
+                resume: Some("t".into()),
+            })
+        );
+        assert_eq!(
+            ClientMsg::parse(r#"{"type":"offer","to":"x","sdp":"v=0","from":"forged"}"#).unwrap(),
+            ClientMsg::Relay {
+                kind: RelayKind::Offer,
+                to: "x".into(),
+                payload: RelayPayload::Sdp("v=0".into())
+            }
+        );
+        assert!(matches!(
+            ClientMsg::parse(r#"{"type":"answer","to":"x","sdp":""}"#).unwrap(),
+            ClientMsg::Relay {
+                kind: RelayKind::Answer,
+                ..
+            }
+        ));
+        assert_eq!(
+            ClientMsg::parse(r#"{"type":"candidate","to":"x","candidate":null}"#).unwrap(),
+            ClientMsg::Relay {
+                kind: RelayKind::Candidate,
+                to: "x".into(),
+                payload: RelayPayload::Candidate(Value::Null)
+            }
+        );
+        assert_eq!(
+            ClientMsg::parse(r#"{"type":"candidate","to":"x","candidate":{"candidate":"c"}}"#)
+                .unwrap(),
+            ClientMsg::Relay {
+                kind: RelayKind::Candidate,
+                to: "x".into(),
+                payload: RelayPayload::Candidate(json!({"candidate":"c"}))
+            }
+        );
+        assert_eq!(
+            ClientMsg::parse(r#"{"type":"media","audio":true,"video":false,"screen":false}"#)
+                .unwrap(),
+            ClientMsg::Media(Media {
+                audio: true,
+                video: false,
+                screen: false
+            })
+        );
+        assert_eq!(
+            ClientMsg::parse(r#"{"type":"chat","text":"hi"}"#).unwrap(),
+            ClientMsg::Chat { text: "hi".into() }
+        );
+        assert_eq!(
+            ClientMsg::parse(r#"{"type":"leave"}"#).unwrap(),
+            ClientMsg::Leave
+        );
+        assert_eq!(
+            ClientMsg::parse(r#"{"type":"ping"}"#).unwrap(),
+            ClientMsg::Ping
+        );
+        assert_eq!(
+            ClientMsg::parse(r#"{"type":"ice_request","password":"p"}"#).unwrap(),
+            ClientMsg::IceRequest {
+                password: Some("p".into())
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_malformed() {
+        for bad in [
+            "not json",
+            "[]",
+            "{}",
+            r#"{"type":5}"#,
+            r#"{"type":"nope"}"#,
+            r#"{"type":"join"}"#,
+            r#"{"type":"join","room":5}"#,
+            r#"{"type":"offer","sdp":"x"}"#,
+            r#"{"type":"offer","to":"x"}"#,
+            r#"{"type":"offer","to":"x","sdp":{}}"#,
+            r#"{"type":"candidate","to":"x"}"#,
+            r#"{"type":"candidate","to":"x","candidate":"str"}"#,
+            r#"{"type":"media","audio":true,"video":false}"#,
+            r#"{"type":"media","audio":1,"video":false,"screen":false}"#,
+            r#"{"type":"chat"}"#,
+        ] {
+            assert!(ClientMsg::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn serializes_server_messages() {
+        let m = ServerMsg::Offer {
+            from: "ab".into(),
+            sdp: "v=0".into(),
+        };
+        assert_eq!(m.to_json(), r#"{"type":"offer","from":"ab","sdp":"v=0"}"#);
+        assert_eq!(ServerMsg::Pong.to_json(), r#"{"type":"pong"}"#);
+        let e: Value =
+            serde_json::from_str(&ServerMsg::error(ErrorCode::UnknownPeer).to_json()).unwrap();
+        assert_eq!(e["type"], "error");
+        assert_eq!(e["code"], "unknown_peer");
+        let f: Value = serde_json::from_str(
+            &ServerMsg::RoomFull {
+                room: "r".into(),
+                capacity: 6,
+            }
+            .to_json(),
+        )
+        .unwrap();
+        assert_eq!(f, json!({"type":"room_full","room":"r","capacity":6}));
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(normalize_name(None).unwrap(), "Guest");
+        assert_eq!(normalize_name(Some("  ")).unwrap(), "Guest");
+        assert_eq!(normalize_name(Some("  Ann ")).unwrap(), "Ann");
+        assert_eq!(
+            normalize_name(Some(&"é".repeat(64))).unwrap(),
+            "é".repeat(64)
+        );
+        assert_eq!(normalize_name(Some(&"a".repeat(65))), None);
+        assert_eq!(normalize_name(Some("a\u{7}b")), None);
+    }
+}

@@ -1,0 +1,142 @@
+//! A minimal signaling client for tests: JSON over a real WebSocket over TLS.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+use crate::common::TestServer;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// The upgrade request with the server's own Origin.
+pub fn request(
+    server: &TestServer,
+    origin: Option<&str>,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut req = server.ws_url().into_client_request().expect("request");
+    if let Some(o) = origin {
+        req.headers_mut()
+            .insert("origin", o.parse().expect("origin header"));
+    }
+    req
+}
+
+pub async fn try_connect(
+    server: &TestServer,
+    origin: Option<&str>,
+) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+    let connector = Connector::Rustls(server.rustls_client_config());
+    let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+        request(server, origin),
+        None,
+        false,
+        Some(connector),
+    )
+    .await?;
+    Ok(Client { ws })
+}
+
+pub async fn connect(server: &TestServer) -> Client {
+    try_connect(server, Some(&server.origin()))
+        .await
+        .expect("websocket connects")
+}
+
+impl Client {
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.expect("send");
+    }
+
+    /// The next JSON message (pings are answered by the library and skipped).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("message within the wait")
+                .expect("stream open")
+                .expect("no error");
+            match m {
+                Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// The next message, or None if nothing arrives within `d`.
+    pub async fn recv_within(&mut self, d: Duration) -> Option<Value> {
+        loop {
+            let m = match tokio::time::timeout(d, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(m) => m.expect("stream open").expect("no error"),
+            };
+            match m {
+                Message::Text(t) => return Some(serde_json::from_str(t.as_str()).expect("JSON")),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the server's close frame; returns its code.
+    pub async fn close_code(&mut self) -> u16 {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("close within the wait");
+            match m {
+                Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+                Some(Ok(Message::Close(None))) => return u16::from(CloseCode::Status),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("error before close frame: {e}"),
+                None => panic!("stream ended without a close frame"),
+            }
+        }
+    }
+
+    /// Reads messages until one of type `ty`, returning it.
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["type"] == ty {
+                return v;
+            }
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.send(json!({"type": "join", "room": room})).await;
+        let v = self.recv().await;
+        assert_eq!(v["type"], "joined", "{v}");
+        v
+    }
+
+    pub async fn expect_error(&mut self, code: &str) {
+        let v = self.recv().await;
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["code"], code, "{v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+}
+
+pub fn id(v: &Value) -> String {
+    v["id"].as_str().expect("id").to_string()
+}
