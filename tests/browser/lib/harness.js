@@ -133,17 +133,10 @@ force_relay = ${o.forceRelay ? 'true' : 'false'}
       });
     });
     this.url = /** @type {string} */ (await ready);
-    if (process.env.DEVMOCK) {
-      const m = spawn('ip', ['netns', 'exec', this.ns.name, 'node', process.env.DEVMOCK], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RELAY: o.forceRelay ? '1' : '' } });
-      this.mock = m;
-      await new Promise((r) => m.stderr.on('data', (d) => { if (String(d).includes('open https')) r(undefined); }));
-      this.url = this.url.replace(':8443', ':8444');
-    }
     return this;
   }
 
   async stop() {
-    if (this.mock) this.mock.kill();
     const p = this.proc;
     if (p && p.exitCode === null) {
       const exited = new Promise((r) => p.once('exit', r));
