@@ -163,7 +163,7 @@ export class Peer {
   replaceTrack(kind, track) {
     const tx = kind === 'audio' ? this.audioTx : this.videoTx;
     if (!tx || isStopped(tx)) return;
-    tx.sender.replaceTrack(track).catch((e) => console.warn('replaceTrack', e));
+    tx.sender.replaceTrack(track).then(() => this.applyLimits()).catch((e) => console.warn('replaceTrack', e));
     if (track && tx.direction === 'recvonly') tx.direction = 'sendrecv';
   }
 

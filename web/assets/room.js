@@ -53,6 +53,8 @@ const state = {
   /** @type {string|null} */
   speaker: null,
   speakerSince: 0,
+  /** the camera in use (kept while the camera is off and released) */
+  camDeviceId: '',
   /** @type {string[]} chat lines as received (for tests) */
   chatLog: [],
 };
@@ -198,6 +200,8 @@ async function openLocalMedia(ids = {}) {
     note.textContent = t('partialText', { what: `${t(hasA ? 'micOn' : 'micOff')}, ${t(hasV ? 'camOn' : 'camOff')}` });
     note.hidden = false;
   }
+  const v = videoTrack();
+  if (v) state.camDeviceId = v.getSettings().deviceId || '';
   applyTrackEnabled();
   await fillDeviceLists();
   updatePreview();
@@ -247,7 +251,12 @@ async function switchDevice(kind, deviceId) {
     if (old) { old.stop(); state.local.removeTrack(old); }
     state.local.addTrack(fresh);
     applyTrackEnabled();
-    for (const p of state.peers.values()) p.replaceTrack(kind, fresh);
+    if (kind === 'video') {
+      state.camDeviceId = deviceId;
+      // A camera that is off stays released; the new choice opens when it is turned on.
+      if (!state.camOn) fresh.stop();
+    }
+    if (kind === 'audio' || state.camOn) for (const p of state.peers.values()) p.replaceTrack(kind, fresh);
     try {
       const saved = JSON.parse(localStorage.getItem(DEVICE_KEY) || '{}');
       saved[kind] = deviceId;
@@ -566,10 +575,38 @@ function toggleMic() {
   sendMedia();
 }
 
-function toggleCam() {
-  if (!videoTrack()) return;
-  state.camOn = !state.camOn;
-  applyTrackEnabled();
+let camBusy = false;
+
+/** Camera off releases the device (its light goes off); camera on opens it again. */
+async function toggleCam() {
+  const track = videoTrack();
+  if (!track || camBusy) return;
+  camBusy = true;
+  try {
+    if (state.camOn) {
+      state.camOn = false;
+      track.enabled = false;
+      for (const p of state.peers.values()) p.replaceTrack('video', null);
+      track.stop();
+    } else {
+      if (track.readyState === 'ended') {
+        const deviceId = state.camDeviceId;
+        const s = await navigator.mediaDevices.getUserMedia({
+          video: deviceId ? { ...VIDEO_CONSTRAINTS, deviceId: { ideal: deviceId } } : VIDEO_CONSTRAINTS,
+        });
+        const fresh = s.getVideoTracks()[0];
+        state.local.removeTrack(track);
+        state.local.addTrack(fresh);
+        for (const p of state.peers.values()) p.replaceTrack('video', fresh);
+      }
+      state.camOn = true;
+      applyTrackEnabled();
+    }
+  } catch (e) {
+    toast(String(/** @type {any} */ (e).message || e));
+  } finally {
+    camBusy = false;
+  }
   updatePreview();
   renderControls();
   renderSelf();
@@ -1025,6 +1062,7 @@ async function stats() {
   get chatLog() { return state.chatLog.slice(); },
   get signaling() { return signaling; },
   get limits() { return limits(); },
+  get localVideoState() { return videoTrack()?.readyState || 'none'; },
   stats,
   /** Closes the signaling socket as a network drop would (it resumes). */
   dropSocket() { signaling.drop(); },

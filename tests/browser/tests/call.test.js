@@ -114,6 +114,8 @@ test('mute and camera-off show on the other tiles', async () => {
   await b.click('#btn-mic');
   await b.click('#btn-cam');
   assert.equal(await b.getAttribute('#btn-mic', 'aria-pressed'), 'true');
+  // Camera off releases the device.
+  await b.waitForFunction(() => /** @type {any} */ (window).meshmeet.localVideoState === 'ended');
   for (const page of [a, c, d]) {
     await page.waitForFunction((id) => {
       const el = document.querySelector(`.tile[data-key="${id}"]`);
@@ -129,6 +131,8 @@ test('mute and camera-off show on the other tiles', async () => {
       return !!el && !el.classList.contains('is-muted') && !el.classList.contains('no-video');
     }, bId, { timeout: 5000 });
   }
+  // The reopened camera's frames reach everyone again.
+  await waitForMedia([a, b, c, d], 4, 20000);
 });
 
 test('chat reaches everyone in the same order, with an unread count', async () => {
