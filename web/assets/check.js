@@ -1,0 +1,271 @@
+// Diagnostics page: camera and microphone, the signaling socket, and ICE gathering
+// against this server's own STUN and TURN over UDP, TCP and TLS; then a plain-words
+// verdict on what works and what is blocked.
+
+import { lang, translate } from './i18n.js';
+import { icon, placeIcons } from './icons.js';
+
+const GATHER_TIMEOUT_MS = 10000;
+
+/** @type {Record<string, Record<string, string>>} */
+const TEXT = {
+  en: {
+    media: 'Camera and microphone', signaling: 'Connection to the server', stun: 'STUN (your network address)',
+    turnUdp: 'Relay over UDP (TURN)', turnTcp: 'Relay over TCP (TURN)', turnTls: 'Relay over TLS (TURNS)',
+    checking: 'Checking…', works: 'Works', blocked: 'Blocked', notOffered: 'Not offered by this server',
+    mediaOk: 'Camera: {cam}. Microphone: {mic}.', mediaDenied: 'Blocked by the browser. Allow camera and microphone for this site to be seen and heard.',
+    mediaMissing: 'No camera or microphone found. You can still join to watch and listen.', none: 'none',
+    sigOk: 'Connected, round trip {ms} ms.', sigFail: 'The signaling socket could not be opened.',
+    stunOk: 'Your address as seen by the server: {addr}.', stunOkSame: 'The server answered; your address is not translated (no NAT).',
+    relayOk: 'Relay address {addr}.', relayFail: 'No relay address within {s} s.',
+    allGood: 'Everything works. Calls connect directly where possible and through this server\'s relay otherwise.',
+    udpBlocked: 'UDP is blocked on your network; calls will use TURN over {via}.',
+    tcpOnlyTls: 'Only TURN over TLS gets through your network; calls will use it.',
+    tlsBroken: 'TURN over TLS does not work here. TURN over TLS needs a certificate the browser trusts: if this server uses a self-signed one, browsers refuse it. Calls can still use UDP and TCP from this network.',
+    noRelay: 'Your network blocks this server\'s relay on every transport. Calls only work where a direct connection is possible.',
+    noSignaling: 'The server cannot be reached over WebSocket, so calls cannot start. Check the address, your network, or a proxy that blocks WebSockets.',
+    noMedia: 'Without a camera or microphone you can still join a call and watch and listen.',
+  },
+  ko: {
+    media: '카메라와 마이크', signaling: '서버 연결', stun: 'STUN (내 네트워크 주소)',
+    turnUdp: 'UDP 릴레이 (TURN)', turnTcp: 'TCP 릴레이 (TURN)', turnTls: 'TLS 릴레이 (TURNS)',
+    checking: '확인 중…', works: '정상', blocked: '차단됨', notOffered: '이 서버가 제공하지 않음',
+    mediaOk: '카메라: {cam}. 마이크: {mic}.', mediaDenied: '브라우저가 차단했습니다. 이 사이트에 카메라와 마이크를 허용해야 다른 사람에게 보이고 들립니다.',
+    mediaMissing: '카메라나 마이크를 찾을 수 없습니다. 보고 듣기만 하며 참가할 수 있습니다.', none: '없음',
+    sigOk: '연결됨, 왕복 {ms} ms.', sigFail: '시그널링 소켓을 열 수 없습니다.',
+    stunOk: '서버가 본 내 주소: {addr}.', stunOkSame: '서버가 응답했습니다. 주소 변환(NAT)이 없습니다.',
+    relayOk: '릴레이 주소 {addr}.', relayFail: '{s}초 안에 릴레이 주소를 받지 못했습니다.',
+    allGood: '모두 정상입니다. 가능하면 직접 연결하고, 아니면 이 서버의 릴레이를 거칩니다.',
+    udpBlocked: '네트워크에서 UDP가 차단되어 있습니다. 통화는 {via} TURN을 사용합니다.',
+    tcpOnlyTls: '네트워크에서 TLS TURN만 통과합니다. 통화는 이것을 사용합니다.',
+    tlsBroken: 'TLS TURN이 동작하지 않습니다. TLS TURN에는 브라우저가 신뢰하는 인증서가 필요한데, 이 서버가 자체 서명 인증서를 쓰면 브라우저가 거부합니다. 이 네트워크에서는 UDP와 TCP로 통화할 수 있습니다.',
+    noRelay: '네트워크가 모든 방식의 릴레이를 차단합니다. 직접 연결이 가능한 경우에만 통화할 수 있습니다.',
+    noSignaling: 'WebSocket으로 서버에 연결할 수 없어 통화를 시작할 수 없습니다. 주소, 네트워크, WebSocket을 막는 프록시를 확인하세요.',
+    noMedia: '카메라나 마이크가 없어도 통화에 참가해 보고 들을 수 있습니다.',
+  },
+};
+
+/** @param {string} key @param {Record<string, string|number>} [vars] */
+function tx(key, vars) {
+  let s = (TEXT[lang] || TEXT.en)[key] ?? TEXT.en[key] ?? key;
+  for (const [k, v] of Object.entries(vars || {})) s = s.split(`{${k}}`).join(String(v));
+  return s;
+}
+
+/** @typedef {'pending'|'ok'|'bad'|'warn'} Status */
+/** @type {Record<string, {status: Status, detail: string}>} */
+const results = {};
+const ORDER = ['media', 'signaling', 'stun', 'turnUdp', 'turnTcp', 'turnTls'];
+
+/**
+ * @param {string} key
+ * @param {Status} status
+ * @param {string} detail
+ */
+function report(key, status, detail) {
+  results[key] = { status, detail };
+  render();
+}
+
+function render() {
+  const ul = /** @type {HTMLElement} */ (document.getElementById('results'));
+  ul.replaceChildren();
+  for (const key of ORDER) {
+    const r = results[key] || { status: 'pending', detail: tx('checking') };
+    const li = document.createElement('li');
+    li.className = r.status;
+    li.dataset.check = key;
+    li.dataset.status = r.status;
+    li.appendChild(icon(r.status === 'ok' ? 'check' : r.status === 'pending' ? 'warn' : r.status === 'warn' ? 'warn' : 'cross'));
+    const div = document.createElement('div');
+    const strong = document.createElement('strong');
+    const verdict = r.status === 'ok' ? tx('works') : r.status === 'bad' ? tx('blocked') : r.status === 'pending' ? tx('checking') : '';
+    strong.textContent = verdict ? `${tx(key)}: ${verdict}` : tx(key);
+    const p = document.createElement('span');
+    p.className = 'muted';
+    p.textContent = r.status === 'pending' ? '' : r.detail;
+    div.append(strong, p);
+    li.appendChild(div);
+    ul.appendChild(li);
+  }
+}
+
+async function checkMedia() {
+  try {
+    const s = await navigator.mediaDevices.getUserMedia({ audio: true, video: true }).catch(async (e) => {
+      // Either one alone is still useful.
+      const parts = [];
+      for (const c of [{ audio: true }, { video: true }]) {
+        try { parts.push(...(await navigator.mediaDevices.getUserMedia(c)).getTracks()); } catch { /* missing */ }
+      }
+      if (!parts.length) throw e;
+      return new MediaStream(parts);
+    });
+    const cam = s.getVideoTracks()[0];
+    const mic = s.getAudioTracks()[0];
+    report('media', cam && mic ? 'ok' : 'warn', tx('mediaOk', { cam: cam ? cam.label || 'ok' : tx('none'), mic: mic ? mic.label || 'ok' : tx('none') }));
+    for (const t of s.getTracks()) t.stop();
+    return true;
+  } catch (e) {
+    const denied = e && (/** @type {any} */ (e).name === 'NotAllowedError' || /** @type {any} */ (e).name === 'SecurityError');
+    report('media', 'warn', denied ? tx('mediaDenied') : tx('mediaMissing'));
+    return false;
+  }
+}
+
+/** Opens the socket, measures a ping, asks for ICE servers. @returns {Promise<any>} */
+function checkSignaling() {
+  return new Promise((resolve) => {
+    let done = false;
+    const ws = new WebSocket(`wss://${location.host}/ws`);
+    const finish = (/** @type {any} */ ice) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      try { ws.close(1000); } catch { /* closed */ }
+      resolve(ice);
+    };
+    const timer = setTimeout(() => { report('signaling', 'bad', tx('sigFail')); finish(null); }, 10000);
+    let sent = 0;
+    let rtt = 0;
+    ws.onopen = () => {
+      sent = performance.now();
+      ws.send(JSON.stringify({ type: 'ping' }));
+    };
+    ws.onmessage = (ev) => {
+      let m;
+      try { m = JSON.parse(String(ev.data)); } catch { return; }
+      if (m.type === 'pong') {
+        rtt = Math.round(performance.now() - sent);
+        ws.send(JSON.stringify({ type: 'ice_request' }));
+      } else if (m.type === 'ice') {
+        report('signaling', 'ok', tx('sigOk', { ms: rtt }));
+        finish(m.ice);
+      } else if (m.type === 'error') {
+        report('signaling', 'bad', `${tx('sigFail')} (${m.code})`);
+        finish(null);
+      }
+    };
+    ws.onclose = () => { if (!done) { report('signaling', 'bad', tx('sigFail')); finish(null); } };
+  });
+}
+
+/**
+ * Gathers candidates with one ICE server URL.
+ * @param {RTCIceServer} server
+ * @param {'all'|'relay'} policy
+ * @returns {Promise<{candidates: RTCIceCandidate[], errors: number[]}>}
+ */
+async function gather(server, policy) {
+  const pc = new RTCPeerConnection({ iceServers: [server], iceTransportPolicy: policy });
+  /** @type {RTCIceCandidate[]} */
+  const candidates = [];
+  /** @type {number[]} */
+  const errors = [];
+  pc.addEventListener('icecandidateerror', (e) => errors.push(/** @type {any} */ (e).errorCode));
+  pc.createDataChannel('check');
+  const done = new Promise((resolve) => {
+    const timer = setTimeout(resolve, GATHER_TIMEOUT_MS);
+    pc.onicecandidate = (e) => {
+      if (e.candidate && e.candidate.candidate) {
+        candidates.push(e.candidate);
+        // A relay candidate is the answer; no need to wait for the rest.
+        if (policy === 'relay' && e.candidate.type === 'relay') { clearTimeout(timer); resolve(undefined); }
+      } else if (!e.candidate) { clearTimeout(timer); resolve(undefined); }
+    };
+  });
+  await pc.setLocalDescription();
+  await done;
+  pc.close();
+  return { candidates, errors };
+}
+
+/**
+ * @param {any} ice
+ * @returns {{stun: string|null, udp: string|null, tcp: string|null, tls: string|null, username: string, credential: string}}
+ */
+function pickUrls(ice) {
+  /** @type {{stun: string|null, udp: string|null, tcp: string|null, tls: string|null, username: string, credential: string}} */
+  const out = { stun: null, udp: null, tcp: null, tls: null, username: '', credential: '' };
+  for (const s of ice.iceServers || []) {
+    for (const u of [].concat(s.urls || [])) {
+      const url = String(u);
+      if (url.startsWith('stun:')) out.stun = out.stun || url;
+      else if (url.startsWith('turns:')) { out.tls = out.tls || url; out.username = s.username; out.credential = s.credential; }
+      else if (url.startsWith('turn:')) {
+        if (/transport=tcp/i.test(url)) out.tcp = out.tcp || url;
+        else out.udp = out.udp || url;
+        out.username = s.username;
+        out.credential = s.credential;
+      }
+    }
+  }
+  return out;
+}
+
+/** @param {any} ice */
+async function checkIce(ice) {
+  const u = pickUrls(ice);
+  const cred = { username: u.username, credential: u.credential };
+  const jobs = [];
+  if (u.stun) {
+    jobs.push(gather({ urls: u.stun }, 'all').then(({ candidates, errors }) => {
+      const srflx = candidates.find((c) => c.type === 'srflx');
+      if (srflx) report('stun', 'ok', tx('stunOk', { addr: `${srflx.address}:${srflx.port}` }));
+      else if (errors.length === 0 && candidates.length) report('stun', 'ok', tx('stunOkSame'));
+      else report('stun', 'bad', tx('relayFail', { s: GATHER_TIMEOUT_MS / 1000 }));
+    }));
+  } else report('stun', 'warn', tx('notOffered'));
+  /** @type {[string, string|null][]} */
+  const relays = [['turnUdp', u.udp], ['turnTcp', u.tcp], ['turnTls', u.tls]];
+  for (const [key, url] of relays) {
+    if (!url) { report(key, 'warn', tx('notOffered')); continue; }
+    jobs.push(gather({ urls: url, ...cred }, 'relay').then(({ candidates }) => {
+      const relay = candidates.find((c) => c.type === 'relay');
+      if (relay) report(key, 'ok', tx('relayOk', { addr: `${relay.address}:${relay.port}` }));
+      else report(key, 'bad', tx('relayFail', { s: GATHER_TIMEOUT_MS / 1000 }));
+    }));
+  }
+  await Promise.all(jobs);
+}
+
+/** @param {boolean} media @param {boolean} signaling */
+function summarize(media, signaling) {
+  const ok = (/** @type {string} */ k) => results[k] && results[k].status === 'ok';
+  /** @type {string[]} */
+  const lines = [];
+  if (!signaling) lines.push(tx('noSignaling'));
+  else {
+    const udp = ok('turnUdp');
+    const tcp = ok('turnTcp');
+    const tls = ok('turnTls');
+    if (udp && tcp && tls && ok('stun')) lines.push(tx('allGood'));
+    else if (!udp && (tcp || tls)) lines.push(tcp ? tx('udpBlocked', { via: tls ? 'TCP / TLS' : 'TCP' }) : tx('tcpOnlyTls'));
+    else if (!udp && !tcp && !tls) lines.push(tx('noRelay'));
+    if (udp && !tls && results.turnTls && results.turnTls.status === 'bad') lines.push(tx('tlsBroken'));
+  }
+  if (!media) lines.push(tx('noMedia'));
+  const el = /** @type {HTMLElement} */ (document.getElementById('summary'));
+  el.replaceChildren(...lines.map((l) => { const p = document.createElement('p'); p.textContent = l; return p; }));
+  el.hidden = false;
+}
+
+async function run() {
+  const again = /** @type {HTMLButtonElement} */ (document.getElementById('again'));
+  again.disabled = true;
+  for (const k of Object.keys(results)) delete results[k];
+  /** @type {HTMLElement} */ (document.getElementById('summary')).hidden = true;
+  document.body.dataset.done = 'false';
+  render();
+  const [media, ice] = await Promise.all([checkMedia(), checkSignaling()]);
+  if (ice) await checkIce(ice);
+  else for (const k of ['stun', 'turnUdp', 'turnTcp', 'turnTls']) report(k, 'bad', tx('sigFail'));
+  summarize(media, !!ice);
+  again.disabled = false;
+  document.body.dataset.done = 'true';
+}
+
+translate();
+placeIcons();
+/** @type {HTMLElement} */ (document.getElementById('again')).addEventListener('click', run);
+run();

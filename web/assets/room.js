@@ -1,0 +1,1137 @@
+// The room page: preview, join, the call (grid, controls, chat), and every
+// screen a user can end up on (room full, password, unreachable, left).
+
+import { t, translate } from './i18n.js';
+import { icon, setIcon, placeIcons } from './icons.js';
+import { Signaling } from './signaling.js';
+import { Peer } from './peer.js';
+
+/** @typedef {import('./peer.js').MediaState} MediaState */
+
+const NAME_KEY = 'meshmeet.name';
+const DEVICE_KEY = 'meshmeet.devices';
+const VIDEO_CONSTRAINTS = { width: { ideal: 640 }, height: { ideal: 360 }, frameRate: { ideal: 24, max: 30 } };
+const AUDIO_CONSTRAINTS = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
+/** Uplink budget shared by all peer connections, bits per second. */
+const CAMERA_UPLINK_BPS = 2_000_000;
+const SCREEN_UPLINK_BPS = 3_000_000;
+
+/** @param {string} id @returns {HTMLElement} */
+function $(id) {
+  const el = document.getElementById(id);
+  if (!el) throw new Error(`missing #${id}`);
+  return el;
+}
+
+const roomRaw = decodeURIComponent(location.pathname.replace(/^\/+/, '').split('/')[0] || '');
+
+const state = {
+  /** @type {string|null} */
+  myId: null,
+  room: roomRaw,
+  capacity: 0,
+  name: '',
+  password: '',
+  micOn: true,
+  camOn: true,
+  inCall: false,
+  left: false,
+  /** @type {RTCConfiguration|null} */
+  ice: null,
+  /** @type {number} unix seconds */
+  iceExpires: 0,
+  /** @type {ReturnType<typeof setTimeout>|undefined} */
+  iceTimer: undefined,
+  /** @type {Map<string, Peer>} */
+  peers: new Map(),
+  /** local camera+mic stream (tracks may be missing) */
+  local: new MediaStream(),
+  /** @type {MediaStream|null} */
+  screen: null,
+  unread: 0,
+  chatOpen: false,
+  /** @type {string|null} */
+  speaker: null,
+  speakerSince: 0,
+  /** the camera in use (kept while the camera is off and released) */
+  camDeviceId: '',
+  /** @type {string[]} chat lines as received (for tests) */
+  chatLog: [],
+};
+
+const signaling = new Signaling(`wss://${location.host}/ws`, {
+  onMessage: (m) => onMessage(m),
+  onState: (s) => onSignalingState(s),
+});
+
+// ---------------------------------------------------------------- helpers
+
+/** @param {string} name */
+function initials(name) {
+  const parts = name.trim().split(/\s+/).filter(Boolean);
+  if (parts.length === 0) return '?';
+  const chars = parts.length > 1 ? [parts[0], parts[parts.length - 1]] : [parts[0]];
+  return chars.map((p) => Array.from(p)[0] || '').join('').toUpperCase();
+}
+
+/** A stable hue per id, for avatar colours. @param {string} s */
+function hue(s) {
+  let h = 0;
+  for (const c of s) h = (h * 31 + (c.codePointAt(0) || 0)) % 360;
+  return h;
+}
+
+/** @param {string} text */
+function toast(text, ms = 2500) {
+  const el = $('toast');
+  el.textContent = text;
+  el.hidden = false;
+  clearTimeout(/** @type {any} */ (el).timer);
+  /** @type {any} */ (el).timer = setTimeout(() => { el.hidden = true; }, ms);
+}
+
+function audioTrack() { return state.local.getAudioTracks()[0] || null; }
+function videoTrack() { return state.local.getVideoTracks()[0] || null; }
+
+/** @returns {MediaState} */
+function mediaState() {
+  return { audio: !!audioTrack() && state.micOn, video: !!videoTrack() && state.camOn, screen: !!state.screen };
+}
+
+async function copyLink() {
+  const url = location.origin + location.pathname;
+  try {
+    await navigator.clipboard.writeText(url);
+  } catch {
+    const ta = document.createElement('textarea');
+    ta.value = url;
+    document.body.appendChild(ta);
+    ta.select();
+    try { document.execCommand('copy'); } catch { /* nothing more to try */ }
+    ta.remove();
+  }
+  toast(t('copied'));
+}
+
+// ---------------------------------------------------------------- screens
+
+/** @param {'preview'|'call'|'screen'} which */
+function show(which) {
+  $('preview').hidden = which !== 'preview';
+  $('call').hidden = which !== 'call';
+  $('screen').hidden = which !== 'screen';
+  document.body.dataset.view = which;
+}
+
+/**
+ * A full-page message (room full, unreachable, ...).
+ * @param {{icon: string, title: string, text: string, password?: boolean, actions: [string, () => void, string?][]}} opts
+ */
+function messageScreen(opts) {
+  show('screen');
+  const ic = $('screen-icon');
+  ic.replaceChildren(icon(opts.icon));
+  $('screen-title').textContent = opts.title;
+  $('screen-text').textContent = opts.text;
+  $('pw-form').hidden = !opts.password;
+  const actions = $('screen-actions');
+  actions.replaceChildren();
+  for (const [label, fn, cls] of opts.actions) {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = cls || 'secondary';
+    b.textContent = label;
+    b.addEventListener('click', fn);
+    actions.appendChild(b);
+  }
+  document.body.dataset.screen = opts.title;
+  if (opts.password) /** @type {HTMLInputElement} */ ($('pw-input')).focus();
+}
+
+function newRoom() { location.href = '/?new'; }
+
+// ---------------------------------------------------------------- local media
+
+/**
+ * Opens camera and microphone as far as possible; says what is missing.
+ * @param {{audio?: string, video?: string}} [ids] preferred device ids
+ */
+async function openLocalMedia(ids = {}) {
+  const note = $('device-note');
+  note.hidden = true;
+  const md = navigator.mediaDevices;
+  if (!md || !md.getUserMedia) {
+    note.textContent = t('missingText');
+    note.hidden = false;
+    return;
+  }
+  const video = ids.video ? { ...VIDEO_CONSTRAINTS, deviceId: { exact: ids.video } } : VIDEO_CONSTRAINTS;
+  const audio = ids.audio ? { ...AUDIO_CONSTRAINTS, deviceId: { exact: ids.audio } } : AUDIO_CONSTRAINTS;
+  /** @type {any} */
+  let firstError = null;
+  /** @type {MediaStream|null} */
+  let stream = null;
+  try {
+    stream = await md.getUserMedia({ audio, video });
+  } catch (e) {
+    firstError = e;
+  }
+  if (!stream) {
+    // One of them may work alone (no camera, or a camera without a microphone).
+    /** @type {MediaStreamTrack[]} */
+    const got = [];
+    for (const c of [{ audio }, { video }]) {
+      try {
+        const s = await md.getUserMedia(c);
+        got.push(...s.getTracks());
+      } catch { /* this one is unavailable */ }
+    }
+    if (got.length) stream = new MediaStream(got);
+  }
+  for (const tr of state.local.getTracks()) { tr.stop(); state.local.removeTrack(tr); }
+  if (stream) for (const tr of stream.getTracks()) state.local.addTrack(tr);
+  const hasA = !!audioTrack();
+  const hasV = !!videoTrack();
+  if (!hasA && !hasV) {
+    const denied = firstError && (firstError.name === 'NotAllowedError' || firstError.name === 'SecurityError');
+    note.textContent = denied ? t('deniedText') : t('missingText');
+    note.hidden = false;
+  } else if (!hasA || !hasV) {
+    note.textContent = t('partialText', { what: `${t(hasA ? 'micOn' : 'micOff')}, ${t(hasV ? 'camOn' : 'camOff')}` });
+    note.hidden = false;
+  }
+  const v = videoTrack();
+  if (v) state.camDeviceId = v.getSettings().deviceId || '';
+  applyTrackEnabled();
+  await fillDeviceLists();
+  updatePreview();
+}
+
+async function fillDeviceLists() {
+  /** @type {MediaDeviceInfo[]} */
+  let devices = [];
+  try { devices = await navigator.mediaDevices.enumerateDevices(); } catch { /* none */ }
+  /** @type {[string, MediaDeviceKind, MediaStreamTrack|null][]} */
+  const lists = [['cam-select', 'videoinput', videoTrack()], ['mic-select', 'audioinput', audioTrack()]];
+  for (const [id, kind, track] of lists) {
+    const sel = /** @type {HTMLSelectElement} */ ($(id));
+    sel.replaceChildren();
+    const current = track ? track.getSettings().deviceId : '';
+    let n = 0;
+    for (const d of devices.filter((x) => x.kind === kind && x.deviceId)) {
+      const o = document.createElement('option');
+      o.value = d.deviceId;
+      o.textContent = d.label || `${t(kind === 'videoinput' ? 'camera' : 'microphone')} ${++n}`;
+      if (d.deviceId === current) o.selected = true;
+      sel.appendChild(o);
+    }
+    if (!sel.options.length) {
+      const o = document.createElement('option');
+      o.value = '';
+      o.textContent = t('noDevice');
+      sel.appendChild(o);
+    }
+    sel.disabled = !track;
+  }
+}
+
+/**
+ * Switches one device: new track into the preview and every connection.
+ * @param {'audio'|'video'} kind
+ * @param {string} deviceId
+ */
+async function switchDevice(kind, deviceId) {
+  const constraints = kind === 'audio'
+    ? { audio: { ...AUDIO_CONSTRAINTS, deviceId: { exact: deviceId } } }
+    : { video: { ...VIDEO_CONSTRAINTS, deviceId: { exact: deviceId } } };
+  try {
+    const s = await navigator.mediaDevices.getUserMedia(constraints);
+    const fresh = s.getTracks()[0];
+    const old = kind === 'audio' ? audioTrack() : videoTrack();
+    if (old) { old.stop(); state.local.removeTrack(old); }
+    state.local.addTrack(fresh);
+    applyTrackEnabled();
+    if (kind === 'video') {
+      state.camDeviceId = deviceId;
+      // A camera that is off stays released; the new choice opens when it is turned on.
+      if (!state.camOn) fresh.stop();
+    }
+    if (kind === 'audio' || state.camOn) for (const p of state.peers.values()) p.replaceTrack(kind, fresh);
+    try {
+      const saved = JSON.parse(localStorage.getItem(DEVICE_KEY) || '{}');
+      saved[kind] = deviceId;
+      localStorage.setItem(DEVICE_KEY, JSON.stringify(saved));
+    } catch { /* storage unavailable */ }
+    updatePreview();
+    startMeter();
+  } catch (e) {
+    toast(String(/** @type {any} */ (e).message || e));
+  }
+}
+
+function applyTrackEnabled() {
+  const a = audioTrack();
+  const v = videoTrack();
+  if (a) a.enabled = state.micOn;
+  if (v) v.enabled = state.camOn;
+}
+
+function updatePreview() {
+  const v = /** @type {HTMLVideoElement} */ ($('preview-video'));
+  if (v.srcObject !== state.local) v.srcObject = state.local;
+  const camVisible = !!videoTrack() && state.camOn;
+  v.hidden = !camVisible;
+  const av = $('preview-avatar');
+  av.hidden = camVisible;
+  const nm = /** @type {HTMLInputElement} */ ($('name')).value || '?';
+  av.textContent = initials(nm);
+  av.style.setProperty('--hue', String(hue(nm)));
+  setToggle($('pv-mic'), !!audioTrack() && state.micOn, !audioTrack(), 'mic', 'micOff', 'mute', 'unmute');
+  setToggle($('pv-cam'), !!videoTrack() && state.camOn, !videoTrack(), 'cam', 'camOff', 'stopVideo', 'startVideo');
+}
+
+/**
+ * @param {HTMLElement} btn
+ * @param {boolean} on
+ * @param {boolean} unavailable
+ * @param {string} onIcon
+ * @param {string} offIcon
+ * @param {string} onLabel label when on (the action that turns it off)
+ * @param {string} offLabel
+ */
+function setToggle(btn, on, unavailable, onIcon, offIcon, onLabel, offLabel) {
+  setIcon(btn, on ? onIcon : offIcon);
+  btn.classList.toggle('off', !on);
+  btn.setAttribute('aria-pressed', String(!on));
+  const label = t(on ? onLabel : offLabel);
+  btn.setAttribute('aria-label', label);
+  btn.title = label;
+  /** @type {HTMLButtonElement} */ (btn).disabled = unavailable;
+}
+
+// Microphone level meter in the preview, and local speaking detection in the call.
+/** @type {AudioContext|null} */
+let audioCtx = null;
+/** @type {AnalyserNode|null} */
+let analyser = null;
+/** @type {MediaStreamAudioSourceNode|null} */
+let meterSource = null;
+let localLevel = 0;
+
+function startMeter() {
+  const a = audioTrack();
+  if (!a) return;
+  try {
+    if (!audioCtx) audioCtx = new AudioContext();
+    if (audioCtx.state === 'suspended') audioCtx.resume().catch(() => {});
+    if (meterSource) meterSource.disconnect();
+    meterSource = audioCtx.createMediaStreamSource(new MediaStream([a]));
+    analyser = audioCtx.createAnalyser();
+    analyser.fftSize = 512;
+    meterSource.connect(analyser);
+  } catch {
+    analyser = null;
+  }
+}
+
+function readLocalLevel() {
+  if (!analyser || !state.micOn) return 0;
+  const buf = new Float32Array(analyser.fftSize);
+  analyser.getFloatTimeDomainData(buf);
+  let sum = 0;
+  for (const x of buf) sum += x * x;
+  return Math.min(1, Math.sqrt(sum / buf.length) * 4);
+}
+
+// ---------------------------------------------------------------- tiles and grid
+
+/**
+ * Finds or creates a tile.
+ * @param {string} key 'self', 'self:screen', peer id, or peer id + ':screen'
+ * @returns {HTMLElement}
+ */
+function tile(key) {
+  const grid = $('grid');
+  let el = /** @type {HTMLElement|null} */ (grid.querySelector(`[data-key="${CSS.escape(key)}"]`));
+  if (el) return el;
+  el = document.createElement('div');
+  el.className = 'tile';
+  el.dataset.key = key;
+  el.setAttribute('role', 'group');
+  const video = document.createElement('video');
+  video.autoplay = true;
+  video.playsInline = true;
+  video.setAttribute('playsinline', '');
+  if (key.startsWith('self')) video.muted = true;
+  const avatar = document.createElement('div');
+  avatar.className = 'avatar';
+  const foot = document.createElement('div');
+  foot.className = 'tile-foot';
+  const icons = document.createElement('span');
+  icons.className = 'tile-icons';
+  const name = document.createElement('span');
+  name.className = 'tile-name';
+  foot.append(icons, name);
+  const st = document.createElement('div');
+  st.className = 'tile-state';
+  el.append(video, avatar, foot, st);
+  if (key.endsWith(':screen')) el.classList.add('screen');
+  if (key === 'self') el.classList.add('self');
+  grid.appendChild(el);
+  layout();
+  return el;
+}
+
+/** @param {string} key */
+function removeTile(key) {
+  const el = $('grid').querySelector(`[data-key="${CSS.escape(key)}"]`);
+  if (el) {
+    const v = el.querySelector('video');
+    if (v) v.srcObject = null;
+    el.remove();
+    layout();
+  }
+}
+
+/**
+ * @param {HTMLElement} el
+ * @param {{name: string, stream: MediaStream|null, videoOn: boolean, audioOn: boolean|null,
+ *   state?: string, stateClass?: string, idForHue: string}} o
+ */
+function fillTile(el, o) {
+  const video = /** @type {HTMLVideoElement} */ (el.querySelector('video'));
+  if (video.srcObject !== o.stream) {
+    video.srcObject = o.stream;
+    if (o.stream) playVideo(video);
+  }
+  el.classList.toggle('no-video', !o.videoOn);
+  const avatar = /** @type {HTMLElement} */ (el.querySelector('.avatar'));
+  avatar.textContent = initials(o.name);
+  avatar.style.setProperty('--hue', String(hue(o.idForHue)));
+  /** @type {HTMLElement} */ (el.querySelector('.tile-name')).textContent = o.name;
+  el.setAttribute('aria-label', o.name);
+  const icons = /** @type {HTMLElement} */ (el.querySelector('.tile-icons'));
+  icons.replaceChildren();
+  if (o.audioOn === false) {
+    const m = icon('micOff');
+    m.setAttribute('aria-hidden', 'false');
+    m.setAttribute('role', 'img');
+    m.setAttribute('aria-label', t('muted'));
+    m.classList.add('muted-icon');
+    icons.appendChild(m);
+  }
+  el.classList.toggle('is-muted', o.audioOn === false);
+  const st = /** @type {HTMLElement} */ (el.querySelector('.tile-state'));
+  st.textContent = o.state || '';
+  st.hidden = !o.state;
+  st.className = `tile-state ${o.stateClass || ''}`;
+}
+
+/** @type {Set<HTMLVideoElement>} */
+const blockedVideos = new Set();
+
+/** @param {HTMLVideoElement} video */
+function playVideo(video) {
+  const p = video.play();
+  if (p) {
+    p.catch((e) => {
+      if (e && e.name === 'NotAllowedError') {
+        blockedVideos.add(video);
+        const el = $('toast');
+        el.replaceChildren();
+        const b = document.createElement('button');
+        b.className = 'primary';
+        b.textContent = t('enableSound');
+        b.addEventListener('click', () => {
+          for (const v of blockedVideos) v.play().catch(() => {});
+          blockedVideos.clear();
+          el.hidden = true;
+        });
+        el.appendChild(b);
+        el.hidden = false;
+      }
+    });
+  }
+}
+
+const STATE_TEXT = {
+  connecting: 'stConnecting', direct: 'stDirect', relay: 'stRelay', reconnecting: 'stReconnecting', failed: 'stFailed',
+};
+
+function renderSelf() {
+  if (!state.inCall) return;
+  const el = tile('self');
+  const name = `${state.name} (${t('you')})`;
+  fillTile(el, {
+    name, stream: state.local, videoOn: !!videoTrack() && state.camOn, audioOn: !!audioTrack() && state.micOn,
+    idForHue: state.myId || 'self',
+  });
+  if (state.screen) {
+    fillTile(tile('self:screen'), { name: t('yourScreen'), stream: state.screen, videoOn: true, audioOn: null, idForHue: 'self' });
+  } else removeTile('self:screen');
+}
+
+/** @param {Peer} p */
+function renderPeer(p) {
+  if (!state.peers.has(p.id)) return;
+  const el = tile(p.id);
+  const media = p.media;
+  const vTrack = p.mainStream ? p.mainStream.getVideoTracks()[0] : null;
+  const videoOn = !!vTrack && !vTrack.muted && (media ? media.video : true);
+  const connected = p.state === 'direct' || p.state === 'relay';
+  fillTile(el, {
+    name: p.name || 'Guest',
+    stream: p.mainStream,
+    videoOn,
+    audioOn: media ? media.audio : null,
+    state: t(STATE_TEXT[p.state]),
+    stateClass: `st-${p.state}${connected ? ' fade' : ''}`,
+    idForHue: p.id,
+  });
+  el.dataset.state = p.state;
+  el.dataset.audio = media ? String(media.audio) : '';
+  el.dataset.video = media ? String(media.video) : '';
+  el.dataset.screen = media ? String(media.screen) : '';
+  const sTrack = p.screenStream ? p.screenStream.getVideoTracks()[0] : null;
+  const screenOn = !!sTrack && sTrack.readyState === 'live' && !sTrack.muted && (media ? media.screen : true);
+  if (screenOn) {
+    const se = tile(`${p.id}:screen`);
+    fillTile(se, { name: t('screenOf', { name: p.name || 'Guest' }), stream: p.screenStream, videoOn: true, audioOn: null, idForHue: p.id });
+    const v = /** @type {HTMLVideoElement} */ (se.querySelector('video'));
+    v.muted = true;
+  } else removeTile(`${p.id}:screen`);
+}
+
+function renderCount() {
+  const n = state.peers.size + 1;
+  const c = $('count');
+  c.textContent = t('participants', { n });
+  c.hidden = !state.inCall;
+}
+
+/** Sizes the grid so tiles are as large as possible at 16:9. */
+function layout() {
+  const grid = $('grid');
+  const tiles = /** @type {HTMLElement[]} */ (Array.from(grid.children));
+  const n = tiles.length;
+  if (!n) return;
+  const gap = 8;
+  const W = grid.clientWidth;
+  const H = grid.clientHeight;
+  if (!W || !H) return;
+  let best = { cols: 1, w: 0, h: 0 };
+  for (let cols = 1; cols <= n; cols++) {
+    const rows = Math.ceil(n / cols);
+    const maxW = (W - gap * (cols - 1)) / cols;
+    const maxH = (H - gap * (rows - 1)) / rows;
+    const w = Math.min(maxW, (maxH * 16) / 9);
+    if (w > best.w) best = { cols, w, h: (w * 9) / 16 };
+  }
+  // On a narrow portrait screen, taller tiles use the space better.
+  const portrait = W < 600 && H > W;
+  if (portrait) {
+    const cols = n <= 2 ? 1 : 2;
+    const rows = Math.ceil(n / cols);
+    const w = (W - gap * (cols - 1)) / cols;
+    const h = Math.min((H - gap * (rows - 1)) / rows, w * 1.4);
+    best = { cols, w, h };
+  }
+  grid.style.gridTemplateColumns = `repeat(${best.cols}, ${Math.floor(best.w)}px)`;
+  for (const el of tiles) {
+    el.style.width = `${Math.floor(best.w)}px`;
+    el.style.height = `${Math.floor(best.h)}px`;
+  }
+}
+
+// ---------------------------------------------------------------- call controls
+
+function renderControls() {
+  setToggle($('btn-mic'), !!audioTrack() && state.micOn, !audioTrack(), 'mic', 'micOff', 'mute', 'unmute');
+  setToggle($('btn-cam'), !!videoTrack() && state.camOn, !videoTrack(), 'cam', 'camOff', 'stopVideo', 'startVideo');
+  const share = $('btn-share');
+  setIcon(share, state.screen ? 'screenOff' : 'screen');
+  share.classList.toggle('active', !!state.screen);
+  share.setAttribute('aria-pressed', String(!!state.screen));
+  const sl = t(state.screen ? 'stopShare' : 'share');
+  share.setAttribute('aria-label', sl);
+  share.title = sl;
+  /** @type {HTMLButtonElement} */ (share).disabled = !(navigator.mediaDevices && 'getDisplayMedia' in navigator.mediaDevices);
+  const chat = $('btn-chat');
+  chat.classList.toggle('active', state.chatOpen);
+  chat.setAttribute('aria-pressed', String(state.chatOpen));
+}
+
+function sendMedia() {
+  if (state.inCall) signaling.send({ type: 'media', ...mediaState() });
+}
+
+function toggleMic() {
+  if (!audioTrack()) return;
+  state.micOn = !state.micOn;
+  applyTrackEnabled();
+  updatePreview();
+  renderControls();
+  renderSelf();
+  sendMedia();
+}
+
+let camBusy = false;
+
+/** Camera off releases the device (its light goes off); camera on opens it again. */
+async function toggleCam() {
+  const track = videoTrack();
+  if (!track || camBusy) return;
+  camBusy = true;
+  try {
+    if (state.camOn) {
+      state.camOn = false;
+      track.enabled = false;
+      for (const p of state.peers.values()) p.replaceTrack('video', null);
+      track.stop();
+    } else {
+      if (track.readyState === 'ended') {
+        const deviceId = state.camDeviceId;
+        const s = await navigator.mediaDevices.getUserMedia({
+          video: deviceId ? { ...VIDEO_CONSTRAINTS, deviceId: { ideal: deviceId } } : VIDEO_CONSTRAINTS,
+        });
+        const fresh = s.getVideoTracks()[0];
+        state.local.removeTrack(track);
+        state.local.addTrack(fresh);
+        for (const p of state.peers.values()) p.replaceTrack('video', fresh);
+      }
+      state.camOn = true;
+      applyTrackEnabled();
+    }
+  } catch (e) {
+    toast(String(/** @type {any} */ (e).message || e));
+  } finally {
+    camBusy = false;
+  }
+  updatePreview();
+  renderControls();
+  renderSelf();
+  sendMedia();
+}
+
+async function toggleShare() {
+  if (state.screen) {
+    stopShare();
+    return;
+  }
+  try {
+    const s = await navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { ideal: 15, max: 30 } }, audio: false });
+    const track = s.getVideoTracks()[0];
+    if (!track) return;
+    if ('contentHint' in track) track.contentHint = 'detail';
+    track.addEventListener('ended', () => { if (state.screen === s) stopShare(); });
+    state.screen = s;
+    for (const p of state.peers.values()) p.setScreen(s);
+    renderSelf();
+    renderControls();
+    sendMedia();
+  } catch (e) {
+    if (e && /** @type {any} */ (e).name !== 'NotAllowedError') toast(t('shareFailed'));
+  }
+}
+
+function stopShare() {
+  const s = state.screen;
+  if (!s) return;
+  state.screen = null;
+  for (const tr of s.getTracks()) tr.stop();
+  for (const p of state.peers.values()) p.setScreen(null);
+  renderSelf();
+  renderControls();
+  sendMedia();
+}
+
+/** @param {boolean} [open] */
+function toggleChat(open) {
+  state.chatOpen = open ?? !state.chatOpen;
+  $('chat').hidden = !state.chatOpen;
+  document.body.classList.toggle('chat-open', state.chatOpen);
+  if (state.chatOpen) {
+    state.unread = 0;
+    renderUnread();
+    /** @type {HTMLInputElement} */ ($('chat-input')).focus();
+  }
+  renderControls();
+  layout();
+}
+
+function renderUnread() {
+  const b = $('unread');
+  b.textContent = state.unread > 99 ? '99+' : String(state.unread);
+  b.hidden = state.unread === 0;
+  const label = state.unread ? `${t('chat')} · ${state.unread}` : t('chat');
+  $('btn-chat').setAttribute('aria-label', label);
+  document.title = `${state.unread ? `(${state.unread}) ` : ''}${state.room} · meshmeet`;
+}
+
+/** @param {{from: string, name: string, text: string, ts: number}} m */
+function addChat(m) {
+  state.chatLog.push(m.text);
+  const li = document.createElement('li');
+  li.className = m.from === state.myId ? 'mine' : '';
+  const head = document.createElement('div');
+  head.className = 'chat-meta';
+  const who = document.createElement('strong');
+  who.textContent = m.from === state.myId ? t('you') : m.name;
+  const when = document.createElement('time');
+  const d = new Date(m.ts);
+  when.dateTime = d.toISOString();
+  when.textContent = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  head.append(who, when);
+  const body = document.createElement('p');
+  body.textContent = m.text;
+  li.append(head, body);
+  const list = $('chat-list');
+  list.appendChild(li);
+  $('chat-empty').hidden = true;
+  list.scrollTop = list.scrollHeight;
+  if (!state.chatOpen && m.from !== state.myId) {
+    state.unread += 1;
+    renderUnread();
+  }
+}
+
+function leave() {
+  if (state.left) return;
+  state.left = true;
+  signaling.leave();
+  signaling.close();
+  closeAllPeers();
+  stopShare();
+  for (const tr of state.local.getTracks()) tr.stop();
+  state.inCall = false;
+  clearTimeout(state.iceTimer);
+  $('banner').hidden = true;
+  messageScreen({
+    icon: 'leave', title: t('leftTitle'), text: '',
+    actions: [[t('rejoin'), () => location.reload(), 'primary'], [t('home'), () => { location.href = '/'; }]],
+  });
+}
+
+function closeAllPeers() {
+  for (const p of state.peers.values()) p.close();
+  state.peers.clear();
+  for (const el of Array.from($('grid').querySelectorAll('.tile'))) {
+    const k = /** @type {HTMLElement} */ (el).dataset.key || '';
+    if (!k.startsWith('self')) removeTile(k);
+  }
+}
+
+// ---------------------------------------------------------------- peers
+
+/** Sender limits for the current room size. */
+function limits() {
+  const others = Math.max(1, state.peers.size);
+  const video = Math.round(Math.min(1_200_000, Math.max(200_000, CAMERA_UPLINK_BPS / others)));
+  const scale = others <= 2 ? 1 : others === 3 ? 1.5 : 2;
+  const screen = Math.round(Math.min(2_500_000, Math.max(300_000, SCREEN_UPLINK_BPS / others)));
+  return { video: { maxBitrate: video, scale }, screen: { maxBitrate: screen } };
+}
+
+/** @param {RTCConfiguration & {expiresAt?: number}} ice */
+function rtcConfig(ice) {
+  return { iceServers: ice.iceServers || [], iceTransportPolicy: ice.iceTransportPolicy || 'all' };
+}
+
+/**
+ * @param {string} id
+ * @param {string} name
+ */
+function addPeer(id, name) {
+  const existing = state.peers.get(id);
+  if (existing) return existing;
+  if (!state.ice || !state.myId) throw new Error('not joined');
+  // In each pair the id that sorts first (byte-wise) is the polite one.
+  const polite = compareBytes(state.myId, id) < 0;
+  const p = new Peer(id, name, polite, rtcConfig(state.ice), {
+    send: (m) => signaling.send(m),
+    onState: (peer) => renderPeer(peer),
+    onTracks: (peer) => renderPeer(peer),
+    local: () => ({ stream: state.local, audio: audioTrack(), video: videoTrack(), screen: state.screen }),
+    limits,
+  });
+  state.peers.set(id, p);
+  renderPeer(p);
+  renderCount();
+  for (const q of state.peers.values()) q.applyLimits();
+  return p;
+}
+
+/** @param {string} id */
+function removePeer(id) {
+  const p = state.peers.get(id);
+  if (!p) return;
+  p.close();
+  state.peers.delete(id);
+  removeTile(id);
+  removeTile(`${id}:screen`);
+  renderCount();
+  for (const q of state.peers.values()) q.applyLimits();
+}
+
+/** UTF-8 byte-wise comparison. @param {string} a @param {string} b */
+function compareBytes(a, b) {
+  const ea = new TextEncoder().encode(a);
+  const eb = new TextEncoder().encode(b);
+  for (let i = 0; i < Math.min(ea.length, eb.length); i++) {
+    if (ea[i] !== eb[i]) return ea[i] - eb[i];
+  }
+  return ea.length - eb.length;
+}
+
+/** Asks for fresh ICE credentials ahead of their expiry. */
+function scheduleIceRenewal() {
+  clearTimeout(state.iceTimer);
+  if (!state.iceExpires) return;
+  const left = state.iceExpires * 1000 - Date.now();
+  const margin = Math.max(60_000, left * 0.1);
+  const wait = Math.max(5_000, left - margin);
+  state.iceTimer = setTimeout(renewIce, Math.min(wait, 2 ** 31 - 1));
+}
+
+function renewIce() {
+  if (state.inCall) signaling.send({ type: 'ice_request', ...(state.password ? { password: state.password } : {}) });
+}
+
+/** @param {any} ice */
+function setIce(ice) {
+  if (!ice || typeof ice !== 'object') return;
+  state.ice = ice;
+  state.iceExpires = typeof ice.expiresAt === 'number' ? ice.expiresAt : 0;
+  scheduleIceRenewal();
+}
+
+// ---------------------------------------------------------------- signaling
+
+/** @param {'connecting'|'open'|'reconnecting'|'unreachable'} s */
+function onSignalingState(s) {
+  if (state.left) return;
+  $('banner').hidden = !(s === 'reconnecting' && state.inCall);
+  document.body.dataset.signaling = s;
+  if (s === 'unreachable') {
+    if (state.inCall) {
+      // Keep trying in the background; the call itself does not need the server.
+      $('banner').hidden = false;
+      return;
+    }
+    messageScreen({
+      icon: 'cross', title: t('unreachableTitle'), text: t('unreachableText'),
+      actions: [[t('tryAgain'), () => { signaling.attempt = 0; show('preview'); signaling.connect(); }, 'primary']],
+    });
+  }
+}
+
+/** @param {{type: string, [k: string]: any}} m */
+function onMessage(m) {
+  switch (m.type) {
+    case 'joined': return onJoined(m);
+    case 'peer_joined': {
+      if (typeof m.id !== 'string' || m.id === state.myId) return;
+      addPeer(m.id, typeof m.name === 'string' ? m.name : '');
+      return;
+    }
+    case 'peer_left': return removePeer(m.id);
+    case 'offer':
+    case 'answer': {
+      if (typeof m.from !== 'string' || typeof m.sdp !== 'string' || !state.inCall) return;
+      let p = state.peers.get(m.from);
+      if (!p) {
+        if (m.type !== 'offer') return;
+        p = addPeer(m.from, '');
+      }
+      p.onDescription({ type: m.type, sdp: m.sdp });
+      return;
+    }
+    case 'candidate': {
+      const p = state.peers.get(m.from);
+      if (p) p.onCandidate(m.candidate || null);
+      return;
+    }
+    case 'media': {
+      const p = state.peers.get(m.from);
+      if (!p) return;
+      p.media = { audio: !!m.audio, video: !!m.video, screen: !!m.screen };
+      renderPeer(p);
+      return;
+    }
+    case 'ice': {
+      setIce(m.ice);
+      if (state.ice) for (const p of state.peers.values()) p.setConfiguration(rtcConfig(state.ice));
+      return;
+    }
+    case 'chat': return addChat(/** @type {any} */ (m));
+    case 'room_full': {
+      state.inCall = false;
+      closeAllPeers();
+      messageScreen({
+        icon: 'user', title: t('fullTitle'), text: t('fullText', { n: m.capacity }),
+        actions: [[t('tryAgain'), () => location.reload(), 'primary'], [t('newRoomInstead'), newRoom]],
+      });
+      return;
+    }
+    case 'error': return onError(m);
+    default:
+  }
+}
+
+/** @param {{type: string, [k: string]: any}} m */
+function onJoined(m) {
+  const fresh = !m.resumed || m.id !== state.myId;
+  state.myId = m.id;
+  state.capacity = m.capacity;
+  setIce(m.ice);
+  /** @type {{id: string, name: string, media: MediaState|null}[]} */
+  const peers = Array.isArray(m.peers) ? m.peers : [];
+  if (fresh) {
+    // A new identity (first join, or the resume grace ran out): start over.
+    closeAllPeers();
+  }
+  if (!state.inCall) {
+    state.inCall = true;
+    show('call');
+    renderControls();
+    startMeter();
+  }
+  $('banner').hidden = true;
+  const present = new Set(peers.map((p) => p.id));
+  for (const id of Array.from(state.peers.keys())) if (!present.has(id)) removePeer(id);
+  for (const info of peers) {
+    let p = state.peers.get(info.id);
+    if (!p) {
+      p = addPeer(info.id, info.name);
+      p.start();
+    } else if (state.ice) {
+      p.setConfiguration(rtcConfig(state.ice));
+    }
+    p.name = info.name;
+    p.media = info.media || null;
+    renderPeer(p);
+  }
+  renderSelf();
+  renderCount();
+  sendMedia();
+  layout();
+}
+
+/** @param {{type: string, [k: string]: any}} m */
+function onError(m) {
+  if (m.code === 'bad_password') {
+    const hadPassword = !!state.password;
+    state.inCall = false;
+    messageScreen({
+      icon: 'warn', title: t('pwTitle'), text: hadPassword ? t('pwWrong') : '', password: true,
+      actions: [[t('home'), () => { location.href = '/'; }]],
+    });
+  } else if (m.code === 'invalid_room') {
+    messageScreen({ icon: 'warn', title: t('invalidRoomTitle'), text: t('invalidRoom'), actions: [[t('newRoomInstead'), newRoom, 'primary']] });
+  } else if (m.code === 'invalid_name') {
+    show('preview');
+    const note = $('device-note');
+    note.textContent = String(m.message || '');
+    note.hidden = false;
+    resetJoinButton();
+  } else if (m.code === 'unknown_peer' || m.code === 'rate_limited') {
+    // A peer that just left, or a burst: nothing for the user to do.
+  } else if (!state.inCall) {
+    messageScreen({ icon: 'warn', title: t('errorTitle'), text: String(m.message || m.code), actions: [[t('tryAgain'), () => location.reload(), 'primary']] });
+  }
+}
+
+function resetJoinButton() {
+  const b = /** @type {HTMLButtonElement} */ ($('join-btn'));
+  b.disabled = false;
+  b.textContent = t('join');
+}
+
+function doJoin() {
+  const input = /** @type {HTMLInputElement} */ ($('name'));
+  state.name = input.value.trim().slice(0, 64);
+  try { localStorage.setItem(NAME_KEY, state.name); } catch { /* storage unavailable */ }
+  const b = /** @type {HTMLButtonElement} */ ($('join-btn'));
+  b.disabled = true;
+  b.textContent = t('joining');
+  signaling.join({ room: state.room, name: state.name, ...(state.password ? { password: state.password } : {}) });
+}
+
+// ---------------------------------------------------------------- speaker detection
+
+async function pollSpeaker() {
+  if (!state.inCall) return;
+  /** @type {[string, number][]} */
+  const levels = [];
+  for (const p of state.peers.values()) {
+    const tx = p.audioTx;
+    if (!tx || (p.media && !p.media.audio)) continue;
+    try {
+      const src = tx.receiver.getSynchronizationSources();
+      const lvl = src.length ? src[0].audioLevel || 0 : 0;
+      levels.push([p.id, lvl]);
+    } catch { /* not supported */ }
+  }
+  localLevel = readLocalLevel();
+  levels.push(['self', localLevel * 0.5]);
+  levels.sort((a, b) => b[1] - a[1]);
+  const now = Date.now();
+  const top = levels[0];
+  if (top && top[1] > 0.04 && top[0] !== state.speaker && now - state.speakerSince > 800) {
+    state.speaker = top[0];
+    state.speakerSince = now;
+  } else if (top && top[1] <= 0.01 && now - state.speakerSince > 2500) {
+    state.speaker = null;
+  }
+  for (const el of $('grid').querySelectorAll('.tile')) {
+    const k = /** @type {HTMLElement} */ (el).dataset.key;
+    el.classList.toggle('speaking', k === state.speaker);
+  }
+}
+
+function previewMeter() {
+  if (!$('preview').hidden) {
+    const bar = /** @type {HTMLElement} */ ($('meter').firstElementChild);
+    bar.style.transform = `scaleX(${readLocalLevel().toFixed(3)})`;
+  }
+  requestAnimationFrame(previewMeter);
+}
+
+// ---------------------------------------------------------------- keyboard
+
+/** @param {KeyboardEvent} e */
+function onKey(e) {
+  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  const target = /** @type {HTMLElement} */ (e.target);
+  if (target && (target.tagName === 'INPUT' || target.tagName === 'TEXTAREA' || target.tagName === 'SELECT' || target.isContentEditable)) {
+    if (e.key === 'Escape' && state.chatOpen) toggleChat(false);
+    return;
+  }
+  const k = e.key.toLowerCase();
+  if (!state.inCall) {
+    if (!$('preview').hidden && (k === 'm' || k === 'v')) {
+      e.preventDefault();
+      if (k === 'm') toggleMic(); else toggleCam();
+    }
+    return;
+  }
+  if (k === 'm') toggleMic();
+  else if (k === 'v') toggleCam();
+  else if (k === 's') toggleShare();
+  else if (k === 'c') toggleChat();
+  else if (k === 'escape' && state.chatOpen) toggleChat(false);
+  else return;
+  e.preventDefault();
+}
+
+// ---------------------------------------------------------------- test handle
+
+/** Media and connection figures for every peer (used by the browser tests). */
+async function stats() {
+  /** @type {Record<string, any>} */
+  const out = {};
+  for (const p of state.peers.values()) {
+    const r = await p.pc.getStats();
+    let framesDecoded = 0;
+    let audioPackets = 0;
+    let screenFrames = 0;
+    r.forEach((/** @type {any} */ s) => {
+      if (s.type !== 'inbound-rtp') return;
+      if (s.kind === 'audio') audioPackets += s.packetsReceived || 0;
+      if (s.kind === 'video') {
+        const mid = s.mid;
+        const tx = p.pc.getTransceivers().find((x) => x.mid === mid);
+        if (tx && tx === p.videoTx) framesDecoded += s.framesDecoded || 0;
+        else if (tx) screenFrames += s.framesDecoded || 0;
+        else framesDecoded += s.framesDecoded || 0;
+      }
+    });
+    const path = await p.selectedPath().catch(() => null);
+    out[p.id] = {
+      name: p.name, serial: p.serial, state: p.state, connectionState: p.pc.connectionState,
+      framesDecoded, audioPackets, screenFrames, path, media: p.media,
+    };
+  }
+  return out;
+}
+
+/** @type {any} */ (window).meshmeet = {
+  get id() { return state.myId; },
+  get inCall() { return state.inCall; },
+  get peers() { return state.peers; },
+  get chatLog() { return state.chatLog.slice(); },
+  get signaling() { return signaling; },
+  get limits() { return limits(); },
+  get localVideoState() { return videoTrack()?.readyState || 'none'; },
+  stats,
+  /** Closes the signaling socket as a network drop would (it resumes). */
+  dropSocket() { signaling.drop(); },
+  toggleMic, toggleCam, toggleShare, leave, renewIce,
+  /** @param {string} id */
+  restartIce(id) { state.peers.get(id)?.restartIce(); },
+  /** @param {string} text */
+  chat(text) { signaling.send({ type: 'chat', text }); },
+};
+
+// ---------------------------------------------------------------- start
+
+function init() {
+  translate();
+  placeIcons();
+  $('room-name').textContent = state.room;
+  document.title = `${state.room} · meshmeet`;
+  const nameInput = /** @type {HTMLInputElement} */ ($('name'));
+  try { nameInput.value = localStorage.getItem(NAME_KEY) || ''; } catch { /* storage unavailable */ }
+  nameInput.addEventListener('input', updatePreview);
+  $('pv-mic').addEventListener('click', toggleMic);
+  $('pv-cam').addEventListener('click', toggleCam);
+  $('btn-mic').addEventListener('click', toggleMic);
+  $('btn-cam').addEventListener('click', toggleCam);
+  $('btn-share').addEventListener('click', toggleShare);
+  $('btn-chat').addEventListener('click', () => toggleChat());
+  $('chat-close').addEventListener('click', () => toggleChat(false));
+  $('btn-leave').addEventListener('click', leave);
+  $('copy-link').addEventListener('click', copyLink);
+  $('copy-link-top').addEventListener('click', copyLink);
+  $('cam-select').addEventListener('change', (e) => switchDevice('video', /** @type {HTMLSelectElement} */ (e.target).value));
+  $('mic-select').addEventListener('change', (e) => switchDevice('audio', /** @type {HTMLSelectElement} */ (e.target).value));
+  $('join-form').addEventListener('submit', (e) => { e.preventDefault(); doJoin(); });
+  $('chat-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const input = /** @type {HTMLInputElement} */ ($('chat-input'));
+    const text = input.value.trim();
+    if (!text) return;
+    signaling.send({ type: 'chat', text: text.slice(0, 2000) });
+    input.value = '';
+  });
+  $('pw-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    state.password = /** @type {HTMLInputElement} */ ($('pw-input')).value;
+    show('preview');
+    doJoin();
+  });
+  document.addEventListener('keydown', onKey);
+  window.addEventListener('resize', layout);
+  if ('ResizeObserver' in window) new ResizeObserver(() => layout()).observe($('grid'));
+  window.addEventListener('pagehide', () => {
+    if (state.inCall) {
+      signaling.leave();
+      closeAllPeers();
+    }
+  });
+  navigator.mediaDevices?.addEventListener?.('devicechange', () => { fillDeviceLists(); });
+  show('preview');
+  renderControls();
+  signaling.connect();
+  /** @type {{audio?: string, video?: string}} */
+  let saved = {};
+  try { saved = JSON.parse(localStorage.getItem(DEVICE_KEY) || '{}'); } catch { /* none */ }
+  openLocalMedia(saved).catch(() => openLocalMedia()).then(() => {
+    document.body.dataset.ready = 'true';
+    startMeter();
+  });
+  requestAnimationFrame(previewMeter);
+  setInterval(pollSpeaker, 250);
+}
+
+init();
