@@ -94,11 +94,20 @@ pub struct SignalingMetrics {
     pub relayed: Family<TypeLabel, Counter>,
     pub errors: Family<CodeLabel, Counter>,
     pub disconnects: Family<ReasonLabel, Counter>,
+    /// The `relayed` counters of [`RELAYED_TYPES`], fetched once (hot path).
+    relayed_by_type: Vec<Counter>,
 }
+
+/// Message types counted in `meshmeet_signaling_messages`.
+const RELAYED_TYPES: [&str; 5] = ["offer", "answer", "candidate", "media", "chat"];
 
 impl SignalingMetrics {
     pub fn register(registry: &mut Registry) -> SignalingMetrics {
-        let m = SignalingMetrics::default();
+        let mut m = SignalingMetrics::default();
+        m.relayed_by_type = RELAYED_TYPES
+            .iter()
+            .map(|t| m.relayed.get_or_create(&TypeLabel { r#type: t }).clone())
+            .collect();
         registry.register("meshmeet_rooms", "Rooms with peers", m.rooms.clone());
         registry.register(
             "meshmeet_peers",
@@ -383,8 +392,16 @@ async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String
     sig.metrics.connections.inc();
     let shutdown = state.shutdown.clone();
 
+    let mut deadline = heartbeat.deadline();
+    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+    tokio::pin!(timer);
     let ending = loop {
-        let deadline = tokio::time::Instant::from_std(heartbeat.deadline());
+        if heartbeat.deadline() != deadline {
+            deadline = heartbeat.deadline();
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(deadline));
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ending::Close(CLOSE_GOING_AWAY, Reason::Shutdown),
@@ -392,8 +409,15 @@ async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String
                 let code = close.code.load(Ordering::Acquire);
                 break Ending::Close(code, Reason::of_code(code));
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                match heartbeat.poll(Instant::now()) {
+            _ = &mut timer => {
+                let now = Instant::now();
+                let beat = heartbeat.poll(now);
+                // Re-arm now: a finished timer would fire again at once.
+                deadline = heartbeat.deadline();
+                timer.as_mut().reset(tokio::time::Instant::from_std(
+                    deadline.max(now + Duration::from_millis(1)),
+                ));
+                match beat {
                     Beat::Wait => {}
                     Beat::TimedOut => break Ending::Gone(Reason::Timeout),
                     Beat::Ping => {
@@ -602,11 +626,11 @@ fn bad_message(state: &AppState, conn: &mut Conn, now: Instant) -> Option<Ending
 fn count(state: &AppState, msg: &ServerMsg) {
     let m = &state.signaling.metrics;
     let kind = match msg {
-        ServerMsg::Offer { .. } => "offer",
-        ServerMsg::Answer { .. } => "answer",
-        ServerMsg::Candidate { .. } => "candidate",
-        ServerMsg::Media { .. } => "media",
-        ServerMsg::Chat { .. } => "chat",
+        ServerMsg::Offer { .. } => 0,
+        ServerMsg::Answer { .. } => 1,
+        ServerMsg::Candidate { .. } => 2,
+        ServerMsg::Media { .. } => 3,
+        ServerMsg::Chat { .. } => 4,
         ServerMsg::Error { code, .. } => {
             m.errors
                 .get_or_create(&CodeLabel {
@@ -617,7 +641,18 @@ fn count(state: &AppState, msg: &ServerMsg) {
         }
         _ => return,
     };
-    m.relayed.get_or_create(&TypeLabel { r#type: kind }).inc();
+    match m.relayed_by_type.get(kind) {
+        Some(c) => {
+            c.inc();
+        }
+        None => {
+            m.relayed
+                .get_or_create(&TypeLabel {
+                    r#type: RELAYED_TYPES[kind],
+                })
+                .inc();
+        }
+    }
 }
 
 /// A message to this connection only.
