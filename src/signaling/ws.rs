@@ -32,7 +32,8 @@ use rand::Rng;
 use tokio::sync::{mpsc, Notify};
 
 use super::core::{
-    Beat, ConnId, CoreConfig, Effect, Heartbeat, RateLimiter, Rooms, Verdict, CLOSE_TAKEN_OVER,
+    constant_time_eq, Beat, ConnId, CoreConfig, Effect, Heartbeat, RateLimiter, Rooms, Verdict,
+    CLOSE_TAKEN_OVER,
 };
 use super::proto::{ClientMsg, ErrorCode, ServerMsg};
 use crate::app::{unix_now, AppState};
@@ -466,6 +467,10 @@ async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String
     let reason = match &ending {
         Ending::Close(_, r) | Ending::Gone(r) => *r,
     };
+    // Out of the core first, so messages for this peer go to its resume queue while
+    // the close handshake below takes its time.
+    let fx = sig.with_core(|core| core.disconnect(conn.id, Instant::now()));
+    apply(&state, None, fx);
     sig.metrics.connections.dec();
     sig.metrics
         .disconnects
@@ -498,8 +503,6 @@ async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String
         }
         Ending::Gone(_) => {}
     }
-    let fx = sig.with_core(|core| core.disconnect(conn.id, Instant::now()));
-    apply(&state, None, fx);
 }
 
 /// Runs a socket write unless the connection is told to close or the server stops
@@ -576,7 +579,10 @@ fn on_text(state: &Arc<AppState>, conn: &mut Conn, text: &str) -> Option<Ending>
                 None => {
                     let required = &state.config.rooms.password;
                     if !required.is_empty()
-                        && password.as_deref().map(str::as_bytes) != Some(required.as_bytes())
+                        && !constant_time_eq(
+                            password.as_deref().unwrap_or("").as_bytes(),
+                            required.as_bytes(),
+                        )
                     {
                         reply(state, conn, &ServerMsg::error(ErrorCode::BadPassword));
                         return None;
