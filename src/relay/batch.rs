@@ -66,9 +66,9 @@ impl RecvBatch {
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
-        for i in 0..n {
-            self.lens[i] = hdrs[i].msg_len as usize;
-            self.truncated[i] = hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        for (i, h) in hdrs.iter().take(n).enumerate() {
+            self.lens[i] = h.msg_len as usize;
+            self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         }
         Ok(n)
     }
