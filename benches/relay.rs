@@ -427,13 +427,13 @@ fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<
         let mut session = Session::new(&format!("bench{i}"));
         allocate(&mut link, &mut session)?;
         channel_bind(&mut link, &mut session, 0x4000, sink.addr)?;
-        links.push(link);
+        links.push((link, session));
     }
     let mut frame = vec![0u8; if tcp { (4 + size + 3) & !3 } else { 4 + size }];
     frame[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
     frame[2..4].copy_from_slice(&(size as u16).to_be_bytes());
     // Warm-up: one packet per allocation must arrive (readiness of every path).
-    for l in &mut links {
+    for (l, _) in &mut links {
         send_frames(l, &frame, 1)?;
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -448,30 +448,45 @@ fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<
     // Two sender threads share the allocations.
     let dur = secs();
     let start = Instant::now();
-    let mut groups: Vec<Vec<Link>> = vec![Vec::new(), Vec::new()];
+    let mut groups: Vec<Vec<(Link, Session)>> = vec![Vec::new(), Vec::new()];
     for (i, l) in links.into_iter().enumerate() {
         groups[i % 2].push(l);
     }
     let mut handles = Vec::new();
     for mut group in groups.into_iter().filter(|g| !g.is_empty()) {
         let frame = frame.clone();
-        handles.push(std::thread::spawn(move || -> Result<u64> {
-            let mut sent = 0u64;
-            let batch = if tcp { 16 } else { 1 };
-            while start.elapsed() < dur {
-                for l in group.iter_mut() {
-                    sent += send_frames(l, &frame, batch)?;
+        handles.push(std::thread::spawn(
+            move || -> Result<(u64, Vec<(Link, Session)>)> {
+                let mut sent = 0u64;
+                let batch = if tcp { 16 } else { 1 };
+                while start.elapsed() < dur {
+                    for (l, _) in group.iter_mut() {
+                        sent += send_frames(l, &frame, batch)?;
+                    }
                 }
-            }
-            Ok(sent)
-        }));
+                Ok((sent, group))
+            },
+        ));
     }
     let mut sent = 0;
+    let mut done = Vec::new();
     for h in handles {
-        sent += h.join().map_err(|_| anyhow!("sender panicked"))??;
+        let (n, group) = h.join().map_err(|_| anyhow!("sender panicked"))??;
+        sent += n;
+        done.extend(group);
     }
     let elapsed = start.elapsed().as_secs_f64();
     let got = sink.settle();
+    // Free the allocations so later runs do not meet their 5-tuples again.
+    for (mut link, mut session) in done {
+        if !tcp {
+            session.transact(
+                &mut link,
+                METHOD_REFRESH,
+                &[&Raw(ATTR_LIFETIME, vec![0, 0, 0, 0])],
+            )?;
+        }
+    }
     let loss = if sent == 0 {
         0.0
     } else {

@@ -8,12 +8,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::os::fd::AsRawFd;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{Credentials, Nonces, NONCE_TTL_MS};
+use super::batch;
 use super::core::{
     data_indication, Core, CoreConfig, Family, FiveTuple, Handled, RelaySockets, ToClient,
     Transport,
@@ -350,13 +353,36 @@ fn is_stun(b: &[u8]) -> bool {
     b.len() >= 20 && (b[0] & 0xC0) == 0 && b[4..8] == [0x21, 0x12, 0xA4, 0x42]
 }
 
+/// Forwards collected ChannelData payloads, one `sendmmsg` per run of packets that
+/// leave through the same relay socket.
+fn flush(fwd: &mut Vec<(Arc<RelaySocket>, SocketAddr, usize, usize)>, data: &[u8]) {
+    let mut i = 0;
+    while i < fwd.len() {
+        let sock = fwd[i].0.clone();
+        let mut items: Vec<(&[u8], SocketAddr)> = Vec::with_capacity(batch::BATCH);
+        while i < fwd.len() && Arc::ptr_eq(&fwd[i].0, &sock) && items.len() < batch::BATCH {
+            let (_, peer, off, len) = fwd[i];
+            items.push((&data[off..off + len], peer));
+            i += 1;
+        }
+        batch::send_batch(sock.socket.as_raw_fd(), &items);
+    }
+    fwd.clear();
+}
+
 async fn udp_loop(ctx: UdpCtx) {
-    let mut buf = vec![0u8; 65_536];
+    let mut rb = batch::RecvBatch::default();
+    let fd = ctx.socket.as_raw_fd();
+    // (relay socket, peer, offset, length) of ChannelData payloads to forward; offsets
+    // index the receive batch's buffer.
+    let mut fwd: Vec<(Arc<RelaySocket>, SocketAddr, usize, usize)> =
+        Vec::with_capacity(batch::BATCH);
+    let mut stun: Vec<usize> = Vec::with_capacity(batch::BATCH);
     loop {
-        let (n, from) = tokio::select! {
+        let n = tokio::select! {
             _ = ctx.stop.cancelled() => return,
-            r = ctx.socket.recv_from(&mut buf) => match r {
-                Ok(x) => x,
+            r = ctx.socket.async_io(Interest::READABLE, || rb.recv(fd)) => match r {
+                Ok(n) => n,
                 Err(e) => {
                     // ICMP errors surface here on Linux; they are not fatal.
                     tracing::debug!(error = %e, "turn udp recv");
@@ -364,27 +390,47 @@ async fn udp_loop(ctx: UdpCtx) {
                 }
             },
         };
-        let pkt = &buf[..n];
-        let five = FiveTuple {
-            client: from,
-            server: ctx.local,
-            transport: Transport::Udp,
-        };
-        if is_channel_data(pkt) {
-            let ch = u16::from_be_bytes([pkt[0], pkt[1]]);
-            let len = u16::from_be_bytes([pkt[2], pkt[3]]) as usize;
-            if 4 + len > n {
+        let now = now_ms();
+        {
+            let mut core = ctx.shared.core();
+            for i in 0..n {
+                let Some((pkt, from)) = rb.packet(i) else {
+                    continue;
+                };
+                if is_channel_data(pkt) {
+                    let five = FiveTuple {
+                        client: from,
+                        server: ctx.local,
+                        transport: Transport::Udp,
+                    };
+                    let ch = u16::from_be_bytes([pkt[0], pkt[1]]);
+                    let len = u16::from_be_bytes([pkt[2], pkt[3]]) as usize;
+                    if 4 + len > pkt.len() {
+                        continue;
+                    }
+                    if let Some((relay, peer)) = core.channel_data(&five, ch, len, now) {
+                        fwd.push((relay, peer, i * batch::SLOT + 4, len));
+                    }
+                } else if is_stun(pkt) {
+                    stun.push(i);
+                }
+            }
+        }
+        flush(&mut fwd, rb.bytes());
+        for &i in &stun {
+            let Some((pkt, from)) = rb.packet(i) else {
                 continue;
-            }
-            let target = ctx.shared.core().channel_data(&five, ch, len, now_ms());
-            if let Some((relay, peer)) = target {
-                let _ = relay.socket.try_send_to(&pkt[4..4 + len], peer);
-            }
-        } else if is_stun(pkt) {
-            let out = ctx.shared.core().handle_stun(pkt, five, now_ms());
+            };
+            let five = FiveTuple {
+                client: from,
+                server: ctx.local,
+                transport: Transport::Udp,
+            };
+            let out = ctx.shared.core().handle_stun(pkt, five, now);
             let sink = ClientSink::Udp(ctx.socket.clone(), from);
             act(out, &sink, &ctx.shared, &ctx.tasks, five).await;
         }
+        stun.clear();
     }
 }
 
@@ -572,6 +618,8 @@ where
     let sink = ClientSink::Stream(tx);
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut chunk = vec![0u8; 65_536];
+    let mut fwd: Vec<(Arc<RelaySocket>, SocketAddr, usize, usize)> =
+        Vec::with_capacity(batch::BATCH);
     'conn: loop {
         let read = tokio::select! {
             _ = state.shutdown.cancelled() => break,
@@ -604,16 +652,24 @@ where
                 let dlen = u16::from_be_bytes([frame[2], frame[3]]) as usize;
                 let target = shared.core().channel_data(&five, ch, dlen, now_ms());
                 if let Some((relay, peer)) = target {
-                    let _ = relay.socket.try_send_to(&frame[4..4 + dlen], peer);
+                    fwd.push((relay, peer, off + 4, dlen));
                 }
             } else if is_stun(frame) {
-                let out = shared.core().handle_stun(frame, five, now_ms());
+                // Keep order: data before a request goes out before it is handled.
+                flush(&mut fwd, &buf);
+                let out = shared
+                    .core()
+                    .handle_stun(&buf[off..off + len], five, now_ms());
                 act(out, &sink, &shared, &state.tasks, five).await;
             } else {
                 break 'conn;
             }
             off += len;
+            if fwd.len() >= batch::BATCH {
+                flush(&mut fwd, &buf);
+            }
         }
+        flush(&mut fwd, &buf);
         buf.drain(..off);
     }
     shared.core().client_gone(&five);

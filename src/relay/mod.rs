@@ -4,6 +4,7 @@
 //! the UDP, TCP and TLS listeners and the relay sockets ([`io`]).
 
 pub mod auth;
+pub mod batch;
 pub mod core;
 pub mod io;
 pub mod policy;
