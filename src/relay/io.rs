@@ -601,6 +601,50 @@ fn frame_len(b: &[u8]) -> Option<usize> {
     Some(if b.len() >= total { total } else { 0 })
 }
 
+/// Where [`forward_frames`] stopped.
+enum Next {
+    /// A STUN message of this length starts at the offset.
+    Stun(usize),
+    /// The rest is an incomplete frame.
+    More,
+    /// Not STUN or ChannelData: close the connection.
+    Bad,
+}
+
+/// Looks up consecutive ChannelData frames of a stream under one lock, collecting
+/// the payloads to forward; stops at a STUN message, an incomplete frame or garbage.
+fn forward_frames(
+    shared: &Shared,
+    five: &FiveTuple,
+    buf: &[u8],
+    off: &mut usize,
+    fwd: &mut Vec<(Arc<RelaySocket>, SocketAddr, usize, usize)>,
+) -> Next {
+    let now = now_ms();
+    let mut core = shared.core();
+    loop {
+        let rest = &buf[*off..];
+        let len = match frame_len(rest) {
+            None => return Next::Bad,
+            Some(0) => return Next::More,
+            Some(len) => len,
+        };
+        let frame = &rest[..len];
+        if is_channel_data(frame) {
+            let ch = u16::from_be_bytes([frame[0], frame[1]]);
+            let dlen = u16::from_be_bytes([frame[2], frame[3]]) as usize;
+            if let Some((relay, peer)) = core.channel_data(five, ch, dlen, now) {
+                fwd.push((relay, peer, *off + 4, dlen));
+            }
+            *off += len;
+        } else if is_stun(frame) {
+            return Next::Stun(len);
+        } else {
+            return Next::Bad;
+        }
+    }
+}
+
 async fn serve_stream<T>(stream: T, five: FiveTuple, shared: Arc<Shared>, state: Arc<AppState>)
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -639,34 +683,21 @@ where
         buf.extend_from_slice(&chunk[..n]);
         let mut off = 0;
         loop {
-            let rest = &buf[off..];
-            let Some(len) = frame_len(rest) else {
-                break 'conn;
-            };
-            if len == 0 {
-                break;
-            }
-            let frame = &rest[..len];
-            if is_channel_data(frame) {
-                let ch = u16::from_be_bytes([frame[0], frame[1]]);
-                let dlen = u16::from_be_bytes([frame[2], frame[3]]) as usize;
-                let target = shared.core().channel_data(&five, ch, dlen, now_ms());
-                if let Some((relay, peer)) = target {
-                    fwd.push((relay, peer, off + 4, dlen));
+            match forward_frames(&shared, &five, &buf, &mut off, &mut fwd) {
+                Next::More => break,
+                Next::Bad => {
+                    flush(&mut fwd, &buf);
+                    break 'conn;
                 }
-            } else if is_stun(frame) {
-                // Keep order: data before a request goes out before it is handled.
-                flush(&mut fwd, &buf);
-                let out = shared
-                    .core()
-                    .handle_stun(&buf[off..off + len], five, now_ms());
-                act(out, &sink, &shared, &state.tasks, five).await;
-            } else {
-                break 'conn;
-            }
-            off += len;
-            if fwd.len() >= batch::BATCH {
-                flush(&mut fwd, &buf);
+                Next::Stun(len) => {
+                    // Keep order: data before a request goes out before it is handled.
+                    flush(&mut fwd, &buf);
+                    let out = shared
+                        .core()
+                        .handle_stun(&buf[off..off + len], five, now_ms());
+                    act(out, &sink, &shared, &state.tasks, five).await;
+                    off += len;
+                }
             }
         }
         flush(&mut fwd, &buf);
