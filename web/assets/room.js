@@ -668,9 +668,18 @@ function renderUnread() {
   document.title = `${state.unread ? `(${state.unread}) ` : ''}${state.room} · meshmeet`;
 }
 
+/** server timestamps of the chat lines, in display order */
+/** @type {number[]} */
+const chatTs = [];
+
 /** @param {{from: string, name: string, text: string, ts: number}} m */
 function addChat(m) {
-  state.chatLog.push(m.text);
+  // Lines are shown in server-time order (ties keep arrival order).
+  const ts = typeof m.ts === 'number' ? m.ts : Date.now();
+  let at = chatTs.length;
+  while (at > 0 && chatTs[at - 1] > ts) at--;
+  chatTs.splice(at, 0, ts);
+  state.chatLog.splice(at, 0, m.text);
   const li = document.createElement('li');
   li.className = m.from === state.myId ? 'mine' : '';
   const head = document.createElement('div');
@@ -686,7 +695,7 @@ function addChat(m) {
   body.textContent = m.text;
   li.append(head, body);
   const list = $('chat-list');
-  list.appendChild(li);
+  list.insertBefore(li, list.children[at] || null);
   $('chat-empty').hidden = true;
   list.scrollTop = list.scrollHeight;
   if (!state.chatOpen && m.from !== state.myId) {
@@ -744,10 +753,10 @@ function rtcConfig(ice) {
 function addPeer(id, name) {
   const existing = state.peers.get(id);
   if (existing) return existing;
-  if (!state.ice || !state.myId) throw new Error('not joined');
+  if (!state.myId) throw new Error('not joined');
   // In each pair the id that sorts first (byte-wise) is the polite one.
   const polite = compareBytes(state.myId, id) < 0;
-  const p = new Peer(id, name, polite, rtcConfig(state.ice), {
+  const p = new Peer(id, name, polite, rtcConfig(state.ice || { iceServers: [] }), {
     send: (m) => signaling.send(m),
     onState: (peer) => renderPeer(peer),
     onTracks: (peer) => renderPeer(peer),
@@ -1064,8 +1073,8 @@ async function stats() {
   get limits() { return limits(); },
   get localVideoState() { return videoTrack()?.readyState || 'none'; },
   stats,
-  /** Closes the signaling socket as a network drop would (it resumes). */
-  dropSocket() { signaling.drop(); },
+  /** Closes the signaling socket as a network drop would; it resumes (after holdMs). */
+  dropSocket(/** @type {number} */ holdMs) { signaling.drop(holdMs); },
   toggleMic, toggleCam, toggleShare, leave, renewIce,
   /** @param {string} id */
   restartIce(id) { state.peers.get(id)?.restartIce(); },

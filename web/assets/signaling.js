@@ -172,8 +172,12 @@ export class Signaling {
     return true;
   }
 
-  /** Closes the socket without `leave` (as a network drop would); it reconnects. */
-  drop() {
+  /**
+   * Closes the socket without `leave` (as a network drop would); it reconnects,
+   * after `holdMs` if given (tests use it to make an outage last).
+   * @param {number} [holdMs]
+   */
+  drop(holdMs) {
     const ws = this.ws;
     if (!ws) return;
     this.ws = null;
@@ -184,7 +188,12 @@ export class Signaling {
     } catch {
       /* already closing */
     }
-    if (!this.stopped) this.scheduleRetry();
+    if (this.stopped) return;
+    if (holdMs) {
+      this.handlers.onState('reconnecting');
+      clearTimeout(this.retryTimer);
+      this.retryTimer = setTimeout(() => this.connect(), holdMs);
+    } else this.scheduleRetry();
   }
 
   /** Sends `leave` and stops reconnecting; the socket stays open for a later join. */
