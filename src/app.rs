@@ -292,5 +292,5 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }

@@ -32,7 +32,8 @@ use rand::Rng;
 use tokio::sync::{mpsc, Notify};
 
 use super::core::{
-    Beat, ConnId, CoreConfig, Effect, Heartbeat, RateLimiter, Rooms, Verdict, CLOSE_TAKEN_OVER,
+    constant_time_eq, Beat, ConnId, CoreConfig, Effect, Heartbeat, RateLimiter, Rooms, Verdict,
+    CLOSE_TAKEN_OVER,
 };
 use super::proto::{ClientMsg, ErrorCode, ServerMsg};
 use crate::app::{unix_now, AppState};
@@ -94,11 +95,20 @@ pub struct SignalingMetrics {
     pub relayed: Family<TypeLabel, Counter>,
     pub errors: Family<CodeLabel, Counter>,
     pub disconnects: Family<ReasonLabel, Counter>,
+    /// The `relayed` counters of [`RELAYED_TYPES`], fetched once (hot path).
+    relayed_by_type: Vec<Counter>,
 }
+
+/// Message types counted in `meshmeet_signaling_messages`.
+const RELAYED_TYPES: [&str; 5] = ["offer", "answer", "candidate", "media", "chat"];
 
 impl SignalingMetrics {
     pub fn register(registry: &mut Registry) -> SignalingMetrics {
-        let m = SignalingMetrics::default();
+        let mut m = SignalingMetrics::default();
+        m.relayed_by_type = RELAYED_TYPES
+            .iter()
+            .map(|t| m.relayed.get_or_create(&TypeLabel { r#type: t }).clone())
+            .collect();
         registry.register("meshmeet_rooms", "Rooms with peers", m.rooms.clone());
         registry.register(
             "meshmeet_peers",
@@ -383,8 +393,16 @@ async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String
     sig.metrics.connections.inc();
     let shutdown = state.shutdown.clone();
 
+    let mut deadline = heartbeat.deadline();
+    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+    tokio::pin!(timer);
     let ending = loop {
-        let deadline = tokio::time::Instant::from_std(heartbeat.deadline());
+        if heartbeat.deadline() != deadline {
+            deadline = heartbeat.deadline();
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(deadline));
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ending::Close(CLOSE_GOING_AWAY, Reason::Shutdown),
@@ -392,8 +410,15 @@ async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String
                 let code = close.code.load(Ordering::Acquire);
                 break Ending::Close(code, Reason::of_code(code));
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                match heartbeat.poll(Instant::now()) {
+            _ = &mut timer => {
+                let now = Instant::now();
+                let beat = heartbeat.poll(now);
+                // Re-arm now: a finished timer would fire again at once.
+                deadline = heartbeat.deadline();
+                timer.as_mut().reset(tokio::time::Instant::from_std(
+                    deadline.max(now + Duration::from_millis(1)),
+                ));
+                match beat {
                     Beat::Wait => {}
                     Beat::TimedOut => break Ending::Gone(Reason::Timeout),
                     Beat::Ping => {
@@ -442,6 +467,10 @@ async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String
     let reason = match &ending {
         Ending::Close(_, r) | Ending::Gone(r) => *r,
     };
+    // Out of the core first, so messages for this peer go to its resume queue while
+    // the close handshake below takes its time.
+    let fx = sig.with_core(|core| core.disconnect(conn.id, Instant::now()));
+    apply(&state, None, fx);
     sig.metrics.connections.dec();
     sig.metrics
         .disconnects
@@ -474,8 +503,6 @@ async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String
         }
         Ending::Gone(_) => {}
     }
-    let fx = sig.with_core(|core| core.disconnect(conn.id, Instant::now()));
-    apply(&state, None, fx);
 }
 
 /// Runs a socket write unless the connection is told to close or the server stops
@@ -552,7 +579,10 @@ fn on_text(state: &Arc<AppState>, conn: &mut Conn, text: &str) -> Option<Ending>
                 None => {
                     let required = &state.config.rooms.password;
                     if !required.is_empty()
-                        && password.as_deref().map(str::as_bytes) != Some(required.as_bytes())
+                        && !constant_time_eq(
+                            password.as_deref().unwrap_or("").as_bytes(),
+                            required.as_bytes(),
+                        )
                     {
                         reply(state, conn, &ServerMsg::error(ErrorCode::BadPassword));
                         return None;
@@ -602,11 +632,11 @@ fn bad_message(state: &AppState, conn: &mut Conn, now: Instant) -> Option<Ending
 fn count(state: &AppState, msg: &ServerMsg) {
     let m = &state.signaling.metrics;
     let kind = match msg {
-        ServerMsg::Offer { .. } => "offer",
-        ServerMsg::Answer { .. } => "answer",
-        ServerMsg::Candidate { .. } => "candidate",
-        ServerMsg::Media { .. } => "media",
-        ServerMsg::Chat { .. } => "chat",
+        ServerMsg::Offer { .. } => 0,
+        ServerMsg::Answer { .. } => 1,
+        ServerMsg::Candidate { .. } => 2,
+        ServerMsg::Media { .. } => 3,
+        ServerMsg::Chat { .. } => 4,
         ServerMsg::Error { code, .. } => {
             m.errors
                 .get_or_create(&CodeLabel {
@@ -617,7 +647,18 @@ fn count(state: &AppState, msg: &ServerMsg) {
         }
         _ => return,
     };
-    m.relayed.get_or_create(&TypeLabel { r#type: kind }).inc();
+    match m.relayed_by_type.get(kind) {
+        Some(c) => {
+            c.inc();
+        }
+        None => {
+            m.relayed
+                .get_or_create(&TypeLabel {
+                    r#type: RELAYED_TYPES[kind],
+                })
+                .inc();
+        }
+    }
 }
 
 /// A message to this connection only.
