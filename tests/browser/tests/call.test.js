@@ -174,6 +174,7 @@ test('chat reaches everyone in order, with an unread count', async () => {
   await pages[3].fill('#chat-input', '안녕하세요 everyone');
   await pages[3].press('#chat-input', 'Enter');
   await pages[0].waitForFunction(() => /** @type {any} */ (window).meshmeet.chatLog.includes('안녕하세요 everyone'));
+  await pages[3].screenshot({ path: join(ensureArtifacts(), 'chat.png') });
   const unread = await pages[0].textContent('#unread');
   assert.equal(unread, '19', 'eighteen lines from the others plus one typed');
   await pages[3].click('#chat-close');
