@@ -1128,6 +1128,8 @@ function init() {
       closeAllPeers();
     }
   });
+  // Back from the back/forward cache after leaving on pagehide: start afresh.
+  window.addEventListener('pageshow', (e) => { if (e.persisted) location.reload(); });
   navigator.mediaDevices?.addEventListener?.('devicechange', () => { fillDeviceLists(); });
   show('preview');
   renderControls();
