@@ -834,8 +834,19 @@ function onSignalingState(s) {
   }
 }
 
+/** room messages that arrived before our own `joined` */
+/** @type {{type: string, [k: string]: any}[]} */
+let early = [];
+const ROOM_TYPES = new Set(['peer_joined', 'peer_left', 'offer', 'answer', 'candidate', 'media', 'chat']);
+
 /** @param {{type: string, [k: string]: any}} m */
 function onMessage(m) {
+  // The server may deliver another member's message before our own `joined`;
+  // hold it until we know who we are.
+  if (!state.inCall && ROOM_TYPES.has(m.type)) {
+    if (early.length < 256) early.push(m);
+    return;
+  }
   switch (m.type) {
     case 'joined': return onJoined(m);
     case 'peer_joined': {
@@ -924,6 +935,12 @@ function onJoined(m) {
   renderCount();
   sendMedia();
   layout();
+  const held = early;
+  early = [];
+  for (const e of held) {
+    if (e.type === 'peer_joined' && (state.peers.has(e.id) || e.id === state.myId)) continue;
+    onMessage(e);
+  }
 }
 
 /** @param {{type: string, [k: string]: any}} m */
