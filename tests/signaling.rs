@@ -240,6 +240,47 @@ async fn error_codes() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everyone_sees_chat_in_the_same_order() {
+    let server = TestServer::start().await;
+    let mut a = connect(&server).await;
+    let mut b = connect(&server).await;
+    let mut c = connect(&server).await;
+    a.join("chat").await;
+    b.join("chat").await;
+    c.join("chat").await;
+    a.recv_type("peer_joined").await;
+    a.recv_type("peer_joined").await;
+    b.recv_type("peer_joined").await;
+    let send = |mut cl: ws_client::Client, tag: &'static str| {
+        tokio::spawn(async move {
+            for i in 0..50 {
+                cl.send(json!({"type": "chat", "text": format!("{tag}{i}")}))
+                    .await;
+            }
+            cl
+        })
+    };
+    let (ta, tb) = (send(a, "a"), send(b, "b"));
+    let mut a = ta.await.unwrap();
+    let mut b = tb.await.unwrap();
+    let mut orders = Vec::new();
+    for cl in [&mut a, &mut b, &mut c] {
+        let mut lines = Vec::new();
+        while lines.len() < 100 {
+            let m = cl.recv_type("chat").await;
+            lines.push((
+                m["text"].as_str().unwrap().to_string(),
+                m["ts"].as_u64().unwrap(),
+            ));
+        }
+        orders.push(lines);
+    }
+    assert_eq!(orders[0], orders[1]);
+    assert_eq!(orders[0], orders[2]);
+    assert!(orders[0].windows(2).all(|w| w[0].1 <= w[1].1));
+}
+
 #[tokio::test]
 async fn room_password() {
     let server = TestServer::start_with(|c| c.rooms.password = "hunter22".into()).await;

@@ -3,9 +3,10 @@
 //!
 //! Each connection has a bounded outgoing queue ([`QUEUE_LEN`] messages). Others put
 //! messages there with `try_send`, never waiting: a full queue means the reader is too
-//! slow, and it is closed with 1013 while everyone else carries on. The core's lock is
-//! held only for the core call; serializing and queueing happen after it, once per
-//! message however many peers receive it.
+//! slow, and it is closed with 1013 while everyone else carries on. Each message is
+//! serialized once however many peers receive it. Relayed `offer`/`answer`/`candidate`
+//! (the hot path) are serialized and queued after the rooms lock is released; room
+//! events and chat are queued before it is, so every peer sees them in one order.
 //!
 //! A request without an `Origin` header is allowed: browsers always send one on a
 //! WebSocket upgrade, so a missing Origin means a non-browser client, which cross-site
@@ -469,8 +470,9 @@ async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String
     };
     // Out of the core first, so messages for this peer go to its resume queue while
     // the close handshake below takes its time.
-    let fx = sig.with_core(|core| core.disconnect(conn.id, Instant::now()));
-    apply(&state, None, fx);
+    ordered(&state, None, |core| {
+        core.disconnect(conn.id, Instant::now())
+    });
     sig.metrics.connections.dec();
     sig.metrics
         .disconnects
@@ -566,7 +568,8 @@ fn on_text(state: &Arc<AppState>, conn: &mut Conn, text: &str) -> Option<Ending>
     };
     let id = conn.id;
     let h = &conn.handle;
-    let fx = match msg {
+    let host = conn.host.as_deref();
+    let bad = match msg {
         ClientMsg::Ping => {
             reply(state, conn, &ServerMsg::Pong);
             return None;
@@ -594,27 +597,19 @@ fn on_text(state: &Arc<AppState>, conn: &mut Conn, text: &str) -> Option<Ending>
             reply(state, conn, &ServerMsg::Ice { ice });
             return None;
         }
-        ClientMsg::Join(req) => sig.with_core(|c| c.join(id, h.clone(), req, now)),
         ClientMsg::Relay { kind, to, payload } => {
-            sig.with_core(|c| c.relay(id, h, kind, &to, payload))
+            // Relays are the hot path: serialized and queued after the lock. Each
+            // sender's relays stay in order (this task handles its frames one by one).
+            let fx = sig.with_core(|c| c.relay(id, h, kind, &to, payload));
+            let bad = has_bad_message(&fx);
+            finish(state, apply(state, host, fx));
+            bad
         }
-        ClientMsg::Media(m) => sig.with_core(|c| c.media(id, h, m)),
-        ClientMsg::Chat { text } => sig.with_core(|c| c.chat(id, h, &text, unix_ms())),
-        ClientMsg::Leave => sig.with_core(|c| c.leave(id, h)),
+        ClientMsg::Join(req) => ordered(state, host, |c| c.join(id, h.clone(), req, now)),
+        ClientMsg::Media(m) => ordered(state, host, |c| c.media(id, h, m)),
+        ClientMsg::Chat { text } => ordered(state, host, |c| c.chat(id, h, &text, unix_ms())),
+        ClientMsg::Leave => ordered(state, host, |c| c.leave(id, h)),
     };
-    let bad = fx.iter().any(|e| {
-        matches!(
-            e,
-            Effect::Send(
-                _,
-                ServerMsg::Error {
-                    code: ErrorCode::BadMessage,
-                    ..
-                }
-            )
-        )
-    });
-    apply(state, conn.host.as_deref(), fx);
     if bad && conn.limiter.bad_message(now) {
         return Some(Ending::Close(CLOSE_POLICY, Reason::Policy));
     }
@@ -667,9 +662,53 @@ fn reply(state: &AppState, conn: &Conn, msg: &ServerMsg) {
     conn.handle.send(Utf8Bytes::from(msg.to_json()));
 }
 
-/// Carries out the core's effects (outside its lock). `host` is the Host header of the
-/// connection that caused them, for the ICE config in `joined`.
-fn apply(state: &Arc<AppState>, host: Option<&str>, effects: Vec<Effect<ConnHandle>>) {
+fn has_bad_message(fx: &[Effect<ConnHandle>]) -> bool {
+    fx.iter().any(|e| {
+        matches!(
+            e,
+            Effect::Send(
+                _,
+                ServerMsg::Error {
+                    code: ErrorCode::BadMessage,
+                    ..
+                }
+            )
+        )
+    })
+}
+
+/// Runs a core call and queues its messages before releasing the lock, so that every
+/// peer sees joins, leaves, media and chat in the core's order (and `joined` before
+/// any `peer_joined`). Returns whether the caller got a `bad_message`.
+fn ordered(
+    state: &Arc<AppState>,
+    host: Option<&str>,
+    f: impl FnOnce(&mut Rooms<ConnHandle>) -> Vec<Effect<ConnHandle>>,
+) -> bool {
+    let (bad, gone) = state.signaling.with_core(|core| {
+        let fx = f(core);
+        (has_bad_message(&fx), apply(state, host, fx))
+    });
+    finish(state, gone);
+    bad
+}
+
+/// Tells the relay about peers gone for good (outside the rooms lock).
+fn finish(state: &AppState, gone: Vec<Arc<str>>) {
+    for id in gone {
+        state.peer_events.peer_gone(&id);
+    }
+}
+
+/// Carries out the core's effects: serializes each message once and queues it for its
+/// recipients. `host` is the Host header of the connection that caused them, for the
+/// ICE config in `joined`. Returns the peers gone for good, for [`finish`].
+fn apply(
+    state: &Arc<AppState>,
+    host: Option<&str>,
+    effects: Vec<Effect<ConnHandle>>,
+) -> Vec<Arc<str>> {
+    let mut gone = Vec::new();
     for effect in effects {
         match effect {
             Effect::Send(targets, mut msg) => {
@@ -683,10 +722,11 @@ fn apply(state: &Arc<AppState>, host: Option<&str>, effects: Vec<Effect<ConnHand
                 }
             }
             Effect::Close(h, code) => h.close(code),
-            Effect::PeerGone(id) => state.peer_events.peer_gone(&id),
+            Effect::PeerGone(id) => gone.push(id),
             Effect::ExpireAt(at) => schedule_expiry(state, at),
         }
     }
+    gone
 }
 
 /// Ends the resume grace at `at` (unless the server stops first).
@@ -695,8 +735,7 @@ fn schedule_expiry(state: &Arc<AppState>, at: Instant) {
     state.tasks.spawn(async move {
         tokio::select! {
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
-                let fx = st.signaling.with_core(|c| c.expire(Instant::now()));
-                apply(&st, None, fx);
+                ordered(&st, None, |c| c.expire(Instant::now()));
             }
             _ = st.shutdown.cancelled() => {}
         }
