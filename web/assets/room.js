@@ -668,18 +668,10 @@ function renderUnread() {
   document.title = `${state.unread ? `(${state.unread}) ` : ''}${state.room} · meshmeet`;
 }
 
-/** server timestamps of the chat lines, in display order */
-/** @type {number[]} */
-const chatTs = [];
-
 /** @param {{from: string, name: string, text: string, ts: number}} m */
 function addChat(m) {
-  // Lines are shown in server-time order (ties keep arrival order).
-  const ts = typeof m.ts === 'number' ? m.ts : Date.now();
-  let at = chatTs.length;
-  while (at > 0 && chatTs[at - 1] > ts) at--;
-  chatTs.splice(at, 0, ts);
-  state.chatLog.splice(at, 0, m.text);
+  // Lines are shown in the order the server sent them (the same for everyone).
+  state.chatLog.push(m.text);
   const li = document.createElement('li');
   li.className = m.from === state.myId ? 'mine' : '';
   const head = document.createElement('div');
@@ -687,7 +679,7 @@ function addChat(m) {
   const who = document.createElement('strong');
   who.textContent = m.from === state.myId ? t('you') : m.name;
   const when = document.createElement('time');
-  const d = new Date(m.ts);
+  const d = new Date(typeof m.ts === 'number' ? m.ts : Date.now());
   when.dateTime = d.toISOString();
   when.textContent = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
   head.append(who, when);
@@ -695,7 +687,7 @@ function addChat(m) {
   body.textContent = m.text;
   li.append(head, body);
   const list = $('chat-list');
-  list.insertBefore(li, list.children[at] || null);
+  list.appendChild(li);
   $('chat-empty').hidden = true;
   list.scrollTop = list.scrollHeight;
   if (!state.chatOpen && m.from !== state.myId) {
@@ -1074,7 +1066,7 @@ async function stats() {
     });
     const path = await p.selectedPath().catch(() => null);
     out[p.id] = {
-      name: p.name, serial: p.serial, state: p.state, connectionState: p.pc.connectionState,
+      id: p.id, name: p.name, serial: p.serial, state: p.state, connectionState: p.pc.connectionState,
       framesDecoded, audioPackets, screenFrames, path, media: p.media,
     };
   }
