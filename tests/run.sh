@@ -10,6 +10,8 @@ need_apt=()
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v turnutils_uclient >/dev/null || need_apt+=(coturn)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# The browser tests run the server and Chromium in a network namespace (ip netns).
+command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

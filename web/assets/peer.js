@@ -62,6 +62,9 @@ export class Peer {
     this.attached = false;
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this.restartTimer = undefined;
+    /** re-reads the selected candidate pair now and then (it can change) */
+    /** @type {ReturnType<typeof setInterval>|undefined} */
+    this.pathTimer = undefined;
     this.pc = new RTCPeerConnection(config);
     this.wire();
   }
@@ -255,6 +258,7 @@ export class Peer {
       this.restartTimer = undefined;
       next = this.state === 'relay' || this.state === 'direct' ? this.state : 'direct';
       this.detectPath();
+      if (!this.pathTimer) this.pathTimer = setInterval(() => this.detectPath(), 3000);
     } else if (cs === 'disconnected') {
       next = 'reconnecting';
       if (!this.restartTimer) {
@@ -285,8 +289,10 @@ export class Peer {
     try {
       const path = await this.selectedPath();
       if (!path || this.closed) return;
+      const cs = this.pc.connectionState;
+      if (cs !== 'connected') return;
       const next = path.local === 'relay' || path.remote === 'relay' ? 'relay' : 'direct';
-      if (next !== this.state && (this.state === 'direct' || this.state === 'relay' || this.state === 'connecting' || this.state === 'reconnecting')) {
+      if (next !== this.state) {
         this.state = next;
         this.hooks.onState(this);
       }
@@ -358,6 +364,7 @@ export class Peer {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.restartTimer);
+    clearInterval(this.pathTimer);
     this.pc.onnegotiationneeded = null;
     this.pc.onicecandidate = null;
     this.pc.ontrack = null;

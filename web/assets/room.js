@@ -670,6 +670,7 @@ function renderUnread() {
 
 /** @param {{from: string, name: string, text: string, ts: number}} m */
 function addChat(m) {
+  // Lines are shown in the order the server sent them (the same for everyone).
   state.chatLog.push(m.text);
   const li = document.createElement('li');
   li.className = m.from === state.myId ? 'mine' : '';
@@ -678,7 +679,7 @@ function addChat(m) {
   const who = document.createElement('strong');
   who.textContent = m.from === state.myId ? t('you') : m.name;
   const when = document.createElement('time');
-  const d = new Date(m.ts);
+  const d = new Date(typeof m.ts === 'number' ? m.ts : Date.now());
   when.dateTime = d.toISOString();
   when.textContent = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
   head.append(who, when);
@@ -744,10 +745,10 @@ function rtcConfig(ice) {
 function addPeer(id, name) {
   const existing = state.peers.get(id);
   if (existing) return existing;
-  if (!state.ice || !state.myId) throw new Error('not joined');
+  if (!state.myId) throw new Error('not joined');
   // In each pair the id that sorts first (byte-wise) is the polite one.
   const polite = compareBytes(state.myId, id) < 0;
-  const p = new Peer(id, name, polite, rtcConfig(state.ice), {
+  const p = new Peer(id, name, polite, rtcConfig(state.ice || { iceServers: [] }), {
     send: (m) => signaling.send(m),
     onState: (peer) => renderPeer(peer),
     onTracks: (peer) => renderPeer(peer),
@@ -825,8 +826,19 @@ function onSignalingState(s) {
   }
 }
 
+/** room messages that arrived before our own `joined` */
+/** @type {{type: string, [k: string]: any}[]} */
+let early = [];
+const ROOM_TYPES = new Set(['peer_joined', 'peer_left', 'offer', 'answer', 'candidate', 'media', 'chat']);
+
 /** @param {{type: string, [k: string]: any}} m */
 function onMessage(m) {
+  // The server may deliver another member's message before our own `joined`;
+  // hold it until we know who we are.
+  if (!state.inCall && ROOM_TYPES.has(m.type)) {
+    if (early.length < 256) early.push(m);
+    return;
+  }
   switch (m.type) {
     case 'joined': return onJoined(m);
     case 'peer_joined': {
@@ -915,6 +927,12 @@ function onJoined(m) {
   renderCount();
   sendMedia();
   layout();
+  const held = early;
+  early = [];
+  for (const e of held) {
+    if (e.type === 'peer_joined' && (state.peers.has(e.id) || e.id === state.myId)) continue;
+    onMessage(e);
+  }
 }
 
 /** @param {{type: string, [k: string]: any}} m */
@@ -1048,7 +1066,7 @@ async function stats() {
     });
     const path = await p.selectedPath().catch(() => null);
     out[p.id] = {
-      name: p.name, serial: p.serial, state: p.state, connectionState: p.pc.connectionState,
+      id: p.id, name: p.name, serial: p.serial, state: p.state, connectionState: p.pc.connectionState,
       framesDecoded, audioPackets, screenFrames, path, media: p.media,
     };
   }
@@ -1064,8 +1082,8 @@ async function stats() {
   get limits() { return limits(); },
   get localVideoState() { return videoTrack()?.readyState || 'none'; },
   stats,
-  /** Closes the signaling socket as a network drop would (it resumes). */
-  dropSocket() { signaling.drop(); },
+  /** Closes the signaling socket as a network drop would; it resumes (after holdMs). */
+  dropSocket(/** @type {number} */ holdMs) { signaling.drop(holdMs); },
   toggleMic, toggleCam, toggleShare, leave, renewIce,
   /** @param {string} id */
   restartIce(id) { state.peers.get(id)?.restartIce(); },
@@ -1119,6 +1137,8 @@ function init() {
       closeAllPeers();
     }
   });
+  // Back from the back/forward cache after leaving on pagehide: start afresh.
+  window.addEventListener('pageshow', (e) => { if (e.persisted) location.reload(); });
   navigator.mediaDevices?.addEventListener?.('devicechange', () => { fillDeviceLists(); });
   show('preview');
   renderControls();

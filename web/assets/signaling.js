@@ -42,6 +42,8 @@ export class Signaling {
     this.everOpened = false;
     this.attempt = 0;
     this.lastHeard = 0;
+    /** when the oldest ping not yet answered was sent (0: none) */
+    this.pingSince = 0;
     /** @type {ReturnType<typeof setInterval>|undefined} */
     this.pinger = undefined;
     /** @type {ReturnType<typeof setTimeout>|undefined} */
@@ -70,6 +72,7 @@ export class Signaling {
       this.everOpened = true;
       this.attempt = 0;
       this.lastHeard = Date.now();
+      this.pingSince = 0;
       if (this.joinFields) this.sendJoin();
       clearInterval(this.pinger);
       this.pinger = setInterval(() => this.keepAlive(), PING_EVERY_MS);
@@ -123,11 +126,16 @@ export class Signaling {
 
   keepAlive() {
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return;
-    if (Date.now() - this.lastHeard > SILENCE_LIMIT_MS) {
-      // The server has gone quiet: treat the socket as dead and resume on a new one.
+    const now = Date.now();
+    const unanswered = this.pingSince > 0 && this.lastHeard < this.pingSince;
+    if (unanswered && now - this.pingSince > SILENCE_LIMIT_MS) {
+      // A ping went unanswered: treat the socket as dead and resume on a new one.
+      // (Only an unanswered ping counts: timers in background tabs may run just once
+      // a minute, which alone is no sign of a dead socket.)
       this.drop();
       return;
     }
+    if (!unanswered) this.pingSince = now;
     this.ws.send(JSON.stringify({ type: 'ping' }));
   }
 
@@ -172,8 +180,12 @@ export class Signaling {
     return true;
   }
 
-  /** Closes the socket without `leave` (as a network drop would); it reconnects. */
-  drop() {
+  /**
+   * Closes the socket without `leave` (as a network drop would); it reconnects,
+   * after `holdMs` if given (tests use it to make an outage last).
+   * @param {number} [holdMs]
+   */
+  drop(holdMs) {
     const ws = this.ws;
     if (!ws) return;
     this.ws = null;
@@ -184,7 +196,12 @@ export class Signaling {
     } catch {
       /* already closing */
     }
-    if (!this.stopped) this.scheduleRetry();
+    if (this.stopped) return;
+    if (holdMs) {
+      this.handlers.onState('reconnecting');
+      clearTimeout(this.retryTimer);
+      this.retryTimer = setTimeout(() => this.connect(), holdMs);
+    } else this.scheduleRetry();
   }
 
   /** Sends `leave` and stops reconnecting; the socket stays open for a later join. */

@@ -205,28 +205,58 @@ export async function participant(browser, url, name, opts = {}) {
   page.on('pageerror', (e) => errors.push(String(e)));
   page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
   await page.goto(url);
-  await page.waitForFunction(() => document.body.dataset.ready === 'true', null, { timeout: 20000 });
+  await page.waitForFunction(() => document.body.dataset.ready === 'true', null, { timeout: 40000 });
   await page.fill('#name', name);
   if (opts.join !== false) await page.click('#join-btn');
   return { page, context, name, errors };
 }
 
 /**
+ * Polls an async check in the page until it returns true. (Playwright's
+ * waitForFunction does not await a predicate's promise, so async checks such as
+ * getStats() go through here.)
+ * @template A
+ * @param {import('playwright-core').Page} page
+ * @param {(arg: A) => Promise<boolean>} fn
+ * @param {A} arg
+ * @param {{timeout?: number, interval?: number, what?: string}} [opts]
+ */
+export async function pollPage(page, fn, arg, opts = {}) {
+  const timeout = opts.timeout ?? 30000;
+  const interval = opts.interval ?? 250;
+  const deadline = Date.now() + timeout;
+  /** @type {any} */
+  let last = null;
+  for (;;) {
+    try {
+      // @ts-ignore: playwright's evaluate typing of generic functions
+      if (await page.evaluate(fn, arg)) return;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeout} ms waiting for ${opts.what || 'page condition'}${last ? `: ${last}` : ''}`);
+    }
+    await new Promise((r) => setTimeout(r, interval));
+  }
+}
+
+/**
  * Waits until every page is in the call with `n - 1` peers whose video frames and
- * audio packets are rising.
+ * audio packets are rising (getStats), then returns each page's stats.
  * @param {import('playwright-core').Page[]} pages
  * @param {number} n
  */
-export async function waitForMedia(pages, n, timeout = 45000) {
-  await Promise.all(pages.map((p) => p.waitForFunction(async (want) => {
+export async function waitForMedia(pages, n, timeout = 60000) {
+  await Promise.all(pages.map((p) => pollPage(p, async (want) => {
     const mm = /** @type {any} */ (window).meshmeet;
     if (!mm || !mm.inCall || mm.peers.size !== want) return false;
     const a = await mm.stats();
-    await new Promise((r) => setTimeout(r, 400));
+    await new Promise((r) => setTimeout(r, 500));
     const b = await mm.stats();
     return Object.keys(b).length === want && Object.keys(b).every((id) => a[id] &&
       b[id].framesDecoded > a[id].framesDecoded && b[id].audioPackets > a[id].audioPackets);
-  }, n - 1, { timeout, polling: 300 })));
+  }, n - 1, { timeout, what: `media flowing from ${n - 1} peers` })));
 }
 
 export function ensureArtifacts() {

@@ -4,7 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { Netns, Server, launchBrowser, waitForMedia, ensureArtifacts } from '../lib/harness.js';
+import { Netns, Server, launchBrowser, pollPage, ensureArtifacts } from '../lib/harness.js';
 
 /** @type {Netns} */ let ns;
 /** @type {Server} */ let server;
@@ -106,14 +106,14 @@ test('camera and microphone denied: join receive-only and still see the others',
   await viewer.page.fill('#pw-input', PASSWORD);
   await viewer.page.click('#pw-form button');
   // The viewer decodes the sender's video and audio.
-  await viewer.page.waitForFunction(async () => {
+  await pollPage(viewer.page, async () => {
     const mm = /** @type {any} */ (window).meshmeet;
     if (!mm.inCall || mm.peers.size !== 1) return false;
     const a = Object.values(await mm.stats())[0];
-    await new Promise((r) => setTimeout(r, 400));
+    await new Promise((r) => setTimeout(r, 500));
     const b = Object.values(await mm.stats())[0];
     return b.framesDecoded > a.framesDecoded && b.audioPackets > a.audioPackets;
-  }, null, { timeout: 30000, polling: 300 });
+  }, null, { timeout: 30000, what: 'media from the sender' });
   // The sender sees the viewer as connected, with no camera and no microphone.
   await sender.page.waitForFunction(() => {
     const el = document.querySelector('.tile:not(.self)');
