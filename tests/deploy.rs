@@ -247,9 +247,14 @@ fn installed_binary_serves_the_installed_config() {
     let mut port = None;
     let mut stun = None;
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
     while port.is_none() || stun.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("banner lines");
+        let Ok(line) = rx.recv_timeout(left) else {
+            let status = child.try_wait();
+            panic!("no banner; exit {status:?}; log:\n{}", seen.join("\n"));
+        };
+        seen.push(line.clone());
         if let Some(rest) = line.split("open https://localhost:").nth(1) {
             port = rest.split('/').next().and_then(|p| p.parse::<u16>().ok());
         }

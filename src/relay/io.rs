@@ -225,6 +225,31 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
+/// UDP and TCP on the same port, so one port number serves both. With port 0 the
+/// kernel picks the UDP port, which TCP may already hold elsewhere: try again a few
+/// times before giving up.
+fn bind_udp_and_tcp(listen: SocketAddr) -> anyhow::Result<(UdpSocket, SocketAddr, TcpListener)> {
+    let attempts = if listen.port() == 0 { 20 } else { 1 };
+    let mut last_err = None;
+    for _ in 0..attempts {
+        let udp = bind_udp(listen)
+            .with_context(|| format!("cannot listen on {listen} (UDP, turn.listen)"))?;
+        let udp_addr = udp.local_addr()?;
+        let tcp_addr = SocketAddr::new(listen.ip(), udp_addr.port());
+        match bind_tcp(tcp_addr) {
+            Ok(tcp) => return Ok((udp, udp_addr, tcp)),
+            Err(e) => last_err = Some((tcp_addr, e)),
+        }
+    }
+    match last_err {
+        Some((addr, e)) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("cannot listen on {addr} (TCP, turn.listen)")))
+        }
+        None => Err(anyhow::anyhow!("cannot listen on {listen} (turn.listen)")),
+    }
+}
+
 impl Relay {
     /// Binds the listeners (UDP and TCP on `turn.listen`, TLS on `turn.tls_listen`).
     pub async fn bind(
@@ -233,13 +258,7 @@ impl Relay {
         metrics: RelayMetrics,
     ) -> anyhow::Result<Relay> {
         let listen = cfg.turn_listen()?;
-        let udp = bind_udp(listen)
-            .with_context(|| format!("cannot listen on {listen} (UDP, turn.listen)"))?;
-        let udp_addr = udp.local_addr()?;
-        // TCP on the same port as UDP, so one port number serves both.
-        let tcp_addr = SocketAddr::new(listen.ip(), udp_addr.port());
-        let tcp = bind_tcp(tcp_addr)
-            .with_context(|| format!("cannot listen on {tcp_addr} (TCP, turn.listen)"))?;
+        let (udp, udp_addr, tcp) = bind_udp_and_tcp(listen)?;
         let tls = match cfg.turn_tls_listen()? {
             Some(a) => Some(
                 bind_tcp(a)
