@@ -296,7 +296,9 @@ async fn upgrade(
     let tasks = state.tasks.clone();
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(4096)
+        // Small buffers: signaling messages are small, and an idle connection should
+        // cost little (rustls keeps its own buffers below this).
+        .read_buffer_size(1024)
         .write_buffer_size(8192)
         .max_write_buffer_size(max.saturating_mul(4).max(1 << 20))
         .on_upgrade(move |socket| tasks.track_future(connection(socket, state, host)))
