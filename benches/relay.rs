@@ -540,13 +540,16 @@ fn allocation_rate(server: &Server) -> Result<f64> {
                 while start.elapsed() < dur {
                     let mut link = Link::open(addr, false)?;
                     let mut session = Session::new(&format!("alloc{t}"));
-                    allocate(&mut link, &mut session)?;
-                    session.transact(
-                        &mut link,
-                        METHOD_REFRESH,
-                        &[&Raw(ATTR_LIFETIME, vec![0, 0, 0, 0])],
-                    )?;
-                    n += 1;
+                    // A fresh socket may reuse the port of a 5-tuple the server still
+                    // remembers (437); only completed allocations count.
+                    if allocate(&mut link, &mut session).is_ok() {
+                        n += 1;
+                        let _ = session.transact(
+                            &mut link,
+                            METHOD_REFRESH,
+                            &[&Raw(ATTR_LIFETIME, vec![0, 0, 0, 0])],
+                        );
+                    }
                 }
                 Ok(n)
             })
