@@ -4,6 +4,7 @@
 //! multi-peer permissions, retransmissions, quotas, peers leaving).
 
 mod common;
+mod ws_client;
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -573,6 +574,46 @@ async fn peer_leaving_loses_its_allocation() {
         )
         .await;
     assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
+}
+
+/// End to end: the credentials a peer gets in `joined.ice` allocate on the embedded
+/// relay, and the allocation goes when the peer leaves its room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_credentials_allocate_until_the_peer_leaves() {
+    let server = TestServer::start_with(relay_config).await;
+    let mut ws = ws_client::connect(&server).await;
+    let joined = ws.join("relay-room").await;
+    let turn = &joined["ice"]["iceServers"][1];
+    let urls: Vec<&str> = turn["urls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    let port = turn_udp(&server).port();
+    assert!(
+        urls.contains(&format!("turn:localhost:{port}?transport=udp").as_str()),
+        "{urls:?}"
+    );
+    let user = turn["username"].as_str().unwrap();
+    let pass = turn["credential"].as_str().unwrap();
+    assert!(
+        user.ends_with(&format!(":{}", ws_client::id(&joined))),
+        "{user}"
+    );
+
+    let mut c = RawClient::new(turn_udp(&server), user, pass).await;
+    c.relayed().await;
+    let lifetime = Raw4(ATTR_LIFETIME, 600u32.to_be_bytes());
+    let resp = c.request(METHOD_REFRESH, &[&lifetime]).await;
+    assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
+
+    // `leave`, then a ping: its pong proves the leave was handled.
+    ws.send(serde_json::json!({"type": "leave"})).await;
+    ws.send(serde_json::json!({"type": "ping"})).await;
+    assert_eq!(ws.recv().await["type"], "pong");
+    let resp = c.request(METHOD_REFRESH, &[&lifetime]).await;
+    assert_eq!(error_code(&resp), Some(437));
 }
 
 #[tokio::test]
