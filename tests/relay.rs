@@ -617,6 +617,20 @@ async fn join_credentials_allocate_until_the_peer_leaves() {
 }
 
 #[tokio::test]
+async fn bare_expiry_username_is_accepted_like_coturn() {
+    let server = TestServer::start_with(relay_config).await;
+    let user = future().to_string();
+    let pass = meshmeet::ice::rest_password(SECRET, &user);
+    RawClient::new(turn_udp(&server), &user, &pass)
+        .await
+        .relayed()
+        .await;
+    let wrong = meshmeet::ice::rest_password("another-secret-0123456789", &user);
+    let mut c = RawClient::new(turn_udp(&server), &user, &wrong).await;
+    assert_eq!(error_code(&c.allocate().await), Some(401));
+}
+
+#[tokio::test]
 async fn disabled_relay_binds_nothing() {
     let server = TestServer::start_with(|c| c.turn.enabled = false).await;
     assert!(server.addrs.turn_udp.is_none());

@@ -29,9 +29,10 @@ pub struct RestUser {
     pub id: String,
 }
 
-/// Parses `EXPIRY:ID` (ID may be anything, even contain ':').
+/// Parses `EXPIRY:ID` (ID may be anything, even contain ':'), or a bare `EXPIRY`,
+/// which coturn's `use-auth-secret` accepts too.
 pub fn parse_rest_username(username: &str) -> Option<RestUser> {
-    let (exp, id) = username.split_once(':')?;
+    let (exp, id) = username.split_once(':').unwrap_or((username, ""));
     if exp.is_empty() || exp.len() > 20 || !exp.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -97,7 +98,7 @@ impl Credentials {
         Ok(Resolved {
             key: long_term_key(username, &self.realm, &pass),
             expiry: Some(rest.expiry),
-            peer_id: Some(rest.id),
+            peer_id: (!rest.id.is_empty()).then_some(rest.id),
         })
     }
 }
@@ -182,6 +183,8 @@ mod tests {
         assert_eq!(parse_rest_username("17:a:b").unwrap().id, "a:b");
         assert_eq!(parse_rest_username("x:alice"), None);
         assert_eq!(parse_rest_username("alice"), None);
+        let bare = parse_rest_username("1700000000").unwrap();
+        assert_eq!((bare.expiry, bare.id.as_str()), (1700000000, ""));
         assert_eq!(parse_rest_username(":alice"), None);
         assert_eq!(parse_rest_username("99999999999999999999999:a"), None);
     }
