@@ -1228,7 +1228,8 @@ mod tests {
             cl
         }
 
-        fn unauth(&self, method: Method, attrs: &[&dyn Setter]) -> Vec<u8> {
+        /// A request with a fresh transaction id and `attrs`, not yet authenticated.
+        fn request(method: Method, attrs: &[&dyn Setter]) -> Message {
             let mut m = Message::new();
             m.build(&[
                 Box::new(TransactionId::new()),
@@ -1238,19 +1239,15 @@ mod tests {
             for a in attrs {
                 a.add_to(&mut m).unwrap();
             }
-            m.raw
+            m
+        }
+
+        fn unauth(&self, method: Method, attrs: &[&dyn Setter]) -> Vec<u8> {
+            Self::request(method, attrs).raw
         }
 
         fn req(&self, method: Method, attrs: &[&dyn Setter]) -> Vec<u8> {
-            let mut m = Message::new();
-            m.build(&[
-                Box::new(TransactionId::new()),
-                Box::new(MessageType::new(method, CLASS_REQUEST)),
-            ])
-            .unwrap();
-            for a in attrs {
-                a.add_to(&mut m).unwrap();
-            }
+            let mut m = Self::request(method, attrs);
             TextAttribute::new(ATTR_USERNAME, self.user.clone())
                 .add_to(&mut m)
                 .unwrap();
