@@ -140,23 +140,12 @@ async fn index(headers: HeaderMap) -> Response {
 }
 
 async fn check_page(headers: HeaderMap) -> Response {
-    if Web::get("check.html").is_some() {
-        embedded("check.html", &headers)
-    } else {
-        not_found().await
-    }
+    embedded("check.html", &headers)
 }
 
 async fn room_page(Path(room): Path<String>, headers: HeaderMap) -> Response {
     match normalize_room(&room) {
-        Ok(_) => {
-            let page = if Web::get("room.html").is_some() {
-                "room.html"
-            } else {
-                "index.html"
-            };
-            embedded(page, &headers)
-        }
+        Ok(_) => embedded("room.html", &headers),
         Err(_) => not_found().await,
     }
 }
