@@ -21,6 +21,7 @@ pub mod app;
 pub mod config;
 pub mod http;
 pub mod ice;
+pub mod linger;
 pub mod metrics;
 pub mod relay;
 pub mod signaling;
