@@ -12,7 +12,7 @@
 //! - `idle`: C joined, idle connections (default 10,000) on a fresh server: its RSS.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -71,11 +71,28 @@ struct Server {
     child: Child,
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
+    /// Set when the server runs under a tool: its config path, to stop it by.
+    wrapped: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if let Some(cfg) = &self.wrapped {
+            // Stop the server itself (not the tool) so the tool can write its report.
+            let _ = Command::new("pkill")
+                .arg("-TERM")
+                .arg("-f")
+                .arg(cfg)
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(60) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -99,7 +116,18 @@ impl Server {
             ),
         )
         .expect("config");
-        let child = Command::new(env!("CARGO_BIN_EXE_meshmeet"))
+        // MESHMEET_BENCH_WRAP runs the server under a tool (e.g. `heaptrack`); the RSS
+        // figures are then the tool's, not the server's.
+        let bin = env!("CARGO_BIN_EXE_meshmeet");
+        let (mut cmd, wrapped) = match std::env::var("MESHMEET_BENCH_WRAP") {
+            Ok(tool) if !tool.is_empty() => {
+                let mut c = Command::new(tool);
+                c.arg(bin);
+                (c, Some(cfg.clone()))
+            }
+            _ => (Command::new(bin), None),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&cfg)
             .stdin(Stdio::null())
@@ -123,6 +151,7 @@ impl Server {
             child,
             addr,
             tls,
+            wrapped,
             _dir: dir,
         }
     }

@@ -253,30 +253,53 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Resolves on SIGTERM or Ctrl-C; reloads the certificate on every SIGHUP meanwhile.
-pub async fn signals(tls: Arc<Tls>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(h)) => (t, h),
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// The process signals the server reacts to, registered as soon as this is created
+/// (a signal that arrives before registration would kill the process instead).
+pub struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Registers SIGTERM and SIGHUP handlers; needs a running tokio runtime.
+    pub fn register() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let hup = signal(SignalKind::hangup());
+        if let Err(e) = &term {
+            tracing::warn!(error = %e, "cannot handle SIGTERM");
         }
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = tokio::signal::ctrl_c() => return,
-            _ = hup.recv() => {
-                notify_systemd(&[sd_notify::NotifyState::Reloading]);
-                match tls.reload() {
-                    Ok(fp) => tracing::info!(sha256 = %fp, "TLS certificate reloaded"),
-                    Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the old certificate"),
+        if let Err(e) = &hup {
+            tracing::warn!(error = %e, "cannot handle SIGHUP");
+        }
+        Signals {
+            term: term.ok(),
+            hup: hup.ok(),
+        }
+    }
+
+    /// Resolves on SIGTERM or Ctrl-C; reloads the certificate on every SIGHUP meanwhile.
+    pub async fn until_stop(mut self, tls: Arc<Tls>) {
+        async fn next(sig: &mut Option<tokio::signal::unix::Signal>) {
+            match sig {
+                Some(s) => {
+                    s.recv().await;
                 }
-                notify_systemd(&[sd_notify::NotifyState::Ready]);
+                None => std::future::pending().await,
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = next(&mut self.term) => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = next(&mut self.hup) => {
+                    notify_systemd(&[sd_notify::NotifyState::Reloading]);
+                    match tls.reload() {
+                        Ok(fp) => tracing::info!(sha256 = %fp, "TLS certificate reloaded"),
+                        Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the old certificate"),
+                    }
+                    notify_systemd(&[sd_notify::NotifyState::Ready]);
+                }
             }
         }
     }

@@ -62,10 +62,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Before anything is bound: from then on, clients (and systemd) may signal.
+    let signals = meshmeet::app::Signals::register();
     let server = Server::bind(config).await?;
     server.log_banner();
     let tls = server.state().tls.clone();
-    server.run(meshmeet::app::signals(tls)).await
+    server.run(signals.until_stop(tls)).await
 }
 
 /// Human format on a terminal; plain lines without time stamps under journald (which
