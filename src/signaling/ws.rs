@@ -2,7 +2,7 @@
 //! one task per connection that feeds the rooms core and writes what it returns.
 //!
 //! Each connection has a bounded outgoing queue ([`QUEUE_LEN`] messages). Others put
-//! messages there with `try_send`, never waiting: a full queue means the reader is too
+//! messages there without waiting: a full queue means the reader is too
 //! slow, and it is closed with 1013 while everyone else carries on. Each message is
 //! serialized once however many peers receive it. Relayed `offer`/`answer`/`candidate`
 //! (the hot path) are serialized and queued after the rooms lock is released; room
@@ -12,6 +12,7 @@
 //! WebSocket upgrade, so a missing Origin means a non-browser client, which cross-site
 //! WebSocket hijacking cannot involve.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,7 +31,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rand::Rng;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use super::core::{
     constant_time_eq, Beat, ConnId, CoreConfig, Effect, Heartbeat, RateLimiter, Rooms, Verdict,
@@ -179,37 +180,84 @@ impl Reason {
     }
 }
 
-/// Asks a connection task to close with a code; the first code wins.
+/// What a connection shares with the others: its outgoing queue and close signal.
+///
+/// A plain deque under a mutex rather than a channel: it costs nothing while empty
+/// (an idle connection holds no queue memory) and is released again once drained.
 #[derive(Default)]
-struct CloseSignal {
+struct Shared {
+    /// Close code asked for; 0 while none. The first code wins.
     code: AtomicU16,
-    notify: Notify,
+    close: Notify,
+    queue: Mutex<Outgoing>,
+    queued: Notify,
 }
 
-/// The core's handle to a connection: its outgoing queue and close signal.
+#[derive(Default)]
+struct Outgoing {
+    msgs: VecDeque<Utf8Bytes>,
+    /// Set once the connection ends: later messages are dropped.
+    closed: bool,
+}
+
+/// The core's handle to a connection.
 #[derive(Clone)]
 pub struct ConnHandle {
-    tx: mpsc::Sender<Utf8Bytes>,
-    close: Arc<CloseSignal>,
+    shared: Arc<Shared>,
 }
 
 impl ConnHandle {
     /// Queues a message; a full queue closes the connection with 1013.
     fn send(&self, text: Utf8Bytes) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(text) {
+        let mut q = self.shared.outgoing();
+        if q.closed {
+            return;
+        }
+        if q.msgs.len() >= QUEUE_LEN {
+            drop(q);
             self.close(CLOSE_TRY_LATER);
+            return;
+        }
+        q.msgs.push_back(text);
+        let first = q.msgs.len() == 1;
+        drop(q);
+        if first {
+            self.shared.queued.notify_one();
         }
     }
 
     fn close(&self, code: u16) {
         if self
-            .close
+            .shared
             .code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.close.notify.notify_one();
+            self.shared.close.notify_one();
         }
+    }
+}
+
+impl Shared {
+    fn outgoing(&self) -> MutexGuard<'_, Outgoing> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the next queued message; frees the queue's memory once it is empty.
+    fn pop(&self) -> Option<Utf8Bytes> {
+        let mut q = self.outgoing();
+        let m = q.msgs.pop_front();
+        if q.msgs.is_empty() && q.msgs.capacity() > 0 {
+            q.msgs = VecDeque::new();
+        }
+        m
+    }
+
+    /// Stops accepting messages; returns what was still queued.
+    fn close_queue(&self) -> VecDeque<Utf8Bytes> {
+        let mut q = self.outgoing();
+        q.closed = true;
+        std::mem::take(&mut q.msgs)
     }
 }
 
@@ -297,8 +345,8 @@ async fn upgrade(
     ws.max_message_size(max)
         .max_frame_size(max)
         // Small buffers: signaling messages are small, and an idle connection should
-        // cost little (rustls keeps its own buffers below this).
-        .read_buffer_size(1024)
+        // cost little (the read buffer grows for a larger frame when one comes).
+        .read_buffer_size(256)
         .write_buffer_size(8192)
         .max_write_buffer_size(max.saturating_mul(4).max(1 << 20))
         .on_upgrade(move |socket| tasks.track_future(connection(socket, state, host)))
@@ -373,139 +421,147 @@ struct Conn {
     limiter: RateLimiter,
 }
 
-async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String>) {
-    let sig = &state.signaling;
-    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(QUEUE_LEN);
-    let close = Arc::new(CloseSignal::default());
-    let now = Instant::now();
-    let timings = sig.timings();
-    let mut conn = Conn {
-        id: sig.next_conn.fetch_add(1, Ordering::Relaxed),
-        handle: ConnHandle {
-            tx,
-            close: close.clone(),
-        },
-        host,
-        limiter: RateLimiter::new(
-            state.config.rooms.rate_per_s,
-            state.config.rooms.rate_burst,
-            now,
-        ),
-    };
-    let mut heartbeat = Heartbeat::new(timings.ping_interval, timings.timeout, now);
-    sig.metrics.connections.inc();
-    let shutdown = state.shutdown.clone();
+/// One connection's task. A plain function returning an `async move` block: the
+/// block uses the captured values in place, where an `async fn` would keep a second
+/// copy of its arguments (the WebSocket alone is a few hundred bytes per connection).
+#[allow(clippy::manual_async_fn)]
+fn connection(
+    mut ws: WebSocket,
+    state: Arc<AppState>,
+    host: Option<String>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let sig = &state.signaling;
+        let shared = Arc::new(Shared::default());
+        let now = Instant::now();
+        let timings = sig.timings();
+        let mut conn = Conn {
+            id: sig.next_conn.fetch_add(1, Ordering::Relaxed),
+            handle: ConnHandle {
+                shared: shared.clone(),
+            },
+            host,
+            limiter: RateLimiter::new(
+                state.config.rooms.rate_per_s,
+                state.config.rooms.rate_burst,
+                now,
+            ),
+        };
+        let mut heartbeat = Heartbeat::new(timings.ping_interval, timings.timeout, now);
+        sig.metrics.connections.inc();
+        let shutdown = state.shutdown.clone();
 
-    let mut deadline = heartbeat.deadline();
-    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
-    tokio::pin!(timer);
-    let ending = loop {
-        if heartbeat.deadline() != deadline {
-            deadline = heartbeat.deadline();
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::from_std(deadline));
-        }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break Ending::Close(CLOSE_GOING_AWAY, Reason::Shutdown),
-            _ = close.notify.notified() => {
-                let code = close.code.load(Ordering::Acquire);
-                break Ending::Close(code, Reason::of_code(code));
-            }
-            _ = &mut timer => {
-                let now = Instant::now();
-                let beat = heartbeat.poll(now);
-                // Re-arm now: a finished timer would fire again at once.
+        let mut deadline = heartbeat.deadline();
+        let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+        tokio::pin!(timer);
+        let ending = loop {
+            if heartbeat.deadline() != deadline {
                 deadline = heartbeat.deadline();
-                timer.as_mut().reset(tokio::time::Instant::from_std(
-                    deadline.max(now + Duration::from_millis(1)),
-                ));
-                match beat {
-                    Beat::Wait => {}
-                    Beat::TimedOut => break Ending::Gone(Reason::Timeout),
-                    Beat::Ping => {
-                        let send = ws.send(Message::Ping(bytes::Bytes::new()));
-                        match guarded(send, &close, &shutdown).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(_)) => break Ending::Gone(Reason::Closed),
-                            Err(e) => break e,
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(deadline));
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ending::Close(CLOSE_GOING_AWAY, Reason::Shutdown),
+                _ = shared.close.notified() => {
+                    let code = shared.code.load(Ordering::Acquire);
+                    break Ending::Close(code, Reason::of_code(code));
+                }
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    let beat = heartbeat.poll(now);
+                    // Re-arm now: a finished timer would fire again at once.
+                    deadline = heartbeat.deadline();
+                    timer.as_mut().reset(tokio::time::Instant::from_std(
+                        deadline.max(now + Duration::from_millis(1)),
+                    ));
+                    match beat {
+                        Beat::Wait => {}
+                        Beat::TimedOut => break Ending::Gone(Reason::Timeout),
+                        Beat::Ping => {
+                            let send = ws.send(Message::Ping(bytes::Bytes::new()));
+                            match Box::pin(guarded(send, &shared, &shutdown)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => break Ending::Gone(Reason::Closed),
+                                Err(e) => break e,
+                            }
                         }
                     }
                 }
-            }
-            Some(first) = rx.recv() => {
-                let write = write_batch(&mut ws, first, &mut rx);
-                match guarded(write, &close, &shutdown).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => break Ending::Gone(Reason::Closed),
-                    Err(e) => break e,
+                _ = shared.queued.notified() => {
+                    let write = write_batch(&mut ws, &shared);
+                    match Box::pin(guarded(write, &shared, &shutdown)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break Ending::Gone(Reason::Closed),
+                        Err(e) => break e,
+                    }
+                }
+                incoming = ws.recv() => {
+                    heartbeat.seen(Instant::now());
+                    match incoming {
+                        None => break Ending::Gone(Reason::Closed),
+                        Some(Err(e)) => {
+                            if is_too_big(e) {
+                                break Ending::Close(CLOSE_TOO_BIG, Reason::Policy);
+                            }
+                            break Ending::Gone(Reason::Closed);
+                        }
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(end) = on_text(&state, &mut conn, text.as_str()) {
+                                break end;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            break Ending::Close(CLOSE_UNSUPPORTED, Reason::Policy)
+                        }
+                        Some(Ok(Message::Close(_))) => break Ending::Gone(Reason::Closed),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    }
                 }
             }
-            incoming = ws.recv() => {
-                heartbeat.seen(Instant::now());
-                match incoming {
-                    None => break Ending::Gone(Reason::Closed),
-                    Some(Err(e)) => {
-                        if is_too_big(e) {
-                            break Ending::Close(CLOSE_TOO_BIG, Reason::Policy);
-                        }
-                        break Ending::Gone(Reason::Closed);
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        if let Some(end) = on_text(&state, &mut conn, text.as_str()) {
-                            break end;
-                        }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        break Ending::Close(CLOSE_UNSUPPORTED, Reason::Policy)
-                    }
-                    Some(Ok(Message::Close(_))) => break Ending::Gone(Reason::Closed),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                }
-            }
-        }
-    };
+        };
 
-    let reason = match &ending {
-        Ending::Close(_, r) | Ending::Gone(r) => *r,
-    };
-    // Out of the core first, so messages for this peer go to its resume queue while
-    // the close handshake below takes its time.
-    ordered(&state, None, |core| {
-        core.disconnect(conn.id, Instant::now())
-    });
-    sig.metrics.connections.dec();
-    sig.metrics
-        .disconnects
-        .get_or_create(&ReasonLabel {
-            reason: reason.as_str(),
-        })
-        .inc();
-    match ending {
-        Ending::Close(code, _) => {
-            let frame = Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(close_reason(code)),
-            }));
-            let finish = async {
-                // What was queued before the decision to close (e.g. the last error)
-                // still goes out, except to a reader already too slow for its queue.
-                if code != CLOSE_TRY_LATER {
-                    rx.close();
-                    while let Ok(m) = rx.try_recv() {
-                        ws.feed(Message::Text(m)).await?;
+        let reason = match &ending {
+            Ending::Close(_, r) | Ending::Gone(r) => *r,
+        };
+        // Out of the core first, so messages for this peer go to its resume queue while
+        // the close handshake below takes its time.
+        ordered(&state, None, |core| {
+            core.disconnect(conn.id, Instant::now())
+        });
+        let left = shared.close_queue();
+        sig.metrics.connections.dec();
+        sig.metrics
+            .disconnects
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+        match ending {
+            Ending::Close(code, _) => {
+                let frame = Message::Close(Some(CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(close_reason(code)),
+                }));
+                let finish = async {
+                    // What was queued before the decision to close (e.g. the last error)
+                    // still goes out, except to a reader already too slow for its queue.
+                    if code != CLOSE_TRY_LATER {
+                        for m in left {
+                            ws.feed(Message::Text(m)).await?;
+                        }
                     }
-                }
-                ws.send(frame).await
-            };
-            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, finish).await;
+                    ws.send(frame).await
+                };
+                let _ = Box::pin(tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, finish)).await;
+            }
+            Ending::Gone(Reason::Closed) => {
+                // Completes the closing handshake the client may have started.
+                let _ = Box::pin(tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, ws.close())).await;
+            }
+            Ending::Gone(_) => {}
         }
-        Ending::Gone(Reason::Closed) => {
-            // Completes the closing handshake the client may have started.
-            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, ws.close()).await;
-        }
-        Ending::Gone(_) => {}
     }
 }
 
@@ -513,31 +569,30 @@ async fn connection(mut ws: WebSocket, state: Arc<AppState>, host: Option<String
 /// meanwhile (a write to a reader that stopped reading may never finish).
 async fn guarded<F: Future>(
     fut: F,
-    close: &CloseSignal,
+    shared: &Shared,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<F::Output, Ending> {
     tokio::select! {
         out = fut => Ok(out),
-        _ = close.notify.notified() => {
-            let code = close.code.load(Ordering::Acquire);
+        _ = shared.close.notified() => {
+            let code = shared.code.load(Ordering::Acquire);
             Err(Ending::Close(code, Reason::of_code(code)))
         }
         _ = shutdown.cancelled() => Err(Ending::Close(CLOSE_GOING_AWAY, Reason::Shutdown)),
     }
 }
 
-/// Writes `first` and whatever else is queued (up to a batch), then flushes once.
-async fn write_batch(
-    ws: &mut WebSocket,
-    first: Utf8Bytes,
-    rx: &mut mpsc::Receiver<Utf8Bytes>,
-) -> Result<(), axum::Error> {
-    ws.feed(Message::Text(first)).await?;
-    for _ in 1..WRITE_BATCH {
-        match rx.try_recv() {
-            Ok(m) => ws.feed(Message::Text(m)).await?,
-            Err(_) => break,
-        }
+/// Writes what is queued (up to a batch), then flushes once. If more is left, the
+/// connection is woken again for the next batch.
+async fn write_batch(ws: &mut WebSocket, shared: &Shared) -> Result<(), axum::Error> {
+    let mut sent = 0;
+    while sent < WRITE_BATCH {
+        let Some(m) = shared.pop() else { break };
+        ws.feed(Message::Text(m)).await?;
+        sent += 1;
+    }
+    if sent == WRITE_BATCH && !shared.outgoing().msgs.is_empty() {
+        shared.queued.notify_one();
     }
     ws.flush().await
 }
