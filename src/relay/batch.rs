@@ -142,8 +142,26 @@ fn to_storage(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 /// Returns how many the kernel took; the rest are dropped (congestion).
 pub fn send_batch(fd: RawFd, items: &[(&[u8], SocketAddr)]) -> usize {
     let items = &items[..items.len().min(BATCH)];
-    if items.is_empty() {
-        return 0;
+    match items {
+        [] => return 0,
+        // One datagram (the usual case when packets leave through many relay sockets):
+        // a plain sendto, without setting up the batch arrays.
+        [(data, to)] => {
+            let (name, len) = to_storage(*to);
+            // SAFETY: `data` and `name` are alive for the call; the kernel only reads them.
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    data.as_ptr() as *const libc::c_void,
+                    data.len(),
+                    libc::MSG_DONTWAIT,
+                    &name as *const _ as *const libc::sockaddr,
+                    len,
+                )
+            };
+            return usize::from(n >= 0);
+        }
+        _ => {}
     }
     // SAFETY: plain C structs; zero is valid.
     let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
@@ -220,6 +238,19 @@ mod tests {
                 }
             }
             assert_eq!(got, payloads);
+            // A single datagram takes the sendto path.
+            assert_eq!(send_batch(tx.as_raw_fd(), &items[..1]), 1);
+            loop {
+                match b.recv(rx.as_raw_fd()) {
+                    Ok(n) => {
+                        assert_eq!(n, 1);
+                        assert_eq!(b.packet(0).unwrap().0, &payloads[0][..]);
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                    Err(e) => panic!("{e}"),
+                }
+            }
         }
     }
 }

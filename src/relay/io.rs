@@ -376,10 +376,11 @@ fn is_stun(b: &[u8]) -> bool {
 /// leave through the same relay socket.
 fn flush(fwd: &mut Vec<(Arc<RelaySocket>, SocketAddr, usize, usize)>, data: &[u8]) {
     let mut i = 0;
+    let mut items: Vec<(&[u8], SocketAddr)> = Vec::with_capacity(batch::BATCH);
     while i < fwd.len() {
-        let sock = fwd[i].0.clone();
-        let mut items: Vec<(&[u8], SocketAddr)> = Vec::with_capacity(batch::BATCH);
-        while i < fwd.len() && Arc::ptr_eq(&fwd[i].0, &sock) && items.len() < batch::BATCH {
+        let sock = &fwd[i].0;
+        items.clear();
+        while i < fwd.len() && Arc::ptr_eq(&fwd[i].0, sock) && items.len() < batch::BATCH {
             let (_, peer, off, len) = fwd[i];
             items.push((&data[off..off + len], peer));
             i += 1;
