@@ -5,6 +5,8 @@
 //!   validated once at start.
 //! - [`tls`]: rustls server config from PEM files or a persisted self-signed
 //!   certificate (rcgen); hot reload on SIGHUP.
+//! - [`tls_stream`]: a server TLS stream on rustls' unbuffered API that frees its
+//!   buffers while a connection is idle.
 //! - [`http`]: the axum router (embedded web client, `/healthz`, `/metrics`), security
 //!   headers, the TLS accept loop, and the HTTP-to-HTTPS redirect.
 //! - [`signaling`]: room signaling per `PROTOCOL.md`: room names, the pure rooms core,
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod relay;
 pub mod signaling;
 pub mod tls;
+pub mod tls_stream;
 
 pub use app::Server;
 pub use config::Config;
