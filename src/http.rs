@@ -28,6 +28,7 @@ use crate::linger::LingeringTcp;
 use crate::metrics::HttpLabels;
 use crate::signaling::room::normalize_room;
 use crate::tls::CertKind;
+use crate::tls_stream::ServerTlsStream;
 
 /// The web client, embedded at build time.
 #[derive(RustEmbed)]
@@ -292,7 +293,7 @@ pub async fn serve_https(listener: TcpListener, state: Arc<AppState>, app: Route
         };
         let _ = tcp.set_nodelay(true);
         state.http_metrics.connections.inc();
-        let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.server_config());
+        let config = state.tls.server_config();
         let app = app.clone();
         let builder = builder.clone();
         let state2 = state.clone();
@@ -300,7 +301,7 @@ pub async fn serve_https(listener: TcpListener, state: Arc<AppState>, app: Route
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(
                 TLS_HANDSHAKE_TIMEOUT,
-                acceptor.accept(LingeringTcp::new(tcp)),
+                ServerTlsStream::accept(LingeringTcp::new(tcp), config),
             )
             .await
             {
