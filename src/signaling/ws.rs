@@ -491,7 +491,7 @@ fn connection(
                 }
                 _ = shared.queued.notified() => {
                     let write = write_batch(&mut ws, &shared);
-                    match Box::pin(guarded(write, &shared, &shutdown)).await {
+                    match guarded(write, &shared, &shutdown).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break Ending::Gone(Reason::Closed),
                         Err(e) => break e,
