@@ -589,6 +589,17 @@ impl<S: RelaySockets> Core<S> {
         Ok(Some(req))
     }
 
+    /// REQUESTED-ADDRESS-FAMILY (RFC 8656 section 18.11), if present; 440 when it is
+    /// malformed or names neither IPv4 nor IPv6.
+    fn requested_family(m: &Message) -> Result<Option<Family>, Fail> {
+        match attr_bytes(m, ATTR_REQUESTED_ADDRESS_FAMILY) {
+            None => Ok(None),
+            Some(v) if v.len() == 4 && v[0] == 0x01 => Ok(Some(Family::V4)),
+            Some(v) if v.len() == 4 && v[0] == 0x02 => Ok(Some(Family::V6)),
+            Some(_) => Err(fail(440, "Address Family not Supported")),
+        }
+    }
+
     /// RFC 8656 section 7.2: min(requested, max), but not below the default.
     fn granted_lifetime_s(&self, requested: Option<u64>) -> u64 {
         let max = self.cfg.max_lifetime_s;
@@ -663,12 +674,7 @@ impl<S: RelaySockets> Core<S> {
         if rt[0] != 17 {
             return Err(fail(442, "Unsupported Transport Protocol"));
         }
-        let family = match attr_bytes(m, ATTR_REQUESTED_ADDRESS_FAMILY) {
-            None => Family::V4,
-            Some(v) if v.len() == 4 && v[0] == 0x01 => Family::V4,
-            Some(v) if v.len() == 4 && v[0] == 0x02 => Family::V6,
-            Some(_) => return Err(fail(440, "Address Family not Supported")),
-        };
+        let family = Self::requested_family(m)?.unwrap_or(Family::V4);
         if !self.sockets.has_family(family) {
             return Err(fail(440, "Address Family not Supported"));
         }
@@ -737,12 +743,7 @@ impl<S: RelaySockets> Core<S> {
     ) -> Result<Vec<u8>, Fail> {
         let id = self.allocation_mut(&five, auth)?;
         Self::check_unknown(m)?;
-        if let Some(v) = attr_bytes(m, ATTR_REQUESTED_ADDRESS_FAMILY) {
-            let fam = match v.first() {
-                Some(1) => Family::V4,
-                Some(2) => Family::V6,
-                _ => return Err(fail(440, "Address Family not Supported")),
-            };
+        if let Some(fam) = Self::requested_family(m)? {
             let relay = self.allocs.get(&id).map(|a| a.relay);
             if relay.map(|r| Family::of(r.ip())) != Some(fam) {
                 return Err(fail(443, "Peer Address Family Mismatch"));
@@ -1712,6 +1713,18 @@ mod tests {
                 T0
             )),
             Some(403)
+        );
+        // Refresh checks REQUESTED-ADDRESS-FAMILY like Allocate: the allocation's own
+        // family is fine, the other one mismatches (443), a malformed one is 440.
+        ok(&b.call(&mut c, METHOD_REFRESH, &[&fam(2)], T0));
+        assert_eq!(
+            code(&b.call(&mut c, METHOD_REFRESH, &[&fam(1)], T0)),
+            Some(443)
+        );
+        let short = Raw(ATTR_REQUESTED_ADDRESS_FAMILY, vec![2]);
+        assert_eq!(
+            code(&b.call(&mut c, METHOD_REFRESH, &[&short], T0)),
+            Some(440)
         );
         // No IPv6 relay address: 440.
         let mut c = core();
