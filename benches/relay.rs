@@ -81,55 +81,46 @@ max_allocation_lifetime_s = 3600
     );
     let path = dir.join("meshmeet.toml");
     std::fs::write(&path, cfg)?;
-    let child = Command::new(env!("CARGO_BIN_EXE_meshmeet"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start meshmeet")?;
-    let s = Server {
-        name: "meshmeet",
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-    };
-    wait_ready(s.addr)?;
-    Ok(s)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshmeet"));
+    cmd.arg("--config").arg(&path);
+    launch("meshmeet", &mut cmd, port).context("start meshmeet")
 }
 
 fn start_coturn(dir: &Path) -> Result<Server> {
     let port = free_port()?;
-    let child = Command::new("turnserver")
-        .args([
-            "-n",
-            "--listening-ip=127.0.0.1",
-            &format!("--listening-port={port}"),
-            "--relay-ip=127.0.0.1",
-            "--min-port=50000",
-            "--max-port=59999",
-            "--use-auth-secret",
-            &format!("--static-auth-secret={SECRET}"),
-            &format!("--realm={REALM}"),
-            "--no-tls",
-            "--no-dtls",
-            "--no-tcp-relay",
-            "--no-cli",
-            "--no-rfc5780",
-            "--allow-loopback-peers",
-            "--allowed-peer-ip=127.0.0.1",
-            "--no-stdout-log",
-            "--simple-log",
-            "--max-allocate-lifetime=3600",
-        ])
-        .arg(format!("--log-file={}", dir.join("coturn.log").display()))
-        .arg(format!("--pidfile={}", dir.join("coturn.pid").display()))
-        .arg(format!("--db={}", dir.join("turndb").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start turnserver (apt install coturn)")?;
+    let mut cmd = Command::new("turnserver");
+    cmd.args([
+        "-n",
+        "--listening-ip=127.0.0.1",
+        &format!("--listening-port={port}"),
+        "--relay-ip=127.0.0.1",
+        "--min-port=50000",
+        "--max-port=59999",
+        "--use-auth-secret",
+        &format!("--static-auth-secret={SECRET}"),
+        &format!("--realm={REALM}"),
+        "--no-tls",
+        "--no-dtls",
+        "--no-tcp-relay",
+        "--no-cli",
+        "--no-rfc5780",
+        "--allow-loopback-peers",
+        "--allowed-peer-ip=127.0.0.1",
+        "--no-stdout-log",
+        "--simple-log",
+        "--max-allocate-lifetime=3600",
+    ])
+    .arg(format!("--log-file={}", dir.join("coturn.log").display()))
+    .arg(format!("--pidfile={}", dir.join("coturn.pid").display()))
+    .arg(format!("--db={}", dir.join("turndb").display()));
+    launch("coturn", &mut cmd, port).context("start turnserver (apt install coturn)")
+}
+
+/// Starts a server on loopback `port` (output discarded) and waits until it answers.
+fn launch(name: &'static str, cmd: &mut Command, port: u16) -> Result<Server> {
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let s = Server {
-        name: "coturn",
+        name,
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
     };

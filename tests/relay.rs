@@ -181,16 +181,7 @@ impl RawClient {
     }
 
     async fn relayed(&mut self) -> SocketAddr {
-        let resp = self.allocate().await;
-        assert_eq!(
-            resp.typ.class,
-            CLASS_SUCCESS_RESPONSE,
-            "{:?}",
-            error_code(&resp)
-        );
-        let mut a = XorMappedAddress::default();
-        a.get_from_as(&resp, ATTR_XOR_RELAYED_ADDRESS).unwrap();
-        SocketAddr::new(a.ip, a.port)
+        relayed_address(&self.allocate().await)
     }
 
     async fn permission(&mut self, peers: &[SocketAddr]) -> Message {
@@ -219,6 +210,19 @@ impl RawClient {
         let resp = self.roundtrip(&m.raw).await;
         assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
     }
+}
+
+/// The XOR-RELAYED-ADDRESS of an Allocate answer, which must be a success.
+fn relayed_address(resp: &Message) -> SocketAddr {
+    assert_eq!(
+        resp.typ.class,
+        CLASS_SUCCESS_RESPONSE,
+        "{:?}",
+        error_code(resp)
+    );
+    let mut a = XorMappedAddress::default();
+    a.get_from_as(resp, ATTR_XOR_RELAYED_ADDRESS).unwrap();
+    SocketAddr::new(a.ip, a.port)
 }
 
 fn error_code(m: &Message) -> Option<u16> {
@@ -681,15 +685,7 @@ async fn ipv6_relay_on_request() {
             ],
         )
         .await;
-    assert_eq!(
-        resp.typ.class,
-        CLASS_SUCCESS_RESPONSE,
-        "{:?}",
-        error_code(&resp)
-    );
-    let mut a = XorMappedAddress::default();
-    a.get_from_as(&resp, ATTR_XOR_RELAYED_ADDRESS).unwrap();
-    let relay = SocketAddr::new(a.ip, a.port);
+    let relay = relayed_address(&resp);
     assert!(relay.is_ipv6(), "{relay}");
     // An IPv4 peer on an IPv6 allocation: 443.
     let resp = c.permission(&["8.8.8.8:53".parse().unwrap()]).await;
