@@ -5,6 +5,11 @@
 import { lang, translate } from './i18n.js';
 import { icon, placeIcons } from './icons.js';
 
+/**
+ * @typedef {import('./signaling.js').IceConfig} IceConfig
+ * @typedef {import('./signaling.js').ServerMsg} ServerMsg
+ */
+
 const GATHER_TIMEOUT_MS = 10000;
 
 /** @type {Record<string, Record<string, string>>} */
@@ -113,12 +118,12 @@ async function checkMedia() {
   }
 }
 
-/** Opens the socket, measures a ping, asks for ICE servers. @returns {Promise<any>} */
+/** Opens the socket, measures a ping, asks for ICE servers. @returns {Promise<IceConfig|null>} */
 function checkSignaling() {
   return new Promise((resolve) => {
     let done = false;
     const ws = new WebSocket(`wss://${location.host}/ws`);
-    const finish = (/** @type {any} */ ice) => {
+    const finish = (/** @type {IceConfig|null} */ ice) => {
       if (done) return;
       done = true;
       clearTimeout(timer);
@@ -133,6 +138,7 @@ function checkSignaling() {
       ws.send(JSON.stringify({ type: 'ping' }));
     };
     ws.onmessage = (ev) => {
+      /** @type {ServerMsg} */
       let m;
       try { m = JSON.parse(String(ev.data)); } catch { return; }
       if (m.type === 'pong') {
@@ -181,14 +187,19 @@ async function gather(server, policy) {
 }
 
 /**
- * @param {any} ice
- * @returns {{stun: string|null, udp: string|null, tcp: string|null, tls: string|null, username: string, credential: string}}
+ * @typedef {{stun: string|null, udp: string|null, tcp: string|null, tls: string|null,
+ *   username: string|undefined, credential: string|undefined}} Urls
+ */
+
+/**
+ * @param {IceConfig} ice
+ * @returns {Urls}
  */
 function pickUrls(ice) {
-  /** @type {{stun: string|null, udp: string|null, tcp: string|null, tls: string|null, username: string, credential: string}} */
+  /** @type {Urls} */
   const out = { stun: null, udp: null, tcp: null, tls: null, username: '', credential: '' };
   for (const s of ice.iceServers || []) {
-    for (const u of [].concat(s.urls || [])) {
+    for (const u of /** @type {string[]} */ ([]).concat(s.urls || [])) {
       const url = String(u);
       if (url.startsWith('stun:')) out.stun = out.stun || url;
       else if (url.startsWith('turns:')) { out.tls = out.tls || url; out.username = s.username; out.credential = s.credential; }
@@ -203,7 +214,7 @@ function pickUrls(ice) {
   return out;
 }
 
-/** @param {any} ice */
+/** @param {IceConfig} ice */
 async function checkIce(ice) {
   const u = pickUrls(ice);
   const cred = { username: u.username, credential: u.credential };

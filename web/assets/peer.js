@@ -1,11 +1,12 @@
 // One RTCPeerConnection to one other participant: perfect negotiation, buffered ICE
-// candidates, ICE restart, connection state, mesh-aware sender limits.
+// candidates, ICE restart, connection state, mesh-aware sender limits. No DOM and no
+// socket: messages for the other side go out through `hooks.send`.
 
 /**
  * @typedef {'connecting'|'direct'|'relay'|'reconnecting'|'failed'} PeerState
- * @typedef {{audio: boolean, video: boolean, screen: boolean}} MediaState
+ * @typedef {import('./signaling.js').MediaState} MediaState
  * @typedef {{
- *   send: (msg: {type: string, [k: string]: any}) => void,
+ *   send: (msg: import('./signaling.js').ClientMsg) => void,
  *   onState: (peer: Peer) => void,
  *   onTracks: (peer: Peer) => void,
  *   local: () => {stream: MediaStream, audio: MediaStreamTrack|null, video: MediaStreamTrack|null,
@@ -250,7 +251,8 @@ export class Peer {
   updateState() {
     if (this.closed) return;
     const pc = this.pc;
-    const cs = pc.connectionState || pc.iceConnectionState;
+    // iceConnectionState stands in where a browser lacks connectionState.
+    const cs = /** @type {RTCPeerConnectionState|RTCIceConnectionState} */ (pc.connectionState || pc.iceConnectionState);
     /** @type {PeerState} */
     let next = this.state;
     if (cs === 'connected' || cs === 'completed') {

@@ -6,7 +6,15 @@ import { icon, setIcon, placeIcons } from './icons.js';
 import { Signaling } from './signaling.js';
 import { Peer } from './peer.js';
 
-/** @typedef {import('./peer.js').MediaState} MediaState */
+/**
+ * @typedef {import('./signaling.js').MediaState} MediaState
+ * @typedef {import('./signaling.js').IceConfig} IceConfig
+ * @typedef {import('./signaling.js').ServerMsg} ServerMsg
+ * @typedef {import('./signaling.js').JoinedMsg} JoinedMsg
+ * @typedef {import('./signaling.js').ChatIn} ChatIn
+ * @typedef {import('./signaling.js').ErrorMsg} ErrorMsg
+ * @typedef {import('./signaling.js').SignalingState} SignalingState
+ */
 
 const NAME_KEY = 'meshmeet.name';
 const DEVICE_KEY = 'meshmeet.devices';
@@ -36,7 +44,7 @@ const state = {
   camOn: true,
   inCall: false,
   left: false,
-  /** @type {RTCConfiguration|null} */
+  /** @type {IceConfig|null} */
   ice: null,
   /** @type {number} unix seconds */
   iceExpires: 0,
@@ -668,7 +676,7 @@ function renderUnread() {
   document.title = `${state.unread ? `(${state.unread}) ` : ''}${state.room} · meshmeet`;
 }
 
-/** @param {{from: string, name: string, text: string, ts: number}} m */
+/** @param {ChatIn} m */
 function addChat(m) {
   // Lines are shown in the order the server sent them (the same for everyone).
   state.chatLog.push(m.text);
@@ -733,7 +741,7 @@ function limits() {
   return { video: { maxBitrate: video, scale }, screen: { maxBitrate: screen } };
 }
 
-/** @param {RTCConfiguration & {expiresAt?: number}} ice */
+/** @param {{iceServers?: RTCIceServer[], iceTransportPolicy?: RTCIceTransportPolicy}} ice */
 function rtcConfig(ice) {
   return { iceServers: ice.iceServers || [], iceTransportPolicy: ice.iceTransportPolicy || 'all' };
 }
@@ -798,7 +806,7 @@ function renewIce() {
   if (state.inCall) signaling.send({ type: 'ice_request', ...(state.password ? { password: state.password } : {}) });
 }
 
-/** @param {any} ice */
+/** @param {IceConfig|undefined} ice */
 function setIce(ice) {
   if (!ice || typeof ice !== 'object') return;
   state.ice = ice;
@@ -808,7 +816,7 @@ function setIce(ice) {
 
 // ---------------------------------------------------------------- signaling
 
-/** @param {'connecting'|'open'|'reconnecting'|'unreachable'} s */
+/** @param {SignalingState} s */
 function onSignalingState(s) {
   if (state.left) return;
   $('banner').hidden = !(s === 'reconnecting' && state.inCall);
@@ -827,11 +835,11 @@ function onSignalingState(s) {
 }
 
 /** room messages that arrived before our own `joined` */
-/** @type {{type: string, [k: string]: any}[]} */
+/** @type {ServerMsg[]} */
 let early = [];
 const ROOM_TYPES = new Set(['peer_joined', 'peer_left', 'offer', 'answer', 'candidate', 'media', 'chat']);
 
-/** @param {{type: string, [k: string]: any}} m */
+/** @param {ServerMsg} m */
 function onMessage(m) {
   // The server may deliver another member's message before our own `joined`;
   // hold it until we know who we are.
@@ -875,7 +883,7 @@ function onMessage(m) {
       if (state.ice) for (const p of state.peers.values()) p.setConfiguration(rtcConfig(state.ice));
       return;
     }
-    case 'chat': return addChat(/** @type {any} */ (m));
+    case 'chat': return addChat(m);
     case 'room_full': {
       state.inCall = false;
       closeAllPeers();
@@ -890,7 +898,7 @@ function onMessage(m) {
   }
 }
 
-/** @param {{type: string, [k: string]: any}} m */
+/** @param {JoinedMsg} m */
 function onJoined(m) {
   const fresh = !m.resumed || m.id !== state.myId;
   state.myId = m.id;
@@ -935,7 +943,7 @@ function onJoined(m) {
   }
 }
 
-/** @param {{type: string, [k: string]: any}} m */
+/** @param {ErrorMsg} m */
 function onError(m) {
   if (m.code === 'bad_password') {
     const hadPassword = !!state.password;
@@ -1073,7 +1081,8 @@ async function stats() {
   return out;
 }
 
-/** @type {any} */ (window).meshmeet = {
+/** The page's test handle, `window.meshmeet` (docs/CLIENT.md). */
+const testHandle = {
   get id() { return state.myId; },
   get inCall() { return state.inCall; },
   get peers() { return state.peers; },
@@ -1090,6 +1099,7 @@ async function stats() {
   /** @param {string} text */
   chat(text) { signaling.send({ type: 'chat', text }); },
 };
+/** @type {Window & {meshmeet?: typeof testHandle}} */ (window).meshmeet = testHandle;
 
 // ---------------------------------------------------------------- start
 

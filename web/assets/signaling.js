@@ -1,11 +1,61 @@
-// The signaling socket (PROTOCOL.md): join, resume after a drop, keep-alive, and a
-// queue so that nothing the client says during a short outage is lost.
+// The signaling socket (docs/PROTOCOL.md): join, resume after a drop, keep-alive, and a
+// queue so that nothing the client says during a short outage is lost. No DOM: the
+// page gets messages and connection states through two callbacks. The typedefs below
+// are the protocol's messages (version 1) as this client reads and writes them.
 
 /**
- * @typedef {{type: string, [key: string]: any}} Msg
+ * Mute / camera / screen-share state of a participant.
+ * @typedef {{audio: boolean, video: boolean, screen: boolean}} MediaState
+ *
+ * One ICE server entry as the server hands it out (`urls` is always an array).
+ * @typedef {{urls: string[], username?: string, credential?: string}} IceServer
+ *
+ * `joined.ice` and `ice.ice`: what `new RTCPeerConnection(...)` takes, plus when the
+ * TURN credentials expire (Unix seconds).
+ * @typedef {{iceServers: IceServer[], iceTransportPolicy: 'all'|'relay', expiresAt: number}} IceConfig
+ *
+ * @typedef {{id: string, name: string, media: MediaState|null}} PeerInfo
+ *
+ * @typedef {'bad_message'|'invalid_room'|'invalid_name'|'not_joined'|'already_joined'
+ *   |'unknown_peer'|'bad_password'|'rate_limited'} ErrorCode
+ */
+
+/**
+ * Client to server.
+ * @typedef {{type: 'join', room: string, name?: string, password?: string, resume?: string}} JoinMsg
+ * @typedef {{type: 'offer'|'answer', to: string, sdp: string}} DescriptionOut
+ * @typedef {{type: 'candidate', to: string, candidate: RTCIceCandidateInit|null}} CandidateOut
+ * @typedef {{type: 'media', audio: boolean, video: boolean, screen: boolean}} MediaOut
+ * @typedef {{type: 'chat', text: string}} ChatOut
+ * @typedef {{type: 'leave'}} LeaveMsg
+ * @typedef {{type: 'ping'}} PingMsg
+ * @typedef {{type: 'ice_request', password?: string}} IceRequestMsg
+ * @typedef {JoinMsg|DescriptionOut|CandidateOut|MediaOut|ChatOut|LeaveMsg|PingMsg|IceRequestMsg} ClientMsg
+ */
+
+/**
+ * Server to client.
+ * @typedef {{type: 'joined', protocol: number, id: string, room: string, capacity: number,
+ *   peers: PeerInfo[], ice: IceConfig, resume: string, resumed: boolean}} JoinedMsg
+ * @typedef {{type: 'peer_joined', id: string, name: string}} PeerJoinedMsg
+ * @typedef {{type: 'peer_left', id: string}} PeerLeftMsg
+ * @typedef {{type: 'offer'|'answer', from: string, sdp: string}} DescriptionIn
+ * @typedef {{type: 'candidate', from: string, candidate: RTCIceCandidateInit|null}} CandidateIn
+ * @typedef {{type: 'media', from: string, audio: boolean, video: boolean, screen: boolean}} MediaIn
+ * @typedef {{type: 'ice', ice: IceConfig}} IceMsg
+ * @typedef {{type: 'chat', from: string, name: string, text: string, ts: number}} ChatIn
+ * @typedef {{type: 'room_full', room: string, capacity: number}} RoomFullMsg
+ * @typedef {{type: 'pong'}} PongMsg
+ * @typedef {{type: 'error', code: ErrorCode, message: string}} ErrorMsg
+ * @typedef {JoinedMsg|PeerJoinedMsg|PeerLeftMsg|DescriptionIn|CandidateIn|MediaIn|IceMsg|ChatIn
+ *   |RoomFullMsg|PongMsg|ErrorMsg} ServerMsg
+ */
+
+/**
+ * @typedef {'connecting'|'open'|'reconnecting'|'unreachable'} SignalingState
  * @typedef {{
- *   onMessage: (msg: Msg) => void,
- *   onState: (state: 'connecting'|'open'|'reconnecting'|'unreachable') => void,
+ *   onMessage: (msg: ServerMsg) => void,
+ *   onState: (state: SignalingState) => void,
  * }} SignalingHandlers
  */
 
@@ -36,7 +86,7 @@ export class Signaling {
     /** true between `joined` and the socket going away */
     this.joined = false;
     /** messages for peers, held while not joined */
-    /** @type {Msg[]} */
+    /** @type {ClientMsg[]} */
     this.queue = [];
     this.stopped = false;
     this.everOpened = false;
@@ -80,13 +130,17 @@ export class Signaling {
     ws.onmessage = (ev) => {
       if (this.ws !== ws) return;
       this.lastHeard = Date.now();
-      let msg;
+      let data;
       try {
-        msg = JSON.parse(typeof ev.data === 'string' ? ev.data : '');
+        data = JSON.parse(typeof ev.data === 'string' ? ev.data : '');
       } catch {
         return;
       }
-      if (!msg || typeof msg.type !== 'string') return;
+      if (!data || typeof data.type !== 'string') return;
+      // Any object with a string `type`; types this client does not know are passed on
+      // and ignored there (later protocol versions may add some).
+      /** @type {ServerMsg} */
+      const msg = data;
       if (msg.type === 'joined') {
         this.joined = true;
         this.resumeToken = typeof msg.resume === 'string' ? msg.resume : null;
@@ -152,7 +206,7 @@ export class Signaling {
 
   sendJoin() {
     if (!this.joinFields) return;
-    /** @type {Msg} */
+    /** @type {JoinMsg} */
     const m = { type: 'join', room: this.joinFields.room };
     if (this.joinFields.name) m.name = this.joinFields.name;
     if (this.joinFields.password) m.password = this.joinFields.password;
@@ -163,7 +217,7 @@ export class Signaling {
   /**
    * Sends a message that belongs to the call (offer, answer, candidate, media,
    * chat): held while the socket is down and sent after resuming.
-   * @param {Msg} msg
+   * @param {ClientMsg} msg
    */
   send(msg) {
     if (this.joined && this.ws && this.ws.readyState === WebSocket.OPEN) this.raw(msg);
@@ -172,7 +226,7 @@ export class Signaling {
 
   /**
    * Sends now if possible; returns whether it went out.
-   * @param {Msg} msg
+   * @param {ClientMsg} msg
    */
   raw(msg) {
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
