@@ -7,7 +7,7 @@ const GRACE: Duration = Duration::from_secs(20);
 
 fn core(capacity: usize, password: &str) -> Rooms<u64> {
     Rooms::new(
-        CoreConfig {
+        RoomRules {
             capacity,
             password: password.into(),
             resume_grace: GRACE,
