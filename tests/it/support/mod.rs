@@ -1,14 +1,88 @@
 //! Shared test helpers: an in-process server on port 0 with a self-signed certificate
-//! that shuts down on drop, and clients that trust that certificate.
-#![allow(dead_code)]
+//! that shuts down on drop, clients that trust that certificate, and the check for the
+//! external tools some tests need.
 
+pub mod ws;
+
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use meshmeet::app::{AppState, BoundAddrs};
 use meshmeet::{Config, Server};
 use tokio::sync::oneshot;
+
+/// Set to `1` (as `tests/run.sh` does, after installing the tools) to make a missing
+/// external tool fail the tests that need it instead of skipping them.
+pub const REQUIRE_TOOLS_VAR: &str = "MESHMEET_REQUIRE_TOOLS";
+
+/// Whether the external program `name` (Debian package `package`) is on `PATH`. When
+/// it is not, the calling test should return at once: this prints why it is skipped,
+/// or panics when [`REQUIRE_TOOLS_VAR`] is `1`.
+pub fn have_tool(name: &str, package: &str) -> bool {
+    let required = std::env::var(REQUIRE_TOOLS_VAR).is_ok_and(|v| v == "1");
+    check_tool(name, package, required)
+}
+
+fn check_tool(name: &str, package: &str, required: bool) -> bool {
+    if on_path(name) {
+        return true;
+    }
+    assert!(
+        !required,
+        "{name} is not installed and {REQUIRE_TOOLS_VAR}=1 requires it (apt-get install {package})"
+    );
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    // Straight to the process's stderr: the test harness captures `eprintln!`, and a
+    // skip should be seen.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {name} is not installed (apt-get install {package}; \
+         {REQUIRE_TOOLS_VAR}=1 turns this into a failure)"
+    );
+    false
+}
+
+fn on_path(name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = std::env::var_os("PATH") else {
+        return false;
+    };
+    std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(name))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// A rustls client config that trusts exactly the certificates in `pem`.
+pub fn rustls_client_config(pem: &[u8]) -> Arc<rustls::ClientConfig> {
+    meshmeet::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// An HTTPS client that trusts exactly the certificates in `pems` and sends requests
+/// for `localhost` to `addr`.
+pub fn https_client(pems: &[&[u8]], addr: SocketAddr) -> reqwest::ClientBuilder {
+    let mut b = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .resolve("localhost", addr);
+    for pem in pems {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(pem).expect("cert"));
+    }
+    b
+}
 
 pub struct TestServer {
     pub addrs: BoundAddrs,
@@ -18,13 +92,14 @@ pub struct TestServer {
     done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-/// A config for tests: loopback, port 0 everywhere, state in a fresh temp dir.
-pub fn test_config(data_dir: &std::path::Path) -> Config {
+/// A config for tests: loopback, port 0 everywhere, state in `data_dir`.
+pub fn test_config(data_dir: &Path) -> Config {
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let mut c = Config::default();
     c.data_dir = data_dir.to_path_buf();
-    c.http.listen = "127.0.0.1:0".into();
-    c.turn.listen = "127.0.0.1:0".into();
-    c.turn.tls_listen = "127.0.0.1:0".into();
+    c.http.listen = loopback(0);
+    c.turn.listen = loopback(0);
+    c.turn.tls_listen = Some(loopback(0));
     c.log.level = "warn".into();
     c
 }
@@ -69,6 +144,7 @@ impl TestServer {
         format!("wss://localhost:{}/ws", self.addrs.https.port())
     }
 
+    /// The server's own origin, which `/ws` always allows.
     pub fn origin(&self) -> String {
         self.base_url()
     }
@@ -83,28 +159,27 @@ impl TestServer {
 
     /// An HTTPS client that trusts this server's certificate (and nothing else).
     pub fn http_client(&self) -> reqwest::Client {
-        let cert = reqwest::Certificate::from_pem(&self.cert_pem()).expect("cert");
-        reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(cert)
-            .resolve("localhost", self.addrs.https)
+        https_client(&[&self.cert_pem()], self.addrs.https)
             .build()
             .expect("client")
+    }
+
+    /// `/metrics` as the server shows it to a client on loopback.
+    pub async fn metrics(&self) -> String {
+        self.http_client()
+            .get(format!("{}/metrics", self.base_url()))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("body")
     }
 
     /// A rustls client config trusting this server's certificate (for WebSocket and
     /// raw TLS clients).
     pub fn rustls_client_config(&self) -> Arc<rustls::ClientConfig> {
-        meshmeet::tls::install_crypto_provider();
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut self.cert_pem().as_slice()) {
-            roots.add(cert.expect("pem")).expect("root");
-        }
-        Arc::new(
-            rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
+        rustls_client_config(&self.cert_pem())
     }
 
     /// Stops the server and waits for it to finish.
@@ -125,4 +200,20 @@ impl Drop for TestServer {
             let _ = tx.send(());
         }
     }
+}
+
+#[test]
+fn tools_on_path_are_found() {
+    assert!(check_tool("sh", "dash", true));
+}
+
+#[test]
+fn a_missing_tool_skips() {
+    assert!(!check_tool("meshmeet-no-such-tool", "none", false));
+}
+
+#[test]
+#[should_panic(expected = "requires it")]
+fn a_missing_tool_fails_when_required() {
+    check_tool("meshmeet-no-such-tool", "none", true);
 }
