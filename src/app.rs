@@ -24,7 +24,8 @@ use crate::tls::Tls;
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Handles to the running server's shared parts, for the process (signals) and for
-/// tests. Subsystems do not take this: each is built with only the pieces it uses.
+/// tests. HTTP and signaling are built with only the pieces they use; the relay's IO
+/// reads `shutdown`, `tasks` and `tls` from here.
 pub struct AppState {
     pub tls: Arc<Tls>,
     pub metrics: Arc<Metrics>,

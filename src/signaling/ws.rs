@@ -936,6 +936,22 @@ mod tests {
     }
 
     #[test]
+    fn a_poisoned_lock_is_taken_over_once() {
+        let m = Arc::new(Mutex::new(vec![1]));
+        let m2 = m.clone();
+        let panicked = std::thread::spawn(move || {
+            let mut g = m2.lock().unwrap();
+            g.push(2);
+            panic!("a bug while holding the lock");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(m.is_poisoned());
+        assert_eq!(*lock(&m, "test"), vec![1, 2]);
+        assert!(!m.is_poisoned());
+    }
+
+    #[test]
     fn metrics_encode() {
         let mut reg = Registry::default();
         let m = SignalingMetrics::register(&mut reg);

@@ -22,10 +22,12 @@ pub const REQUIRE_TOOLS_VAR: &str = "MESHMEET_REQUIRE_TOOLS";
 /// or panics when [`REQUIRE_TOOLS_VAR`] is `1`.
 pub fn have_tool(name: &str, package: &str) -> bool {
     let required = std::env::var(REQUIRE_TOOLS_VAR).is_ok_and(|v| v == "1");
-    check_tool(name, package, required)
+    // Straight to the process's stderr: the test harness captures `eprintln!`, and a
+    // skip should be seen.
+    check_tool(name, package, required, &mut std::io::stderr())
 }
 
-fn check_tool(name: &str, package: &str, required: bool) -> bool {
+fn check_tool(name: &str, package: &str, required: bool, report: &mut dyn Write) -> bool {
     if on_path(name) {
         return true;
     }
@@ -37,10 +39,8 @@ fn check_tool(name: &str, package: &str, required: bool) -> bool {
         .name()
         .unwrap_or("a test")
         .to_string();
-    // Straight to the process's stderr: the test harness captures `eprintln!`, and a
-    // skip should be seen.
     let _ = writeln!(
-        std::io::stderr(),
+        report,
         "SKIPPED {test}: {name} is not installed (apt-get install {package}; \
          {REQUIRE_TOOLS_VAR}=1 turns this into a failure)"
     );
@@ -204,16 +204,29 @@ impl Drop for TestServer {
 
 #[test]
 fn tools_on_path_are_found() {
-    assert!(check_tool("sh", "dash", true));
+    let mut report = Vec::new();
+    assert!(check_tool("sh", "dash", true, &mut report));
+    assert!(report.is_empty());
 }
 
 #[test]
-fn a_missing_tool_skips() {
-    assert!(!check_tool("meshmeet-no-such-tool", "none", false));
+fn a_missing_tool_skips_with_a_reason() {
+    let mut report = Vec::new();
+    assert!(!check_tool(
+        "meshmeet-no-such-tool",
+        "none",
+        false,
+        &mut report
+    ));
+    let text = String::from_utf8(report).unwrap();
+    assert!(
+        text.starts_with("SKIPPED support::a_missing_tool_skips_with_a_reason: meshmeet-no-such-tool is not installed"),
+        "{text}"
+    );
 }
 
 #[test]
 #[should_panic(expected = "requires it")]
 fn a_missing_tool_fails_when_required() {
-    check_tool("meshmeet-no-such-tool", "none", true);
+    check_tool("meshmeet-no-such-tool", "none", true, &mut Vec::new());
 }
