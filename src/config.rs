@@ -227,7 +227,8 @@ impl Config {
     ///
     /// Environment values are taken as text, as a TOML string would be, and converted
     /// by the key's type (so a digits-only secret or password stays exactly as
-    /// written); the keys in [`LIST_KEYS`] are split at commas.
+    /// written); list keys (`http.allowed_origins`, `turn.relay_ips`, ...) are split at
+    /// commas, and an empty value is an empty list.
     pub fn load_with_env(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
