@@ -159,7 +159,7 @@ struct Session {
 
 impl Session {
     fn new(id: &str) -> Session {
-        let expiry = meshmeet::app::unix_now() + 86_400;
+        let expiry = meshmeet::clock::unix_secs() + 86_400;
         let user = format!("{expiry}:{id}");
         let pass = meshmeet::ice::rest_password(SECRET, &user);
         Session {

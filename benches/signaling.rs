@@ -436,7 +436,7 @@ fn main() {
             conns: 40,
         };
     }
-    match meshmeet::app::raise_nofile_limit() {
+    match meshmeet::sys::raise_nofile_limit() {
         Ok(n) if (n as usize) < args.conns + 100 => {
             eprintln!("open-files limit {n} is low for {} connections", args.conns)
         }

@@ -2,44 +2,41 @@
 //! with its address), runs the listeners, tells systemd, and shuts down in order
 //! (stop accepting, close long-lived connections with a proper close, exit).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ipnet::IpNet;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::http::HttpState;
 use crate::ice::{IceProvider, NoPeerEvents, PeerEvents};
 use crate::metrics::{HttpMetrics, Metrics};
+use crate::signaling::ws::{Signaling, SignalingConfig, SignalingMetrics};
+use crate::sys::notify_systemd;
 use crate::tls::Tls;
 
 /// How long shutdown may take before the remaining tasks are abandoned.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// State shared by every connection. Each piece has one owner; cores sit behind short
-/// `std::sync::Mutex` sections inside their modules.
+/// Handles to the running server's shared parts, for the process (signals) and for
+/// tests. HTTP and signaling are built with only the pieces they use; the relay's IO
+/// reads `shutdown`, `tasks` and `tls` from here.
 pub struct AppState {
-    pub config: Arc<Config>,
     pub tls: Arc<Tls>,
-    pub metrics: Metrics,
-    pub http_metrics: HttpMetrics,
-    pub metrics_allow: Vec<IpNet>,
-    pub ice: Arc<IceProvider>,
+    pub metrics: Arc<Metrics>,
+    /// Room signaling: the rooms core, its metrics and timings.
+    pub signaling: Arc<Signaling>,
     /// Told when a peer leaves its room for good; the relay drops its allocations.
     pub peer_events: Arc<dyn PeerEvents>,
-    pub started: Instant,
     /// Cancelled when the server shuts down; long-lived tasks watch it.
     pub shutdown: CancellationToken,
     /// Long-lived tasks (WebSockets, relay IO) that shutdown waits for.
     pub tasks: TaskTracker,
-    pub https_port: u16,
-    /// Room signaling: the rooms core, its metrics and timings.
-    pub signaling: Arc<crate::signaling::ws::Signaling>,
 }
 
 /// The addresses actually bound (ports differ from the config when it asks for 0).
@@ -56,6 +53,9 @@ pub struct BoundAddrs {
 /// A bound, not yet running server.
 pub struct Server {
     state: Arc<AppState>,
+    config: Arc<Config>,
+    http: HttpState,
+    http_metrics: HttpMetrics,
     https: TcpListener,
     redirect: Option<TcpListener>,
     relay: Option<crate::relay::Relay>,
@@ -67,9 +67,8 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         crate::tls::install_crypto_provider();
         let tls = Arc::new(Tls::load(&config).context("TLS setup failed")?);
-        let https_addr = config.http_listen()?;
-        let https = bind_tcp(https_addr, "http.listen").await?;
-        let redirect = match config.redirect_listen()? {
+        let https = bind_tcp(config.http.listen, "http.listen").await?;
+        let redirect = match config.http.redirect_listen {
             Some(addr) => Some(bind_tcp(addr, "http.redirect_listen").await?),
             None => None,
         };
@@ -77,7 +76,7 @@ impl Server {
         let mut registry = Registry::default();
         let relay = if config.turn.enabled {
             let metrics = crate::relay::RelayMetrics::register(&mut registry);
-            Some(crate::relay::Relay::bind(&config, secret.clone(), metrics).await?)
+            Some(crate::relay::Relay::bind(&config, secret.expose().to_owned(), metrics).await?)
         } else {
             None
         };
@@ -93,8 +92,8 @@ impl Server {
         let (turn_port, turns_port) = match relay_addrs {
             Some(a) => (a.udp.port(), a.tls.map(|t| t.port())),
             None => (
-                config.turn_listen()?.port(),
-                config.turn_tls_listen()?.map(|a| a.port()),
+                config.turn.listen.port(),
+                config.turn.tls_listen.map(|a| a.port()),
             ),
         };
         let ice = Arc::new(IceProvider::new(&config, secret, turn_port, turns_port));
@@ -102,29 +101,39 @@ impl Server {
             Some(r) => Arc::new(r.handle()),
             None => Arc::new(NoPeerEvents),
         };
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
         let http_metrics = HttpMetrics::register(&mut registry);
-        let signaling_metrics = crate::signaling::ws::SignalingMetrics::register(&mut registry);
-        let signaling = Arc::new(crate::signaling::ws::Signaling::new(
-            &config,
-            signaling_metrics,
-        ));
-        let metrics_allow = config.metrics_allow()?;
-        let state = Arc::new(AppState {
-            config: Arc::new(config),
-            tls,
-            metrics: Metrics::new(registry),
-            http_metrics,
-            metrics_allow,
+        let signaling = Arc::new(Signaling::new(
+            SignalingConfig::from_config(&config),
             ice,
-            peer_events,
+            peer_events.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+            SignalingMetrics::register(&mut registry),
+        ));
+        let metrics = Arc::new(Metrics::new(registry));
+        let http = HttpState {
+            cert_kind: tls.kind(),
+            metrics: metrics.clone(),
+            http_metrics: http_metrics.clone(),
+            metrics_allow: config.http.metrics_allow.clone(),
             started: Instant::now(),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            https_port: addrs.https.port(),
+            signaling: signaling.clone(),
+        };
+        let state = Arc::new(AppState {
+            tls,
+            metrics,
             signaling,
+            peer_events,
+            shutdown,
+            tasks,
         });
         Ok(Server {
             state,
+            config: Arc::new(config),
+            http,
+            http_metrics,
             https,
             redirect,
             relay,
@@ -143,11 +152,7 @@ impl Server {
     /// Logs the start-up banner: version, URLs, ports, certificate.
     pub fn log_banner(&self) {
         let s = &self.state;
-        let host = if s.config.http.public_host.is_empty() {
-            "localhost".to_string()
-        } else {
-            crate::ice::client_host(&s.config.http.public_host, None)
-        };
+        let host = crate::net::client_host(&self.config.http.public_host, None);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "meshmeet starting");
         tracing::info!(
             listen = %self.addrs.https,
@@ -177,12 +182,18 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops in order and returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let state = self.state.clone();
-        let app = crate::http::router(state.clone());
-        let https = tokio::spawn(crate::http::serve_https(self.https, state.clone(), app));
+        let app = crate::http::router(self.http);
+        let https = tokio::spawn(crate::http::serve_https(
+            self.https,
+            state.tls.clone(),
+            self.http_metrics,
+            state.shutdown.clone(),
+            app,
+        ));
         let redirect = self.redirect.map(|listener| {
             let router = crate::http::redirect_router(
-                state.config.http.public_host.clone(),
-                state.https_port,
+                self.config.http.public_host.clone(),
+                self.addrs.https.port(),
             );
             let token = state.shutdown.clone();
             tokio::spawn(async move {
@@ -224,33 +235,6 @@ async fn bind_tcp(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (TCP, {key})"))
-}
-
-fn notify_systemd(states: &[sd_notify::NotifyState]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        if let Err(e) = sd_notify::notify(false, states) {
-            tracing::warn!(error = %e, "systemd notify failed");
-        }
-    }
-}
-
-/// An IPv4-mapped IPv6 address as plain IPv4, so allow-lists match either form.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
-        v4 => v4,
-    }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The process signals the server reacts to, registered as soon as this is created
@@ -303,26 +287,4 @@ impl Signals {
             }
         }
     }
-}
-
-/// Raises the soft open-files limit to the hard limit (each WebSocket is a file
-/// descriptor; the usual soft default of 1024 is far too low for a server). Returns the
-/// new soft limit.
-pub fn raise_nofile_limit() -> std::io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: as above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(lim.rlim_cur)
 }

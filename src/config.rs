@@ -1,15 +1,23 @@
 //! One typed [`Config`], loaded once at start: compiled-in defaults, then the TOML
-//! file, then `MESHMEET__SECTION__KEY` environment overrides. Unknown keys and invalid
-//! values are errors that name the key.
+//! file, then `MESHMEET__SECTION__KEY` environment overrides. Addresses, networks and
+//! port ranges are parsed while loading, so the rest of the program only sees typed
+//! values; unknown keys and invalid values are errors that name the key. Secrets are
+//! [`Secret`]s, which never print.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// A configuration problem, always naming the key at fault.
+use crate::net::valid_host;
+use crate::secret::Secret;
+
+/// A configuration problem, always naming the key at fault when there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {reason}")]
@@ -17,12 +25,12 @@ pub enum ConfigError {
     #[error("config: {0}")]
     Parse(String),
     #[error("config key `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    Invalid { key: String, reason: String },
 }
 
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.to_string(),
         reason: reason.into(),
     }
 }
@@ -43,20 +51,24 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
-    pub listen: String,
-    /// Plain HTTP listener that 301-redirects to HTTPS; empty = off.
-    pub redirect_listen: String,
+    #[serde(with = "addr")]
+    pub listen: SocketAddr,
+    /// Plain HTTP listener that 301-redirects to HTTPS; `None` (empty in TOML) = off.
+    #[serde(with = "opt_addr")]
+    pub redirect_listen: Option<SocketAddr>,
     /// Host name or IP clients use; empty = taken from each request's Host header.
     pub public_host: String,
     /// Extra origins allowed to open `/ws`; the server's own origin always is.
     pub allowed_origins: Vec<String>,
     /// Networks allowed to read `/metrics`.
-    pub metrics_allow: Vec<String>,
+    #[serde(with = "nets")]
+    pub metrics_allow: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
+    /// PEM chain and key; both empty = a self-signed certificate under `data_dir`.
     pub cert: String,
     pub key: String,
     pub self_signed_names: Vec<String>,
@@ -72,7 +84,8 @@ pub struct LogConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RoomsConfig {
     pub capacity: usize,
-    pub password: String,
+    /// Empty = rooms need no password.
+    pub password: Secret,
     pub resume_grace_s: u64,
     pub max_message_bytes: usize,
     pub rate_per_s: u32,
@@ -83,21 +96,29 @@ pub struct RoomsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct TurnConfig {
     pub enabled: bool,
-    pub listen: String,
-    pub tls_listen: String,
-    pub relay_ips: Vec<String>,
-    pub external_ips: Vec<String>,
-    pub relay_ports: String,
+    #[serde(with = "addr")]
+    pub listen: SocketAddr,
+    /// TURN over TLS; `None` (empty in TOML) = off.
+    #[serde(with = "opt_addr")]
+    pub tls_listen: Option<SocketAddr>,
+    /// At most one IPv4 and one IPv6 address (checked by [`Config::validate`]).
+    #[serde(with = "ips")]
+    pub relay_ips: Vec<IpAddr>,
+    #[serde(with = "ips")]
+    pub external_ips: Vec<IpAddr>,
+    pub relay_ports: PortRange,
     pub realm: String,
-    pub secret: String,
+    /// Empty = generated on first start and kept under `data_dir`.
+    pub secret: Secret,
     pub credential_ttl_s: u64,
     pub max_allocation_lifetime_s: u64,
     pub user_allocation_quota: usize,
     pub total_allocation_quota: usize,
     pub max_bps: u64,
-    pub allowed_peer_ranges: Vec<String>,
+    #[serde(with = "nets")]
+    pub allowed_peer_ranges: Vec<IpNet>,
     /// Static long-term users (name = password) for tools and tests.
-    pub users: BTreeMap<String, String>,
+    pub users: BTreeMap<String, Secret>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -123,11 +144,14 @@ impl Default for Config {
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
-            listen: "0.0.0.0:8443".into(),
-            redirect_listen: String::new(),
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8443)),
+            redirect_listen: None,
             public_host: String::new(),
             allowed_origins: Vec::new(),
-            metrics_allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            metrics_allow: vec![
+                IpNet::new_assert(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
+                IpNet::new_assert(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
+            ],
         }
     }
 }
@@ -144,7 +168,7 @@ impl Default for RoomsConfig {
     fn default() -> Self {
         RoomsConfig {
             capacity: 6,
-            password: String::new(),
+            password: Secret::default(),
             resume_grace_s: 20,
             max_message_bytes: 65536,
             rate_per_s: 50,
@@ -157,13 +181,16 @@ impl Default for TurnConfig {
     fn default() -> Self {
         TurnConfig {
             enabled: true,
-            listen: "0.0.0.0:3478".into(),
-            tls_listen: "0.0.0.0:5349".into(),
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 3478)),
+            tls_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 5349))),
             relay_ips: Vec::new(),
             external_ips: Vec::new(),
-            relay_ports: "49152-65535".into(),
+            relay_ports: PortRange {
+                first: 49152,
+                last: 65535,
+            },
             realm: "meshmeet".into(),
-            secret: String::new(),
+            secret: Secret::default(),
             credential_ttl_s: 3600,
             max_allocation_lifetime_s: 3600,
             user_allocation_quota: 10,
@@ -185,6 +212,9 @@ const LIST_KEYS: &[&str] = &[
     "turn.allowed_peer_ranges",
 ];
 
+/// Prefix of the environment overrides (`MESHMEET__SECTION__KEY`).
+const ENV_PREFIX: &str = "MESHMEET__";
+
 impl Config {
     /// Loads defaults, then `path` (if given; it must exist), then the environment
     /// (`MESHMEET__SECTION__KEY`), and validates the result.
@@ -194,6 +224,11 @@ impl Config {
     }
 
     /// [`Config::load`] with an explicit environment, for tests.
+    ///
+    /// Environment values are taken as text, as a TOML string would be, and converted
+    /// by the key's type (so a digits-only secret or password stays exactly as
+    /// written); list keys (`http.allowed_origins`, `turn.relay_ips`, ...) are split at
+    /// commas, and an empty value is an empty list.
     pub fn load_with_env(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -206,36 +241,40 @@ impl Config {
             })?;
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
-        let env_map: config::Map<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("MESHMEET__"))
-            .collect();
-        let mut env_source = config::Environment::with_prefix("MESHMEET")
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .source(Some(env_map));
-        for key in LIST_KEYS {
-            env_source = env_source.with_list_parse_key(key);
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let key = rest.to_ascii_lowercase().replace("__", ".");
+            if key.is_empty() {
+                return Err(ConfigError::Parse(format!(
+                    "environment variable {name} names no key"
+                )));
+            }
+            let set = if LIST_KEYS.contains(&key.as_str()) {
+                let items: Vec<String> = if value.trim().is_empty() {
+                    Vec::new()
+                } else {
+                    value.split(',').map(|s| s.trim().to_string()).collect()
+                };
+                builder.set_override(key.as_str(), items)
+            } else {
+                builder.set_override(key.as_str(), value)
+            };
+            builder =
+                set.map_err(|e| ConfigError::Parse(format!("environment variable {name}: {e}")))?;
         }
-        let built = builder
-            .add_source(env_source)
+        let cfg: Config = builder
             .build()
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let cfg: Config = built
-            .try_deserialize()
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+            .and_then(|built| built.try_deserialize())
+            .map_err(from_loader)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Checks every value; the error names the first offending key.
+    /// Checks what the types alone do not (ranges, combinations); the error names the
+    /// first offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        parse_addr("http.listen", &self.http.listen)?;
-        if !self.http.redirect_listen.is_empty() {
-            parse_addr("http.redirect_listen", &self.http.redirect_listen)?;
-        }
         if !self.http.public_host.is_empty() && !valid_host(&self.http.public_host) {
             return Err(invalid(
                 "http.public_host",
@@ -252,7 +291,6 @@ impl Config {
                 ));
             }
         }
-        parse_nets("http.metrics_allow", &self.http.metrics_allow)?;
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             return Err(invalid(
                 if self.tls.cert.is_empty() {
@@ -281,7 +319,7 @@ impl Config {
         if !(2..=50).contains(&r.capacity) {
             return Err(invalid("rooms.capacity", "must be between 2 and 50"));
         }
-        if r.password.chars().count() > 256 {
+        if r.password.char_count() > 256 {
             return Err(invalid("rooms.password", "at most 256 characters"));
         }
         if r.resume_grace_s > 3600 {
@@ -306,22 +344,15 @@ impl Config {
             ));
         }
         let t = &self.turn;
-        parse_addr("turn.listen", &t.listen)?;
-        if !t.tls_listen.is_empty() {
-            parse_addr("turn.tls_listen", &t.tls_listen)?;
-        }
-        let relay_ips = parse_ips("turn.relay_ips", &t.relay_ips)?;
-        check_one_per_family("turn.relay_ips", &relay_ips)?;
-        let external_ips = parse_ips("turn.external_ips", &t.external_ips)?;
-        check_one_per_family("turn.external_ips", &external_ips)?;
-        self.relay_port_range()?;
+        check_one_per_family("turn.relay_ips", &t.relay_ips)?;
+        check_one_per_family("turn.external_ips", &t.external_ips)?;
         if t.realm.is_empty() || t.realm.len() > 127 || t.realm.chars().any(char::is_control) {
             return Err(invalid(
                 "turn.realm",
                 "must be 1 to 127 characters without control characters",
             ));
         }
-        if !t.secret.is_empty() && t.secret.len() < 16 {
+        if !t.secret.is_empty() && t.secret.char_count() < 16 {
             return Err(invalid(
                 "turn.secret",
                 "must be at least 16 characters (or empty to generate one)",
@@ -345,7 +376,6 @@ impl Config {
         if t.total_allocation_quota == 0 {
             return Err(invalid("turn.total_allocation_quota", "must be at least 1"));
         }
-        parse_nets("turn.allowed_peer_ranges", &t.allowed_peer_ranges)?;
         for (user, pass) in &t.users {
             if user.is_empty() || user.len() > 128 || user.contains(':') {
                 return Err(invalid(
@@ -363,125 +393,201 @@ impl Config {
         Ok(())
     }
 
-    /// `http.listen` as an address (validated at load).
-    pub fn http_listen(&self) -> Result<SocketAddr, ConfigError> {
-        parse_addr("http.listen", &self.http.listen)
-    }
-
-    /// `http.redirect_listen`, `None` when off.
-    pub fn redirect_listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        opt_addr("http.redirect_listen", &self.http.redirect_listen)
-    }
-
-    pub fn metrics_allow(&self) -> Result<Vec<IpNet>, ConfigError> {
-        parse_nets("http.metrics_allow", &self.http.metrics_allow)
-    }
-
-    pub fn turn_listen(&self) -> Result<SocketAddr, ConfigError> {
-        parse_addr("turn.listen", &self.turn.listen)
-    }
-
-    /// `turn.tls_listen`, `None` when off.
-    pub fn turn_tls_listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        opt_addr("turn.tls_listen", &self.turn.tls_listen)
-    }
-
-    pub fn relay_ips(&self) -> Result<Vec<IpAddr>, ConfigError> {
-        parse_ips("turn.relay_ips", &self.turn.relay_ips)
-    }
-
-    pub fn external_ips(&self) -> Result<Vec<IpAddr>, ConfigError> {
-        parse_ips("turn.external_ips", &self.turn.external_ips)
-    }
-
-    pub fn allowed_peer_ranges(&self) -> Result<Vec<IpNet>, ConfigError> {
-        parse_nets("turn.allowed_peer_ranges", &self.turn.allowed_peer_ranges)
-    }
-
-    /// `turn.relay_ports` as an inclusive range.
-    pub fn relay_port_range(&self) -> Result<(u16, u16), ConfigError> {
-        let key = "turn.relay_ports";
-        let s = self.turn.relay_ports.trim();
-        let (lo, hi) = s
-            .split_once('-')
-            .ok_or_else(|| invalid(key, "expected LOW-HIGH, e.g. 49152-65535"))?;
-        let lo: u16 = lo
-            .trim()
-            .parse()
-            .map_err(|_| invalid(key, "LOW is not a port number"))?;
-        let hi: u16 = hi
-            .trim()
-            .parse()
-            .map_err(|_| invalid(key, "HIGH is not a port number"))?;
-        if lo == 0 || lo > hi {
-            return Err(invalid(key, "expected 1 <= LOW <= HIGH <= 65535"));
-        }
-        Ok((lo, hi))
-    }
-
-    /// The effective config as TOML with every secret redacted.
-    pub fn redacted_toml(&self) -> String {
-        let mut c = self.clone();
-        redact(&mut c.rooms.password);
-        redact(&mut c.turn.secret);
-        for pass in c.turn.users.values_mut() {
-            redact(pass);
-        }
-        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    /// The effective config as TOML, every secret shown as `<redacted>`.
+    pub fn redacted_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string_pretty(self)
+            .map_err(|e| ConfigError::Parse(format!("cannot render the config: {e}")))
     }
 }
 
-fn redact(s: &mut String) {
-    if !s.is_empty() {
-        *s = "<redacted>".into();
-    }
-}
-
-fn parse_addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
-    s.trim().parse().map_err(|_| {
-        invalid(
+/// The loader's error, with the key it names (if any) in [`ConfigError::Invalid`].
+fn from_loader(e: config::ConfigError) -> ConfigError {
+    match e {
+        config::ConfigError::At {
+            error,
+            key: Some(key),
+            ..
+        } => ConfigError::Invalid {
             key,
-            format!("`{s}` is not an address like 0.0.0.0:8443 or [::]:8443"),
-        )
-    })
-}
-
-fn opt_addr(key: &'static str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
-    if s.trim().is_empty() {
-        Ok(None)
-    } else {
-        parse_addr(key, s).map(Some)
+            reason: error.to_string(),
+        },
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            key: Some(key),
+            ..
+        } => ConfigError::Invalid {
+            key,
+            reason: format!("invalid type: {unexpected}, expected {expected}"),
+        },
+        other => ConfigError::Parse(other.to_string()),
     }
 }
 
-fn parse_ips(key: &'static str, list: &[String]) -> Result<Vec<IpAddr>, ConfigError> {
-    list.iter()
-        .map(|s| {
-            s.trim()
-                .parse()
-                .map_err(|_| invalid(key, format!("`{s}` is not an IP address")))
-        })
-        .collect()
+/// A UDP port range, `FIRST-LAST` in TOML, with `1 <= FIRST <= LAST`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    first: u16,
+    last: u16,
 }
 
-fn check_one_per_family(key: &'static str, ips: &[IpAddr]) -> Result<(), ConfigError> {
+impl PortRange {
+    /// `None` unless `1 <= first <= last`.
+    pub fn new(first: u16, last: u16) -> Option<PortRange> {
+        (first >= 1 && first <= last).then_some(PortRange { first, last })
+    }
+
+    pub fn first(&self) -> u16 {
+        self.first
+    }
+
+    pub fn last(&self) -> u16 {
+        self.last
+    }
+
+    pub fn range(&self) -> RangeInclusive<u16> {
+        self.first..=self.last
+    }
+
+    /// How many ports the range holds (at least 1).
+    pub fn len(&self) -> u32 {
+        u32::from(self.last - self.first) + 1
+    }
+
+    /// Never true: a range holds at least one port.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PortRange, String> {
+        let (lo, hi) = s
+            .trim()
+            .split_once('-')
+            .ok_or("expected LOW-HIGH, e.g. 49152-65535")?;
+        let lo: u16 = lo.trim().parse().map_err(|_| "LOW is not a port number")?;
+        let hi: u16 = hi.trim().parse().map_err(|_| "HIGH is not a port number")?;
+        PortRange::new(lo, hi).ok_or_else(|| "expected 1 <= LOW <= HIGH <= 65535".to_string())
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<PortRange, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not an address like 0.0.0.0:8443 or [::]:8443"))
+}
+
+fn parse_ip(s: &str) -> Result<IpAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not an IP address"))
+}
+
+/// A CIDR range; a bare address is a range of one.
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    t.parse::<IpNet>()
+        .or_else(|_| t.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{s}` is not a CIDR range like 10.0.0.0/8"))
+}
+
+/// A socket address as a string (`0.0.0.0:8443`, `[::]:8443`).
+mod addr {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(a: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(a)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_addr(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An optional socket address; empty string = `None`.
+mod opt_addr {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim().is_empty() {
+            return Ok(None);
+        }
+        parse_addr(&s).map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A list of IP addresses as strings.
+mod ips {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &[IpAddr], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(ToString::to_string))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        v.iter()
+            .map(|s| parse_ip(s))
+            .collect::<Result<_, _>>()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A list of CIDR ranges as strings.
+mod nets {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(ToString::to_string))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        v.iter()
+            .map(|s| parse_net(s))
+            .collect::<Result<_, _>>()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn check_one_per_family(key: &str, ips: &[IpAddr]) -> Result<(), ConfigError> {
     let v4 = ips.iter().filter(|ip| ip.is_ipv4()).count();
     let v6 = ips.len() - v4;
     if v4 > 1 || v6 > 1 {
         return Err(invalid(key, "at most one IPv4 and one IPv6 address"));
     }
     Ok(())
-}
-
-fn parse_nets(key: &'static str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
-    list.iter()
-        .map(|s| {
-            let s = s.trim();
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| invalid(key, format!("`{s}` is not a CIDR range like 10.0.0.0/8")))
-        })
-        .collect()
 }
 
 /// `info`, or directives like `meshmeet=debug,warn`.
@@ -503,208 +609,5 @@ fn valid_log_filter(s: &str) -> bool {
         })
 }
 
-/// A bare host name or IP address (IPv6 with or without brackets).
-pub fn valid_host(s: &str) -> bool {
-    if s.is_empty() || s.len() > 253 {
-        return false;
-    }
-    let bare = s.trim_start_matches('[').trim_end_matches(']');
-    if bare.parse::<IpAddr>().is_ok() {
-        return true;
-    }
-    s.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            && !label.starts_with('-')
-    })
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn write(text: &str) -> tempfile::NamedTempFile {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), text).unwrap();
-        f
-    }
-
-    #[test]
-    fn defaults_are_valid() {
-        let c = Config::load_with_env(None, env(&[])).unwrap();
-        assert_eq!(c, Config::default());
-        assert_eq!(c.http_listen().unwrap().port(), 8443);
-        assert_eq!(c.relay_port_range().unwrap(), (49152, 65535));
-    }
-
-    #[test]
-    fn shipped_config_file_equals_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/meshmeet.toml");
-        let c = Config::load_with_env(Some(&path), env(&[])).unwrap();
-        assert_eq!(c, Config::default());
-        // Every key is present in the file (it documents all of them).
-        let text = std::fs::read_to_string(&path).unwrap();
-        let doc: toml::Table = text.parse().unwrap();
-        let defaults: toml::Table = toml::to_string(&Config::default())
-            .unwrap()
-            .parse()
-            .unwrap();
-        for (section, value) in &defaults {
-            match value {
-                toml::Value::Table(t) => {
-                    for key in t.keys() {
-                        let in_doc = doc
-                            .get(section)
-                            .and_then(|s| s.as_table())
-                            .is_some_and(|s| s.contains_key(key));
-                        assert!(in_doc, "config/meshmeet.toml lacks {section}.{key}");
-                    }
-                }
-                _ => assert!(doc.contains_key(section), "lacks {section}"),
-            }
-        }
-    }
-
-    #[test]
-    fn file_values_are_used() {
-        let f = write("[http]\nlisten = \"127.0.0.1:9000\"\n[rooms]\ncapacity = 4\n");
-        let c = Config::load_with_env(Some(f.path()), env(&[])).unwrap();
-        assert_eq!(c.http.listen, "127.0.0.1:9000");
-        assert_eq!(c.rooms.capacity, 4);
-        assert_eq!(c.rooms.resume_grace_s, 20);
-    }
-
-    #[test]
-    fn env_overrides_file() {
-        let f = write("[rooms]\ncapacity = 4\n");
-        let c = Config::load_with_env(
-            Some(f.path()),
-            env(&[
-                ("MESHMEET__ROOMS__CAPACITY", "8"),
-                ("MESHMEET__TURN__SECRET", "0123456789abcdef0123"),
-                (
-                    "MESHMEET__HTTP__ALLOWED_ORIGINS",
-                    "https://a.example,https://b.example",
-                ),
-                ("MESHMEET__DATA_DIR", "/var/lib/meshmeet"),
-                ("UNRELATED", "x"),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(c.rooms.capacity, 8);
-        assert_eq!(c.turn.secret, "0123456789abcdef0123");
-        assert_eq!(
-            c.http.allowed_origins,
-            vec!["https://a.example", "https://b.example"]
-        );
-        assert_eq!(c.data_dir, PathBuf::from("/var/lib/meshmeet"));
-    }
-
-    #[test]
-    fn unknown_key_is_named() {
-        let f = write("[rooms]\ncapacityy = 4\n");
-        let err = Config::load_with_env(Some(f.path()), env(&[]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("capacityy"), "{err}");
-        let f = write("bogus = 1\n");
-        let err = Config::load_with_env(Some(f.path()), env(&[]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("bogus"), "{err}");
-        let err = Config::load_with_env(None, env(&[("MESHMEET__HTTP__LISTN", "x")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("listn"), "{err}");
-    }
-
-    #[test]
-    fn invalid_values_are_named() {
-        let cases = [
-            ("[http]\nlisten = \"nope\"\n", "http.listen"),
-            ("[rooms]\ncapacity = 1\n", "rooms.capacity"),
-            ("[rooms]\ncapacity = \"six\"\n", "capacity"),
-            ("[turn]\nrelay_ports = \"5000-4000\"\n", "turn.relay_ports"),
-            ("[turn]\nsecret = \"short\"\n", "turn.secret"),
-            (
-                "[turn]\nallowed_peer_ranges = [\"10.0.0.0/33\"]\n",
-                "turn.allowed_peer_ranges",
-            ),
-            (
-                "[turn]\nrelay_ips = [\"1.2.3.4\", \"5.6.7.8\"]\n",
-                "turn.relay_ips",
-            ),
-            ("[tls]\ncert = \"a.pem\"\n", "tls.key"),
-            (
-                "[http]\nmetrics_allow = [\"everyone\"]\n",
-                "http.metrics_allow",
-            ),
-            (
-                "[http]\nallowed_origins = [\"example.org\"]\n",
-                "http.allowed_origins",
-            ),
-            ("[log]\nlevel = \"loud!!\"\n", "log.level"),
-        ];
-        for (text, key) in cases {
-            let f = write(text);
-            let err = Config::load_with_env(Some(f.path()), env(&[]))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(key), "{text}: {err}");
-        }
-    }
-
-    #[test]
-    fn missing_file_is_an_error() {
-        let err = Config::load_with_env(Some(Path::new("/nonexistent/m.toml")), env(&[]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("/nonexistent/m.toml"), "{err}");
-    }
-
-    #[test]
-    fn high_rates_are_accepted_for_benchmarks() {
-        let f = write("[rooms]\nrate_per_s = 1000000\nrate_burst = 1000000\n");
-        Config::load_with_env(Some(f.path()), env(&[])).unwrap();
-    }
-
-    #[test]
-    fn redaction_hides_secrets() {
-        let mut c = Config::default();
-        c.turn.secret = "supersecretvalue1234".into();
-        c.rooms.password = "hunter2".into();
-        c.turn.users.insert("alice".into(), "pw-alice".into());
-        let text = c.redacted_toml();
-        assert!(!text.contains("supersecretvalue1234"));
-        assert!(!text.contains("hunter2"));
-        assert!(!text.contains("pw-alice"));
-        assert!(text.contains("alice"));
-    }
-
-    #[test]
-    fn log_filters() {
-        assert!(valid_log_filter("info"));
-        assert!(valid_log_filter("meshmeet=debug,warn"));
-        assert!(!valid_log_filter("loud"));
-        assert!(!valid_log_filter(""));
-    }
-
-    #[test]
-    fn hosts() {
-        assert!(valid_host("example.org"));
-        assert!(valid_host("[::1]"));
-        assert!(valid_host("10.0.0.1"));
-        assert!(!valid_host("https://x"));
-        assert!(!valid_host("a:443"));
-    }
-}
+mod tests;

@@ -1,10 +1,13 @@
-//! HTTPS: the axum router (embedded web client, `/healthz`, `/metrics`, and the routes
-//! other modules add), security headers, the TLS accept loop with graceful shutdown,
-//! and the optional plain-HTTP listener that redirects to HTTPS.
+//! HTTPS: the axum router (embedded web client, `/healthz`, `/metrics`, and the
+//! signaling route `/ws`), security headers, the TLS accept loop with graceful
+//! shutdown, and the optional plain-HTTP listener that redirects to HTTPS.
+//!
+//! [`router`] needs only an [`HttpState`], no socket, so it is tested request by
+//! request (`tower::ServiceExt::oneshot`, in `http/tests.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Request, State};
@@ -12,22 +15,26 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::{Json, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use ipnet::IpNet;
 use rust_embed::RustEmbed;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 
-use crate::app::AppState;
 use crate::linger::LingeringTcp;
-use crate::metrics::HttpLabels;
+use crate::metrics::{HttpLabels, HttpMetrics, Metrics};
+use crate::net::{canonical_ip, client_host, host_part};
 use crate::signaling::room::normalize_room;
-use crate::tls::CertKind;
+use crate::signaling::ws::Signaling;
+use crate::tls::{CertKind, Tls};
 use crate::tls_stream::ServerTlsStream;
 
 /// The web client, embedded at build time.
@@ -49,10 +56,30 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HEADER_BYTES: usize = 32 * 1024;
 const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// The whole HTTPS router, ready to serve.
-pub fn router(state: Arc<AppState>) -> Router {
-    let hsts = state.tls.kind() == CertKind::Configured;
-    let mut app = Router::new()
+/// What the HTTPS routes use.
+pub struct HttpState {
+    /// Where the certificate came from: HSTS is sent only for a configured one (a
+    /// self-signed certificate may change, and HSTS would then lock browsers out).
+    pub cert_kind: CertKind,
+    /// The whole registry, for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    pub http_metrics: HttpMetrics,
+    /// Networks allowed to read `/metrics`.
+    pub metrics_allow: Vec<IpNet>,
+    /// For `/healthz`'s uptime.
+    pub started: Instant,
+    /// Serves `/ws`.
+    pub signaling: Arc<Signaling>,
+}
+
+/// The whole HTTPS router, ready to serve. Handlers that check the client address
+/// (`/metrics`) read it from the request's `ConnectInfo<SocketAddr>` extension, which
+/// [`serve_https`] inserts.
+pub fn router(state: HttpState) -> Router {
+    let hsts = state.cert_kind == CertKind::Configured;
+    let ws = crate::signaling::ws::routes(state.signaling.clone());
+    let state = Arc::new(state);
+    Router::new()
         .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -60,23 +87,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/robots.txt", get(robots))
         .route("/check", get(check_page))
         .route("/assets/{*path}", get(asset))
-        .route("/{room}", get(room_page));
-    app = crate::signaling::ws::routes(app);
-    app.fallback(not_found)
+        .route("/{room}", get(room_page))
+        .with_state(state.clone())
+        .merge(ws)
+        .fallback(not_found)
         .layer(RequestBodyLimitLayer::new(16 * 1024))
         .layer(CompressionLayer::new())
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            count_requests,
-        ))
+        .layer(middleware::from_fn_with_state(state, count_requests))
         .layer(middleware::from_fn(move |req, next| {
             security_headers(req, next, hsts)
         }))
-        .with_state(state)
 }
 
 async fn security_headers(req: Request, next: Next, hsts: bool) -> Response {
@@ -118,12 +142,12 @@ fn route_label(path: &str) -> &'static str {
         "/check" => "check",
         "/favicon.ico" | "/robots.txt" => "static",
         p if p.starts_with("/assets/") => "assets",
-        p if p[1..].contains('/') => "other",
+        p if p.strip_prefix('/').unwrap_or(p).contains('/') => "other",
         _ => "room",
     }
 }
 
-async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn count_requests(State(state): State<Arc<HttpState>>, req: Request, next: Next) -> Response {
     let route = route_label(req.uri().path());
     let res = next.run(req).await;
     state
@@ -230,7 +254,7 @@ fn embedded(path: &str, headers: &HeaderMap) -> Response {
     res
 }
 
-async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+async fn healthz(State(state): State<Arc<HttpState>>) -> Response {
     Json(serde_json::json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
@@ -239,12 +263,17 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
+/// Prometheus text, for clients in `http.metrics_allow` only. A request without a
+/// client address (none reaches here through [`serve_https`]) is refused too.
 async fn metrics(
-    State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(state): State<Arc<HttpState>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> Response {
-    let ip = crate::app::canonical_ip(peer.ip());
-    if !state.metrics_allow.iter().any(|net| net.contains(&ip)) {
+    let allowed = peer.is_some_and(|Extension(ConnectInfo(peer))| {
+        let ip = canonical_ip(peer.ip());
+        state.metrics_allow.iter().any(|net| net.contains(&ip))
+    });
+    if !allowed {
         return (
             StatusCode::FORBIDDEN,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -252,19 +281,37 @@ async fn metrics(
         )
             .into_response();
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
-        .into_response()
+    match state.metrics.encode() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode the metrics");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                "Cannot encode the metrics\n",
+            )
+                .into_response()
+        }
+    }
 }
 
-/// Accepts TLS connections until shutdown, then lets in-flight requests finish (for at
-/// most a few seconds). Upgraded WebSockets are closed by their own handlers.
-pub async fn serve_https(listener: TcpListener, state: Arc<AppState>, app: Router) {
+/// Accepts TLS connections until `shutdown`, then lets in-flight requests finish (for
+/// at most a few seconds). Upgraded WebSockets are closed by their own handlers. Each
+/// connection gets the certificate current when it is accepted.
+pub async fn serve_https(
+    listener: TcpListener,
+    tls: Arc<Tls>,
+    metrics: HttpMetrics,
+    shutdown: CancellationToken,
+    app: Router,
+) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -289,14 +336,14 @@ pub async fn serve_https(listener: TcpListener, state: Arc<AppState>, app: Route
                     continue;
                 }
             },
-            _ = state.shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break,
         };
         let _ = tcp.set_nodelay(true);
-        state.http_metrics.connections.inc();
-        let config = state.tls.server_config();
+        metrics.connections.inc();
+        let config = tls.server_config();
         let app = app.clone();
         let builder = builder.clone();
-        let state2 = state.clone();
+        let metrics = metrics.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(
@@ -307,12 +354,12 @@ pub async fn serve_https(listener: TcpListener, state: Arc<AppState>, app: Route
             {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    state2.http_metrics.tls_handshake_failures.inc();
+                    metrics.tls_handshake_failures.inc();
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    state2.http_metrics.tls_handshake_failures.inc();
+                    metrics.tls_handshake_failures.inc();
                     tracing::debug!(%peer, "TLS handshake timed out");
                     return;
                 }
@@ -357,9 +404,9 @@ fn redirect_to_https(
     let from_header = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .and_then(crate::ice::host_part);
+        .and_then(host_part);
     let host = if !public_host.is_empty() {
-        crate::ice::client_host(public_host, None)
+        client_host(public_host, None)
     } else if let Some(h) = from_header {
         h
     } else {
@@ -378,44 +425,4 @@ fn redirect_to_https(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labels() {
-        assert_eq!(route_label("/"), "index");
-        assert_eq!(route_label("/abc"), "room");
-        assert_eq!(route_label("/assets/app.js"), "assets");
-        assert_eq!(route_label("/a/b"), "other");
-    }
-
-    #[test]
-    fn redirect_keeps_path_and_swaps_port() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::HOST,
-            HeaderValue::from_static("meet.example.org:80"),
-        );
-        let uri: Uri = "/room-1?x=1".parse().unwrap();
-        let res = redirect_to_https("", 443, &h, &uri);
-        assert_eq!(res.status(), StatusCode::MOVED_PERMANENTLY);
-        assert_eq!(
-            res.headers()[header::LOCATION],
-            "https://meet.example.org/room-1?x=1"
-        );
-        let res = redirect_to_https("", 8443, &h, &uri);
-        assert_eq!(
-            res.headers()[header::LOCATION],
-            "https://meet.example.org:8443/room-1?x=1"
-        );
-        let res = redirect_to_https("", 443, &HeaderMap::new(), &uri);
-        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
-    }
-
-    #[test]
-    fn content_types() {
-        assert_eq!(content_type("a.js"), "text/javascript; charset=utf-8");
-        assert_eq!(content_type("a.css"), "text/css; charset=utf-8");
-        assert_eq!(content_type("a.png"), "image/png");
-    }
-}
+mod tests;

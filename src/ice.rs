@@ -7,17 +7,23 @@
 use std::path::Path;
 
 use base64::Engine;
+use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use serde::Serialize;
+use sha1::{Digest, Sha1};
 
 use crate::config::Config;
+use crate::net::client_host;
+use crate::secret::Secret;
+use crate::tls::TlsError;
 
 const SECRET_FILE: &str = "turn-secret";
 
-/// What the client passes to `new RTCPeerConnection(...)`, plus `expiresAt`.
+/// What the client passes to `new RTCPeerConnection(...)` (the `iceServers` and
+/// `iceTransportPolicy` of an `RTCConfiguration`), plus `expiresAt`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct IceConfig {
+pub struct RtcConfiguration {
     pub ice_servers: Vec<IceServer>,
     pub ice_transport_policy: &'static str,
     /// Unix seconds after which the TURN credentials stop working for new allocations.
@@ -33,10 +39,10 @@ pub struct IceServer {
     pub credential: Option<String>,
 }
 
-/// Builds [`IceConfig`]s for peers. Cheap to clone-share behind an `Arc`.
+/// Builds [`RtcConfiguration`]s for peers. Shared behind an `Arc`.
 pub struct IceProvider {
     turn_enabled: bool,
-    secret: String,
+    secret: Secret,
     public_host: String,
     turn_port: u16,
     turns_port: Option<u16>,
@@ -47,7 +53,7 @@ pub struct IceProvider {
 impl IceProvider {
     /// `turn_port`/`turns_port` are the ports actually bound (they differ from the
     /// config only when it asks for port 0, as tests do).
-    pub fn new(cfg: &Config, secret: String, turn_port: u16, turns_port: Option<u16>) -> Self {
+    pub fn new(cfg: &Config, secret: Secret, turn_port: u16, turns_port: Option<u16>) -> Self {
         IceProvider {
             turn_enabled: cfg.turn.enabled,
             secret,
@@ -60,7 +66,12 @@ impl IceProvider {
     }
 
     /// Full-lifetime ICE config for a joined peer.
-    pub fn for_peer(&self, peer_id: &str, host_header: Option<&str>, now_unix: u64) -> IceConfig {
+    pub fn for_peer(
+        &self,
+        peer_id: &str,
+        host_header: Option<&str>,
+        now_unix: u64,
+    ) -> RtcConfiguration {
         self.build(peer_id, host_header, now_unix, self.credential_ttl_s)
     }
 
@@ -71,11 +82,11 @@ impl IceProvider {
         host_header: Option<&str>,
         now_unix: u64,
         ttl_s: u64,
-    ) -> IceConfig {
+    ) -> RtcConfiguration {
         let expires_at = now_unix + ttl_s;
         let policy = if self.force_relay { "relay" } else { "all" };
         if !self.turn_enabled {
-            return IceConfig {
+            return RtcConfiguration {
                 ice_servers: Vec::new(),
                 ice_transport_policy: policy,
                 expires_at,
@@ -83,7 +94,7 @@ impl IceProvider {
         }
         let host = client_host(&self.public_host, host_header);
         let username = format!("{expires_at}:{peer_id}");
-        let credential = rest_password(&self.secret, &username);
+        let credential = rest_password(self.secret.expose(), &username);
         let mut turn_urls = vec![
             format!("turn:{host}:{}?transport=udp", self.turn_port),
             format!("turn:{host}:{}?transport=tcp", self.turn_port),
@@ -91,7 +102,7 @@ impl IceProvider {
         if let Some(p) = self.turns_port {
             turn_urls.push(format!("turns:{host}:{p}?transport=tcp"));
         }
-        IceConfig {
+        RtcConfiguration {
             ice_servers: vec![
                 IceServer {
                     urls: vec![format!("stun:{host}:{}", self.turn_port)],
@@ -110,75 +121,70 @@ impl IceProvider {
     }
 }
 
-/// The host clients should use: `public_host` if set, else the Host header's host part
-/// (port removed, IPv6 kept in brackets), else `localhost`.
-pub fn client_host(public_host: &str, host_header: Option<&str>) -> String {
-    if !public_host.is_empty() {
-        return bracket_v6(public_host);
-    }
-    match host_header.and_then(host_part) {
-        Some(h) => h,
-        None => "localhost".into(),
-    }
-}
-
-fn bracket_v6(h: &str) -> String {
-    if h.contains(':') && !h.starts_with('[') {
-        format!("[{h}]")
-    } else {
-        h.to_string()
-    }
-}
-
-/// Host part of a `Host` header value, validated; `None` if malformed.
-pub fn host_part(header: &str) -> Option<String> {
-    let header = header.trim();
-    let host = if let Some(rest) = header.strip_prefix('[') {
-        let end = rest.find(']')?;
-        let inner = &rest[..end];
-        inner.parse::<std::net::Ipv6Addr>().ok()?;
-        format!("[{inner}]")
-    } else {
-        header.split(':').next()?.to_string()
-    };
-    crate::config::valid_host(&host).then_some(host.to_ascii_lowercase())
-}
-
-/// The TURN REST API password for `username` under `secret`.
+/// The TURN REST API password for `username` under `secret`:
+/// `base64(HMAC-SHA1(secret, username))`.
 pub fn rest_password(secret: &str, username: &str) -> String {
-    // HMAC accepts keys of any length; new_from_slice cannot fail for it.
-    let mut mac = match Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()) {
-        Ok(m) => m,
-        Err(_) => return String::new(),
-    };
-    mac.update(username.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    base64::engine::general_purpose::STANDARD
+        .encode(hmac_sha1(secret.as_bytes(), username.as_bytes()))
+}
+
+/// HMAC-SHA1 of `data` under `key`. It cannot fail: HMAC takes a key of any length,
+/// brought to one 64-byte block as RFC 2104 says (hashed first when longer, then
+/// zero-padded), which is done here so the fixed-size constructor applies.
+fn hmac_sha1(key: &[u8], data: &[u8]) -> [u8; 20] {
+    let mut block = [0u8; 64];
+    if key.len() > block.len() {
+        block[..20].copy_from_slice(&Sha1::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let mut mac = <Hmac<Sha1> as KeyInit>::new(&block.into());
+    mac.update(data);
+    mac.finalize().into_bytes().into()
 }
 
 /// The configured secret, or the one stored under `data_dir`, generated on first use.
-pub fn turn_secret(cfg: &Config) -> Result<String, crate::tls::TlsError> {
+pub fn turn_secret(cfg: &Config) -> Result<Secret, TlsError> {
     if !cfg.turn.secret.is_empty() {
         return Ok(cfg.turn.secret.clone());
     }
     load_or_create_secret(&cfg.data_dir)
 }
 
-fn load_or_create_secret(dir: &Path) -> Result<String, crate::tls::TlsError> {
+/// Reads `dir/turn-secret`, or generates and writes it when the file does not exist.
+/// An unreadable or too short file is an error naming it (never silently replaced:
+/// coturn servers sharing the secret would stop accepting our credentials).
+fn load_or_create_secret(dir: &Path) -> Result<Secret, TlsError> {
     let path = dir.join(SECRET_FILE);
-    if let Ok(s) = std::fs::read_to_string(&path) {
-        let s = s.trim().to_string();
-        if s.len() >= 16 {
-            return Ok(s);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            let s = s.trim();
+            if s.chars().count() < 16 {
+                return Err(TlsError::Read {
+                    path,
+                    reason: "the stored TURN secret is shorter than 16 characters; \
+                             delete the file to generate a new one"
+                        .into(),
+                });
+            }
+            return Ok(Secret::from(s));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(TlsError::Read {
+                path,
+                reason: e.to_string(),
+            })
         }
     }
-    std::fs::create_dir_all(dir).map_err(|e| crate::tls::TlsError::Write {
+    std::fs::create_dir_all(dir).map_err(|e| TlsError::Write {
         path: dir.to_path_buf(),
         reason: e.to_string(),
     })?;
     let bytes: [u8; 24] = rand::random();
     let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
     crate::tls::write_private(&path, format!("{secret}\n").as_bytes())?;
-    Ok(secret)
+    Ok(Secret::from(secret))
 }
 
 /// Notified when a peer leaves its room for good (leave, or resume grace over), so the
@@ -208,25 +214,23 @@ mod tests {
     }
 
     #[test]
-    fn host_parts() {
-        assert_eq!(
-            host_part("example.org:8443").as_deref(),
-            Some("example.org")
-        );
-        assert_eq!(host_part("[::1]:8443").as_deref(), Some("[::1]"));
-        assert_eq!(host_part("[::1]").as_deref(), Some("[::1]"));
-        assert_eq!(host_part("10.1.2.3").as_deref(), Some("10.1.2.3"));
-        assert_eq!(host_part("evil.org/x"), None);
-        assert_eq!(host_part("[zz]:1"), None);
-        assert_eq!(
-            client_host("meet.example.org", Some("x:1")),
-            "meet.example.org"
-        );
-        assert_eq!(client_host("", None), "localhost");
+    fn hmac_takes_keys_of_any_length() {
+        // Against the library's own key handling, around the 64-byte block size.
+        for len in [0, 1, 16, 63, 64, 65, 100, 200] {
+            let key: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(&key).unwrap();
+            mac.update(b"1700000000:alice");
+            let want: [u8; 20] = mac.finalize().into_bytes().into();
+            assert_eq!(
+                hmac_sha1(&key, b"1700000000:alice"),
+                want,
+                "key length {len}"
+            );
+        }
     }
 
     #[test]
-    fn ice_config_shape() {
+    fn rtc_configuration_shape() {
         let mut cfg = Config::default();
         cfg.ice.force_relay = true;
         let p = IceProvider::new(&cfg, "0123456789abcdef".into(), 3478, Some(5349));
@@ -246,7 +250,7 @@ mod tests {
         assert!(json.get("iceServers").is_some());
         assert!(json.get("expiresAt").is_some());
         cfg.turn.enabled = false;
-        let p = IceProvider::new(&cfg, String::new(), 3478, None);
+        let p = IceProvider::new(&cfg, Secret::default(), 3478, None);
         assert!(p.for_peer("p1", None, 0).ice_servers.is_empty());
     }
 
@@ -258,8 +262,24 @@ mod tests {
         let a = turn_secret(&cfg).unwrap();
         let b = turn_secret(&cfg).unwrap();
         assert_eq!(a, b);
-        assert!(a.len() >= 16);
+        assert!(a.char_count() >= 16);
         cfg.turn.secret = "configured-secret-123".into();
-        assert_eq!(turn_secret(&cfg).unwrap(), "configured-secret-123");
+        assert!(turn_secret(&cfg).unwrap().matches("configured-secret-123"));
+    }
+
+    #[test]
+    fn a_bad_stored_secret_is_an_error_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default();
+        cfg.data_dir = dir.path().to_path_buf();
+        let file = dir.path().join(SECRET_FILE);
+        std::fs::write(&file, "short\n").unwrap();
+        let err = turn_secret(&cfg).unwrap_err().to_string();
+        assert!(err.contains("turn-secret") && err.contains("16"), "{err}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "short\n");
+        // A directory where the file should be cannot be read: an error too.
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        assert!(turn_secret(&cfg).is_err());
     }
 }

@@ -1,32 +1,45 @@
 //! meshmeet: self-hosted multi-party video calls in one binary.
 //!
-//! Modules, one per job:
-//! - [`config`]: the one typed [`config::Config`] (defaults, TOML file, environment),
-//!   validated once at start.
-//! - [`tls`]: rustls server config from PEM files or a persisted self-signed
-//!   certificate (rcgen); hot reload on SIGHUP.
-//! - [`tls_stream`]: a server TLS stream on rustls' unbuffered API that frees its
-//!   buffers while a connection is idle.
-//! - [`http`]: the axum router (embedded web client, `/healthz`, `/metrics`), security
-//!   headers, the TLS accept loop, and the HTTP-to-HTTPS redirect.
-//! - [`signaling`]: room signaling per `PROTOCOL.md`: room names, the pure rooms core,
-//!   and the WebSocket layer at `/ws`.
-//! - [`ice`]: ICE servers and time-limited TURN REST credentials handed to clients; the
-//!   TURN shared secret.
-//! - [`metrics`]: the Prometheus registry and process figures.
+//! Four jobs, one place each:
+//! - [`http`]: the axum router (embedded web client, `/healthz`, `/metrics`, `/ws`),
+//!   security headers, the TLS accept loop, and the HTTP-to-HTTPS redirect. The router
+//!   is built from an [`http::HttpState`] alone, without sockets.
+//! - [`signaling`]: room signaling per `PROTOCOL.md`: wire messages, room names, the
+//!   pure rooms core (effects out, `now` in), and the WebSocket layer at `/ws`, which
+//!   receives only what it uses ([`signaling::ws::Signaling`]).
 //! - [`relay`]: the embedded STUN/TURN server: a pure state machine (allocations,
 //!   permissions, channels, REST credentials, stateless nonces, peer address policy,
 //!   quotas) and its UDP/TCP/TLS listeners and relay sockets.
-//! - [`app`]: binds every socket, runs the listeners, shuts down in order.
+//! - [`app`]: builds each part from the config, binds every socket, runs the
+//!   listeners, shuts down in order. It is the only module that knows all the others.
+//!
+//! What they share:
+//! - [`config`]: the one typed [`config::Config`] (defaults, TOML file, environment),
+//!   parsed and validated once at start.
+//! - [`secret`]: [`secret::Secret`], a string that never prints and compares in
+//!   constant time.
+//! - [`ice`]: ICE servers and time-limited TURN REST credentials handed to clients; the
+//!   TURN shared secret; the peer-left events signaling sends the relay.
+//! - [`tls`]: rustls server config from PEM files or a persisted self-signed
+//!   certificate (rcgen); hot reload on SIGHUP. [`tls_stream`]: a server TLS stream on
+//!   rustls' unbuffered API that frees its buffers while a connection is idle.
+//!   [`linger`]: lingering close for HTTPS connections.
+//! - [`metrics`]: the Prometheus registry and process figures.
+//! - [`net`] (IP and host-name helpers), [`clock`] (wall-clock Unix time, where the
+//!   protocol needs it), [`sys`] (open-files limit, systemd notifications).
 
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod http;
 pub mod ice;
 pub mod linger;
 pub mod metrics;
+pub mod net;
 pub mod relay;
+pub mod secret;
 pub mod signaling;
+pub mod sys;
 pub mod tls;
 pub mod tls_stream;
 

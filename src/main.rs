@@ -36,12 +36,20 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::CheckConfig) = cli.command {
-        print!("{}", config.redacted_toml());
-        eprintln!("meshmeet: config is valid");
-        return ExitCode::SUCCESS;
+        return match config.redacted_toml() {
+            Ok(text) => {
+                print!("{text}");
+                eprintln!("meshmeet: config is valid");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshmeet: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     init_tracing(&config.log.level);
-    if let Err(e) = meshmeet::app::raise_nofile_limit() {
+    if let Err(e) = meshmeet::sys::raise_nofile_limit() {
         tracing::warn!(error = %e, "cannot raise the open-files limit");
     }
     let runtime = match tokio::runtime::Runtime::new() {

@@ -63,14 +63,13 @@ impl Metrics {
         Metrics { registry, process }
     }
 
-    /// Prometheus/OpenMetrics text.
-    pub fn encode(&self) -> String {
+    /// Prometheus/OpenMetrics text. Only a formatting error can fail it, which writing
+    /// to a `String` does not produce; the caller reports one if it ever happens.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
         self.process.refresh();
         let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        encode(&mut out, &self.registry)?;
+        Ok(out)
     }
 }
 
@@ -168,7 +167,7 @@ mod tests {
             })
             .inc();
         let m = Metrics::new(reg);
-        let text = m.encode();
+        let text = m.encode().unwrap();
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
         assert!(text.contains("meshmeet_http_requests_total{route=\"index\",status=\"200\"} 1"));
         assert!(resident_memory_bytes().unwrap() > 0);

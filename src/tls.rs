@@ -273,7 +273,7 @@ pub fn host_name() -> Option<String> {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     let h = std::str::from_utf8(&buf[..end]).ok()?.trim();
-    (!h.is_empty() && crate::config::valid_host(h)).then(|| h.to_string())
+    (!h.is_empty() && crate::net::valid_host(h)).then(|| h.to_string())
 }
 
 /// Every address on a local interface (loopback included).

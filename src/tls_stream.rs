@@ -555,7 +555,6 @@ fn invalid(msg: &'static str) -> io::Error {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use bytes::Bytes;
@@ -858,23 +857,34 @@ mod tests {
         let (mut server, mut client) = pair(&certs, client_config(&certs, &TLS13, &[])).await;
         timeout(LIMIT, async {
             let total = 8 << 20;
+            // Told when a write first has to wait (the socket buffers are full).
+            let (blocked_tx, blocked) = tokio::sync::oneshot::channel::<()>();
             let writer = tokio::spawn(async move {
                 let chunk = pattern(100_000);
+                let mut blocked_tx = Some(blocked_tx);
                 let mut sent = 0;
                 let mut peak = 0;
                 while sent < total {
-                    let n = server
-                        .write(&chunk[..chunk.len().min(total - sent)])
-                        .await
-                        .unwrap();
+                    let write = server.write(&chunk[..chunk.len().min(total - sent)]);
+                    let mut write = std::pin::pin!(write);
+                    let n = match futures_util::poll!(write.as_mut()) {
+                        std::task::Poll::Ready(n) => n.unwrap(),
+                        std::task::Poll::Pending => {
+                            if let Some(tx) = blocked_tx.take() {
+                                let _ = tx.send(());
+                            }
+                            write.await.unwrap()
+                        }
+                    };
                     sent += n;
                     peak = peak.max(server.buffered_capacity());
                 }
                 server.shutdown().await.unwrap();
                 (peak, server.buffered_capacity())
             });
-            // Let the socket buffers fill before reading.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // 8 MiB do not fit in the socket buffers of a reader that has not read yet:
+            // a write must wait. Read only from then on.
+            blocked.await.expect("a write waited for the reader");
             let mut got = Vec::new();
             client.read_to_end(&mut got).await.unwrap();
             assert_eq!(got.len(), total);
@@ -892,16 +902,15 @@ mod tests {
 
     /// A TCP relay that passes client bytes on `step` at a time and stops once it has
     /// passed `allowed` of them (server bytes pass freely). Returns its address, the
-    /// allowance and the count passed so far.
+    /// allowance and the count passed so far (to wait on).
     async fn trickle_proxy(
         server: SocketAddr,
         step: usize,
-    ) -> (SocketAddr, watch::Sender<usize>, Arc<AtomicUsize>) {
+    ) -> (SocketAddr, watch::Sender<usize>, watch::Receiver<usize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (allow_tx, mut allow_rx) = watch::channel(usize::MAX);
-        let passed = Arc::new(AtomicUsize::new(0));
-        let counter = passed.clone();
+        let (counter, passed) = watch::channel(0usize);
         tokio::spawn(async move {
             let (client, _) = listener.accept().await.unwrap();
             let upstream = TcpStream::connect(server).await.unwrap();
@@ -920,14 +929,14 @@ mod tests {
                 };
                 let mut rest = &buf[..n];
                 while !rest.is_empty() {
-                    let done = counter.load(Ordering::SeqCst);
+                    let done = *counter.borrow();
                     let allowed = match allow_rx.wait_for(|allowed| *allowed > done).await {
                         Ok(allowed) => *allowed,
                         Err(_) => return,
                     };
                     let len = step.min(allowed - done).min(rest.len());
                     to_server.write_all(&rest[..len]).await.unwrap();
-                    counter.fetch_add(len, Ordering::SeqCst);
+                    counter.send_modify(|n| *n += len);
                     rest = &rest[len..];
                 }
             }
@@ -941,7 +950,7 @@ mod tests {
         let certs = certs();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server_addr = listener.local_addr().unwrap();
-        let (proxy, allow, passed) = trickle_proxy(server_addr, 3).await;
+        let (proxy, allow, mut passed) = trickle_proxy(server_addr, 3).await;
         let config = certs.server.clone();
         let cc = client_config(&certs, &TLS13, &[]);
         timeout(LIMIT, async {
@@ -957,14 +966,12 @@ mod tests {
             let (mut server, mut client) = tokio::join!(server, client);
 
             // Two records (16 KiB and the rest), the first held back after 100 bytes.
-            let stop = passed.load(Ordering::SeqCst) + 100;
+            let stop = *passed.borrow() + 100;
             allow.send(stop).unwrap();
             let msg = pattern(20_000);
             client.write_all(&msg).await.unwrap();
             client.flush().await.unwrap();
-            while passed.load(Ordering::SeqCst) < stop {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            passed.wait_for(|n| *n >= stop).await.unwrap();
             let mut got = vec![0u8; msg.len()];
             let early = timeout(Duration::from_millis(200), server.read(&mut got)).await;
             assert!(early.is_err(), "no complete record yet: {early:?}");

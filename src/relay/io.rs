@@ -171,7 +171,7 @@ pub struct Relay {
 /// Relay bind/advertise addresses: configured, else derived from `turn.listen` or the
 /// machine's first non-loopback address per family.
 fn relay_addresses(cfg: &Config, listen: SocketAddr) -> anyhow::Result<Vec<(IpAddr, IpAddr)>> {
-    let mut ips = cfg.relay_ips()?;
+    let mut ips = cfg.turn.relay_ips.clone();
     if ips.is_empty() {
         if !listen.ip().is_unspecified() {
             ips.push(listen.ip());
@@ -187,7 +187,7 @@ fn relay_addresses(cfg: &Config, listen: SocketAddr) -> anyhow::Result<Vec<(IpAd
             }
         }
     }
-    let external = cfg.external_ips()?;
+    let external = &cfg.turn.external_ips;
     Ok(ips
         .into_iter()
         .map(|ip| {
@@ -257,9 +257,9 @@ impl Relay {
         secret: String,
         metrics: RelayMetrics,
     ) -> anyhow::Result<Relay> {
-        let listen = cfg.turn_listen()?;
+        let listen = cfg.turn.listen;
         let (udp, udp_addr, tcp) = bind_udp_and_tcp(listen)?;
-        let tls = match cfg.turn_tls_listen()? {
+        let tls = match cfg.turn.tls_listen {
             Some(a) => Some(
                 bind_tcp(a)
                     .with_context(|| format!("cannot listen on {a} (TLS, turn.tls_listen)"))?,
@@ -275,9 +275,14 @@ impl Relay {
         let sockets = IoSockets {
             v4: relay_ips.iter().find(|(b, _)| b.is_ipv4()).copied(),
             v6: relay_ips.iter().find(|(b, _)| b.is_ipv6()).copied(),
-            ports: cfg.relay_port_range()?,
+            ports: (cfg.turn.relay_ports.first(), cfg.turn.relay_ports.last()),
         };
-        let users: HashMap<String, String> = cfg.turn.users.clone().into_iter().collect();
+        let users: HashMap<String, String> = cfg
+            .turn
+            .users
+            .iter()
+            .map(|(u, p)| (u.clone(), p.expose().to_owned()))
+            .collect();
         let creds = Credentials::new(secret, cfg.turn.realm.clone(), users);
         let nonces = Nonces::new(rand::random(), NONCE_TTL_MS);
         let core_cfg = CoreConfig {
@@ -285,7 +290,7 @@ impl Relay {
             user_quota: cfg.turn.user_allocation_quota,
             total_quota: cfg.turn.total_allocation_quota,
             max_bps: cfg.turn.max_bps,
-            policy: PeerPolicy::new(cfg.allowed_peer_ranges()?),
+            policy: PeerPolicy::new(cfg.turn.allowed_peer_ranges.clone()),
         };
         let core = Core::new(core_cfg, creds, nonces, sockets, metrics);
         Ok(Relay {

@@ -18,6 +18,7 @@ use super::proto::{
     MAX_CHAT_CHARS, PROTOCOL_VERSION,
 };
 use super::room::normalize_room;
+use crate::secret::Secret;
 
 /// Identifies one WebSocket connection for the server's lifetime.
 pub type ConnId = u64;
@@ -27,12 +28,25 @@ pub const MAX_QUEUED: usize = 256;
 /// Close code sent to a socket whose peer was resumed by another socket.
 pub const CLOSE_TAKEN_OVER: u16 = 4001;
 
+/// The rules every room follows (from the `[rooms]` config section).
 #[derive(Debug, Clone)]
-pub struct CoreConfig {
+pub struct RoomRules {
+    /// Peers per room.
     pub capacity: usize,
     /// Empty = rooms need no password.
-    pub password: String,
+    pub password: Secret,
+    /// How long a peer whose socket dropped keeps its place; zero = no resume.
     pub resume_grace: Duration,
+}
+
+/// Whom an `ice_request` gets credentials for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IceFor {
+    /// The peer this connection is joined as (full credential lifetime).
+    Peer(Arc<str>),
+    /// A connection not joined yet, with the room password if one is set
+    /// (short-lived credentials under a throwaway id).
+    Anonymous,
 }
 
 /// What the IO layer must do, in order.
@@ -61,7 +75,7 @@ struct Peer<H> {
 
 /// All rooms and peers.
 pub struct Rooms<H> {
-    cfg: CoreConfig,
+    cfg: RoomRules,
     peers: HashMap<Arc<str>, Peer<H>>,
     /// Room name -> its peers in join order.
     rooms: HashMap<Arc<str>, Vec<Arc<str>>>,
@@ -73,7 +87,7 @@ pub struct Rooms<H> {
 }
 
 impl<H: Clone> Rooms<H> {
-    pub fn new(cfg: CoreConfig, rng: StdRng) -> Self {
+    pub fn new(cfg: RoomRules, rng: StdRng) -> Self {
         Rooms {
             cfg,
             peers: HashMap::new(),
@@ -87,7 +101,7 @@ impl<H: Clone> Rooms<H> {
     }
 
     /// A core with an OS-seeded random generator.
-    pub fn with_os_rng(cfg: CoreConfig) -> Self {
+    pub fn with_os_rng(cfg: RoomRules) -> Self {
         Self::new(cfg, StdRng::from_entropy())
     }
 
@@ -102,6 +116,24 @@ impl<H: Clone> Rooms<H> {
     /// The peer this connection is joined as.
     pub fn peer_of(&self, conn: ConnId) -> Option<Arc<str>> {
         self.conns.get(&conn).cloned()
+    }
+
+    /// `ice_request`: a joined peer gets credentials as itself; before `join`, only
+    /// with the room password when one is set (`bad_password` otherwise).
+    pub fn ice_request(&self, conn: ConnId, password: Option<&str>) -> Result<IceFor, ErrorCode> {
+        if let Some(id) = self.peer_of(conn) {
+            return Ok(IceFor::Peer(id));
+        }
+        if self.password_ok(password) {
+            Ok(IceFor::Anonymous)
+        } else {
+            Err(ErrorCode::BadPassword)
+        }
+    }
+
+    /// No room password is set, or `given` is it.
+    fn password_ok(&self, given: Option<&str>) -> bool {
+        self.cfg.password.is_empty() || self.cfg.password.matches(given.unwrap_or(""))
     }
 
     fn new_id(&mut self) -> Arc<str> {
@@ -129,12 +161,7 @@ impl<H: Clone> Rooms<H> {
         let Some(name) = normalize_name(req.name.as_deref()) else {
             return err(ErrorCode::InvalidName);
         };
-        if !self.cfg.password.is_empty()
-            && !constant_time_eq(
-                req.password.as_deref().unwrap_or("").as_bytes(),
-                self.cfg.password.as_bytes(),
-            )
-        {
+        if !self.password_ok(req.password.as_deref()) {
             return err(ErrorCode::BadPassword);
         }
         if let Some(token) = req.resume.as_deref() {
@@ -462,14 +489,6 @@ impl<H: Clone> Rooms<H> {
         effects.push(Effect::PeerGone(id.clone()));
         effects
     }
-}
-
-/// Compares secrets without an early exit on the first differing byte.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Counts events in a sliding window of 10 one-second slots.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-use crate::ice::IceConfig;
+use crate::ice::RtcConfiguration;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_CHAT_CHARS: usize = 2000;
@@ -200,7 +200,7 @@ pub enum ServerMsg {
         capacity: usize,
         peers: Vec<PeerInfo>,
         /// Filled in by the IO layer (it knows the request's Host).
-        ice: Option<IceConfig>,
+        ice: Option<RtcConfiguration>,
         resume: String,
         resumed: bool,
     },
@@ -230,7 +230,7 @@ pub enum ServerMsg {
         screen: bool,
     },
     Ice {
-        ice: IceConfig,
+        ice: RtcConfiguration,
     },
     Chat {
         from: Arc<str>,
@@ -268,10 +268,29 @@ impl ServerMsg {
         ServerMsg::Error { code, message }
     }
 
-    /// The JSON text of this message.
-    pub fn to_json(&self) -> String {
-        // Serializing these types cannot fail (string keys, finite values only).
-        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"type\":\"pong\"}"))
+    /// The JSON text of this message. Serializing these types does not fail as
+    /// written (string keys, no floats outside JSON values); should a change break
+    /// that, the caller gets the error to log, never a substitute message.
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
+    }
+
+    /// The `type` field of this message.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ServerMsg::Joined { .. } => "joined",
+            ServerMsg::PeerJoined { .. } => "peer_joined",
+            ServerMsg::PeerLeft { .. } => "peer_left",
+            ServerMsg::Offer { .. } => "offer",
+            ServerMsg::Answer { .. } => "answer",
+            ServerMsg::Candidate { .. } => "candidate",
+            ServerMsg::Media { .. } => "media",
+            ServerMsg::Ice { .. } => "ice",
+            ServerMsg::Chat { .. } => "chat",
+            ServerMsg::RoomFull { .. } => "room_full",
+            ServerMsg::Pong => "pong",
+            ServerMsg::Error { .. } => "error",
+        }
     }
 }
 
@@ -394,10 +413,14 @@ mod tests {
             from: "ab".into(),
             sdp: "v=0".into(),
         };
-        assert_eq!(m.to_json(), r#"{"type":"offer","from":"ab","sdp":"v=0"}"#);
-        assert_eq!(ServerMsg::Pong.to_json(), r#"{"type":"pong"}"#);
+        assert_eq!(
+            m.to_json().unwrap(),
+            r#"{"type":"offer","from":"ab","sdp":"v=0"}"#
+        );
+        assert_eq!(ServerMsg::Pong.to_json().unwrap(), r#"{"type":"pong"}"#);
         let e: Value =
-            serde_json::from_str(&ServerMsg::error(ErrorCode::UnknownPeer).to_json()).unwrap();
+            serde_json::from_str(&ServerMsg::error(ErrorCode::UnknownPeer).to_json().unwrap())
+                .unwrap();
         assert_eq!(e["type"], "error");
         assert_eq!(e["code"], "unknown_peer");
         let f: Value = serde_json::from_str(
@@ -405,10 +428,72 @@ mod tests {
                 room: "r".into(),
                 capacity: 6,
             }
-            .to_json(),
+            .to_json()
+            .unwrap(),
         )
         .unwrap();
         assert_eq!(f, json!({"type":"room_full","room":"r","capacity":6}));
+    }
+
+    #[test]
+    fn type_names_match_the_serialized_type() {
+        let ice = crate::ice::RtcConfiguration {
+            ice_servers: Vec::new(),
+            ice_transport_policy: "all",
+            expires_at: 1,
+        };
+        let all = [
+            ServerMsg::Joined {
+                protocol: PROTOCOL_VERSION,
+                id: "a".into(),
+                room: "r".into(),
+                capacity: 6,
+                peers: Vec::new(),
+                ice: None,
+                resume: "t".into(),
+                resumed: false,
+            },
+            ServerMsg::PeerJoined {
+                id: "a".into(),
+                name: "n".into(),
+            },
+            ServerMsg::PeerLeft { id: "a".into() },
+            ServerMsg::Offer {
+                from: "a".into(),
+                sdp: "s".into(),
+            },
+            ServerMsg::Answer {
+                from: "a".into(),
+                sdp: "s".into(),
+            },
+            ServerMsg::Candidate {
+                from: "a".into(),
+                candidate: Arc::new(json!({"candidate": "c", "x": 1.5})),
+            },
+            ServerMsg::Media {
+                from: "a".into(),
+                audio: true,
+                video: false,
+                screen: false,
+            },
+            ServerMsg::Ice { ice },
+            ServerMsg::Chat {
+                from: "a".into(),
+                name: "n".into(),
+                text: "t".into(),
+                ts: 1,
+            },
+            ServerMsg::RoomFull {
+                room: "r".into(),
+                capacity: 6,
+            },
+            ServerMsg::Pong,
+            ServerMsg::error(ErrorCode::BadMessage),
+        ];
+        for m in all {
+            let v: Value = serde_json::from_str(&m.to_json().unwrap()).unwrap();
+            assert_eq!(v["type"], m.type_name(), "{v}");
+        }
     }
 
     #[test]

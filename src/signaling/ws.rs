@@ -11,13 +11,19 @@
 //! A request without an `Origin` header is allowed: browsers always send one on a
 //! WebSocket upgrade, so a missing Origin means a non-browser client, which cross-site
 //! WebSocket hijacking cannot involve.
+//!
+//! [`Signaling`] holds everything this layer uses (its settings, the ICE provider, the
+//! relay's peer events, the shutdown token and task tracker), so it depends on no
+//! other part of the server; [`routes`] gives the `/ws` route for the HTTPS router.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
@@ -32,14 +38,17 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rand::Rng;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::core::{
-    constant_time_eq, Beat, ConnId, CoreConfig, Effect, Heartbeat, RateLimiter, Rooms, Verdict,
+    Beat, ConnId, Effect, Heartbeat, IceFor, RateLimiter, RoomRules, Rooms, Verdict,
     CLOSE_TAKEN_OVER,
 };
 use super::proto::{ClientMsg, ErrorCode, ServerMsg};
-use crate::app::{unix_now, AppState};
+use crate::clock::{unix_millis, unix_secs};
 use crate::config::Config;
+use crate::ice::{IceProvider, PeerEvents};
 
 /// Outgoing messages a connection may have waiting.
 pub const QUEUE_LEN: usize = 1024;
@@ -185,7 +194,7 @@ impl Reason {
 /// A plain deque under a mutex rather than a channel: it costs nothing while empty
 /// (an idle connection holds no queue memory) and is released again once drained.
 #[derive(Default)]
-struct Shared {
+struct Outbox {
     /// Close code asked for; 0 while none. The first code wins.
     code: AtomicU16,
     close: Notify,
@@ -203,13 +212,13 @@ struct Outgoing {
 /// The core's handle to a connection.
 #[derive(Clone)]
 pub struct ConnHandle {
-    shared: Arc<Shared>,
+    outbox: Arc<Outbox>,
 }
 
 impl ConnHandle {
     /// Queues a message; a full queue closes the connection with 1013.
     fn send(&self, text: Utf8Bytes) {
-        let mut q = self.shared.outgoing();
+        let mut q = self.outbox.outgoing();
         if q.closed {
             return;
         }
@@ -222,25 +231,25 @@ impl ConnHandle {
         let first = q.msgs.len() == 1;
         drop(q);
         if first {
-            self.shared.queued.notify_one();
+            self.outbox.queued.notify_one();
         }
     }
 
     fn close(&self, code: u16) {
         if self
-            .shared
+            .outbox
             .code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.shared.close.notify_one();
+            self.outbox.close.notify_one();
         }
     }
 }
 
-impl Shared {
+impl Outbox {
     fn outgoing(&self) -> MutexGuard<'_, Outgoing> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.queue, "connection queue")
     }
 
     /// Takes the next queued message; frees the queue's memory once it is empty.
@@ -261,40 +270,114 @@ impl Shared {
     }
 }
 
-/// Signaling state shared by all connections.
+/// Locks `m`, taking over a poisoned lock with an error log line.
+///
+/// A lock is poisoned when a thread panicked while holding it. Neither lock here can
+/// be poisoned by the code as written: the queue's sections are single deque
+/// operations, and the rooms core does no indexing or unwrapping on input. Should a
+/// bug panic inside one anyway, its tables are still well-formed maps (each core
+/// method tolerates a missing entry), so serving every other call on is better than
+/// failing them all; the log line makes the bug visible. The poison is cleared, so
+/// one incident logs once.
+fn lock<'a, T>(m: &'a Mutex<T>, what: &'static str) -> MutexGuard<'a, T> {
+    match m.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => {
+            tracing::error!(
+                lock = what,
+                "a task panicked while holding this lock; continuing with the state it left"
+            );
+            m.clear_poison();
+            poisoned.into_inner()
+        }
+    }
+}
+
+/// What the signaling layer takes from the config.
+#[derive(Debug, Clone)]
+pub struct SignalingConfig {
+    pub rules: RoomRules,
+    /// Largest accepted frame and message, in bytes.
+    pub max_message_bytes: usize,
+    /// Per-connection rate limit: sustained frames per second, and burst.
+    pub rate_per_s: u32,
+    pub rate_burst: u32,
+    /// Origins allowed besides the server's own.
+    pub allowed_origins: Vec<String>,
+}
+
+impl SignalingConfig {
+    pub fn from_config(c: &Config) -> SignalingConfig {
+        SignalingConfig {
+            rules: RoomRules {
+                capacity: c.rooms.capacity,
+                password: c.rooms.password.clone(),
+                resume_grace: Duration::from_secs(c.rooms.resume_grace_s),
+            },
+            max_message_bytes: c.rooms.max_message_bytes,
+            rate_per_s: c.rooms.rate_per_s,
+            rate_burst: c.rooms.rate_burst,
+            allowed_origins: c.http.allowed_origins.clone(),
+        }
+    }
+}
+
+/// Signaling state, shared by all connections: the rooms core and what the
+/// connections need from the rest of the server.
 pub struct Signaling {
     core: Mutex<Rooms<ConnHandle>>,
     pub metrics: SignalingMetrics,
-    timings: Mutex<SignalingTimings>,
+    timings: ArcSwap<SignalingTimings>,
     next_conn: AtomicU64,
+    max_message_bytes: usize,
+    rate_per_s: u32,
+    rate_burst: u32,
+    allowed_origins: Vec<String>,
+    ice: Arc<IceProvider>,
+    /// Told when a peer leaves for good (the relay drops its allocations).
+    peer_events: Arc<dyn PeerEvents>,
+    /// Cancelled when the server stops: connections close with 1001.
+    shutdown: CancellationToken,
+    /// Connection and grace-expiry tasks, which shutdown waits for.
+    tasks: TaskTracker,
 }
 
 impl Signaling {
-    pub fn new(config: &Config, metrics: SignalingMetrics) -> Signaling {
-        let core = Rooms::with_os_rng(CoreConfig {
-            capacity: config.rooms.capacity,
-            password: config.rooms.password.clone(),
-            resume_grace: Duration::from_secs(config.rooms.resume_grace_s),
-        });
+    pub fn new(
+        cfg: SignalingConfig,
+        ice: Arc<IceProvider>,
+        peer_events: Arc<dyn PeerEvents>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+        metrics: SignalingMetrics,
+    ) -> Signaling {
         Signaling {
-            core: Mutex::new(core),
+            core: Mutex::new(Rooms::with_os_rng(cfg.rules)),
             metrics,
-            timings: Mutex::new(SignalingTimings::default()),
+            timings: ArcSwap::from_pointee(SignalingTimings::default()),
             next_conn: AtomicU64::new(1),
+            max_message_bytes: cfg.max_message_bytes,
+            rate_per_s: cfg.rate_per_s,
+            rate_burst: cfg.rate_burst,
+            allowed_origins: cfg.allowed_origins,
+            ice,
+            peer_events,
+            shutdown,
+            tasks,
         }
     }
 
     pub fn timings(&self) -> SignalingTimings {
-        *self.timings.lock().unwrap_or_else(|e| e.into_inner())
+        **self.timings.load()
     }
 
     /// Changes the heartbeat timings for connections opened from now on.
     pub fn set_timings(&self, t: SignalingTimings) {
-        *self.timings.lock().unwrap_or_else(|e| e.into_inner()) = t;
+        self.timings.store(Arc::new(t));
     }
 
     fn core(&self) -> MutexGuard<'_, Rooms<ConnHandle>> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.core, "rooms core")
     }
 
     /// Runs one core call and updates the room and peer gauges, all under the lock.
@@ -307,9 +390,11 @@ impl Signaling {
     }
 }
 
-/// Adds the signaling routes to the HTTPS router.
-pub fn routes(app: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
-    app.route("/ws", get(upgrade))
+/// The `/ws` route, for the HTTPS router.
+pub fn routes(signaling: Arc<Signaling>) -> Router {
+    Router::new()
+        .route("/ws", get(upgrade))
+        .with_state(signaling)
 }
 
 /// The request's `Host` header, or the `:authority` of an HTTP/2 request.
@@ -321,27 +406,31 @@ fn host_of(headers: &HeaderMap, uri: &Uri) -> Option<String> {
         .or_else(|| uri.authority().map(|a| a.as_str().to_string()))
 }
 
+/// Checks the Origin first (a refused origin gets 403 whatever else the request
+/// holds), then upgrades.
 async fn upgrade(
-    State(state): State<Arc<AppState>>,
+    State(sig): State<Arc<Signaling>>,
     headers: HeaderMap,
     uri: Uri,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let host = host_of(&headers, &uri);
     let origin = headers
         .get(header::ORIGIN)
         .map(|o| o.to_str().unwrap_or(""));
-    if !origin_allowed(origin, host.as_deref(), &state.config.http.allowed_origins) {
-        state
-            .signaling
-            .metrics
+    if !origin_allowed(origin, host.as_deref(), &sig.allowed_origins) {
+        sig.metrics
             .disconnects
             .get_or_create(&ReasonLabel { reason: "origin" })
             .inc();
         return (StatusCode::FORBIDDEN, "Origin not allowed\n").into_response();
     }
-    let max = state.config.rooms.max_message_bytes;
-    let tasks = state.tasks.clone();
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let max = sig.max_message_bytes;
+    let tasks = sig.tasks.clone();
     ws.max_message_size(max)
         .max_frame_size(max)
         // Small buffers: signaling messages are small, and an idle connection should
@@ -349,7 +438,7 @@ async fn upgrade(
         .read_buffer_size(256)
         .write_buffer_size(8192)
         .max_write_buffer_size(max.saturating_mul(4).max(1 << 20))
-        .on_upgrade(move |socket| tasks.track_future(connection(socket, state, host)))
+        .on_upgrade(move |socket| tasks.track_future(connection(socket, sig, host)))
 }
 
 /// True when a WebSocket upgrade with this `Origin` may proceed: no Origin (not a
@@ -386,13 +475,6 @@ fn with_port(hp: &str) -> String {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// How a connection ends.
 enum Ending {
     /// Send a close frame with this code.
@@ -427,29 +509,24 @@ struct Conn {
 #[allow(clippy::manual_async_fn)]
 fn connection(
     mut ws: WebSocket,
-    state: Arc<AppState>,
+    sig: Arc<Signaling>,
     host: Option<String>,
 ) -> impl Future<Output = ()> + Send {
     async move {
-        let sig = &state.signaling;
-        let shared = Arc::new(Shared::default());
+        let outbox = Arc::new(Outbox::default());
         let now = Instant::now();
         let timings = sig.timings();
         let mut conn = Conn {
             id: sig.next_conn.fetch_add(1, Ordering::Relaxed),
             handle: ConnHandle {
-                shared: shared.clone(),
+                outbox: outbox.clone(),
             },
             host,
-            limiter: RateLimiter::new(
-                state.config.rooms.rate_per_s,
-                state.config.rooms.rate_burst,
-                now,
-            ),
+            limiter: RateLimiter::new(sig.rate_per_s, sig.rate_burst, now),
         };
         let mut heartbeat = Heartbeat::new(timings.ping_interval, timings.timeout, now);
         sig.metrics.connections.inc();
-        let shutdown = state.shutdown.clone();
+        let shutdown = sig.shutdown.clone();
 
         let mut deadline = heartbeat.deadline();
         let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
@@ -464,8 +541,8 @@ fn connection(
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ending::Close(CLOSE_GOING_AWAY, Reason::Shutdown),
-                _ = shared.close.notified() => {
-                    let code = shared.code.load(Ordering::Acquire);
+                _ = outbox.close.notified() => {
+                    let code = outbox.code.load(Ordering::Acquire);
                     break Ending::Close(code, Reason::of_code(code));
                 }
                 _ = &mut timer => {
@@ -481,7 +558,7 @@ fn connection(
                         Beat::TimedOut => break Ending::Gone(Reason::Timeout),
                         Beat::Ping => {
                             let send = ws.send(Message::Ping(bytes::Bytes::new()));
-                            match Box::pin(guarded(send, &shared, &shutdown)).await {
+                            match Box::pin(guarded(send, &outbox, &shutdown)).await {
                                 Ok(Ok(())) => {}
                                 Ok(Err(_)) => break Ending::Gone(Reason::Closed),
                                 Err(e) => break e,
@@ -489,9 +566,9 @@ fn connection(
                         }
                     }
                 }
-                _ = shared.queued.notified() => {
-                    let write = write_batch(&mut ws, &shared);
-                    match guarded(write, &shared, &shutdown).await {
+                _ = outbox.queued.notified() => {
+                    let write = write_batch(&mut ws, &outbox);
+                    match guarded(write, &outbox, &shutdown).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break Ending::Gone(Reason::Closed),
                         Err(e) => break e,
@@ -508,7 +585,7 @@ fn connection(
                             break Ending::Gone(Reason::Closed);
                         }
                         Some(Ok(Message::Text(text))) => {
-                            if let Some(end) = on_text(&state, &mut conn, text.as_str()) {
+                            if let Some(end) = on_text(&sig, &mut conn, text.as_str()) {
                                 break end;
                             }
                         }
@@ -525,12 +602,8 @@ fn connection(
         let reason = match &ending {
             Ending::Close(_, r) | Ending::Gone(r) => *r,
         };
-        // Out of the core first, so messages for this peer go to its resume queue while
-        // the close handshake below takes its time.
-        ordered(&state, None, |core| {
-            core.disconnect(conn.id, Instant::now())
-        });
-        let left = shared.close_queue();
+        // Counted before the core hears of it, so whatever the core then sends (such
+        // as `peer_left` once the grace ends) comes after the figures changed.
         sig.metrics.connections.dec();
         sig.metrics
             .disconnects
@@ -538,6 +611,10 @@ fn connection(
                 reason: reason.as_str(),
             })
             .inc();
+        // Out of the core first, so messages for this peer go to its resume queue while
+        // the close handshake below takes its time.
+        ordered(&sig, None, |core| core.disconnect(conn.id, Instant::now()));
+        let left = outbox.close_queue();
         match ending {
             Ending::Close(code, _) => {
                 let frame = Message::Close(Some(CloseFrame {
@@ -569,13 +646,13 @@ fn connection(
 /// meanwhile (a write to a reader that stopped reading may never finish).
 async fn guarded<F: Future>(
     fut: F,
-    shared: &Shared,
+    outbox: &Outbox,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<F::Output, Ending> {
     tokio::select! {
         out = fut => Ok(out),
-        _ = shared.close.notified() => {
-            let code = shared.code.load(Ordering::Acquire);
+        _ = outbox.close.notified() => {
+            let code = outbox.code.load(Ordering::Acquire);
             Err(Ending::Close(code, Reason::of_code(code)))
         }
         _ = shutdown.cancelled() => Err(Ending::Close(CLOSE_GOING_AWAY, Reason::Shutdown)),
@@ -584,15 +661,15 @@ async fn guarded<F: Future>(
 
 /// Writes what is queued (up to a batch), then flushes once. If more is left, the
 /// connection is woken again for the next batch.
-async fn write_batch(ws: &mut WebSocket, shared: &Shared) -> Result<(), axum::Error> {
+async fn write_batch(ws: &mut WebSocket, outbox: &Outbox) -> Result<(), axum::Error> {
     let mut sent = 0;
     while sent < WRITE_BATCH {
-        let Some(m) = shared.pop() else { break };
+        let Some(m) = outbox.pop() else { break };
         ws.feed(Message::Text(m)).await?;
         sent += 1;
     }
-    if sent == WRITE_BATCH && !shared.outgoing().msgs.is_empty() {
-        shared.queued.notify_one();
+    if sent == WRITE_BATCH && !outbox.outgoing().msgs.is_empty() {
+        outbox.queued.notify_one();
     }
     ws.flush().await
 }
@@ -606,14 +683,13 @@ fn is_too_big(e: axum::Error) -> bool {
 }
 
 /// Handles one text frame; returns how the connection must end, if it must.
-fn on_text(state: &Arc<AppState>, conn: &mut Conn, text: &str) -> Option<Ending> {
-    let sig = &state.signaling;
+fn on_text(sig: &Arc<Signaling>, conn: &mut Conn, text: &str) -> Option<Ending> {
     let now = Instant::now();
     match conn.limiter.frame(now) {
         Verdict::Allow => {}
         Verdict::Drop { notify } => {
             if notify {
-                reply(state, conn, &ServerMsg::error(ErrorCode::RateLimited));
+                reply(sig, conn, &ServerMsg::error(ErrorCode::RateLimited));
             }
             return None;
         }
@@ -621,37 +697,32 @@ fn on_text(state: &Arc<AppState>, conn: &mut Conn, text: &str) -> Option<Ending>
     }
     let msg = match ClientMsg::parse(text) {
         Ok(m) => m,
-        Err(_) => return bad_message(state, conn, now),
+        Err(_) => return bad_message(sig, conn, now),
     };
     let id = conn.id;
     let h = &conn.handle;
     let host = conn.host.as_deref();
     let bad = match msg {
         ClientMsg::Ping => {
-            reply(state, conn, &ServerMsg::Pong);
+            reply(sig, conn, &ServerMsg::Pong);
             return None;
         }
         ClientMsg::IceRequest { password } => {
-            let unix = unix_now();
-            let host = conn.host.as_deref();
-            let ice = match sig.core().peer_of(id) {
-                Some(peer) => state.ice.for_peer(&peer, host, unix),
-                None => {
-                    let required = &state.config.rooms.password;
-                    if !required.is_empty()
-                        && !constant_time_eq(
-                            password.as_deref().unwrap_or("").as_bytes(),
-                            required.as_bytes(),
-                        )
-                    {
-                        reply(state, conn, &ServerMsg::error(ErrorCode::BadPassword));
-                        return None;
-                    }
+            let unix = unix_secs();
+            let answer = sig.core().ice_request(id, password.as_deref());
+            let msg = match answer {
+                Ok(IceFor::Peer(peer)) => ServerMsg::Ice {
+                    ice: sig.ice.for_peer(&peer, host, unix),
+                },
+                Ok(IceFor::Anonymous) => {
                     let token = format!("{:016x}", rand::thread_rng().gen::<u64>());
-                    state.ice.build(&token, host, unix, PRE_JOIN_ICE_TTL_S)
+                    ServerMsg::Ice {
+                        ice: sig.ice.build(&token, host, unix, PRE_JOIN_ICE_TTL_S),
+                    }
                 }
+                Err(code) => ServerMsg::error(code),
             };
-            reply(state, conn, &ServerMsg::Ice { ice });
+            reply(sig, conn, &msg);
             return None;
         }
         ClientMsg::Relay { kind, to, payload } => {
@@ -659,13 +730,13 @@ fn on_text(state: &Arc<AppState>, conn: &mut Conn, text: &str) -> Option<Ending>
             // sender's relays stay in order (this task handles its frames one by one).
             let fx = sig.with_core(|c| c.relay(id, h, kind, &to, payload));
             let bad = has_bad_message(&fx);
-            finish(state, apply(state, host, fx));
+            finish(sig, apply(sig, host, fx));
             bad
         }
-        ClientMsg::Join(req) => ordered(state, host, |c| c.join(id, h.clone(), req, now)),
-        ClientMsg::Media(m) => ordered(state, host, |c| c.media(id, h, m)),
-        ClientMsg::Chat { text } => ordered(state, host, |c| c.chat(id, h, &text, unix_ms())),
-        ClientMsg::Leave => ordered(state, host, |c| c.leave(id, h)),
+        ClientMsg::Join(req) => ordered(sig, host, |c| c.join(id, h.clone(), req, now)),
+        ClientMsg::Media(m) => ordered(sig, host, |c| c.media(id, h, m)),
+        ClientMsg::Chat { text } => ordered(sig, host, |c| c.chat(id, h, &text, unix_millis())),
+        ClientMsg::Leave => ordered(sig, host, |c| c.leave(id, h)),
     };
     if bad && conn.limiter.bad_message(now) {
         return Some(Ending::Close(CLOSE_POLICY, Reason::Policy));
@@ -673,16 +744,16 @@ fn on_text(state: &Arc<AppState>, conn: &mut Conn, text: &str) -> Option<Ending>
     None
 }
 
-fn bad_message(state: &AppState, conn: &mut Conn, now: Instant) -> Option<Ending> {
-    reply(state, conn, &ServerMsg::error(ErrorCode::BadMessage));
+fn bad_message(sig: &Signaling, conn: &mut Conn, now: Instant) -> Option<Ending> {
+    reply(sig, conn, &ServerMsg::error(ErrorCode::BadMessage));
     if conn.limiter.bad_message(now) {
         return Some(Ending::Close(CLOSE_POLICY, Reason::Policy));
     }
     None
 }
 
-fn count(state: &AppState, msg: &ServerMsg) {
-    let m = &state.signaling.metrics;
+fn count(sig: &Signaling, msg: &ServerMsg) {
+    let m = &sig.metrics;
     let kind = match msg {
         ServerMsg::Offer { .. } => 0,
         ServerMsg::Answer { .. } => 1,
@@ -713,10 +784,24 @@ fn count(state: &AppState, msg: &ServerMsg) {
     }
 }
 
+/// The message's JSON text, or `None` (with an error log line) if it cannot be
+/// serialized; the message is then not sent to anyone.
+fn encode(msg: &ServerMsg) -> Option<Utf8Bytes> {
+    match msg.to_json() {
+        Ok(text) => Some(Utf8Bytes::from(text)),
+        Err(e) => {
+            tracing::error!(r#type = msg.type_name(), error = %e, "cannot serialize a server message; not sent");
+            None
+        }
+    }
+}
+
 /// A message to this connection only.
-fn reply(state: &AppState, conn: &Conn, msg: &ServerMsg) {
-    count(state, msg);
-    conn.handle.send(Utf8Bytes::from(msg.to_json()));
+fn reply(sig: &Signaling, conn: &Conn, msg: &ServerMsg) {
+    count(sig, msg);
+    if let Some(text) = encode(msg) {
+        conn.handle.send(text);
+    }
 }
 
 fn has_bad_message(fx: &[Effect<ConnHandle>]) -> bool {
@@ -738,22 +823,22 @@ fn has_bad_message(fx: &[Effect<ConnHandle>]) -> bool {
 /// peer sees joins, leaves, media and chat in the core's order (and `joined` before
 /// any `peer_joined`). Returns whether the caller got a `bad_message`.
 fn ordered(
-    state: &Arc<AppState>,
+    sig: &Arc<Signaling>,
     host: Option<&str>,
     f: impl FnOnce(&mut Rooms<ConnHandle>) -> Vec<Effect<ConnHandle>>,
 ) -> bool {
-    let (bad, gone) = state.signaling.with_core(|core| {
+    let (bad, gone) = sig.with_core(|core| {
         let fx = f(core);
-        (has_bad_message(&fx), apply(state, host, fx))
+        (has_bad_message(&fx), apply(sig, host, fx))
     });
-    finish(state, gone);
+    finish(sig, gone);
     bad
 }
 
 /// Tells the relay about peers gone for good (outside the rooms lock).
-fn finish(state: &AppState, gone: Vec<Arc<str>>) {
+fn finish(sig: &Signaling, gone: Vec<Arc<str>>) {
     for id in gone {
-        state.peer_events.peer_gone(&id);
+        sig.peer_events.peer_gone(&id);
     }
 }
 
@@ -761,7 +846,7 @@ fn finish(state: &AppState, gone: Vec<Arc<str>>) {
 /// recipients. `host` is the Host header of the connection that caused them, for the
 /// ICE config in `joined`. Returns the peers gone for good, for [`finish`].
 fn apply(
-    state: &Arc<AppState>,
+    sig: &Arc<Signaling>,
     host: Option<&str>,
     effects: Vec<Effect<ConnHandle>>,
 ) -> Vec<Arc<str>> {
@@ -769,32 +854,34 @@ fn apply(
     for effect in effects {
         match effect {
             Effect::Send(targets, mut msg) => {
-                count(state, &msg);
+                count(sig, &msg);
                 if let ServerMsg::Joined { id, ice, .. } = &mut msg {
-                    *ice = Some(state.ice.for_peer(id, host, unix_now()));
+                    *ice = Some(sig.ice.for_peer(id, host, unix_secs()));
                 }
-                let text = Utf8Bytes::from(msg.to_json());
+                let Some(text) = encode(&msg) else {
+                    continue;
+                };
                 for t in &targets {
                     t.send(text.clone());
                 }
             }
             Effect::Close(h, code) => h.close(code),
             Effect::PeerGone(id) => gone.push(id),
-            Effect::ExpireAt(at) => schedule_expiry(state, at),
+            Effect::ExpireAt(at) => schedule_expiry(sig, at),
         }
     }
     gone
 }
 
 /// Ends the resume grace at `at` (unless the server stops first).
-fn schedule_expiry(state: &Arc<AppState>, at: Instant) {
-    let st = state.clone();
-    state.tasks.spawn(async move {
+fn schedule_expiry(sig: &Arc<Signaling>, at: Instant) {
+    let sig2 = sig.clone();
+    sig.tasks.spawn(async move {
         tokio::select! {
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
-                ordered(&st, None, |c| c.expire(Instant::now()));
+                ordered(&sig2, None, |c| c.expire(Instant::now()));
             }
-            _ = st.shutdown.cancelled() => {}
+            _ = sig2.shutdown.cancelled() => {}
         }
     });
 }
@@ -846,6 +933,22 @@ mod tests {
             Some("x.org"),
             &allowed
         ));
+    }
+
+    #[test]
+    fn a_poisoned_lock_is_taken_over_once() {
+        let m = Arc::new(Mutex::new(vec![1]));
+        let m2 = m.clone();
+        let panicked = std::thread::spawn(move || {
+            let mut g = m2.lock().unwrap();
+            g.push(2);
+            panic!("a bug while holding the lock");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(m.is_poisoned());
+        assert_eq!(*lock(&m, "test"), vec![1, 2]);
+        assert!(!m.is_poisoned());
     }
 
     #[test]

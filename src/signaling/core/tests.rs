@@ -7,7 +7,7 @@ const GRACE: Duration = Duration::from_secs(20);
 
 fn core(capacity: usize, password: &str) -> Rooms<u64> {
     Rooms::new(
-        CoreConfig {
+        RoomRules {
             capacity,
             password: password.into(),
             resume_grace: GRACE,
@@ -170,6 +170,42 @@ fn password() {
         &r.join(1, 1, right, now)[0],
         Effect::Send(_, ServerMsg::Joined { .. })
     ));
+}
+
+#[test]
+fn ice_request_before_and_after_join() {
+    let now = Instant::now();
+    // No room password: anyone may ask before joining.
+    let mut open = core(6, "");
+    assert_eq!(open.ice_request(1, None), Ok(IceFor::Anonymous));
+    let (id, _) = join(&mut open, 1, "r", now);
+    assert_eq!(open.ice_request(1, None), Ok(IceFor::Peer(id)));
+
+    // With a room password: only with it before joining; a joined peer needs none.
+    let mut closed = core(6, "s3cret");
+    assert_eq!(closed.ice_request(1, None), Err(ErrorCode::BadPassword));
+    assert_eq!(
+        closed.ice_request(1, Some("s3creT")),
+        Err(ErrorCode::BadPassword)
+    );
+    assert_eq!(closed.ice_request(1, Some("s3cret")), Ok(IceFor::Anonymous));
+    let fx = closed.join(
+        1,
+        1,
+        JoinReq {
+            room: "r".into(),
+            password: Some("s3cret".into()),
+            ..Default::default()
+        },
+        now,
+    );
+    let Effect::Send(_, ServerMsg::Joined { id, .. }) = &fx[0] else {
+        panic!("expected joined, got {fx:?}");
+    };
+    assert_eq!(closed.ice_request(1, None), Ok(IceFor::Peer(id.clone())));
+    // After leave, the connection is anonymous again.
+    closed.leave(1, &1);
+    assert_eq!(closed.ice_request(1, None), Err(ErrorCode::BadPassword));
 }
 
 #[test]

@@ -1,5 +1,4 @@
 //! A minimal signaling client for tests: JSON over a real WebSocket over TLS.
-#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use crate::common::TestServer;
+use super::TestServer;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -81,21 +80,6 @@ impl Client {
         }
     }
 
-    /// The next message, or None if nothing arrives within `d`.
-    pub async fn recv_within(&mut self, d: Duration) -> Option<Value> {
-        loop {
-            let m = match tokio::time::timeout(d, self.ws.next()).await {
-                Err(_) => return None,
-                Ok(m) => m.expect("stream open").expect("no error"),
-            };
-            match m {
-                Message::Text(t) => return Some(serde_json::from_str(t.as_str()).expect("JSON")),
-                Message::Ping(_) | Message::Pong(_) => continue,
-                other => panic!("unexpected frame {other:?}"),
-            }
-        }
-    }
-
     /// Reads until the server's close frame; returns its code.
     pub async fn close_code(&mut self) -> u16 {
         loop {
@@ -108,6 +92,22 @@ impl Client {
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => panic!("error before close frame: {e}"),
                 None => panic!("stream ended without a close frame"),
+            }
+        }
+    }
+
+    /// Closes the socket and waits for the server's answering close frame. The server
+    /// takes the connection out of its rooms core before it answers, so afterwards the
+    /// peer is in its resume grace (or gone).
+    pub async fn close_and_wait(mut self) {
+        self.ws.close(None).await.expect("close frame sent");
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("server closes within the wait")
+            {
+                None | Some(Err(_)) => return,
+                Some(Ok(_)) => continue,
             }
         }
     }

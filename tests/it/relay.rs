@@ -3,15 +3,11 @@
 //! client for the protocol edges (403 for denied peers, 401 for expired credentials,
 //! multi-peer permissions, retransmissions, quotas, peers leaving).
 
-mod common;
-mod ws_client;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestServer;
 use meshmeet::Config;
 use stun::agent::TransactionId;
 use stun::attributes::*;
@@ -25,17 +21,19 @@ use tokio::net::UdpSocket;
 use turn::proto::reqtrans::RequestedTransport;
 use turn::proto::PROTO_UDP;
 
+use crate::support::{self, ws, TestServer};
+
 const SECRET: &str = "relay-test-secret-0123456789";
 
 fn relay_config(c: &mut Config) {
     c.turn.secret = SECRET.into();
-    c.turn.relay_ips = vec!["127.0.0.1".into()];
-    c.turn.relay_ports = "40000-40999".into();
+    c.turn.relay_ips = vec!["127.0.0.1".parse().unwrap()];
+    c.turn.relay_ports = "40000-40999".parse().unwrap();
 }
 
 fn loopback_peers(c: &mut Config) {
     relay_config(c);
-    c.turn.allowed_peer_ranges = vec!["127.0.0.0/8".into()];
+    c.turn.allowed_peer_ranges = vec!["127.0.0.0/8".parse().unwrap()];
 }
 
 fn rest_user(id: &str, expiry: u64) -> (String, String) {
@@ -45,7 +43,7 @@ fn rest_user(id: &str, expiry: u64) -> (String, String) {
 }
 
 fn future() -> u64 {
-    meshmeet::app::unix_now() + 3600
+    meshmeet::clock::unix_secs() + 3600
 }
 
 /// A UDP echo peer on 127.0.0.1; returns its address.
@@ -283,7 +281,7 @@ async fn turn_crate_client_relays_over_udp() {
         assert_eq!(from, peer_addr);
         assert_eq!(&buf[..n], &[i + 100; 60]);
     }
-    let metrics = server.state.metrics.encode();
+    let metrics = server.state.metrics.encode().unwrap();
     assert!(
         metrics.contains("meshmeet_turn_allocations_active 1"),
         "{metrics}"
@@ -343,6 +341,9 @@ fn uclient(args: &[&str], port: u16, peer: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coturn_uclient_udp_tcp_tls_without_loss() {
+    if !support::have_tool("turnutils_uclient", "coturn") {
+        return;
+    }
     let server = TestServer::start_with(loopback_peers).await;
     let peer = echo_peer().await;
     let udp = turn_udp(&server).port();
@@ -355,7 +356,7 @@ async fn coturn_uclient_udp_tcp_tls_without_loss() {
     })
     .await
     .unwrap();
-    let metrics = server.state.metrics.encode();
+    let metrics = server.state.metrics.encode().unwrap();
     for t in ["udp", "tcp", "tls"] {
         assert!(
             metrics.contains(&format!(
@@ -368,6 +369,9 @@ async fn coturn_uclient_udp_tcp_tls_without_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coturn_stunclient_gets_mapped_address() {
+    if !support::have_tool("turnutils_stunclient", "coturn") {
+        return;
+    }
     let server = TestServer::start_with(relay_config).await;
     let port = turn_udp(&server).port();
     let out = tokio::task::spawn_blocking(move || {
@@ -431,7 +435,7 @@ async fn denied_peers_get_403_and_no_packet() {
 #[tokio::test]
 async fn expired_credentials_get_401() {
     let server = TestServer::start_with(relay_config).await;
-    let (user, pass) = rest_user("late", meshmeet::app::unix_now() - 10);
+    let (user, pass) = rest_user("late", meshmeet::clock::unix_secs() - 10);
     let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
     let resp = c.allocate().await;
     assert_eq!(error_code(&resp), Some(401));
@@ -523,7 +527,7 @@ async fn retransmitted_allocate_gets_the_same_success() {
     // A new transaction for the same 5-tuple is a mismatch.
     let again = c2.allocate().await;
     assert_eq!(error_code(&again), Some(437));
-    let metrics = server.state.metrics.encode();
+    let metrics = server.state.metrics.encode().unwrap();
     assert!(
         metrics.contains("meshmeet_turn_allocations_active 1"),
         "{metrics}"
@@ -585,7 +589,7 @@ async fn peer_leaving_loses_its_allocation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_credentials_allocate_until_the_peer_leaves() {
     let server = TestServer::start_with(relay_config).await;
-    let mut ws = ws_client::connect(&server).await;
+    let mut ws = ws::connect(&server).await;
     let joined = ws.join("relay-room").await;
     let turn = &joined["ice"]["iceServers"][1];
     let urls: Vec<&str> = turn["urls"]
@@ -601,10 +605,7 @@ async fn join_credentials_allocate_until_the_peer_leaves() {
     );
     let user = turn["username"].as_str().unwrap();
     let pass = turn["credential"].as_str().unwrap();
-    assert!(
-        user.ends_with(&format!(":{}", ws_client::id(&joined))),
-        "{user}"
-    );
+    assert!(user.ends_with(&format!(":{}", ws::id(&joined))), "{user}");
 
     let mut c = RawClient::new(turn_udp(&server), user, pass).await;
     c.relayed().await;
@@ -647,8 +648,8 @@ async fn taken_turn_port_fails_with_address_and_key() {
     let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = common::test_config(dir.path());
-    cfg.turn.listen = addr.to_string();
+    let mut cfg = support::test_config(dir.path());
+    cfg.turn.listen = addr;
     let err = match meshmeet::Server::bind(cfg).await {
         Ok(_) => panic!("bind must fail"),
         Err(e) => format!("{e:#}"),
@@ -663,8 +664,8 @@ async fn taken_turn_port_fails_with_address_and_key() {
 async fn ipv6_relay_on_request() {
     let server = TestServer::start_with(|c| {
         relay_config(c);
-        c.turn.relay_ips = vec!["127.0.0.1".into(), "::1".into()];
-        c.turn.allowed_peer_ranges = vec!["::1/128".into()];
+        c.turn.relay_ips = vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+        c.turn.allowed_peer_ranges = vec!["::1/128".parse().unwrap()];
     })
     .await;
     let peer = match UdpSocket::bind("[::1]:0").await {

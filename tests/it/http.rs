@@ -1,10 +1,9 @@
 //! HTTPS behaviour against the real server in-process, with a real HTTPS client.
 
-mod common;
-
-use common::{test_config, TestServer};
 use meshmeet::Server;
 use reqwest::StatusCode;
+
+use crate::support::{https_client, test_config, TestServer};
 
 fn assert_security_headers(res: &reqwest::Response) {
     let h = res.headers();
@@ -129,7 +128,8 @@ async fn healthz_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_refused_outside_allowed_networks() {
-    let s = TestServer::start_with(|c| c.http.metrics_allow = vec!["10.0.0.0/8".into()]).await;
+    let s = TestServer::start_with(|c| c.http.metrics_allow = vec!["10.0.0.0/8".parse().unwrap()])
+        .await;
     let res = s
         .http_client()
         .get(format!("{}/metrics", s.base_url()))
@@ -141,7 +141,9 @@ async fn metrics_refused_outside_allowed_networks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_listener_sends_301_to_https() {
-    let s = TestServer::start_with(|c| c.http.redirect_listen = "127.0.0.1:0".into()).await;
+    let s =
+        TestServer::start_with(|c| c.http.redirect_listen = Some("127.0.0.1:0".parse().unwrap()))
+            .await;
     let addr = s.addrs.redirect.expect("redirect bound");
     let c = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -170,7 +172,7 @@ async fn port_in_use_is_a_clear_error() {
     let addr = taken.local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path());
-    cfg.http.listen = addr.to_string();
+    cfg.http.listen = addr;
     let err = Server::bind(cfg).await.err().expect("bind fails");
     let msg = format!("{err:#}");
     assert!(msg.contains(&addr.to_string()), "{msg}");
@@ -242,11 +244,7 @@ async fn bad_configured_pem_names_the_file() {
 async fn huge_headers_are_refused_and_server_keeps_serving() {
     let s = TestServer::start().await;
     for http1 in [true, false] {
-        let cert = reqwest::Certificate::from_pem(&s.cert_pem()).unwrap();
-        let mut b = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(cert)
-            .resolve("localhost", s.https_addr());
+        let mut b = https_client(&[&s.cert_pem()], s.https_addr());
         if http1 {
             b = b.http1_only();
         }

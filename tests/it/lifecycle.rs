@@ -8,10 +8,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::support::https_client;
+
 const BIN: &str = env!("CARGO_BIN_EXE_meshmeet");
 
 struct Proc {
-    child: Child,
+    /// `None` once [`Proc::wait_exit`] has reaped it.
+    child: Option<Child>,
     lines: mpsc::Receiver<String>,
 }
 
@@ -35,7 +38,10 @@ impl Proc {
                 }
             }
         });
-        let mut p = Proc { child, lines: rx };
+        let mut p = Proc {
+            child: Some(child),
+            lines: rx,
+        };
         let line = p.wait_for("open https://");
         let port: u16 = line
             .split("https://localhost:")
@@ -59,28 +65,42 @@ impl Proc {
     }
 
     fn signal(&self, sig: i32) {
-        // SAFETY: plain kill(2) on our own child.
+        let child = self.child.as_ref().expect("still running");
+        // SAFETY: plain kill(2) on our own child, not yet reaped.
         unsafe {
-            libc::kill(self.child.id() as i32, sig);
+            libc::kill(child.id() as i32, sig);
         }
     }
 
+    /// Waits for the process to exit (a thread blocks in wait(2) and reports); kills
+    /// it and fails if that takes longer than `within`.
     fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
+        let mut child = self.child.take().expect("still running");
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(within) {
+            Ok(status) => status.expect("wait for the server"),
+            Err(_) => {
+                // SAFETY: the waiter has not reaped it (no status arrived).
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+                let _ = waiter.join();
+                panic!("did not exit within {within:?}");
             }
-            assert!(Instant::now() < deadline, "did not exit within {within:?}");
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -98,14 +118,7 @@ fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
 }
 
 fn client(roots: &[&[u8]], addr: SocketAddr) -> reqwest::Client {
-    let mut b = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .tls_info(true)
-        .resolve("localhost", addr);
-    for pem in roots {
-        b = b.add_root_certificate(reqwest::Certificate::from_pem(pem).unwrap());
-    }
-    b.build().unwrap()
+    https_client(roots, addr).tls_info(true).build().unwrap()
 }
 
 async fn peer_cert(c: &reqwest::Client, addr: SocketAddr) -> Vec<u8> {

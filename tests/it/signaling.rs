@@ -1,44 +1,17 @@
 //! Signaling over real WebSockets (TLS) against the in-process server: every message
 //! type and error code of PROTOCOL.md, and every misuse it lists.
 
-mod common;
-mod ws_client;
-
 use std::time::{Duration, Instant};
 
-use common::TestServer;
 use meshmeet::signaling::ws::SignalingTimings;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use ws_client::{connect, id, try_connect};
+
+use crate::support::ws::{self, connect, id, try_connect};
+use crate::support::TestServer;
 
 async fn metrics(server: &TestServer) -> String {
-    server
-        .http_client()
-        .get(format!("{}/metrics", server.base_url()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body")
-}
-
-/// Waits until `/metrics` contains `needle` (readiness by observation, not by sleep
-/// length).
-async fn wait_metric(server: &TestServer, needle: &str) {
-    let start = Instant::now();
-    loop {
-        let m = metrics(server).await;
-        if m.contains(needle) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{needle} not in {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server.metrics().await
 }
 
 #[tokio::test]
@@ -53,7 +26,7 @@ async fn every_message_type() {
     a.send(json!({"type": "ice_request"})).await;
     let ice = a.recv().await;
     assert_eq!(ice["type"], "ice");
-    let now = meshmeet::app::unix_now();
+    let now = meshmeet::clock::unix_secs();
     let exp = ice["ice"]["expiresAt"].as_u64().unwrap();
     assert!(exp <= now + 121 && exp >= now + 119, "{ice}");
     assert_eq!(ice["ice"]["iceTransportPolicy"], "all");
@@ -252,7 +225,7 @@ async fn everyone_sees_chat_in_the_same_order() {
     a.recv_type("peer_joined").await;
     a.recv_type("peer_joined").await;
     b.recv_type("peer_joined").await;
-    let send = |mut cl: ws_client::Client, tag: &'static str| {
+    let send = |mut cl: ws::Client, tag: &'static str| {
         tokio::spawn(async move {
             for i in 0..50 {
                 cl.send(json!({"type": "chat", "text": format!("{tag}{i}")}))
@@ -378,11 +351,12 @@ async fn heartbeat_timeout_then_grace() {
         "{:?}",
         start.elapsed()
     );
-    wait_metric(
-        &server,
-        "meshmeet_ws_disconnects_total{reason=\"timeout\"} 1",
-    )
-    .await;
+    // The disconnect is counted before the grace starts, so before this `peer_left`.
+    let m = metrics(&server).await;
+    assert!(
+        m.contains("meshmeet_ws_disconnects_total{reason=\"timeout\"} 1"),
+        "{m}"
+    );
     drop(a);
 }
 
@@ -396,9 +370,9 @@ async fn resume_within_grace_keeps_id_and_queue() {
     let token = ja["resume"].as_str().unwrap().to_string();
     let bid = id(&b.join("res").await);
     a.recv_type("peer_joined").await;
-    a.ws.close(None).await.unwrap();
-    drop(a);
-    wait_metric(&server, "meshmeet_ws_connections 1").await;
+    // Once the server answers the close, a is in its grace: what b sends now is kept.
+    a.close_and_wait().await;
+    assert!(metrics(&server).await.contains("meshmeet_ws_connections 1"));
     b.send(json!({"type": "offer", "to": aid, "sdp": "while away"}))
         .await;
     b.send(json!({"type": "chat", "text": "anyone?"})).await;
@@ -499,7 +473,7 @@ async fn flood_is_rate_limited_then_closed() {
     let mut pongs = 0;
     let mut limited = 0;
     let code = loop {
-        match tokio::time::timeout(ws_client::WAIT, futures_util::StreamExt::next(&mut a.ws))
+        match tokio::time::timeout(ws::WAIT, futures_util::StreamExt::next(&mut a.ws))
             .await
             .unwrap()
         {

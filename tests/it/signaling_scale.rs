@@ -1,16 +1,14 @@
 //! 1000 clients in 250 rooms of 4 negotiate at once (offer, answer, candidates) over
 //! real WebSockets: every message arrives, from the right peer, and nothing else.
 
-mod common;
-mod ws_client;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use common::TestServer;
 use serde_json::json;
 use tokio::sync::Semaphore;
-use ws_client::{connect, id};
+
+use crate::support::ws::{connect, id};
+use crate::support::TestServer;
 
 const ROOMS: usize = 250;
 const PER_ROOM: usize = 4;
@@ -18,7 +16,7 @@ const CANDIDATES: usize = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_clients_negotiate_without_loss_or_misrouting() {
-    meshmeet::app::raise_nofile_limit().expect("raise open-files limit");
+    meshmeet::sys::raise_nofile_limit().expect("raise open-files limit");
     let server = Arc::new(TestServer::start().await);
     let connecting = Arc::new(Semaphore::new(64));
     let mut tasks = Vec::new();
@@ -90,15 +88,7 @@ async fn thousand_clients_negotiate_without_loss_or_misrouting() {
         c.send(json!({"type": "ping"})).await;
         assert_eq!(c.recv().await, json!({"type": "pong"}));
     }
-    let m = server
-        .http_client()
-        .get(format!("{}/metrics", server.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = server.metrics().await;
     assert!(m.contains("meshmeet_peers 1000"), "{m}");
     assert!(m.contains(&format!("meshmeet_rooms {ROOMS}")), "{m}");
     let relayed = ROOMS * PER_ROOM * (PER_ROOM - 1) / 2;

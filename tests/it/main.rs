@@ -1,0 +1,23 @@
+//! Integration tests, one crate: the real server in-process on port 0 (or the real
+//! binary), driven by real clients.
+//!
+//! - [`http`]: HTTPS with a real client (TLS, HTTP/1 and HTTP/2, certificates).
+//! - [`lifecycle`]: the binary: command line, SIGTERM, SIGHUP.
+//! - [`deploy`]: the systemd unit and `deploy/install.sh`.
+//! - [`signaling`]: every message, error and close code over real WebSockets.
+//! - [`signaling_scale`]: 1000 clients negotiating at once.
+//! - [`relay`]: STUN/TURN against independent clients (the `turn` crate, coturn's
+//!   tools, raw STUN).
+//! - [`support`]: the test server, the WebSocket client, TLS client configs, and the
+//!   check for external tools (tests needing coturn's tools or systemd skip with a
+//!   printed reason without them, and fail instead under `MESHMEET_REQUIRE_TOOLS=1`).
+//!
+//! Run one module with `cargo test --test it relay::`.
+
+mod deploy;
+mod http;
+mod lifecycle;
+mod relay;
+mod signaling;
+mod signaling_scale;
+mod support;
