@@ -15,17 +15,14 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use stun::agent::TransactionId;
-use stun::attributes::*;
-use stun::error_code::ErrorCodeAttribute;
-use stun::fingerprint::FINGERPRINT;
-use stun::integrity::MessageIntegrity;
-use stun::message::*;
-use stun::textattrs::TextAttribute;
-use stun::xoraddr::XorMappedAddress;
+use meshmeet::relay::client::{self, Attr, Session};
+use meshmeet::relay::wire::{self, Frame};
+use stun::message::{
+    Message, Method, Setter, METHOD_ALLOCATE, METHOD_CHANNEL_BIND, METHOD_REFRESH,
+};
 
 const SECRET: &str = "bench-secret-0123456789abcdef";
 const REALM: &str = "meshmeet";
@@ -135,7 +132,7 @@ fn wait_ready(addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut buf = [0u8; 1500];
     while Instant::now() < deadline {
-        sock.send_to(&binding_request(), addr)?;
+        sock.send_to(&client::binding_request(), addr)?;
         if sock.recv_from(&mut buf).is_ok() {
             return Ok(());
         }
@@ -143,110 +140,30 @@ fn wait_ready(addr: SocketAddr) -> Result<()> {
     bail!("server on {addr} did not answer a Binding request")
 }
 
-fn binding_request() -> Vec<u8> {
-    let mut m = Message::new();
-    let _ = m.build(&[Box::new(TransactionId::new()), Box::new(BINDING_REQUEST)]);
-    m.raw
+/// REST credentials for `id`, valid for a day.
+fn session(id: &str) -> Result<Session> {
+    let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 86_400;
+    Ok(Session::rest(SECRET, id, expiry))
 }
 
-/// Client credentials and the current nonce.
-struct Session {
-    user: String,
-    pass: String,
-    realm: String,
-    nonce: Option<String>,
-}
-
-impl Session {
-    fn new(id: &str) -> Session {
-        let expiry = meshmeet::app::unix_now() + 86_400;
-        let user = format!("{expiry}:{id}");
-        let pass = meshmeet::ice::rest_password(SECRET, &user);
-        Session {
-            user,
-            pass,
-            realm: String::new(),
-            nonce: None,
+/// A request/response exchange, answering 401/438 challenges.
+fn transact(
+    link: &mut Link,
+    session: &mut Session,
+    method: Method,
+    attrs: &[&dyn Setter],
+) -> Result<Message> {
+    for _ in 0..4 {
+        let resp = link.roundtrip(&session.request(method, attrs))?;
+        if session.learn(&resp) {
+            continue;
         }
-    }
-
-    fn build(&self, method: Method, attrs: &[&dyn Setter]) -> Result<Vec<u8>> {
-        let mut m = Message::new();
-        m.build(&[
-            Box::new(TransactionId::new()),
-            Box::new(MessageType::new(method, CLASS_REQUEST)),
-        ])?;
-        for a in attrs {
-            a.add_to(&mut m)?;
+        if let Some(c) = client::error_code(&resp) {
+            bail!("{method} failed with {c}");
         }
-        if let Some(nonce) = &self.nonce {
-            TextAttribute::new(ATTR_USERNAME, self.user.clone()).add_to(&mut m)?;
-            TextAttribute::new(ATTR_REALM, self.realm.clone()).add_to(&mut m)?;
-            TextAttribute::new(ATTR_NONCE, nonce.clone()).add_to(&mut m)?;
-            MessageIntegrity::new_long_term_integrity(
-                self.user.clone(),
-                self.realm.clone(),
-                self.pass.clone(),
-            )
-            .add_to(&mut m)?;
-        }
-        FINGERPRINT.add_to(&mut m)?;
-        Ok(m.raw)
+        return Ok(resp);
     }
-
-    /// A request/response exchange, answering 401/438 challenges.
-    fn transact(
-        &mut self,
-        link: &mut Link,
-        method: Method,
-        attrs: &[&dyn Setter],
-    ) -> Result<Message> {
-        for _ in 0..4 {
-            let req = self.build(method, attrs)?;
-            let resp = link.roundtrip(&req)?;
-            let code = error_code(&resp);
-            if (code == Some(401) && self.nonce.is_none()) || code == Some(438) {
-                self.nonce = Some(TextAttribute::get_from_as(&resp, ATTR_NONCE)?.text);
-                self.realm = TextAttribute::get_from_as(&resp, ATTR_REALM)?.text;
-                continue;
-            }
-            if let Some(c) = code {
-                bail!("{method} failed with {c}");
-            }
-            return Ok(resp);
-        }
-        bail!("challenge loop")
-    }
-}
-
-fn error_code(m: &Message) -> Option<u16> {
-    if m.typ.class != CLASS_ERROR_RESPONSE {
-        return None;
-    }
-    let mut e = ErrorCodeAttribute::default();
-    e.get_from(m).ok()?;
-    Some(e.code.0)
-}
-
-struct Raw(AttrType, Vec<u8>);
-
-impl Setter for Raw {
-    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-        m.add(self.0, &self.1);
-        Ok(())
-    }
-}
-
-struct PeerAttr(SocketAddr);
-
-impl Setter for PeerAttr {
-    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-        XorMappedAddress {
-            ip: self.0.ip(),
-            port: self.0.port(),
-        }
-        .add_to_as(m, ATTR_XOR_PEER_ADDRESS)
-    }
+    bail!("challenge loop")
 }
 
 /// A client connection to the server: a connected UDP socket or a TCP stream.
@@ -272,16 +189,14 @@ impl Link {
     }
 
     fn roundtrip(&mut self, req: &[u8]) -> Result<Message> {
-        let txid = &req[8..20];
+        let answer = |bytes: &[u8]| client::parse(bytes).filter(|m| client::answers(req, m));
         match self {
             Link::Udp(s) => {
                 let mut buf = [0u8; 2048];
                 for _ in 0..6 {
                     s.send(req)?;
                     while let Ok(n) = s.recv(&mut buf) {
-                        let mut m = Message::new();
-                        if m.unmarshal_binary(&buf[..n]).is_ok() && &m.transaction_id.0[..] == txid
-                        {
+                        if let Some(m) = answer(&buf[..n]) {
                             return Ok(m);
                         }
                     }
@@ -291,22 +206,14 @@ impl Link {
             Link::Tcp(s, pending) => {
                 s.write_all(req)?;
                 loop {
-                    while pending.len() >= 4 {
-                        let len = u16::from_be_bytes([pending[2], pending[3]]) as usize;
-                        let total = if pending[0] & 0xC0 == 0x40 {
-                            (4 + len + 3) & !3
-                        } else {
-                            20 + len
+                    loop {
+                        let total = match wire::stream_frame(pending) {
+                            Frame::Complete(total) => total,
+                            Frame::Incomplete => break,
+                            Frame::Invalid => bail!("not STUN or ChannelData"),
                         };
-                        if pending.len() < total {
-                            break;
-                        }
                         let frame: Vec<u8> = pending.drain(..total).collect();
-                        let mut m = Message::new();
-                        if frame[0] & 0xC0 == 0
-                            && m.unmarshal_binary(&frame).is_ok()
-                            && &m.transaction_id.0[..] == txid
-                        {
+                        if let Some(m) = wire::is_stun(&frame).then(|| answer(&frame)).flatten() {
                             return Ok(m);
                         }
                     }
@@ -323,25 +230,16 @@ impl Link {
 }
 
 fn allocate(link: &mut Link, session: &mut Session) -> Result<SocketAddr> {
-    let resp = session.transact(
-        link,
-        METHOD_ALLOCATE,
-        &[&Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
-    )?;
-    let mut a = XorMappedAddress::default();
-    a.get_from_as(&resp, ATTR_XOR_RELAYED_ADDRESS)?;
-    Ok(SocketAddr::new(a.ip, a.port))
+    let resp = transact(link, session, METHOD_ALLOCATE, &[&Attr::UDP])?;
+    client::relayed_address(&resp).context("no XOR-RELAYED-ADDRESS")
 }
 
 fn channel_bind(link: &mut Link, session: &mut Session, ch: u16, peer: SocketAddr) -> Result<()> {
-    let b = ch.to_be_bytes();
-    session.transact(
+    transact(
         link,
+        session,
         METHOD_CHANNEL_BIND,
-        &[
-            &Raw(ATTR_CHANNEL_NUMBER, vec![b[0], b[1], 0, 0]),
-            &PeerAttr(peer),
-        ],
+        &[&Attr::Channel(ch), &Attr::Peer(peer)],
     )?;
     Ok(())
 }
@@ -418,14 +316,12 @@ fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<
     let mut links = Vec::new();
     for i in 0..allocs {
         let mut link = Link::open(server.addr, tcp)?;
-        let mut session = Session::new(&format!("bench{i}"));
+        let mut session = session(&format!("bench{i}"))?;
         allocate(&mut link, &mut session)?;
         channel_bind(&mut link, &mut session, 0x4000, sink.addr)?;
         links.push((link, session));
     }
-    let mut frame = vec![0u8; if tcp { (4 + size + 3) & !3 } else { 4 + size }];
-    frame[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
-    frame[2..4].copy_from_slice(&(size as u16).to_be_bytes());
+    let frame = client::channel_data(0x4000, &vec![0u8; size], tcp);
     // Warm-up: one packet per allocation must arrive (readiness of every path).
     for (l, _) in &mut links {
         send_frames(l, &frame, 1)?;
@@ -482,10 +378,11 @@ fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<
     // Free the allocations so later runs do not meet their 5-tuples again.
     for (mut link, mut session) in done {
         if !tcp {
-            let _ = session.transact(
+            let _ = transact(
                 &mut link,
+                &mut session,
                 METHOD_REFRESH,
-                &[&Raw(ATTR_LIFETIME, vec![0, 0, 0, 0])],
+                &[&Attr::Lifetime(0)],
             );
         }
     }
@@ -530,15 +427,16 @@ fn allocation_rate(server: &Server) -> Result<f64> {
                 let mut n = 0u64;
                 while start.elapsed() < dur {
                     let mut link = Link::open(addr, false)?;
-                    let mut session = Session::new(&format!("alloc{t}"));
+                    let mut session = session(&format!("alloc{t}"))?;
                     // A fresh socket may reuse the port of a 5-tuple the server still
                     // remembers (437); only completed allocations count.
                     if allocate(&mut link, &mut session).is_ok() {
                         n += 1;
-                        let _ = session.transact(
+                        let _ = transact(
                             &mut link,
+                            &mut session,
                             METHOD_REFRESH,
-                            &[&Raw(ATTR_LIFETIME, vec![0, 0, 0, 0])],
+                            &[&Attr::Lifetime(0)],
                         );
                     }
                 }
@@ -564,7 +462,7 @@ fn binding_rate(server: &Server) -> Result<f64> {
                 let s = UdpSocket::bind("127.0.0.1:0")?;
                 s.connect(addr)?;
                 s.set_read_timeout(Some(Duration::from_millis(100)))?;
-                let req = binding_request();
+                let req = client::binding_request();
                 let mut buf = [0u8; 512];
                 for _ in 0..16 {
                     s.send(&req)?;
