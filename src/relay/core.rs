@@ -159,6 +159,7 @@ pub enum Command<H> {
 /// Settings of the core (from `[turn]`).
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
+    /// The longest allocation lifetime granted (at most 2^32 - 1 seconds).
     pub max_lifetime: Duration,
     pub user_quota: usize,
     pub total_quota: usize,
@@ -264,6 +265,12 @@ impl<H: Clone> Core<H> {
     ) -> Self {
         let mut key = [0u8; 64];
         rng.fill_bytes(&mut key);
+        // LIFETIME is 32-bit seconds: a longer maximum could not be told to a client,
+        // and this one keeps every deadline (`now` plus at most this) representable.
+        let mut cfg = cfg;
+        cfg.max_lifetime = cfg
+            .max_lifetime
+            .min(Duration::from_secs(u64::from(u32::MAX)));
         Core {
             cfg,
             creds,

@@ -316,6 +316,19 @@ fn allocation_lifetime_default_cap_and_expiry() {
     let mut h = Harness::with(|cfg| cfg.max_lifetime = secs(300));
     let a = alice(&mut h, 1);
     assert_eq!(lifetime_of(&a.allocate(&mut h, ms(0))), 300);
+    // An unbounded maximum is cut to what LIFETIME can say; the deadline stays sound.
+    let mut h = Harness::with(|cfg| cfg.max_lifetime = Duration::MAX);
+    let a = alice(&mut h, 1);
+    let r = a.call(
+        &mut h,
+        METHOD_ALLOCATE,
+        &[&Attr::UDP, &Attr::Lifetime(u32::MAX)],
+        ms(0),
+    );
+    assert_eq!(lifetime_of(&r), u32::MAX);
+    assert_eq!(h.poll_offset(), Some(RETRANSMIT_TTL));
+    h.timeout(RETRANSMIT_TTL);
+    assert_eq!(h.poll_offset(), Some(secs(u64::from(u32::MAX))));
 }
 
 #[test]

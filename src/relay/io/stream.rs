@@ -186,6 +186,7 @@ where
     ctx.shared.with(&mut cmds, |core| core.client_gone(&five));
     free_sockets(&mut cmds);
     drop(sink);
-    // The writer ends once every sender (this task's, relay tasks') is gone.
+    // The writer ends once every sender (this task's, relay tasks') is gone; how it
+    // ended changes nothing for a connection that is over.
     let _ = writer.await;
 }
