@@ -3,8 +3,10 @@
 //!
 //! Measures relayed packets/s (raw ChannelData client -> peer over UDP and over TCP,
 //! 100 and 1200 byte payloads, 1 and 100 allocations) with the loss at that offered
-//! rate, allocations per second, and STUN Binding answers per second, and prints a
-//! table with both servers and their ratio.
+//! rate and the server's CPU time per relayed packet, allocations per second, and STUN
+//! Binding answers per second, and prints a table with both servers and their ratio.
+//! CPU time per packet is the figure to compare on a busy machine: the rates depend on
+//! how much CPU the servers get, the cost of a packet much less.
 //!
 //! `cargo bench --bench relay` (needs `turnserver` on PATH; `MESHMEET_BENCH_SECS`
 //! sets the length of each measurement, default 2).
@@ -310,8 +312,27 @@ impl Drop for Sink {
     }
 }
 
-/// Relayed ChannelData rate client -> peer: (packets/s delivered, loss fraction).
-fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<(f64, f64)> {
+/// CPU time (user and system) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): state is the first,
+    // utime and stime the 12th and 13th.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("unexpected /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields.get(i).context("short /proc stat")?.parse::<f64>()?)
+    };
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+/// Relayed ChannelData rate client -> peer: (packets/s delivered, loss fraction,
+/// server CPU microseconds per delivered packet).
+fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<(f64, f64, f64)> {
     let sink = Sink::new()?;
     let mut links = Vec::new();
     for i in 0..allocs {
@@ -362,9 +383,11 @@ fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<
     }
     std::thread::sleep(Duration::from_millis(250));
     let c0 = sink.count.load(Ordering::Relaxed);
+    let cpu0 = cpu_seconds(server.child.id())?;
     let t0 = Instant::now();
     std::thread::sleep(secs());
     let c1 = sink.count.load(Ordering::Relaxed);
+    let cpu1 = cpu_seconds(server.child.id())?;
     let window = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut sent = 0;
@@ -391,7 +414,12 @@ fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<
     } else {
         1.0 - (got as f64 / sent as f64).min(1.0)
     };
-    Ok(((c1 - c0) as f64 / window, loss))
+    let delivered = (c1 - c0).max(1) as f64;
+    Ok((
+        (c1 - c0) as f64 / window,
+        loss,
+        (cpu1 - cpu0) * 1e6 / delivered,
+    ))
 }
 
 fn send_frames(link: &mut Link, frame: &[u8], n: usize) -> Result<u64> {
@@ -497,8 +525,6 @@ struct Row {
     name: String,
     figures: [f64; 2],
     unit: &'static str,
-    /// Lower is better (loss).
-    lower_better: bool,
 }
 
 fn main() -> Result<()> {
@@ -526,8 +552,9 @@ fn main() -> Result<()> {
             for allocs in [1usize, 100] {
                 let mut pps = [0.0; 2];
                 let mut loss = [0.0; 2];
+                let mut cpu = [0.0; 2];
                 // Runs alternate between the servers so both see the same background.
-                let mut runs: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+                let mut runs: [Vec<(f64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
                 for _ in 0..REPEATS {
                     for (i, s) in servers.iter().enumerate() {
                         runs[i].push(
@@ -540,9 +567,13 @@ fn main() -> Result<()> {
                 for i in 0..2 {
                     // The median run by rate, with its loss.
                     runs[i].sort_by(|a, b| a.0.total_cmp(&b.0));
-                    let (p, l) = runs[i][runs[i].len() / 2];
+                    let (p, l, _) = runs[i][runs[i].len() / 2];
                     pps[i] = p;
                     loss[i] = l * 100.0;
+                    // The median CPU cost, on its own.
+                    let mut c: Vec<f64> = runs[i].iter().map(|r| r.2).collect();
+                    c.sort_by(f64::total_cmp);
+                    cpu[i] = c[c.len() / 2];
                 }
                 let name = format!("relayed pkt/s, {label}, {size} B, {allocs} alloc");
                 eprintln!("{name}: meshmeet {:.0}, coturn {:.0}", pps[0], pps[1]);
@@ -550,13 +581,18 @@ fn main() -> Result<()> {
                     name: name.clone(),
                     figures: pps,
                     unit: "pkt/s",
-                    lower_better: false,
                 });
                 rows.push(Row {
                     name: format!("loss at that rate, {label}, {size} B, {allocs} alloc"),
                     figures: loss,
                     unit: "%",
-                    lower_better: true,
+                });
+                rows.push(Row {
+                    name: format!(
+                        "server CPU per packet (lower is better), {label}, {size} B, {allocs} alloc"
+                    ),
+                    figures: cpu,
+                    unit: "µs",
                 });
             }
         }
@@ -589,13 +625,11 @@ fn main() -> Result<()> {
         name: "allocations/s (401, Allocate, Refresh 0)".into(),
         figures: a,
         unit: "/s",
-        lower_better: false,
     });
     rows.push(Row {
         name: "STUN Binding answers/s".into(),
         figures: b,
         unit: "/s",
-        lower_better: false,
     });
     print_table(&rows);
     Ok(())
@@ -606,7 +640,7 @@ fn print_table(rows: &[Row]) {
     println!("| figure | meshmeet | coturn 4.6 | ratio |");
     println!("|---|---:|---:|---:|");
     for r in rows {
-        let ratio = if r.lower_better {
+        let ratio = if r.unit == "%" {
             format!("{:+.1} pt", r.figures[0] - r.figures[1])
         } else if r.figures[1] > 0.0 {
             format!("{:.2}x", r.figures[0] / r.figures[1])
@@ -616,6 +650,8 @@ fn print_table(rows: &[Row]) {
         let fmt = |v: f64| {
             if r.unit == "%" {
                 format!("{v:.1} %")
+            } else if r.unit == "µs" {
+                format!("{v:.2} µs")
             } else {
                 format!("{v:.0}")
             }
