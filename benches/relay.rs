@@ -3,8 +3,10 @@
 //!
 //! Measures relayed packets/s (raw ChannelData client -> peer over UDP and over TCP,
 //! 100 and 1200 byte payloads, 1 and 100 allocations) with the loss at that offered
-//! rate, allocations per second, and STUN Binding answers per second, and prints a
-//! table with both servers and their ratio.
+//! rate and the server's CPU time per relayed packet, allocations per second, and STUN
+//! Binding answers per second, and prints a table with both servers and their ratio.
+//! CPU time per packet is the figure to compare on a busy machine: the rates depend on
+//! how much CPU the servers get, the cost of a packet much less.
 //!
 //! `cargo bench --bench relay` (needs `turnserver` on PATH; `MESHMEET_BENCH_SECS`
 //! sets the length of each measurement, default 2).
@@ -18,14 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use stun::agent::TransactionId;
-use stun::attributes::*;
-use stun::error_code::ErrorCodeAttribute;
-use stun::fingerprint::FINGERPRINT;
-use stun::integrity::MessageIntegrity;
-use stun::message::*;
-use stun::textattrs::TextAttribute;
-use stun::xoraddr::XorMappedAddress;
+use meshmeet::relay::client::{self, Attr, Session};
+use meshmeet::relay::wire::{self, Frame};
+use stun::message::{
+    Message, Method, Setter, METHOD_ALLOCATE, METHOD_CHANNEL_BIND, METHOD_REFRESH,
+};
 
 const SECRET: &str = "bench-secret-0123456789abcdef";
 const REALM: &str = "meshmeet";
@@ -135,7 +134,7 @@ fn wait_ready(addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut buf = [0u8; 1500];
     while Instant::now() < deadline {
-        sock.send_to(&binding_request(), addr)?;
+        sock.send_to(&client::binding_request(), addr)?;
         if sock.recv_from(&mut buf).is_ok() {
             return Ok(());
         }
@@ -143,110 +142,30 @@ fn wait_ready(addr: SocketAddr) -> Result<()> {
     bail!("server on {addr} did not answer a Binding request")
 }
 
-fn binding_request() -> Vec<u8> {
-    let mut m = Message::new();
-    let _ = m.build(&[Box::new(TransactionId::new()), Box::new(BINDING_REQUEST)]);
-    m.raw
+/// REST credentials for `id`, valid for a day.
+fn session(id: &str) -> Result<Session> {
+    let expiry = meshmeet::clock::unix_secs() + 86_400;
+    Ok(Session::rest(SECRET, id, expiry))
 }
 
-/// Client credentials and the current nonce.
-struct Session {
-    user: String,
-    pass: String,
-    realm: String,
-    nonce: Option<String>,
-}
-
-impl Session {
-    fn new(id: &str) -> Session {
-        let expiry = meshmeet::clock::unix_secs() + 86_400;
-        let user = format!("{expiry}:{id}");
-        let pass = meshmeet::ice::rest_password(SECRET, &user);
-        Session {
-            user,
-            pass,
-            realm: String::new(),
-            nonce: None,
+/// A request/response exchange, answering 401/438 challenges.
+fn transact(
+    link: &mut Link,
+    session: &mut Session,
+    method: Method,
+    attrs: &[&dyn Setter],
+) -> Result<Message> {
+    for _ in 0..4 {
+        let resp = link.roundtrip(&session.request(method, attrs))?;
+        if session.learn(&resp) {
+            continue;
         }
-    }
-
-    fn build(&self, method: Method, attrs: &[&dyn Setter]) -> Result<Vec<u8>> {
-        let mut m = Message::new();
-        m.build(&[
-            Box::new(TransactionId::new()),
-            Box::new(MessageType::new(method, CLASS_REQUEST)),
-        ])?;
-        for a in attrs {
-            a.add_to(&mut m)?;
+        if let Some(c) = client::error_code(&resp) {
+            bail!("{method} failed with {c}");
         }
-        if let Some(nonce) = &self.nonce {
-            TextAttribute::new(ATTR_USERNAME, self.user.clone()).add_to(&mut m)?;
-            TextAttribute::new(ATTR_REALM, self.realm.clone()).add_to(&mut m)?;
-            TextAttribute::new(ATTR_NONCE, nonce.clone()).add_to(&mut m)?;
-            MessageIntegrity::new_long_term_integrity(
-                self.user.clone(),
-                self.realm.clone(),
-                self.pass.clone(),
-            )
-            .add_to(&mut m)?;
-        }
-        FINGERPRINT.add_to(&mut m)?;
-        Ok(m.raw)
+        return Ok(resp);
     }
-
-    /// A request/response exchange, answering 401/438 challenges.
-    fn transact(
-        &mut self,
-        link: &mut Link,
-        method: Method,
-        attrs: &[&dyn Setter],
-    ) -> Result<Message> {
-        for _ in 0..4 {
-            let req = self.build(method, attrs)?;
-            let resp = link.roundtrip(&req)?;
-            let code = error_code(&resp);
-            if (code == Some(401) && self.nonce.is_none()) || code == Some(438) {
-                self.nonce = Some(TextAttribute::get_from_as(&resp, ATTR_NONCE)?.text);
-                self.realm = TextAttribute::get_from_as(&resp, ATTR_REALM)?.text;
-                continue;
-            }
-            if let Some(c) = code {
-                bail!("{method} failed with {c}");
-            }
-            return Ok(resp);
-        }
-        bail!("challenge loop")
-    }
-}
-
-fn error_code(m: &Message) -> Option<u16> {
-    if m.typ.class != CLASS_ERROR_RESPONSE {
-        return None;
-    }
-    let mut e = ErrorCodeAttribute::default();
-    e.get_from(m).ok()?;
-    Some(e.code.0)
-}
-
-struct Raw(AttrType, Vec<u8>);
-
-impl Setter for Raw {
-    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-        m.add(self.0, &self.1);
-        Ok(())
-    }
-}
-
-struct PeerAttr(SocketAddr);
-
-impl Setter for PeerAttr {
-    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-        XorMappedAddress {
-            ip: self.0.ip(),
-            port: self.0.port(),
-        }
-        .add_to_as(m, ATTR_XOR_PEER_ADDRESS)
-    }
+    bail!("challenge loop")
 }
 
 /// A client connection to the server: a connected UDP socket or a TCP stream.
@@ -272,16 +191,14 @@ impl Link {
     }
 
     fn roundtrip(&mut self, req: &[u8]) -> Result<Message> {
-        let txid = &req[8..20];
+        let answer = |bytes: &[u8]| client::parse(bytes).filter(|m| client::answers(req, m));
         match self {
             Link::Udp(s) => {
                 let mut buf = [0u8; 2048];
                 for _ in 0..6 {
                     s.send(req)?;
                     while let Ok(n) = s.recv(&mut buf) {
-                        let mut m = Message::new();
-                        if m.unmarshal_binary(&buf[..n]).is_ok() && &m.transaction_id.0[..] == txid
-                        {
+                        if let Some(m) = answer(&buf[..n]) {
                             return Ok(m);
                         }
                     }
@@ -291,22 +208,14 @@ impl Link {
             Link::Tcp(s, pending) => {
                 s.write_all(req)?;
                 loop {
-                    while pending.len() >= 4 {
-                        let len = u16::from_be_bytes([pending[2], pending[3]]) as usize;
-                        let total = if pending[0] & 0xC0 == 0x40 {
-                            (4 + len + 3) & !3
-                        } else {
-                            20 + len
+                    loop {
+                        let total = match wire::stream_frame(pending) {
+                            Frame::Complete(total) => total,
+                            Frame::Incomplete => break,
+                            Frame::Invalid => bail!("not STUN or ChannelData"),
                         };
-                        if pending.len() < total {
-                            break;
-                        }
                         let frame: Vec<u8> = pending.drain(..total).collect();
-                        let mut m = Message::new();
-                        if frame[0] & 0xC0 == 0
-                            && m.unmarshal_binary(&frame).is_ok()
-                            && &m.transaction_id.0[..] == txid
-                        {
+                        if let Some(m) = wire::is_stun(&frame).then(|| answer(&frame)).flatten() {
                             return Ok(m);
                         }
                     }
@@ -323,25 +232,16 @@ impl Link {
 }
 
 fn allocate(link: &mut Link, session: &mut Session) -> Result<SocketAddr> {
-    let resp = session.transact(
-        link,
-        METHOD_ALLOCATE,
-        &[&Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
-    )?;
-    let mut a = XorMappedAddress::default();
-    a.get_from_as(&resp, ATTR_XOR_RELAYED_ADDRESS)?;
-    Ok(SocketAddr::new(a.ip, a.port))
+    let resp = transact(link, session, METHOD_ALLOCATE, &[&Attr::UDP])?;
+    client::relayed_address(&resp).context("no XOR-RELAYED-ADDRESS")
 }
 
 fn channel_bind(link: &mut Link, session: &mut Session, ch: u16, peer: SocketAddr) -> Result<()> {
-    let b = ch.to_be_bytes();
-    session.transact(
+    transact(
         link,
+        session,
         METHOD_CHANNEL_BIND,
-        &[
-            &Raw(ATTR_CHANNEL_NUMBER, vec![b[0], b[1], 0, 0]),
-            &PeerAttr(peer),
-        ],
+        &[&Attr::Channel(ch), &Attr::Peer(peer)],
     )?;
     Ok(())
 }
@@ -412,20 +312,37 @@ impl Drop for Sink {
     }
 }
 
-/// Relayed ChannelData rate client -> peer: (packets/s delivered, loss fraction).
-fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<(f64, f64)> {
+/// CPU time (user and system) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): state is the first,
+    // utime and stime the 12th and 13th.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("unexpected /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields.get(i).context("short /proc stat")?.parse::<f64>()?)
+    };
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+/// Relayed ChannelData rate client -> peer: (packets/s delivered, loss fraction,
+/// server CPU microseconds per delivered packet).
+fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<(f64, f64, f64)> {
     let sink = Sink::new()?;
     let mut links = Vec::new();
     for i in 0..allocs {
         let mut link = Link::open(server.addr, tcp)?;
-        let mut session = Session::new(&format!("bench{i}"));
+        let mut session = session(&format!("bench{i}"))?;
         allocate(&mut link, &mut session)?;
         channel_bind(&mut link, &mut session, 0x4000, sink.addr)?;
         links.push((link, session));
     }
-    let mut frame = vec![0u8; if tcp { (4 + size + 3) & !3 } else { 4 + size }];
-    frame[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
-    frame[2..4].copy_from_slice(&(size as u16).to_be_bytes());
+    let frame = client::channel_data(0x4000, &vec![0u8; size], tcp);
     // Warm-up: one packet per allocation must arrive (readiness of every path).
     for (l, _) in &mut links {
         send_frames(l, &frame, 1)?;
@@ -466,9 +383,11 @@ fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<
     }
     std::thread::sleep(Duration::from_millis(250));
     let c0 = sink.count.load(Ordering::Relaxed);
+    let cpu0 = cpu_seconds(server.child.id())?;
     let t0 = Instant::now();
     std::thread::sleep(secs());
     let c1 = sink.count.load(Ordering::Relaxed);
+    let cpu1 = cpu_seconds(server.child.id())?;
     let window = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut sent = 0;
@@ -482,10 +401,11 @@ fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<
     // Free the allocations so later runs do not meet their 5-tuples again.
     for (mut link, mut session) in done {
         if !tcp {
-            let _ = session.transact(
+            let _ = transact(
                 &mut link,
+                &mut session,
                 METHOD_REFRESH,
-                &[&Raw(ATTR_LIFETIME, vec![0, 0, 0, 0])],
+                &[&Attr::Lifetime(0)],
             );
         }
     }
@@ -494,7 +414,12 @@ fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<
     } else {
         1.0 - (got as f64 / sent as f64).min(1.0)
     };
-    Ok(((c1 - c0) as f64 / window, loss))
+    let delivered = (c1 - c0).max(1) as f64;
+    Ok((
+        (c1 - c0) as f64 / window,
+        loss,
+        (cpu1 - cpu0) * 1e6 / delivered,
+    ))
 }
 
 fn send_frames(link: &mut Link, frame: &[u8], n: usize) -> Result<u64> {
@@ -530,15 +455,16 @@ fn allocation_rate(server: &Server) -> Result<f64> {
                 let mut n = 0u64;
                 while start.elapsed() < dur {
                     let mut link = Link::open(addr, false)?;
-                    let mut session = Session::new(&format!("alloc{t}"));
+                    let mut session = session(&format!("alloc{t}"))?;
                     // A fresh socket may reuse the port of a 5-tuple the server still
                     // remembers (437); only completed allocations count.
                     if allocate(&mut link, &mut session).is_ok() {
                         n += 1;
-                        let _ = session.transact(
+                        let _ = transact(
                             &mut link,
+                            &mut session,
                             METHOD_REFRESH,
-                            &[&Raw(ATTR_LIFETIME, vec![0, 0, 0, 0])],
+                            &[&Attr::Lifetime(0)],
                         );
                     }
                 }
@@ -564,7 +490,7 @@ fn binding_rate(server: &Server) -> Result<f64> {
                 let s = UdpSocket::bind("127.0.0.1:0")?;
                 s.connect(addr)?;
                 s.set_read_timeout(Some(Duration::from_millis(100)))?;
-                let req = binding_request();
+                let req = client::binding_request();
                 let mut buf = [0u8; 512];
                 for _ in 0..16 {
                     s.send(&req)?;
@@ -599,8 +525,6 @@ struct Row {
     name: String,
     figures: [f64; 2],
     unit: &'static str,
-    /// Lower is better (loss).
-    lower_better: bool,
 }
 
 fn main() -> Result<()> {
@@ -628,8 +552,9 @@ fn main() -> Result<()> {
             for allocs in [1usize, 100] {
                 let mut pps = [0.0; 2];
                 let mut loss = [0.0; 2];
+                let mut cpu = [0.0; 2];
                 // Runs alternate between the servers so both see the same background.
-                let mut runs: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+                let mut runs: [Vec<(f64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
                 for _ in 0..REPEATS {
                     for (i, s) in servers.iter().enumerate() {
                         runs[i].push(
@@ -642,9 +567,13 @@ fn main() -> Result<()> {
                 for i in 0..2 {
                     // The median run by rate, with its loss.
                     runs[i].sort_by(|a, b| a.0.total_cmp(&b.0));
-                    let (p, l) = runs[i][runs[i].len() / 2];
+                    let (p, l, _) = runs[i][runs[i].len() / 2];
                     pps[i] = p;
                     loss[i] = l * 100.0;
+                    // The median CPU cost, on its own.
+                    let mut c: Vec<f64> = runs[i].iter().map(|r| r.2).collect();
+                    c.sort_by(f64::total_cmp);
+                    cpu[i] = c[c.len() / 2];
                 }
                 let name = format!("relayed pkt/s, {label}, {size} B, {allocs} alloc");
                 eprintln!("{name}: meshmeet {:.0}, coturn {:.0}", pps[0], pps[1]);
@@ -652,13 +581,18 @@ fn main() -> Result<()> {
                     name: name.clone(),
                     figures: pps,
                     unit: "pkt/s",
-                    lower_better: false,
                 });
                 rows.push(Row {
                     name: format!("loss at that rate, {label}, {size} B, {allocs} alloc"),
                     figures: loss,
                     unit: "%",
-                    lower_better: true,
+                });
+                rows.push(Row {
+                    name: format!(
+                        "server CPU per packet (lower is better), {label}, {size} B, {allocs} alloc"
+                    ),
+                    figures: cpu,
+                    unit: "µs",
                 });
             }
         }
@@ -691,13 +625,11 @@ fn main() -> Result<()> {
         name: "allocations/s (401, Allocate, Refresh 0)".into(),
         figures: a,
         unit: "/s",
-        lower_better: false,
     });
     rows.push(Row {
         name: "STUN Binding answers/s".into(),
         figures: b,
         unit: "/s",
-        lower_better: false,
     });
     print_table(&rows);
     Ok(())
@@ -708,7 +640,7 @@ fn print_table(rows: &[Row]) {
     println!("| figure | meshmeet | coturn 4.6 | ratio |");
     println!("|---|---:|---:|---:|");
     for r in rows {
-        let ratio = if r.lower_better {
+        let ratio = if r.unit == "%" {
             format!("{:+.1} pt", r.figures[0] - r.figures[1])
         } else if r.figures[1] > 0.0 {
             format!("{:.2}x", r.figures[0] / r.figures[1])
@@ -718,6 +650,8 @@ fn print_table(rows: &[Row]) {
         let fmt = |v: f64| {
             if r.unit == "%" {
                 format!("{v:.1} %")
+            } else if r.unit == "µs" {
+                format!("{v:.2} µs")
             } else {
                 format!("{v:.0}")
             }

@@ -205,7 +205,11 @@ impl Server {
             })
         });
         if let Some(relay) = self.relay {
-            relay.spawn(&state);
+            relay.spawn(
+                state.shutdown.clone(),
+                state.tasks.clone(),
+                state.tls.clone(),
+            );
         }
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         tokio::select! {

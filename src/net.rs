@@ -69,6 +69,29 @@ fn bracket_v6(h: &str) -> String {
     }
 }
 
+/// Every address on a local interface (loopback included).
+pub fn local_ips() -> Vec<IpAddr> {
+    let mut ips = vec![
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+    ];
+    if let Ok(ifaces) = if_addrs::get_if_addrs() {
+        for iface in ifaces {
+            let ip = iface.ip();
+            if let IpAddr::V6(v6) = ip {
+                // Link-local addresses need a scope and cannot go in a certificate usefully.
+                if (v6.segments()[0] & 0xffc0) == 0xfe80 {
+                    continue;
+                }
+            }
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    ips
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

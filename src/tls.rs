@@ -2,7 +2,6 @@
 //! certificate generated once under `data_dir` and reused. The live server config sits
 //! behind an [`ArcSwap`] so SIGHUP can swap certificates without dropping connections.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -247,7 +246,7 @@ fn self_signed_names(cfg: &Config) -> Vec<String> {
     if let Some(h) = host_name() {
         names.push(h);
     }
-    for ip in local_ips() {
+    for ip in crate::net::local_ips() {
         names.push(ip.to_string());
     }
     for n in &cfg.tls.self_signed_names {
@@ -274,29 +273,6 @@ pub fn host_name() -> Option<String> {
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     let h = std::str::from_utf8(&buf[..end]).ok()?.trim();
     (!h.is_empty() && crate::net::valid_host(h)).then(|| h.to_string())
-}
-
-/// Every address on a local interface (loopback included).
-pub fn local_ips() -> Vec<IpAddr> {
-    let mut ips = vec![
-        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
-    ];
-    if let Ok(ifaces) = if_addrs::get_if_addrs() {
-        for iface in ifaces {
-            let ip = iface.ip();
-            if let IpAddr::V6(v6) = ip {
-                // Link-local addresses need a scope and cannot go in a certificate usefully.
-                if (v6.segments()[0] & 0xffc0) == 0xfe80 {
-                    continue;
-                }
-            }
-            if !ips.contains(&ip) {
-                ips.push(ip);
-            }
-        }
-    }
-    ips
 }
 
 #[cfg(test)]

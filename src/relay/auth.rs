@@ -6,11 +6,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use std::time::{Duration, Instant};
+
+use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// How long a nonce stays fresh before the client gets 438 Stale Nonce.
-pub const NONCE_TTL_MS: u64 = 600_000;
+pub const NONCE_TTL: Duration = Duration::from_secs(600);
 
 /// The long-term key: MD5(username ":" realm ":" password), RFC 8489 section 9.2.2.
 pub fn long_term_key(username: &str, realm: &str, password: &str) -> Vec<u8> {
@@ -111,24 +114,40 @@ pub enum NonceCheck {
     Invalid,
 }
 
-/// Issues and checks stateless nonces.
+/// Issues and checks stateless nonces: the issue time (milliseconds on the monotonic
+/// clock since `epoch`) and an HMAC of it and the client address. Monotonic time
+/// keeps nonces valid across a wall-clock step.
 pub struct Nonces {
-    key: [u8; 32],
-    ttl_ms: u64,
+    /// HMAC-SHA-256 keyed once; cloned per nonce.
+    mac: Hmac<Sha256>,
+    ttl: Duration,
+    epoch: Instant,
 }
 
 const MAC_HEX: usize = 24;
+/// How far in the future an issue time may lie (inputs from tasks that read the clock
+/// just before another task took the lock arrive slightly out of order).
+const FUTURE_SLACK_MS: u64 = 5_000;
+
+/// Milliseconds from `epoch` to `now` (zero if `now` is earlier).
+fn millis_since(epoch: Instant, now: Instant) -> u64 {
+    // u64 milliseconds last 584 million years: the conversion saturates in theory only.
+    u64::try_from(now.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX)
+}
 
 impl Nonces {
-    pub fn new(key: [u8; 32], ttl_ms: u64) -> Self {
-        Nonces { key, ttl_ms }
+    /// `key` is a random per-process secret (64 bytes, HMAC-SHA-256's block size, so
+    /// keying cannot fail); `epoch` is any instant before the first nonce.
+    pub fn new(key: [u8; 64], ttl: Duration, epoch: Instant) -> Self {
+        Nonces {
+            mac: <Hmac<Sha256> as KeyInit>::new(&key.into()),
+            ttl,
+            epoch,
+        }
     }
 
     fn mac(&self, ts: u64, client: SocketAddr) -> String {
-        let mut mac = match Hmac::<Sha256>::new_from_slice(&self.key) {
-            Ok(m) => m,
-            Err(_) => return String::new(),
-        };
+        let mut mac = self.mac.clone();
         mac.update(&ts.to_be_bytes());
         match client.ip() {
             std::net::IpAddr::V4(v4) => mac.update(&v4.octets()),
@@ -139,12 +158,13 @@ impl Nonces {
         hex::encode(&out[..MAC_HEX / 2])
     }
 
-    /// A nonce for `client`, issued at `now_ms`.
-    pub fn issue(&self, now_ms: u64, client: SocketAddr) -> String {
-        format!("{now_ms:016x}{}", self.mac(now_ms, client))
+    /// A nonce for `client`, issued at `now`.
+    pub fn issue(&self, now: Instant, client: SocketAddr) -> String {
+        let ts = millis_since(self.epoch, now);
+        format!("{ts:016x}{}", self.mac(ts, client))
     }
 
-    pub fn check(&self, nonce: &str, now_ms: u64, client: SocketAddr) -> NonceCheck {
+    pub fn check(&self, nonce: &str, now: Instant, client: SocketAddr) -> NonceCheck {
         if nonce.len() != 16 + MAC_HEX || !nonce.is_ascii() {
             return NonceCheck::Invalid;
         }
@@ -160,7 +180,9 @@ impl Nonces {
         if diff != 0 {
             return NonceCheck::Invalid;
         }
-        if ts > now_ms.saturating_add(5_000) || now_ms.saturating_sub(ts) > self.ttl_ms {
+        let now_ms = millis_since(self.epoch, now);
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        if ts > now_ms.saturating_add(FUTURE_SLACK_MS) || now_ms.saturating_sub(ts) > ttl_ms {
             return NonceCheck::Stale;
         }
         NonceCheck::Fresh
@@ -207,22 +229,28 @@ mod tests {
 
     #[test]
     fn nonces_expire_and_bind_to_client() {
-        let n = Nonces::new([7; 32], 1000);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let n = Nonces::new([7; 64], Duration::from_millis(1000), t0);
         let a: SocketAddr = "192.0.2.1:5000".parse().unwrap();
         let b: SocketAddr = "192.0.2.1:5001".parse().unwrap();
-        let nonce = n.issue(10_000, a);
-        assert_eq!(n.check(&nonce, 10_500, a), NonceCheck::Fresh);
-        assert_eq!(n.check(&nonce, 11_000, a), NonceCheck::Fresh);
-        assert_eq!(n.check(&nonce, 11_001, a), NonceCheck::Stale);
-        assert_eq!(n.check(&nonce, 10_500, b), NonceCheck::Invalid);
+        let nonce = n.issue(at(10_000), a);
+        assert_eq!(n.check(&nonce, at(10_500), a), NonceCheck::Fresh);
+        assert_eq!(n.check(&nonce, at(11_000), a), NonceCheck::Fresh);
+        assert_eq!(n.check(&nonce, at(11_001), a), NonceCheck::Stale);
+        assert_eq!(n.check(&nonce, at(10_500), b), NonceCheck::Invalid);
         let mut bad = nonce.clone().into_bytes();
         bad[30] = if bad[30] == b'0' { b'1' } else { b'0' };
         assert_eq!(
-            n.check(std::str::from_utf8(&bad).unwrap(), 10_500, a),
+            n.check(std::str::from_utf8(&bad).unwrap(), at(10_500), a),
             NonceCheck::Invalid
         );
-        assert_eq!(n.check("short", 10_500, a), NonceCheck::Invalid);
-        let other = Nonces::new([8; 32], 1000);
-        assert_eq!(other.check(&nonce, 10_500, a), NonceCheck::Invalid);
+        assert_eq!(n.check("short", at(10_500), a), NonceCheck::Invalid);
+        let other = Nonces::new([8; 64], Duration::from_millis(1000), t0);
+        assert_eq!(other.check(&nonce, at(10_500), a), NonceCheck::Invalid);
+        // Checked by a task whose clock reading is a little older than the issue time:
+        // fresh within the slack, stale beyond it.
+        assert_eq!(n.check(&nonce, at(6_000), a), NonceCheck::Fresh);
+        assert_eq!(n.check(&nonce, at(4_999), a), NonceCheck::Stale);
     }
 }

@@ -1,13 +1,31 @@
 //! The STUN/TURN state machine (RFC 8489, RFC 8656, RFC 6156): allocations,
 //! permissions, channels, long-term authentication, quotas and the retransmission
-//! cache. Pure: no sockets, no clock; `now_ms` (Unix milliseconds) is passed in and
-//! answers come back as values. Relay sockets are obtained through [`RelaySockets`],
-//! which the IO layer implements with real UDP sockets and tests with fakes.
+//! cache. It is sans-IO, after str0m and firezone's relay:
+//!
+//! - **Time comes in.** Every input carries `now: Instant`, and every lifetime
+//!   (nonce, allocation, permission, channel, cached answer, bandwidth bucket) runs on
+//!   that monotonic clock, so a wall-clock step neither expires nor extends anything.
+//!   Wall-clock time reaches only [`Core::handle_stun`], for the one thing defined on
+//!   it: the Unix-seconds expiry inside a TURN REST username.
+//! - **Randomness comes in**: the nonce key is drawn from the RNG given to
+//!   [`Core::new`]; allocation ids and bind tokens are counters.
+//! - **Effects go out as values**: [`Command`]s, drained with [`Core::poll_command`]
+//!   (answers to send, relay sockets to bind and free, Send indications to forward).
+//!   The core never opens a socket: a valid Allocate yields
+//!   [`Command::BindRelaySocket`]; the IO layer binds, outside any lock, and reports
+//!   back with [`Core::relay_bound`], which yields the answer. Relay sockets are opaque
+//!   handles `H` the core stores and hands back.
+//! - **Timers**: [`Core::poll_timeout`] is the earliest instant the core must act (an
+//!   ordered set of deadlines, read in O(log n)); [`Core::handle_timeout`] acts.
+//!
+//! The packet hot path, [`Core::channel_data`] and [`Core::from_peer`], answers a
+//! routing question with a value and queues nothing: relaying a datagram allocates
+//! nothing. No method panics on any input; bad input gets its STUN error or is dropped.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use stun::agent::TransactionId;
 use stun::attributes::*;
 use stun::error_code::{ErrorCode, ErrorCodeAttribute};
 use stun::fingerprint::FINGERPRINT;
@@ -16,18 +34,34 @@ use stun::message::*;
 use stun::textattrs::TextAttribute;
 use stun::xoraddr::XorMappedAddress;
 
-use super::auth::{CredError, Credentials, NonceCheck, Nonces};
+use super::auth::{CredError, Credentials, NonceCheck, Nonces, NONCE_TTL};
 use super::policy::PeerPolicy;
+use super::wire::XorAddress;
 use super::RelayMetrics;
 
-pub const DEFAULT_ALLOCATION_LIFETIME_S: u64 = 600;
-pub const PERMISSION_LIFETIME_MS: u64 = 300_000;
-pub const CHANNEL_LIFETIME_MS: u64 = 600_000;
+mod deadlines;
+mod msg;
+#[cfg(test)]
+mod tests;
+
+use deadlines::{Deadlines, Timer};
+pub use msg::data_indication;
+use msg::{attr_bytes, attr_text, decode_xor_addr, encode, error_answer, fail, known_attr, Fail};
+
+/// Allocation lifetime when the client asks for none (RFC 8656 section 3.2).
+pub const DEFAULT_ALLOCATION_LIFETIME: Duration = Duration::from_secs(600);
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 /// How long answers are kept for retransmitted requests (a UDP client gives up
 /// after 39.5 s, RFC 8489 section 6.2.1).
-pub const RETRANSMIT_TTL_MS: u64 = 40_000;
+pub const RETRANSMIT_TTL: Duration = Duration::from_secs(40);
+/// How long the core waits for [`Core::relay_bound`] after asking for a relay socket.
+/// The IO answers at once; this only keeps a lost answer from holding quota forever.
+pub const BIND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Permissions (peer addresses) and channels an allocation may hold at once; beyond
+/// that CreatePermission and ChannelBind get 508 (RFC 8656 sections 10.2, 11.2).
+pub const MAX_PEERS_PER_ALLOCATION: usize = 512;
 const RETRANSMIT_CACHE_MAX: usize = 20_000;
-const SOFTWARE: &str = "meshmeet";
 
 /// How the client reached the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,46 +104,71 @@ impl Family {
     }
 }
 
-/// Source of relay sockets. `bind` returns the address to advertise in
-/// XOR-RELAYED-ADDRESS and a handle the IO layer uses to send; `close` is called
-/// once when the allocation ends. `even_port` asks for an even port number.
-pub trait RelaySockets {
-    type Handle: Clone;
-    fn has_family(&self, family: Family) -> bool;
-    fn bind(&mut self, family: Family, even_port: bool) -> Option<(SocketAddr, Self::Handle)>;
-    fn close(&mut self, handle: &Self::Handle);
+/// An allocation, as named to the IO layer (peer datagrams on its relay socket are
+/// reported with it, see [`Core::from_peer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllocationId(u64);
+
+/// Names one [`Command::BindRelaySocket`] until [`Core::relay_bound`] answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BindToken(u64);
+
+/// Why the IO layer could not bind a relay socket. The client gets 508 either way;
+/// the IO logs which limit was hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindError {
+    /// Every port tried in the relay port range was taken.
+    NoFreePort,
+    /// Out of file descriptors (EMFILE, ENFILE): a limit to raise, not a full range.
+    FileLimit,
+    /// Any other failure to open or bind a socket.
+    Other,
+}
+
+/// An effect for the IO layer to carry out, in queue order.
+#[derive(Debug)]
+pub enum Command<H> {
+    /// Send `bytes` (a STUN message) to the client on `to`.
+    SendToClient { to: FiveTuple, bytes: Vec<u8> },
+    /// Bind a UDP relay socket of `family` (an even port number if `even_port`), then
+    /// call [`Core::relay_bound`] with `token` and the outcome.
+    BindRelaySocket {
+        token: BindToken,
+        family: Family,
+        even_port: bool,
+    },
+    /// The relay socket `handle` now serves allocation `id` of `client`: receive
+    /// from peers on it and pass each datagram through [`Core::from_peer`]. Queued
+    /// before the Allocate answer.
+    StartRelaying {
+        id: AllocationId,
+        client: FiveTuple,
+        relay: SocketAddr,
+        handle: H,
+    },
+    /// Send `data` from the relay socket `handle` to `peer` (a Send indication).
+    SendToPeer {
+        handle: H,
+        peer: SocketAddr,
+        data: Vec<u8>,
+    },
+    /// The allocation using `handle` is gone: close the relay socket.
+    FreeRelaySocket { handle: H },
 }
 
 /// Settings of the core (from `[turn]`).
-pub struct CoreConfig {
-    pub max_lifetime_s: u64,
+#[derive(Debug, Clone)]
+pub struct RelayRules {
+    /// The longest allocation lifetime granted (at most 2^32 - 1 seconds).
+    pub max_lifetime: Duration,
     pub user_quota: usize,
     pub total_quota: usize,
     /// Bytes per second per allocation; 0 = unlimited.
     pub max_bps: u64,
     pub policy: PeerPolicy,
-}
-
-/// What to do with a STUN message.
-#[derive(Debug)]
-pub enum Handled<H> {
-    /// Send this to the client.
-    Reply(Vec<u8>),
-    /// A new allocation: send the reply, then start relaying on `handle`.
-    Allocated {
-        reply: Vec<u8>,
-        id: u64,
-        relay: SocketAddr,
-        handle: H,
-    },
-    /// A Send indication: send `data` from the relay socket to `peer`.
-    Forward {
-        handle: H,
-        peer: SocketAddr,
-        data: Vec<u8>,
-    },
-    /// Nothing to send (dropped indication, response, garbage).
-    Nothing,
+    /// The address families the IO layer has relay addresses for; others get 440.
+    pub relay_v4: bool,
+    pub relay_v6: bool,
 }
 
 /// How a datagram from a peer reaches the client.
@@ -121,7 +180,8 @@ pub enum ToClient {
 
 struct Bucket {
     tokens: u64,
-    last_ms: u64,
+    /// Tokens are added for the whole milliseconds elapsed since `last`.
+    last: Instant,
 }
 
 struct Allocation<H> {
@@ -131,170 +191,102 @@ struct Allocation<H> {
     key: Vec<u8>,
     relay: SocketAddr,
     handle: H,
-    expires_ms: u64,
-    perms: HashMap<IpAddr, u64>,
-    channels: HashMap<u16, (SocketAddr, u64)>,
+    expires: Instant,
+    perms: HashMap<IpAddr, Instant>,
+    channels: HashMap<u16, (SocketAddr, Instant)>,
     peer_channels: HashMap<SocketAddr, u16>,
     bucket: Bucket,
 }
 
-/// The relay state machine.
-pub struct Core<S: RelaySockets> {
-    cfg: CoreConfig,
+/// An authenticated Allocate waiting for its relay socket. It counts against the
+/// quotas like an allocation.
+struct Pending {
+    five: FiveTuple,
+    txid: [u8; 12],
+    username: String,
+    peer_id: Option<String>,
+    key: Vec<u8>,
+    family: Family,
+    lifetime: Duration,
+    deadline: Instant,
+}
+
+/// The relay state machine. `H` is the IO layer's relay socket handle.
+pub struct Core<H> {
+    cfg: RelayRules,
     creds: Credentials,
     nonces: Nonces,
-    sockets: S,
     metrics: RelayMetrics,
     next_id: u64,
-    allocs: HashMap<u64, Allocation<S::Handle>>,
-    by_five: HashMap<FiveTuple, u64>,
+    next_token: u64,
+    allocs: HashMap<AllocationId, Allocation<H>>,
+    by_five: HashMap<FiveTuple, AllocationId>,
+    pending: HashMap<BindToken, Pending>,
+    pending_by_five: HashMap<FiveTuple, BindToken>,
+    /// Allocations and pending Allocates per username.
     per_user: HashMap<String, usize>,
-    cache: HashMap<(FiveTuple, [u8; 12]), (u64, Vec<u8>)>,
-    cache_order: VecDeque<(u64, FiveTuple, [u8; 12])>,
-}
-
-/// A request error: code, reason, and whether the answer carries integrity.
-struct Fail {
-    code: u16,
-    reason: &'static str,
-    unknown: Vec<AttrType>,
-}
-
-fn fail(code: u16, reason: &'static str) -> Fail {
-    Fail {
-        code,
-        reason,
-        unknown: Vec::new(),
-    }
+    cache: HashMap<(FiveTuple, [u8; 12]), (Instant, Vec<u8>)>,
+    cache_order: VecDeque<(Instant, FiveTuple, [u8; 12])>,
+    deadlines: Deadlines,
+    commands: VecDeque<Command<H>>,
 }
 
 fn peer_family_ok(relay: SocketAddr, peer: SocketAddr) -> bool {
     Family::of(relay.ip()) == Family::of(peer.ip())
 }
 
-/// Decodes one XOR-PEER-ADDRESS (or any XOR address) value.
-fn decode_xor_addr(v: &[u8], txid: &[u8; 12]) -> Option<SocketAddr> {
-    if v.len() < 4 {
-        return None;
+/// Whether a REST username's expiry (Unix seconds) has passed at wall-clock `wall`.
+fn rest_expired(expiry: u64, wall: SystemTime) -> bool {
+    match UNIX_EPOCH.checked_add(Duration::from_secs(expiry)) {
+        Some(at) => at <= wall,
+        // Beyond what the clock can represent: not in any reachable past.
+        None => false,
     }
-    let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
-    let cookie = MAGIC_COOKIE.to_be_bytes();
-    match v[1] {
-        0x01 if v.len() == 8 => {
-            let mut ip = [0u8; 4];
-            for i in 0..4 {
-                ip[i] = v[4 + i] ^ cookie[i];
-            }
-            Some(SocketAddr::new(IpAddr::from(ip), port))
-        }
-        0x02 if v.len() == 20 => {
-            let mut ip = [0u8; 16];
-            for i in 0..16 {
-                let k = if i < 4 { cookie[i] } else { txid[i - 4] };
-                ip[i] = v[4 + i] ^ k;
-            }
-            Some(SocketAddr::new(IpAddr::from(ip), port))
-        }
-        _ => None,
-    }
-}
-
-fn known_attr(t: AttrType) -> bool {
-    t.0 >= 0x8000
-        || matches!(
-            t,
-            ATTR_MAPPED_ADDRESS
-                | ATTR_USERNAME
-                | ATTR_MESSAGE_INTEGRITY
-                | ATTR_ERROR_CODE
-                | ATTR_REALM
-                | ATTR_NONCE
-                | ATTR_XORMAPPED_ADDRESS
-                | ATTR_CHANNEL_NUMBER
-                | ATTR_LIFETIME
-                | ATTR_XOR_PEER_ADDRESS
-                | ATTR_DATA
-                | ATTR_REQUESTED_TRANSPORT
-                | ATTR_DONT_FRAGMENT
-                | ATTR_REQUESTED_ADDRESS_FAMILY
-                | ATTR_PRIORITY
-                | ATTR_USE_CANDIDATE
-                | ATTR_MESSAGE_INTEGRITY_SHA256
-                | ATTR_PASSWORD_ALGORITHM
-                | ATTR_USER_HASH
-                | ATTR_PADDING
-                | ATTR_EVEN_PORT
-        )
-}
-
-/// Builds an encoded STUN message; `key` adds MESSAGE-INTEGRITY; FINGERPRINT always.
-fn encode(
-    method: Method,
-    class: MessageClass,
-    txid: [u8; 12],
-    attrs: &[&dyn Setter],
-    key: Option<&[u8]>,
-) -> Vec<u8> {
-    let mut m = Message::new();
-    m.typ = MessageType::new(method, class);
-    m.transaction_id = TransactionId(txid);
-    m.write_header();
-    for a in attrs {
-        // Setters only fail on oversized values, which we never build.
-        let _ = a.add_to(&mut m);
-    }
-    let _ = TextAttribute::new(ATTR_SOFTWARE, SOFTWARE.into()).add_to(&mut m);
-    if let Some(k) = key {
-        let _ = MessageIntegrity(k.to_vec()).add_to(&mut m);
-    }
-    let _ = FINGERPRINT.add_to(&mut m);
-    m.raw
-}
-
-fn attr_bytes(m: &Message, t: AttrType) -> Option<&[u8]> {
-    m.attributes
-        .0
-        .iter()
-        .find(|a| a.typ == t)
-        .map(|a| a.value.as_slice())
-}
-
-fn attr_text(m: &Message, t: AttrType, max: usize) -> Option<Result<String, ()>> {
-    let v = attr_bytes(m, t)?;
-    if v.len() > max {
-        return Some(Err(()));
-    }
-    Some(String::from_utf8(v.to_vec()).map_err(|_| ()))
 }
 
 /// A request that passed authentication.
 struct Authed {
     username: String,
     key: Vec<u8>,
+    /// REST expiry in Unix seconds; `None` for static users and for the user of the
+    /// allocation on this 5-tuple (checked when it allocated).
     expiry: Option<u64>,
     peer_id: Option<String>,
 }
 
-impl<S: RelaySockets> Core<S> {
+impl<H: Clone> Core<H> {
+    /// A core with no allocations; `rng` keys the nonces, `now` is their epoch.
     pub fn new(
-        cfg: CoreConfig,
+        cfg: RelayRules,
         creds: Credentials,
-        nonces: Nonces,
-        sockets: S,
         metrics: RelayMetrics,
+        rng: &mut impl rand::RngCore,
+        now: Instant,
     ) -> Self {
+        let mut key = [0u8; 64];
+        rng.fill_bytes(&mut key);
+        // LIFETIME is 32-bit seconds: a longer maximum could not be told to a client,
+        // and this one keeps every deadline (`now` plus at most this) representable.
+        let mut cfg = cfg;
+        cfg.max_lifetime = cfg
+            .max_lifetime
+            .min(Duration::from_secs(u64::from(u32::MAX)));
         Core {
             cfg,
             creds,
-            nonces,
-            sockets,
+            nonces: Nonces::new(key, NONCE_TTL, now),
             metrics,
             next_id: 1,
+            next_token: 1,
             allocs: HashMap::new(),
             by_five: HashMap::new(),
+            pending: HashMap::new(),
+            pending_by_five: HashMap::new(),
             per_user: HashMap::new(),
             cache: HashMap::new(),
             cache_order: VecDeque::new(),
+            deadlines: Deadlines::default(),
+            commands: VecDeque::new(),
         }
     }
 
@@ -303,34 +295,107 @@ impl<S: RelaySockets> Core<S> {
     }
 
     /// The allocation made from `five`, if any: its id and relayed address.
-    pub fn allocation_of(&self, five: &FiveTuple) -> Option<(u64, SocketAddr)> {
+    pub fn allocation_of(&self, five: &FiveTuple) -> Option<(AllocationId, SocketAddr)> {
         let id = *self.by_five.get(five)?;
         self.allocs.get(&id).map(|a| (id, a.relay))
     }
 
-    /// Handles a STUN message from the client side.
-    pub fn handle_stun(&mut self, buf: &[u8], five: FiveTuple, now_ms: u64) -> Handled<S::Handle> {
+    /// Whether allocation `id` still exists.
+    pub fn alive(&self, id: AllocationId) -> bool {
+        self.allocs.contains_key(&id)
+    }
+
+    /// The next effect to carry out.
+    pub fn poll_command(&mut self) -> Option<Command<H>> {
+        self.commands.pop_front()
+    }
+
+    /// The earliest instant at which [`Core::handle_timeout`] has work (an
+    /// allocation, permission or channel expiring, a cached answer to drop, a bind to
+    /// give up on); `None` when there is nothing to wait for.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let cache = self.cache_order.front().map(|(at, _, _)| *at);
+        match (self.deadlines.first(), cache) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Drops everything that expired at `now`: allocations (queuing
+    /// [`Command::FreeRelaySocket`]), permissions, channels, cached answers, and
+    /// pending binds that were never answered.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(timer) = self.deadlines.pop_due(now) {
+            match timer {
+                Timer::Allocation(id) => self.remove(id),
+                Timer::Permission(id, ip) => {
+                    if let Some(a) = self.allocs.get_mut(&id) {
+                        a.perms.remove(&ip);
+                    }
+                }
+                Timer::Channel(id, number) => {
+                    if let Some(a) = self.allocs.get_mut(&id) {
+                        if let Some((peer, _)) = a.channels.remove(&number) {
+                            a.peer_channels.remove(&peer);
+                        }
+                    }
+                }
+                Timer::Bind(token) => {
+                    if let Some(p) = self.pending.remove(&token) {
+                        tracing::warn!(
+                            client = %p.five.client,
+                            "relay socket bind not answered in time; the Allocate is dropped"
+                        );
+                        self.pending_by_five.remove(&p.five);
+                        self.release_user(&p.username);
+                    }
+                }
+            }
+        }
+        while let Some((at, five, txid)) = self.cache_order.front().copied() {
+            if at > now {
+                break;
+            }
+            self.cache_order.pop_front();
+            if self
+                .cache
+                .get(&(five, txid))
+                .is_some_and(|(e, _)| *e <= now)
+            {
+                self.cache.remove(&(five, txid));
+            }
+        }
+    }
+
+    fn send(&mut self, to: FiveTuple, bytes: Vec<u8>) {
+        self.commands.push_back(Command::SendToClient { to, bytes });
+    }
+
+    /// Handles a STUN message from the client side. `wall` is the wall-clock time,
+    /// used only for the expiry of TURN REST usernames.
+    pub fn handle_stun(&mut self, buf: &[u8], five: FiveTuple, now: Instant, wall: SystemTime) {
         let mut m = Message::new();
         if m.unmarshal_binary(buf).is_err() {
-            return Handled::Nothing;
+            return;
         }
         if m.contains(ATTR_FINGERPRINT) && FINGERPRINT.check(&m).is_err() {
-            return Handled::Nothing;
+            return;
         }
         let txid = m.transaction_id.0;
         match m.typ.class {
             CLASS_REQUEST => {}
             CLASS_INDICATION => {
                 if m.typ.method == METHOD_SEND {
-                    return self.send_indication(&m, five, now_ms);
+                    self.send_indication(&m, five, now);
                 }
-                return Handled::Nothing;
+                return;
             }
-            _ => return Handled::Nothing,
+            _ => return,
         }
         let method = m.typ.method;
         if method == METHOD_BINDING {
-            return self.binding(&m, five);
+            self.binding(&m, five);
+            return;
         }
         if ![
             METHOD_ALLOCATE,
@@ -350,68 +415,62 @@ impl<S: RelaySockets> Core<S> {
                 }],
                 None,
             );
-            return Handled::Reply(e);
+            self.send(five, e);
+            return;
         }
         // A retransmission gets the very same answer.
         if let Some((exp, bytes)) = self.cache.get(&(five, txid)) {
-            if *exp > now_ms {
-                return Handled::Reply(bytes.clone());
+            if *exp > now {
+                let bytes = bytes.clone();
+                self.send(five, bytes);
+                return;
             }
         }
-        let auth = match self.authenticate(&mut m, five, now_ms) {
+        // A retransmitted Allocate whose relay socket is being bound: the answer to the
+        // first copy is on its way.
+        if let Some(token) = self.pending_by_five.get(&five) {
+            if self.pending.get(token).is_some_and(|p| p.txid == txid) {
+                return;
+            }
+        }
+        let auth = match self.authenticate(&mut m, five, now) {
             Ok(a) => a,
-            Err(reply) => return Handled::Reply(reply),
+            Err(reply) => {
+                self.send(five, reply);
+                return;
+            }
         };
         let result = match method {
-            METHOD_ALLOCATE => self.allocate(&m, five, &auth, now_ms),
-            METHOD_REFRESH => self.refresh(&m, five, &auth, now_ms).map(|r| (r, None)),
-            METHOD_CREATE_PERMISSION => self
-                .create_permission(&m, five, &auth, now_ms)
-                .map(|r| (r, None)),
-            _ => self
-                .channel_bind(&m, five, &auth, now_ms)
-                .map(|r| (r, None)),
+            METHOD_ALLOCATE => match self.allocate(&m, five, &auth, now, wall) {
+                // Answered in `relay_bound`.
+                Ok(()) => return,
+                Err(f) => Err(f),
+            },
+            METHOD_REFRESH => self.refresh(&m, five, &auth, now),
+            METHOD_CREATE_PERMISSION => self.create_permission(&m, five, &auth, now),
+            _ => self.channel_bind(&m, five, &auth, now),
         };
-        let (reply, alloc) = match result {
+        let reply = match result {
             Ok(r) => r,
             Err(f) if f.code == 401 => {
                 // Expired REST credentials: challenge again, like any bad credential.
                 self.metrics.refused(401);
-                return Handled::Reply(self.challenge(&m, five, 401, "Unauthorized", now_ms));
+                let reply = self.challenge(&m, five, 401, "Unauthorized", now);
+                self.send(five, reply);
+                return;
             }
             Err(f) => {
                 if method == METHOD_ALLOCATE {
                     self.metrics.refused(f.code);
                 }
-                let mut attrs: Vec<&dyn Setter> = Vec::new();
-                let ec = ErrorCodeAttribute {
-                    code: ErrorCode(f.code),
-                    reason: f.reason.as_bytes().to_vec(),
-                };
-                attrs.push(&ec);
-                let unknown = stun::uattrs::UnknownAttributes(f.unknown.clone());
-                if !f.unknown.is_empty() {
-                    attrs.push(&unknown);
-                }
-                (
-                    encode(method, CLASS_ERROR_RESPONSE, txid, &attrs, Some(&auth.key)),
-                    None,
-                )
+                error_answer(method, txid, &f, &auth.key)
             }
         };
-        self.remember(five, txid, &reply, now_ms);
-        match alloc {
-            Some((id, relay, handle)) => Handled::Allocated {
-                reply,
-                id,
-                relay,
-                handle,
-            },
-            None => Handled::Reply(reply),
-        }
+        self.remember(five, txid, &reply, now);
+        self.send(five, reply);
     }
 
-    fn remember(&mut self, five: FiveTuple, txid: [u8; 12], reply: &[u8], now_ms: u64) {
+    fn remember(&mut self, five: FiveTuple, txid: [u8; 12], reply: &[u8], now: Instant) {
         while self.cache.len() >= RETRANSMIT_CACHE_MAX {
             match self.cache_order.pop_front() {
                 Some((_, f, t)) => {
@@ -420,12 +479,12 @@ impl<S: RelaySockets> Core<S> {
                 None => break,
             }
         }
-        let exp = now_ms + RETRANSMIT_TTL_MS;
+        let exp = now + RETRANSMIT_TTL;
         self.cache.insert((five, txid), (exp, reply.to_vec()));
         self.cache_order.push_back((exp, five, txid));
     }
 
-    fn binding(&mut self, m: &Message, five: FiveTuple) -> Handled<S::Handle> {
+    fn binding(&mut self, m: &Message, five: FiveTuple) {
         let unknown: Vec<AttrType> = m
             .attributes
             .0
@@ -439,13 +498,15 @@ impl<S: RelaySockets> Core<S> {
                 reason: b"Unknown Attribute".to_vec(),
             };
             let ua = stun::uattrs::UnknownAttributes(unknown);
-            return Handled::Reply(encode(
+            let reply = encode(
                 METHOD_BINDING,
                 CLASS_ERROR_RESPONSE,
                 m.transaction_id.0,
                 &[&ec, &ua],
                 None,
-            ));
+            );
+            self.send(five, reply);
+            return;
         }
         let xor = XorMappedAddress {
             ip: five.client.ip(),
@@ -456,13 +517,14 @@ impl<S: RelaySockets> Core<S> {
             port: five.client.port(),
         };
         self.metrics.binding(five.transport);
-        Handled::Reply(encode(
+        let reply = encode(
             METHOD_BINDING,
             CLASS_SUCCESS_RESPONSE,
             m.transaction_id.0,
             &[&xor, &mapped],
             None,
-        ))
+        );
+        self.send(five, reply);
     }
 
     fn challenge(
@@ -471,14 +533,14 @@ impl<S: RelaySockets> Core<S> {
         five: FiveTuple,
         code: u16,
         reason: &str,
-        now_ms: u64,
+        now: Instant,
     ) -> Vec<u8> {
         let ec = ErrorCodeAttribute {
             code: ErrorCode(code),
             reason: reason.as_bytes().to_vec(),
         };
         let realm = TextAttribute::new(ATTR_REALM, self.creds.realm().to_string());
-        let nonce = TextAttribute::new(ATTR_NONCE, self.nonces.issue(now_ms, five.client));
+        let nonce = TextAttribute::new(ATTR_NONCE, self.nonces.issue(now, five.client));
         encode(
             m.typ.method,
             CLASS_ERROR_RESPONSE,
@@ -508,10 +570,10 @@ impl<S: RelaySockets> Core<S> {
         &mut self,
         m: &mut Message,
         five: FiveTuple,
-        now_ms: u64,
+        now: Instant,
     ) -> Result<Authed, Vec<u8>> {
         if !m.contains(ATTR_MESSAGE_INTEGRITY) {
-            return Err(self.challenge(m, five, 401, "Unauthorized", now_ms));
+            return Err(self.challenge(m, five, 401, "Unauthorized", now));
         }
         let username = attr_text(m, ATTR_USERNAME, 513);
         let realm = attr_text(m, ATTR_REALM, 763);
@@ -521,11 +583,11 @@ impl<S: RelaySockets> Core<S> {
             self.metrics.auth_failure("bad_request");
             return Err(self.bad_request(m));
         };
-        match self.nonces.check(&nonce, now_ms, five.client) {
+        match self.nonces.check(&nonce, now, five.client) {
             NonceCheck::Fresh => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
                 self.metrics.auth_failure("stale_nonce");
-                return Err(self.challenge(m, five, 438, "Stale Nonce", now_ms));
+                return Err(self.challenge(m, five, 438, "Stale Nonce", now));
             }
         }
         // An existing allocation's user reuses its cached key.
@@ -541,13 +603,13 @@ impl<S: RelaySockets> Core<S> {
                 Ok(r) => (r.key, r.expiry, r.peer_id),
                 Err(CredError::UnknownUser) | Err(CredError::Expired) => {
                     self.metrics.auth_failure("unknown_user");
-                    return Err(self.challenge(m, five, 401, "Unauthorized", now_ms));
+                    return Err(self.challenge(m, five, 401, "Unauthorized", now));
                 }
             },
         };
         if MessageIntegrity(key.clone()).check(m).is_err() {
             self.metrics.auth_failure("bad_integrity");
-            return Err(self.challenge(m, five, 401, "Unauthorized", now_ms));
+            return Err(self.challenge(m, five, 401, "Unauthorized", now));
         }
         Ok(Authed {
             username,
@@ -578,15 +640,17 @@ impl<S: RelaySockets> Core<S> {
         }
     }
 
-    fn lifetime_ms(&self, m: &Message) -> Result<Option<u64>, Fail> {
+    /// The LIFETIME attribute, if present.
+    fn requested_lifetime(m: &Message) -> Result<Option<Duration>, Fail> {
         let Some(v) = attr_bytes(m, ATTR_LIFETIME) else {
             return Ok(None);
         };
-        if v.len() != 4 {
+        let Ok(secs) = <[u8; 4]>::try_from(v) else {
             return Err(fail(400, "Bad LIFETIME"));
-        }
-        let req = u32::from_be_bytes([v[0], v[1], v[2], v[3]]) as u64;
-        Ok(Some(req))
+        };
+        Ok(Some(Duration::from_secs(u64::from(u32::from_be_bytes(
+            secs,
+        )))))
     }
 
     /// REQUESTED-ADDRESS-FAMILY (RFC 8656 section 18.11), if present; 440 when it is
@@ -601,16 +665,23 @@ impl<S: RelaySockets> Core<S> {
     }
 
     /// RFC 8656 section 7.2: min(requested, max), but not below the default.
-    fn granted_lifetime_s(&self, requested: Option<u64>) -> u64 {
-        let max = self.cfg.max_lifetime_s;
-        let default = DEFAULT_ALLOCATION_LIFETIME_S.min(max);
+    fn granted_lifetime(&self, requested: Option<Duration>) -> Duration {
+        let max = self.cfg.max_lifetime;
+        let default = DEFAULT_ALLOCATION_LIFETIME.min(max);
         match requested {
             Some(r) => r.min(max).max(default),
             None => default,
         }
     }
 
-    fn allocation_mut(&mut self, five: &FiveTuple, auth: &Authed) -> Result<u64, Fail> {
+    fn has_family(&self, family: Family) -> bool {
+        match family {
+            Family::V4 => self.cfg.relay_v4,
+            Family::V6 => self.cfg.relay_v6,
+        }
+    }
+
+    fn allocation_mut(&mut self, five: &FiveTuple, auth: &Authed) -> Result<AllocationId, Fail> {
         let id = *self
             .by_five
             .get(five)
@@ -625,21 +696,23 @@ impl<S: RelaySockets> Core<S> {
         Ok(id)
     }
 
-    #[allow(clippy::type_complexity)]
+    /// Checks an Allocate; when it may proceed, asks the IO for a relay socket
+    /// ([`Command::BindRelaySocket`]) and waits for [`Core::relay_bound`].
     fn allocate(
         &mut self,
         m: &Message,
         five: FiveTuple,
         auth: &Authed,
-        now_ms: u64,
-    ) -> Result<(Vec<u8>, Option<(u64, SocketAddr, S::Handle)>), Fail> {
-        let txid = m.transaction_id.0;
-        if self.by_five.contains_key(&five) {
-            // Same transaction id was answered from the cache; a new one is a mismatch.
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(), Fail> {
+        if self.by_five.contains_key(&five) || self.pending_by_five.contains_key(&five) {
+            // The same transaction id was answered from the cache (or is being
+            // answered); a new one is a mismatch.
             return Err(fail(437, "Allocation Mismatch"));
         }
         if let Some(exp) = auth.expiry {
-            if exp.saturating_mul(1000) <= now_ms {
+            if rest_expired(exp, wall) {
                 self.metrics.auth_failure("expired");
                 return Err(fail(401, "Unauthorized"));
             }
@@ -647,7 +720,7 @@ impl<S: RelaySockets> Core<S> {
         Self::check_unknown(m)?;
         // EVEN-PORT without reservation is honoured (some clients send it at random);
         // reservations (R bit, RESERVATION-TOKEN) are not implemented: 420.
-        let even = match attr_bytes(m, ATTR_EVEN_PORT) {
+        let even_port = match attr_bytes(m, ATTR_EVEN_PORT) {
             None => false,
             Some([flags, ..]) if flags & 0x80 == 0 => true,
             Some(_) => {
@@ -675,63 +748,145 @@ impl<S: RelaySockets> Core<S> {
             return Err(fail(442, "Unsupported Transport Protocol"));
         }
         let family = Self::requested_family(m)?.unwrap_or(Family::V4);
-        if !self.sockets.has_family(family) {
+        if !self.has_family(family) {
             return Err(fail(440, "Address Family not Supported"));
         }
-        let lifetime_s = self.granted_lifetime_s(self.lifetime_ms(m)?);
+        let lifetime = self.granted_lifetime(Self::requested_lifetime(m)?);
         let used = self.per_user.get(&auth.username).copied().unwrap_or(0);
         if used >= self.cfg.user_quota {
             return Err(fail(486, "Allocation Quota Reached"));
         }
-        if self.allocs.len() >= self.cfg.total_quota {
+        if self.allocs.len() + self.pending.len() >= self.cfg.total_quota {
             return Err(fail(508, "Insufficient Capacity"));
         }
-        let Some((relay, handle)) = self.sockets.bind(family, even) else {
-            return Err(fail(508, "Insufficient Capacity"));
-        };
-        let id = self.next_id;
-        self.next_id += 1;
-        self.allocs.insert(
-            id,
-            Allocation {
+        let token = BindToken(self.next_token);
+        self.next_token += 1;
+        let deadline = now + BIND_TIMEOUT;
+        self.pending.insert(
+            token,
+            Pending {
                 five,
+                txid: m.transaction_id.0,
                 username: auth.username.clone(),
                 peer_id: auth.peer_id.clone(),
                 key: auth.key.clone(),
+                family,
+                lifetime,
+                deadline,
+            },
+        );
+        self.pending_by_five.insert(five, token);
+        self.deadlines.set(None, deadline, Timer::Bind(token));
+        *self.per_user.entry(auth.username.clone()).or_insert(0) += 1;
+        self.commands.push_back(Command::BindRelaySocket {
+            token,
+            family,
+            even_port,
+        });
+        Ok(())
+    }
+
+    /// The IO layer's answer to [`Command::BindRelaySocket`]: the relayed address to
+    /// advertise and the socket's handle, or why there is none. Queues the Allocate
+    /// answer (after [`Command::StartRelaying`] on success; 508 on failure). A socket
+    /// nobody waits for any more (the client left meanwhile) is freed at once.
+    pub fn relay_bound(
+        &mut self,
+        token: BindToken,
+        result: Result<(SocketAddr, H), BindError>,
+        now: Instant,
+    ) {
+        let Some(p) = self.pending.remove(&token) else {
+            if let Ok((_, handle)) = result {
+                self.commands.push_back(Command::FreeRelaySocket { handle });
+            }
+            return;
+        };
+        self.pending_by_five.remove(&p.five);
+        self.deadlines.clear(p.deadline, Timer::Bind(token));
+        let (relay, handle) = match result {
+            Ok((relay, handle)) if Family::of(relay.ip()) == p.family => (relay, handle),
+            Ok((relay, handle)) => {
+                tracing::error!(%relay, family = ?p.family, "relay socket of the wrong address family; refused");
+                self.commands.push_back(Command::FreeRelaySocket { handle });
+                return self.refuse_pending(p, now);
+            }
+            Err(e) => {
+                tracing::debug!(client = %p.five.client, error = ?e, "no relay socket");
+                return self.refuse_pending(p, now);
+            }
+        };
+        let id = AllocationId(self.next_id);
+        self.next_id += 1;
+        let expires = now + p.lifetime;
+        self.deadlines.set(None, expires, Timer::Allocation(id));
+        self.allocs.insert(
+            id,
+            Allocation {
+                five: p.five,
+                username: p.username,
+                peer_id: p.peer_id,
+                key: p.key,
                 relay,
                 handle: handle.clone(),
-                expires_ms: now_ms + lifetime_s * 1000,
+                expires,
                 perms: HashMap::new(),
                 channels: HashMap::new(),
                 peer_channels: HashMap::new(),
                 bucket: Bucket {
                     tokens: self.cfg.max_bps,
-                    last_ms: now_ms,
+                    last: now,
                 },
             },
         );
-        self.by_five.insert(five, id);
-        *self.per_user.entry(auth.username.clone()).or_insert(0) += 1;
-        self.metrics.allocation_created(five.transport);
+        self.by_five.insert(p.five, id);
+        self.metrics.allocation_created(p.five.transport);
         self.metrics.set_active(self.allocs.len());
-        let relayed = XorMappedAddress {
-            ip: relay.ip(),
-            port: relay.port(),
-        };
+        let relayed = XorAddress(ATTR_XOR_RELAYED_ADDRESS, relay);
         let mapped = XorMappedAddress {
-            ip: five.client.ip(),
-            port: five.client.port(),
+            ip: p.five.client.ip(),
+            port: p.five.client.port(),
         };
-        let lifetime = turn::proto::lifetime::Lifetime(std::time::Duration::from_secs(lifetime_s));
-        let relayed_attr = RelayedSetter(relayed);
+        let lifetime = turn::proto::lifetime::Lifetime(p.lifetime);
+        let key = self.allocs.get(&id).map(|a| a.key.as_slice());
         let reply = encode(
             METHOD_ALLOCATE,
             CLASS_SUCCESS_RESPONSE,
-            txid,
-            &[&relayed_attr, &lifetime, &mapped],
-            Some(&auth.key),
+            p.txid,
+            &[&relayed, &lifetime, &mapped],
+            key,
         );
-        Ok((reply, Some((id, relay, handle))))
+        self.commands.push_back(Command::StartRelaying {
+            id,
+            client: p.five,
+            relay,
+            handle,
+        });
+        self.remember(p.five, p.txid, &reply, now);
+        self.send(p.five, reply);
+    }
+
+    /// Answers a pending Allocate with 508 and gives its quota back.
+    fn refuse_pending(&mut self, p: Pending, now: Instant) {
+        self.release_user(&p.username);
+        self.metrics.refused(508);
+        let reply = error_answer(
+            METHOD_ALLOCATE,
+            p.txid,
+            &fail(508, "Insufficient Capacity"),
+            &p.key,
+        );
+        self.remember(p.five, p.txid, &reply, now);
+        self.send(p.five, reply);
+    }
+
+    fn release_user(&mut self, username: &str) {
+        if let Some(n) = self.per_user.get_mut(username) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_user.remove(username);
+            }
+        }
     }
 
     fn refresh(
@@ -739,7 +894,7 @@ impl<S: RelaySockets> Core<S> {
         m: &Message,
         five: FiveTuple,
         auth: &Authed,
-        now_ms: u64,
+        now: Instant,
     ) -> Result<Vec<u8>, Fail> {
         let id = self.allocation_mut(&five, auth)?;
         Self::check_unknown(m)?;
@@ -749,18 +904,21 @@ impl<S: RelaySockets> Core<S> {
                 return Err(fail(443, "Peer Address Family Mismatch"));
             }
         }
-        let requested = self.lifetime_ms(m)?;
-        let lifetime_s = if requested == Some(0) {
+        let requested = Self::requested_lifetime(m)?;
+        let lifetime = if requested == Some(Duration::ZERO) {
             self.remove(id);
-            0
+            Duration::ZERO
         } else {
-            let s = self.granted_lifetime_s(requested);
+            let lifetime = self.granted_lifetime(requested);
             if let Some(a) = self.allocs.get_mut(&id) {
-                a.expires_ms = now_ms + s * 1000;
+                let expires = now + lifetime;
+                self.deadlines
+                    .set(Some(a.expires), expires, Timer::Allocation(id));
+                a.expires = expires;
             }
-            s
+            lifetime
         };
-        let lifetime = turn::proto::lifetime::Lifetime(std::time::Duration::from_secs(lifetime_s));
+        let lifetime = turn::proto::lifetime::Lifetime(lifetime);
         Ok(encode(
             METHOD_REFRESH,
             CLASS_SUCCESS_RESPONSE,
@@ -805,7 +963,7 @@ impl<S: RelaySockets> Core<S> {
         m: &Message,
         five: FiveTuple,
         auth: &Authed,
-        now_ms: u64,
+        now: Instant,
     ) -> Result<Vec<u8>, Fail> {
         let id = self.allocation_mut(&five, auth)?;
         Self::check_unknown(m)?;
@@ -819,10 +977,25 @@ impl<S: RelaySockets> Core<S> {
         for p in &peers {
             self.check_peer(relay, *p)?;
         }
-        if let Some(a) = self.allocs.get_mut(&id) {
-            for p in peers {
-                a.perms.insert(p.ip(), now_ms + PERMISSION_LIFETIME_MS);
-            }
+        let a = self
+            .allocs
+            .get_mut(&id)
+            .ok_or(fail(437, "Allocation Mismatch"))?;
+        let mut new_ips: Vec<IpAddr> = peers
+            .iter()
+            .map(|p| p.ip())
+            .filter(|ip| !a.perms.contains_key(ip))
+            .collect();
+        new_ips.sort_unstable();
+        new_ips.dedup();
+        if a.perms.len() + new_ips.len() > MAX_PEERS_PER_ALLOCATION {
+            return Err(fail(508, "Insufficient Capacity"));
+        }
+        let expires = now + PERMISSION_LIFETIME;
+        for p in peers {
+            let old = a.perms.insert(p.ip(), expires);
+            self.deadlines
+                .set(old, expires, Timer::Permission(id, p.ip()));
         }
         Ok(encode(
             METHOD_CREATE_PERMISSION,
@@ -838,7 +1011,7 @@ impl<S: RelaySockets> Core<S> {
         m: &Message,
         five: FiveTuple,
         auth: &Authed,
-        now_ms: u64,
+        now: Instant,
     ) -> Result<Vec<u8>, Fail> {
         let id = self.allocation_mut(&five, auth)?;
         Self::check_unknown(m)?;
@@ -855,10 +1028,9 @@ impl<S: RelaySockets> Core<S> {
             return Err(fail(400, "Channel Number out of range"));
         }
         let peers = Self::peers(m)?;
-        if peers.len() != 1 {
+        let &[peer] = peers.as_slice() else {
             return Err(fail(400, "One XOR-PEER-ADDRESS expected"));
-        }
-        let peer = peers[0];
+        };
         let relay = self
             .allocs
             .get(&id)
@@ -869,20 +1041,36 @@ impl<S: RelaySockets> Core<S> {
             .allocs
             .get_mut(&id)
             .ok_or(fail(437, "Allocation Mismatch"))?;
-        if let Some((bound, _)) = a.channels.get(&number) {
-            if *bound != peer {
-                return Err(fail(400, "Channel bound to another peer"));
+        let rebind = match a.channels.get(&number) {
+            Some((bound, _)) if *bound != peer => {
+                return Err(fail(400, "Channel bound to another peer"))
             }
-        }
+            Some(_) => true,
+            None => false,
+        };
         if let Some(n) = a.peer_channels.get(&peer) {
             if *n != number {
                 return Err(fail(400, "Peer bound to another channel"));
             }
         }
-        a.channels
-            .insert(number, (peer, now_ms + CHANNEL_LIFETIME_MS));
+        let new_perm = !a.perms.contains_key(&peer.ip());
+        if (!rebind && a.channels.len() >= MAX_PEERS_PER_ALLOCATION)
+            || (new_perm && a.perms.len() >= MAX_PEERS_PER_ALLOCATION)
+        {
+            return Err(fail(508, "Insufficient Capacity"));
+        }
+        let channel_expires = now + CHANNEL_LIFETIME;
+        let old = a.channels.insert(number, (peer, channel_expires));
+        self.deadlines.set(
+            old.map(|(_, at)| at),
+            channel_expires,
+            Timer::Channel(id, number),
+        );
         a.peer_channels.insert(peer, number);
-        a.perms.insert(peer.ip(), now_ms + PERMISSION_LIFETIME_MS);
+        let perm_expires = now + PERMISSION_LIFETIME;
+        let old = a.perms.insert(peer.ip(), perm_expires);
+        self.deadlines
+            .set(old, perm_expires, Timer::Permission(id, peer.ip()));
         Ok(encode(
             METHOD_CHANNEL_BIND,
             CLASS_SUCCESS_RESPONSE,
@@ -892,51 +1080,49 @@ impl<S: RelaySockets> Core<S> {
         ))
     }
 
-    fn send_indication(&mut self, m: &Message, five: FiveTuple, now_ms: u64) -> Handled<S::Handle> {
+    fn send_indication(&mut self, m: &Message, five: FiveTuple, now: Instant) {
         let Some(&id) = self.by_five.get(&five) else {
-            return Handled::Nothing;
+            return;
         };
         let Some(peer) = attr_bytes(m, ATTR_XOR_PEER_ADDRESS)
             .and_then(|v| decode_xor_addr(v, &m.transaction_id.0))
         else {
-            return Handled::Nothing;
+            return;
         };
         let Some(data) = attr_bytes(m, ATTR_DATA) else {
-            return Handled::Nothing;
+            return;
         };
         let max_bps = self.cfg.max_bps;
         let Some(a) = self.allocs.get_mut(&id) else {
-            return Handled::Nothing;
+            return;
         };
-        if !permitted(a, peer.ip(), now_ms) || !take(&mut a.bucket, max_bps, data.len(), now_ms) {
+        if !permitted(a, peer.ip(), now) || !take(&mut a.bucket, max_bps, data.len(), now) {
             self.metrics
                 .dropped(five.transport, "no_permission_or_rate");
-            return Handled::Nothing;
+            return;
         }
         self.metrics.to_peer(five.transport, data.len());
-        Handled::Forward {
+        self.commands.push_back(Command::SendToPeer {
             handle: a.handle.clone(),
             peer,
             data: data.to_vec(),
-        }
+        });
     }
 
     /// ChannelData from the client: where to send `len` payload bytes, if anywhere.
+    /// The hot path: lookups only, nothing queued, nothing allocated.
     pub fn channel_data(
         &mut self,
         five: &FiveTuple,
         channel: u16,
         len: usize,
-        now_ms: u64,
-    ) -> Option<(S::Handle, SocketAddr)> {
+        now: Instant,
+    ) -> Option<(H, SocketAddr)> {
         let max_bps = self.cfg.max_bps;
         let id = *self.by_five.get(five)?;
         let a = self.allocs.get_mut(&id)?;
         let (peer, exp) = *a.channels.get(&channel)?;
-        if exp <= now_ms
-            || !permitted(a, peer.ip(), now_ms)
-            || !take(&mut a.bucket, max_bps, len, now_ms)
-        {
+        if exp <= now || !permitted(a, peer.ip(), now) || !take(&mut a.bucket, max_bps, len, now) {
             self.metrics
                 .dropped(five.transport, "no_permission_or_rate");
             return None;
@@ -945,23 +1131,25 @@ impl<S: RelaySockets> Core<S> {
         Some((a.handle.clone(), peer))
     }
 
-    /// A datagram from `peer` arrived on allocation `id`'s relay socket.
+    /// A datagram of `len` bytes from `peer` arrived on allocation `id`'s relay
+    /// socket: how it reaches the client, if at all. The hot path, like
+    /// [`Core::channel_data`].
     pub fn from_peer(
         &mut self,
-        id: u64,
+        id: AllocationId,
         peer: SocketAddr,
         len: usize,
-        now_ms: u64,
+        now: Instant,
     ) -> Option<ToClient> {
         let max_bps = self.cfg.max_bps;
         let a = self.allocs.get_mut(&id)?;
         let transport = a.five.transport;
-        if !permitted(a, peer.ip(), now_ms) || !take(&mut a.bucket, max_bps, len, now_ms) {
+        if !permitted(a, peer.ip(), now) || !take(&mut a.bucket, max_bps, len, now) {
             self.metrics.dropped(transport, "no_permission_or_rate");
             return None;
         }
         let via = match a.peer_channels.get(&peer) {
-            Some(n) if a.channels.get(n).is_some_and(|(_, exp)| *exp > now_ms) => {
+            Some(n) if a.channels.get(n).is_some_and(|(_, exp)| *exp > now) => {
                 ToClient::Channel(*n)
             }
             _ => ToClient::DataIndication,
@@ -970,93 +1158,107 @@ impl<S: RelaySockets> Core<S> {
         Some(via)
     }
 
-    /// Whether allocation `id` still exists.
-    pub fn alive(&self, id: u64) -> bool {
-        self.allocs.contains_key(&id)
+    /// Removes allocation `id` with its deadlines; queues the freeing of its socket.
+    fn remove(&mut self, id: AllocationId) {
+        let Some(a) = self.allocs.remove(&id) else {
+            return;
+        };
+        self.by_five.remove(&a.five);
+        self.release_user(&a.username);
+        self.deadlines.clear(a.expires, Timer::Allocation(id));
+        for (ip, at) in &a.perms {
+            self.deadlines.clear(*at, Timer::Permission(id, *ip));
+        }
+        for (number, (_, at)) in &a.channels {
+            self.deadlines.clear(*at, Timer::Channel(id, *number));
+        }
+        self.commands
+            .push_back(Command::FreeRelaySocket { handle: a.handle });
+        self.metrics.set_active(self.allocs.len());
     }
 
-    fn remove(&mut self, id: u64) {
-        if let Some(a) = self.allocs.remove(&id) {
-            self.by_five.remove(&a.five);
-            if let Some(n) = self.per_user.get_mut(&a.username) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_user.remove(&a.username);
-                }
-            }
-            self.sockets.close(&a.handle);
-            self.metrics.set_active(self.allocs.len());
+    fn cancel_pending(&mut self, token: BindToken) {
+        if let Some(p) = self.pending.remove(&token) {
+            self.pending_by_five.remove(&p.five);
+            self.deadlines.clear(p.deadline, Timer::Bind(token));
+            self.release_user(&p.username);
         }
     }
 
-    /// Ends the allocation of a client connection that closed (TCP/TLS).
+    /// Ends the allocation (or pending Allocate) of a client connection that closed
+    /// (TCP/TLS).
     pub fn client_gone(&mut self, five: &FiveTuple) {
         if let Some(id) = self.by_five.get(five).copied() {
             self.remove(id);
         }
+        if let Some(token) = self.pending_by_five.get(five).copied() {
+            self.cancel_pending(token);
+        }
     }
 
-    /// Removes every allocation made with a REST username carrying `peer_id`.
+    /// Removes every allocation (and pending Allocate) made with a REST username
+    /// carrying `peer_id`; returns how many.
     pub fn peer_gone(&mut self, peer_id: &str) -> usize {
-        let ids: Vec<u64> = self
+        let ids: Vec<AllocationId> = self
             .allocs
             .iter()
             .filter(|(_, a)| a.peer_id.as_deref() == Some(peer_id))
             .map(|(id, _)| *id)
             .collect();
+        let tokens: Vec<BindToken> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.peer_id.as_deref() == Some(peer_id))
+            .map(|(t, _)| *t)
+            .collect();
         for id in &ids {
             self.remove(*id);
         }
-        ids.len()
+        for t in &tokens {
+            self.cancel_pending(*t);
+        }
+        ids.len() + tokens.len()
     }
 
-    /// Drops expired allocations, permissions, channels and cached answers.
-    pub fn expire(&mut self, now_ms: u64) {
-        let dead: Vec<u64> = self
-            .allocs
-            .iter()
-            .filter(|(_, a)| a.expires_ms <= now_ms)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in dead {
+    /// Forgets every allocation, pending Allocate and cached answer, dropping queued
+    /// commands and queuing [`Command::FreeRelaySocket`] for every relay socket. The
+    /// way back to consistent tables after a panic interrupted a change to them.
+    pub fn reset(&mut self) {
+        self.commands.clear();
+        let ids: Vec<AllocationId> = self.allocs.keys().copied().collect();
+        for id in ids {
             self.remove(id);
         }
-        for a in self.allocs.values_mut() {
-            a.perms.retain(|_, exp| *exp > now_ms);
-            a.channels.retain(|_, (_, exp)| *exp > now_ms);
-            let channels = &a.channels;
-            a.peer_channels.retain(|_, n| channels.contains_key(n));
-        }
-        while let Some((exp, f, t)) = self.cache_order.front().copied() {
-            if exp > now_ms {
-                break;
-            }
-            self.cache_order.pop_front();
-            if self.cache.get(&(f, t)).is_some_and(|(e, _)| *e <= now_ms) {
-                self.cache.remove(&(f, t));
-            }
-        }
-    }
-
-    #[cfg(test)]
-    fn cache_len(&self) -> usize {
-        self.cache.len()
+        self.allocs.clear();
+        self.by_five.clear();
+        self.pending.clear();
+        self.pending_by_five.clear();
+        self.per_user.clear();
+        self.cache.clear();
+        self.cache_order.clear();
+        self.deadlines = Deadlines::default();
+        self.metrics.set_active(0);
     }
 }
 
-fn permitted<H>(a: &Allocation<H>, ip: IpAddr, now_ms: u64) -> bool {
-    a.perms.get(&ip).is_some_and(|exp| *exp > now_ms)
+fn permitted<H>(a: &Allocation<H>, ip: IpAddr, now: Instant) -> bool {
+    a.perms.get(&ip).is_some_and(|exp| *exp > now)
 }
 
 /// Token bucket: `max_bps` bytes per second with one second of burst.
-fn take(b: &mut Bucket, max_bps: u64, len: usize, now_ms: u64) -> bool {
+fn take(b: &mut Bucket, max_bps: u64, len: usize, now: Instant) -> bool {
     if max_bps == 0 {
         return true;
     }
-    let elapsed = now_ms.saturating_sub(b.last_ms);
-    if elapsed > 0 {
-        b.tokens = (b.tokens + elapsed * max_bps / 1000).min(max_bps);
-        b.last_ms = now_ms;
+    let elapsed = now.saturating_duration_since(b.last);
+    let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    if ms > 0 {
+        b.tokens = b
+            .tokens
+            .saturating_add(ms.saturating_mul(max_bps) / 1000)
+            .min(max_bps);
+        // Whole milliseconds only, so no fraction of a token is lost.
+        b.last += Duration::from_millis(ms);
     }
     let len = len as u64;
     if b.tokens >= len {
@@ -1064,780 +1266,5 @@ fn take(b: &mut Bucket, max_bps: u64, len: usize, now_ms: u64) -> bool {
         true
     } else {
         false
-    }
-}
-
-/// XOR-RELAYED-ADDRESS setter.
-struct RelayedSetter(XorMappedAddress);
-
-impl Setter for RelayedSetter {
-    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-        self.0.add_to_as(m, ATTR_XOR_RELAYED_ADDRESS)
-    }
-}
-
-/// Builds a Data indication carrying `data` from `peer`.
-pub fn data_indication(peer: SocketAddr, data: &[u8]) -> Vec<u8> {
-    let mut txid = [0u8; 12];
-    rand::Rng::fill(&mut rand::thread_rng(), &mut txid);
-    let mut m = Message::new();
-    m.typ = MessageType::new(METHOD_DATA, CLASS_INDICATION);
-    m.transaction_id = TransactionId(txid);
-    m.write_header();
-    let _ = XorMappedAddress {
-        ip: peer.ip(),
-        port: peer.port(),
-    }
-    .add_to_as(&mut m, ATTR_XOR_PEER_ADDRESS);
-    m.add(ATTR_DATA, data);
-    m.raw
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::auth::long_term_key;
-    use super::*;
-    use stun::agent::TransactionId;
-
-    const SECRET: &str = "core-test-secret-0123";
-    const T0: u64 = 1_800_000_000_000; // a virtual "now" in Unix ms
-
-    #[derive(Default)]
-    struct FakeSockets {
-        next: u16,
-        closed: Vec<u32>,
-        no_v6: bool,
-        exhausted: bool,
-    }
-
-    impl RelaySockets for FakeSockets {
-        type Handle = u32;
-        fn has_family(&self, family: Family) -> bool {
-            !(family == Family::V6 && self.no_v6)
-        }
-        fn bind(&mut self, family: Family, even: bool) -> Option<(SocketAddr, u32)> {
-            if self.exhausted {
-                return None;
-            }
-            self.next += if even { 2 } else { 1 };
-            let ip: IpAddr = match family {
-                Family::V4 => "192.0.2.10".parse().unwrap(),
-                Family::V6 => "2001:db8::10".parse().unwrap(),
-            };
-            let port = 50_000 + self.next * 2;
-            Some((SocketAddr::new(ip, port), u32::from(self.next)))
-        }
-        fn close(&mut self, h: &u32) {
-            self.closed.push(*h);
-        }
-    }
-
-    fn core_with(edit: impl FnOnce(&mut CoreConfig)) -> Core<FakeSockets> {
-        let mut cfg = CoreConfig {
-            max_lifetime_s: 3600,
-            user_quota: 10,
-            total_quota: 100,
-            max_bps: 0,
-            policy: PeerPolicy::new(vec![
-                "192.0.2.0/24".parse().unwrap(),
-                "2001:db8::/32".parse().unwrap(),
-            ]),
-        };
-        edit(&mut cfg);
-        let mut users = HashMap::new();
-        users.insert("static".to_string(), "static-pw".to_string());
-        Core::new(
-            cfg,
-            Credentials::new(SECRET.into(), "realm".into(), users),
-            Nonces::new([1; 32], 600_000),
-            FakeSockets::default(),
-            RelayMetrics::default(),
-        )
-    }
-
-    fn core() -> Core<FakeSockets> {
-        core_with(|_| {})
-    }
-
-    fn five(port: u16) -> FiveTuple {
-        FiveTuple {
-            client: SocketAddr::new("203.0.113.5".parse().unwrap(), port),
-            server: "198.51.100.1:3478".parse().unwrap(),
-            transport: Transport::Udp,
-        }
-    }
-
-    fn rest(id: &str, expiry_s: u64) -> (String, String) {
-        let u = format!("{expiry_s}:{id}");
-        let p = crate::ice::rest_password(SECRET, &u);
-        (u, p)
-    }
-
-    struct Peer(SocketAddr);
-    impl Setter for Peer {
-        fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-            XorMappedAddress {
-                ip: self.0.ip(),
-                port: self.0.port(),
-            }
-            .add_to_as(m, ATTR_XOR_PEER_ADDRESS)
-        }
-    }
-
-    struct Raw(AttrType, Vec<u8>);
-    impl Setter for Raw {
-        fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-            m.add(self.0, &self.1);
-            Ok(())
-        }
-    }
-
-    fn transport_udp() -> Raw {
-        Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0])
-    }
-
-    fn lifetime(s: u32) -> Raw {
-        Raw(ATTR_LIFETIME, s.to_be_bytes().to_vec())
-    }
-
-    fn channel(n: u16) -> Raw {
-        let b = n.to_be_bytes();
-        Raw(ATTR_CHANNEL_NUMBER, vec![b[0], b[1], 0, 0])
-    }
-
-    /// A test client: a 5-tuple, credentials and the current nonce.
-    struct Client {
-        five: FiveTuple,
-        user: String,
-        pass: String,
-        nonce: String,
-    }
-
-    impl Client {
-        fn new(c: &mut Core<FakeSockets>, port: u16, user: &str, pass: &str, now: u64) -> Client {
-            let five = five(port);
-            let mut cl = Client {
-                five,
-                user: user.into(),
-                pass: pass.into(),
-                nonce: String::new(),
-            };
-            let r =
-                reply(c.handle_stun(&cl.unauth(METHOD_ALLOCATE, &[&transport_udp()]), five, now));
-            assert_eq!(code(&r), Some(401));
-            cl.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).unwrap().text;
-            cl
-        }
-
-        /// A request with a fresh transaction id and `attrs`, not yet authenticated.
-        fn request(method: Method, attrs: &[&dyn Setter]) -> Message {
-            let mut m = Message::new();
-            m.build(&[
-                Box::new(TransactionId::new()),
-                Box::new(MessageType::new(method, CLASS_REQUEST)),
-            ])
-            .unwrap();
-            for a in attrs {
-                a.add_to(&mut m).unwrap();
-            }
-            m
-        }
-
-        fn unauth(&self, method: Method, attrs: &[&dyn Setter]) -> Vec<u8> {
-            Self::request(method, attrs).raw
-        }
-
-        fn req(&self, method: Method, attrs: &[&dyn Setter]) -> Vec<u8> {
-            let mut m = Self::request(method, attrs);
-            TextAttribute::new(ATTR_USERNAME, self.user.clone())
-                .add_to(&mut m)
-                .unwrap();
-            TextAttribute::new(ATTR_REALM, "realm".into())
-                .add_to(&mut m)
-                .unwrap();
-            TextAttribute::new(ATTR_NONCE, self.nonce.clone())
-                .add_to(&mut m)
-                .unwrap();
-            MessageIntegrity(long_term_key(&self.user, "realm", &self.pass))
-                .add_to(&mut m)
-                .unwrap();
-            FINGERPRINT.add_to(&mut m).unwrap();
-            m.raw
-        }
-
-        fn call(
-            &self,
-            c: &mut Core<FakeSockets>,
-            method: Method,
-            attrs: &[&dyn Setter],
-            now: u64,
-        ) -> Message {
-            reply(c.handle_stun(&self.req(method, attrs), self.five, now))
-        }
-
-        fn allocate(&self, c: &mut Core<FakeSockets>, now: u64) -> Message {
-            self.call(c, METHOD_ALLOCATE, &[&transport_udp()], now)
-        }
-    }
-
-    fn reply(h: Handled<u32>) -> Message {
-        let bytes = match h {
-            Handled::Reply(b) => b,
-            Handled::Allocated { reply, .. } => reply,
-            other => panic!("expected a reply, got {other:?}"),
-        };
-        let mut m = Message::new();
-        m.unmarshal_binary(&bytes).unwrap();
-        m
-    }
-
-    fn code(m: &Message) -> Option<u16> {
-        if m.typ.class != CLASS_ERROR_RESPONSE {
-            return None;
-        }
-        let mut e = ErrorCodeAttribute::default();
-        e.get_from(m).unwrap();
-        Some(e.code.0)
-    }
-
-    fn ok(m: &Message) {
-        assert_eq!(m.typ.class, CLASS_SUCCESS_RESPONSE, "error {:?}", code(m));
-    }
-
-    fn lifetime_of(m: &Message) -> u32 {
-        let v = m.get(ATTR_LIFETIME).unwrap();
-        u32::from_be_bytes([v[0], v[1], v[2], v[3]])
-    }
-
-    fn alice(c: &mut Core<FakeSockets>, port: u16) -> Client {
-        let (u, p) = rest("alice", T0 / 1000 + 3600);
-        Client::new(c, port, &u, &p, T0)
-    }
-
-    fn peer(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn binding_answers_without_state() {
-        let mut c = core();
-        let cl = Client {
-            five: five(1000),
-            user: String::new(),
-            pass: String::new(),
-            nonce: String::new(),
-        };
-        let r = reply(c.handle_stun(&cl.unauth(METHOD_BINDING, &[]), cl.five, T0));
-        ok(&r);
-        let mut x = XorMappedAddress::default();
-        x.get_from_as(&r, ATTR_XORMAPPED_ADDRESS).unwrap();
-        assert_eq!(SocketAddr::new(x.ip, x.port), cl.five.client);
-        assert_eq!(c.cache_len(), 0);
-        // Unknown comprehension-required attribute: 420 with UNKNOWN-ATTRIBUTES.
-        let r = reply(c.handle_stun(
-            &cl.unauth(METHOD_BINDING, &[&Raw(AttrType(0x0031), vec![1, 2, 3, 4])]),
-            cl.five,
-            T0,
-        ));
-        assert_eq!(code(&r), Some(420));
-        assert!(r.contains(ATTR_UNKNOWN_ATTRIBUTES));
-    }
-
-    #[test]
-    fn unauthenticated_requests_cost_no_state() {
-        let mut c = core();
-        for port in 1..200 {
-            let cl = Client {
-                five: five(port),
-                user: String::new(),
-                pass: String::new(),
-                nonce: String::new(),
-            };
-            let r = reply(c.handle_stun(
-                &cl.unauth(METHOD_ALLOCATE, &[&transport_udp()]),
-                cl.five,
-                T0,
-            ));
-            assert_eq!(code(&r), Some(401));
-            assert!(r.contains(ATTR_REALM) && r.contains(ATTR_NONCE));
-            assert!(!r.contains(ATTR_MESSAGE_INTEGRITY));
-        }
-        assert_eq!(c.cache_len(), 0);
-        assert_eq!(c.allocation_count(), 0);
-    }
-
-    #[test]
-    fn allocation_lifetime_default_cap_and_expiry() {
-        let mut c = core();
-        let a = alice(&mut c, 1);
-        let r = a.allocate(&mut c, T0);
-        ok(&r);
-        assert_eq!(lifetime_of(&r), 600);
-        assert!(r.contains(ATTR_XOR_RELAYED_ADDRESS) && r.contains(ATTR_XORMAPPED_ADDRESS));
-        assert!(r.contains(ATTR_MESSAGE_INTEGRITY) && r.contains(ATTR_FINGERPRINT));
-        c.expire(T0 + 599_999);
-        assert_eq!(c.allocation_count(), 1);
-        c.expire(T0 + 600_000);
-        assert_eq!(c.allocation_count(), 0);
-        assert_eq!(c.sockets.closed.len(), 1);
-        // Requested lifetimes are capped by the configured maximum, never below default.
-        let b = alice(&mut c, 2);
-        let r = b.call(
-            &mut c,
-            METHOD_ALLOCATE,
-            &[&transport_udp(), &lifetime(100_000)],
-            T0,
-        );
-        assert_eq!(lifetime_of(&r), 3600);
-        let b = alice(&mut c, 3);
-        let r = b.call(
-            &mut c,
-            METHOD_ALLOCATE,
-            &[&transport_udp(), &lifetime(30)],
-            T0,
-        );
-        assert_eq!(lifetime_of(&r), 600);
-        let mut c = core_with(|cfg| cfg.max_lifetime_s = 300);
-        let a = alice(&mut c, 1);
-        assert_eq!(lifetime_of(&a.allocate(&mut c, T0)), 300);
-    }
-
-    #[test]
-    fn refresh_extends_and_zero_deletes() {
-        let mut c = core();
-        let a = alice(&mut c, 1);
-        ok(&a.allocate(&mut c, T0));
-        let r = a.call(&mut c, METHOD_REFRESH, &[&lifetime(1200)], T0 + 500_000);
-        ok(&r);
-        assert_eq!(lifetime_of(&r), 1200);
-        c.expire(T0 + 1_000_000);
-        assert_eq!(c.allocation_count(), 1);
-        c.expire(T0 + 500_000 + 1_200_000);
-        assert_eq!(c.allocation_count(), 0);
-        // Lifetime 0 deletes at once and answers LIFETIME 0.
-        let b = alice(&mut c, 2);
-        ok(&b.allocate(&mut c, T0));
-        let r = b.call(&mut c, METHOD_REFRESH, &[&lifetime(0)], T0 + 1);
-        ok(&r);
-        assert_eq!(lifetime_of(&r), 0);
-        assert_eq!(c.allocation_count(), 0);
-        // Without an allocation: 437.
-        let r = b.call(&mut c, METHOD_REFRESH, &[&lifetime(600)], T0 + 2);
-        assert_eq!(code(&r), Some(437));
-    }
-
-    #[test]
-    fn permissions_expire_after_300_s() {
-        let mut c = core();
-        let a = alice(&mut c, 1);
-        ok(&a.allocate(&mut c, T0));
-        let (id, _) = c.allocation_of(&a.five).unwrap();
-        let p = peer("192.0.2.77:9000");
-        assert_eq!(c.from_peer(id, p, 10, T0), None);
-        ok(&a.call(&mut c, METHOD_CREATE_PERMISSION, &[&Peer(p)], T0));
-        assert_eq!(
-            c.from_peer(id, p, 10, T0 + 1),
-            Some(ToClient::DataIndication)
-        );
-        // Permissions are per IP: another port of the same host is allowed.
-        assert_eq!(
-            c.from_peer(id, peer("192.0.2.77:1"), 10, T0 + 1),
-            Some(ToClient::DataIndication)
-        );
-        assert_eq!(
-            c.from_peer(id, p, 10, T0 + 299_999),
-            Some(ToClient::DataIndication)
-        );
-        assert_eq!(c.from_peer(id, p, 10, T0 + 300_000), None);
-        // Send indications need the permission too.
-        let send = {
-            let mut m = Message::new();
-            m.build(&[
-                Box::new(TransactionId::new()),
-                Box::new(MessageType::new(METHOD_SEND, CLASS_INDICATION)),
-            ])
-            .unwrap();
-            Peer(p).add_to(&mut m).unwrap();
-            m.add(ATTR_DATA, b"hi");
-            m.raw
-        };
-        assert!(matches!(
-            c.handle_stun(&send, a.five, T0 + 300_000),
-            Handled::Nothing
-        ));
-        ok(&a.call(&mut c, METHOD_CREATE_PERMISSION, &[&Peer(p)], T0 + 300_001));
-        match c.handle_stun(&send, a.five, T0 + 300_002) {
-            Handled::Forward { peer: to, data, .. } => assert_eq!((to, data), (p, b"hi".to_vec())),
-            other => panic!("{other:?}"),
-        }
-        c.expire(T0 + 700_000);
-        assert!(c.allocs.values().all(|a| a.perms.is_empty()));
-    }
-
-    #[test]
-    fn multi_address_permission_installs_all_or_none() {
-        let mut c = core();
-        let a = alice(&mut c, 1);
-        ok(&a.allocate(&mut c, T0));
-        let (id, _) = c.allocation_of(&a.five).unwrap();
-        let (p1, p2, p3) = (peer("192.0.2.1:1"), peer("192.0.2.2:2"), peer("8.8.8.8:53"));
-        ok(&a.call(
-            &mut c,
-            METHOD_CREATE_PERMISSION,
-            &[&Peer(p1), &Peer(p2), &Peer(p3)],
-            T0,
-        ));
-        for p in [p1, p2, p3] {
-            assert!(c.from_peer(id, p, 1, T0).is_some(), "{p}");
-        }
-        let denied = peer("127.0.0.1:5");
-        let other = peer("9.9.9.9:5");
-        let r = a.call(
-            &mut c,
-            METHOD_CREATE_PERMISSION,
-            &[&Peer(other), &Peer(denied)],
-            T0,
-        );
-        assert_eq!(code(&r), Some(403));
-        assert!(c.from_peer(id, other, 1, T0).is_none());
-        assert!(c.from_peer(id, denied, 1, T0).is_none());
-        let r = a.call(&mut c, METHOD_CREATE_PERMISSION, &[], T0);
-        assert_eq!(code(&r), Some(400));
-    }
-
-    #[test]
-    fn channels_bind_rules_and_expiry() {
-        let mut c = core();
-        let mut a = alice(&mut c, 1);
-        ok(&a.allocate(&mut c, T0));
-        let (id, _) = c.allocation_of(&a.five).unwrap();
-        let (p1, p2) = (peer("192.0.2.1:1000"), peer("192.0.2.2:2000"));
-        for bad in [0x3FFF, 0x8000, 0xFFFF] {
-            let r = a.call(&mut c, METHOD_CHANNEL_BIND, &[&channel(bad), &Peer(p1)], T0);
-            assert_eq!(code(&r), Some(400), "{bad:#x}");
-        }
-        ok(&a.call(
-            &mut c,
-            METHOD_CHANNEL_BIND,
-            &[&channel(0x4000), &Peer(p1)],
-            T0,
-        ));
-        // The bind installs the permission too.
-        assert_eq!(c.from_peer(id, p1, 8, T0), Some(ToClient::Channel(0x4000)));
-        assert_eq!(c.channel_data(&a.five, 0x4000, 8, T0), Some((1, p1)));
-        // Rebinding the same pair refreshes; a different peer or number is refused.
-        ok(&a.call(
-            &mut c,
-            METHOD_CHANNEL_BIND,
-            &[&channel(0x4000), &Peer(p1)],
-            T0 + 1,
-        ));
-        assert_eq!(
-            code(&a.call(
-                &mut c,
-                METHOD_CHANNEL_BIND,
-                &[&channel(0x4000), &Peer(p2)],
-                T0
-            )),
-            Some(400)
-        );
-        assert_eq!(
-            code(&a.call(
-                &mut c,
-                METHOD_CHANNEL_BIND,
-                &[&channel(0x4001), &Peer(p1)],
-                T0
-            )),
-            Some(400)
-        );
-        assert_eq!(
-            code(&a.call(&mut c, METHOD_CHANNEL_BIND, &[&channel(0x4001)], T0)),
-            Some(400)
-        );
-        assert_eq!(
-            code(&a.call(&mut c, METHOD_CHANNEL_BIND, &[&Peer(p1)], T0)),
-            Some(400)
-        );
-        ok(&a.call(
-            &mut c,
-            METHOD_CHANNEL_BIND,
-            &[&channel(0x7FFF), &Peer(p2)],
-            T0,
-        ));
-        // Unknown channel numbers go nowhere.
-        assert_eq!(c.channel_data(&a.five, 0x4002, 8, T0), None);
-        // Keep the permission alive without the channel: the channel lapses at 600 s.
-        ok(&a.call(&mut c, METHOD_REFRESH, &[&lifetime(3600)], T0 + 250_000));
-        ok(&a.call(&mut c, METHOD_CREATE_PERMISSION, &[&Peer(p1)], T0 + 250_000));
-        ok(&a.call(&mut c, METHOD_CREATE_PERMISSION, &[&Peer(p1)], T0 + 500_000));
-        assert_eq!(
-            c.channel_data(&a.five, 0x4000, 8, T0 + 600_000),
-            Some((1, p1))
-        );
-        assert_eq!(c.channel_data(&a.five, 0x4000, 8, T0 + 600_001), None);
-        assert_eq!(
-            c.from_peer(id, p1, 8, T0 + 600_001),
-            Some(ToClient::DataIndication)
-        );
-        c.expire(T0 + 600_002);
-        // After expiry the number may be bound to another peer (with a fresh nonce).
-        let r = a.call(
-            &mut c,
-            METHOD_CHANNEL_BIND,
-            &[&channel(0x4000), &Peer(p2)],
-            T0 + 600_003,
-        );
-        assert_eq!(code(&r), Some(438));
-        a.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).unwrap().text;
-        ok(&a.call(
-            &mut c,
-            METHOD_CHANNEL_BIND,
-            &[&channel(0x4000), &Peer(p2)],
-            T0 + 600_004,
-        ));
-    }
-
-    #[test]
-    fn stale_nonce_gets_438_with_a_fresh_one() {
-        let mut c = core();
-        let mut a = alice(&mut c, 1);
-        ok(&a.allocate(&mut c, T0));
-        let r = a.call(&mut c, METHOD_REFRESH, &[&lifetime(600)], T0 + 600_001);
-        assert_eq!(code(&r), Some(438));
-        a.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).unwrap().text;
-        ok(&a.call(&mut c, METHOD_REFRESH, &[&lifetime(600)], T0 + 600_002));
-        // A forged nonce is refused the same way.
-        a.nonce = "0".repeat(40);
-        assert_eq!(
-            code(&a.call(&mut c, METHOD_REFRESH, &[], T0 + 600_003)),
-            Some(438)
-        );
-    }
-
-    #[test]
-    fn credentials_expiry_and_wrong_user() {
-        let mut c = core();
-        let (u, p) = rest("old", T0 / 1000 - 1);
-        let old = Client::new(&mut c, 1, &u, &p, T0);
-        let r = old.allocate(&mut c, T0);
-        assert_eq!(code(&r), Some(401));
-        // Wrong password: 401.
-        let (u, _) = rest("bob", T0 / 1000 + 10);
-        let bad = Client::new(&mut c, 2, &u, "nope", T0);
-        assert_eq!(code(&bad.allocate(&mut c, T0)), Some(401));
-        // A username that expires later keeps refreshing its allocation.
-        let (u, p) = rest("bob", T0 / 1000 + 10);
-        let bob = Client::new(&mut c, 3, &u, &p, T0);
-        ok(&bob.allocate(&mut c, T0));
-        ok(&bob.call(&mut c, METHOD_REFRESH, &[&lifetime(600)], T0 + 500_000));
-        // Another valid user on the same 5-tuple: 441.
-        let mut carol = alice(&mut c, 3);
-        carol.nonce = bob.nonce.clone();
-        assert_eq!(
-            code(&carol.call(&mut c, METHOD_REFRESH, &[], T0 + 1)),
-            Some(441)
-        );
-        // Static users.
-        let s = Client::new(&mut c, 4, "static", "static-pw", T0);
-        ok(&s.allocate(&mut c, T0));
-    }
-
-    #[test]
-    fn allocate_error_codes() {
-        let mut c = core();
-        let a = alice(&mut c, 1);
-        assert_eq!(code(&a.call(&mut c, METHOD_ALLOCATE, &[], T0)), Some(400));
-        let tcp = Raw(ATTR_REQUESTED_TRANSPORT, vec![6, 0, 0, 0]);
-        assert_eq!(
-            code(&a.call(&mut c, METHOD_ALLOCATE, &[&tcp], T0)),
-            Some(442)
-        );
-        let fam = |f: u8| Raw(ATTR_REQUESTED_ADDRESS_FAMILY, vec![f, 0, 0, 0]);
-        assert_eq!(
-            code(&a.call(&mut c, METHOD_ALLOCATE, &[&transport_udp(), &fam(3)], T0)),
-            Some(440)
-        );
-        let even_reserve = Raw(ATTR_EVEN_PORT, vec![0x80]);
-        let r = a.call(
-            &mut c,
-            METHOD_ALLOCATE,
-            &[&transport_udp(), &even_reserve],
-            T0,
-        );
-        assert_eq!(code(&r), Some(420));
-        let token = Raw(ATTR_RESERVATION_TOKEN, vec![0; 8]);
-        assert_eq!(
-            code(&a.call(&mut c, METHOD_ALLOCATE, &[&transport_udp(), &token], T0)),
-            Some(420)
-        );
-        let unknown = Raw(AttrType(0x0031), vec![0; 4]);
-        assert_eq!(
-            code(&a.call(&mut c, METHOD_ALLOCATE, &[&transport_udp(), &unknown], T0)),
-            Some(420)
-        );
-        // Error answers to authenticated requests carry integrity.
-        let r = a.call(&mut c, METHOD_ALLOCATE, &[&tcp], T0);
-        assert!(r.contains(ATTR_MESSAGE_INTEGRITY));
-        // EVEN-PORT without reservation is honoured.
-        let r = a.call(
-            &mut c,
-            METHOD_ALLOCATE,
-            &[&transport_udp(), &Raw(ATTR_EVEN_PORT, vec![0])],
-            T0,
-        );
-        ok(&r);
-        let mut x = XorMappedAddress::default();
-        x.get_from_as(&r, ATTR_XOR_RELAYED_ADDRESS).unwrap();
-        assert_eq!(x.port % 2, 0);
-        // IPv6 relay on request; an IPv4 peer then mismatches (443).
-        let b = alice(&mut c, 2);
-        ok(&b.call(&mut c, METHOD_ALLOCATE, &[&transport_udp(), &fam(2)], T0));
-        let r = b.call(
-            &mut c,
-            METHOD_CREATE_PERMISSION,
-            &[&Peer(peer("192.0.2.1:1"))],
-            T0,
-        );
-        assert_eq!(code(&r), Some(443));
-        ok(&b.call(
-            &mut c,
-            METHOD_CREATE_PERMISSION,
-            &[&Peer(peer("[2001:db8::1]:1"))],
-            T0,
-        ));
-        assert_eq!(
-            code(&b.call(
-                &mut c,
-                METHOD_CREATE_PERMISSION,
-                &[&Peer(peer("[::1]:1"))],
-                T0
-            )),
-            Some(403)
-        );
-        // Refresh checks REQUESTED-ADDRESS-FAMILY like Allocate: the allocation's own
-        // family is fine, the other one mismatches (443), a malformed one is 440.
-        ok(&b.call(&mut c, METHOD_REFRESH, &[&fam(2)], T0));
-        assert_eq!(
-            code(&b.call(&mut c, METHOD_REFRESH, &[&fam(1)], T0)),
-            Some(443)
-        );
-        let short = Raw(ATTR_REQUESTED_ADDRESS_FAMILY, vec![2]);
-        assert_eq!(
-            code(&b.call(&mut c, METHOD_REFRESH, &[&short], T0)),
-            Some(440)
-        );
-        // No IPv6 relay address: 440.
-        let mut c = core();
-        c.sockets.no_v6 = true;
-        let a = alice(&mut c, 1);
-        assert_eq!(
-            code(&a.call(&mut c, METHOD_ALLOCATE, &[&transport_udp(), &fam(2)], T0)),
-            Some(440)
-        );
-        // No free port: 508.
-        c.sockets.exhausted = true;
-        assert_eq!(code(&a.allocate(&mut c, T0)), Some(508));
-        // Requests other than Allocate without an allocation: 437.
-        assert_eq!(
-            code(&a.call(
-                &mut c,
-                METHOD_CREATE_PERMISSION,
-                &[&Peer(peer("192.0.2.1:1"))],
-                T0
-            )),
-            Some(437)
-        );
-        assert_eq!(
-            code(&a.call(
-                &mut c,
-                METHOD_CHANNEL_BIND,
-                &[&channel(0x4000), &Peer(peer("192.0.2.1:1"))],
-                T0
-            )),
-            Some(437)
-        );
-    }
-
-    #[test]
-    fn quotas() {
-        let mut c = core_with(|cfg| {
-            cfg.user_quota = 2;
-            cfg.total_quota = 3;
-        });
-        for port in 1..=2 {
-            ok(&alice(&mut c, port).allocate(&mut c, T0));
-        }
-        assert_eq!(code(&alice(&mut c, 3).allocate(&mut c, T0)), Some(486));
-        let (u, p) = rest("bob", T0 / 1000 + 100);
-        ok(&Client::new(&mut c, 4, &u, &p, T0).allocate(&mut c, T0));
-        assert_eq!(
-            code(&Client::new(&mut c, 5, &u, &p, T0).allocate(&mut c, T0)),
-            Some(508)
-        );
-        // Freed allocations free the quota.
-        let a = alice(&mut c, 1);
-        ok(&a.call(&mut c, METHOD_REFRESH, &[&lifetime(0)], T0));
-        ok(&alice(&mut c, 6).allocate(&mut c, T0));
-    }
-
-    #[test]
-    fn retransmissions_get_the_same_answer() {
-        let mut c = core();
-        let a = alice(&mut c, 1);
-        let req = a.req(METHOD_ALLOCATE, &[&transport_udp()]);
-        let first = reply(c.handle_stun(&req, a.five, T0));
-        ok(&first);
-        let again = reply(c.handle_stun(&req, a.five, T0 + 5_000));
-        assert_eq!(first.raw, again.raw);
-        assert_eq!(c.allocation_count(), 1);
-        // Errors are repeated as well (a retransmitted Refresh 0 stays a success).
-        let refresh = a.req(METHOD_REFRESH, &[&lifetime(0)]);
-        let r1 = reply(c.handle_stun(&refresh, a.five, T0 + 6_000));
-        let r2 = reply(c.handle_stun(&refresh, a.five, T0 + 6_500));
-        ok(&r1);
-        assert_eq!(r1.raw, r2.raw);
-        // After the cache lifetime a replay is a new request.
-        c.expire(T0 + 6_000 + RETRANSMIT_TTL_MS);
-        let r3 = reply(c.handle_stun(&refresh, a.five, T0 + 6_000 + RETRANSMIT_TTL_MS + 1));
-        assert_eq!(code(&r3), Some(437));
-        // A new Allocate transaction on a 5-tuple that has an allocation: 437.
-        ok(&a.allocate(&mut c, T0 + 50_000));
-        assert_eq!(code(&a.allocate(&mut c, T0 + 50_001)), Some(437));
-    }
-
-    #[test]
-    fn bandwidth_cap_is_a_token_bucket() {
-        let mut c = core_with(|cfg| cfg.max_bps = 1000);
-        let a = alice(&mut c, 1);
-        ok(&a.allocate(&mut c, T0));
-        let (id, _) = c.allocation_of(&a.five).unwrap();
-        let p = peer("192.0.2.1:1");
-        ok(&a.call(
-            &mut c,
-            METHOD_CHANNEL_BIND,
-            &[&channel(0x4000), &Peer(p)],
-            T0,
-        ));
-        assert!(c.channel_data(&a.five, 0x4000, 600, T0).is_some());
-        assert!(c.from_peer(id, p, 400, T0).is_some());
-        assert!(c.channel_data(&a.five, 0x4000, 1, T0).is_none());
-        assert!(c.channel_data(&a.five, 0x4000, 500, T0 + 499).is_none());
-        assert!(c.channel_data(&a.five, 0x4000, 500, T0 + 500).is_some());
-    }
-
-    #[test]
-    fn peer_gone_and_client_gone_remove_allocations() {
-        let mut c = core();
-        ok(&alice(&mut c, 1).allocate(&mut c, T0));
-        ok(&alice(&mut c, 2).allocate(&mut c, T0));
-        let (u, p) = rest("bob", T0 / 1000 + 100);
-        let bob = Client::new(&mut c, 3, &u, &p, T0);
-        ok(&bob.allocate(&mut c, T0));
-        assert_eq!(c.peer_gone("alice"), 2);
-        assert_eq!(c.allocation_count(), 1);
-        assert_eq!(c.peer_gone("nobody"), 0);
-        c.client_gone(&bob.five);
-        assert_eq!(c.allocation_count(), 0);
-        assert_eq!(c.sockets.closed.len(), 3);
     }
 }

@@ -1,13 +1,17 @@
-//! The embedded STUN/TURN relay: a pure state machine ([`core`]) on the `stun`
+//! The embedded STUN/TURN relay: a sans-IO state machine ([`core`]) on the `stun`
 //! codec and the `turn` crate's attribute types, REST credentials and stateless
-//! nonces ([`auth`]), the peer address policy ([`policy`]), and thin tokio IO for
-//! the UDP, TCP and TLS listeners and the relay sockets ([`io`]).
+//! nonces ([`auth`]), the peer address policy ([`policy`]), STUN/ChannelData framing
+//! ([`wire`]), and thin tokio IO for the UDP, TCP and TLS listeners and the relay
+//! sockets ([`io`], with batched datagram syscalls in [`batch`]). [`client`] is the
+//! client side, for tests, benchmarks and tools.
 
 pub mod auth;
 pub mod batch;
+pub mod client;
 pub mod core;
 pub mod io;
 pub mod policy;
+pub mod wire;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

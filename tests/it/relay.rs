@@ -8,15 +8,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshmeet::relay::client::{self, Attr, Session};
 use meshmeet::Config;
-use stun::agent::TransactionId;
-use stun::attributes::*;
-use stun::error_code::ErrorCodeAttribute;
-use stun::fingerprint::FINGERPRINT;
-use stun::integrity::MessageIntegrity;
 use stun::message::*;
-use stun::textattrs::TextAttribute;
-use stun::xoraddr::XorMappedAddress;
 use tokio::net::UdpSocket;
 use turn::proto::reqtrans::RequestedTransport;
 use turn::proto::PROTO_UDP;
@@ -59,35 +53,11 @@ async fn echo_peer() -> SocketAddr {
     addr
 }
 
-struct PeerAttr(SocketAddr);
-
-impl Setter for PeerAttr {
-    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-        XorMappedAddress {
-            ip: self.0.ip(),
-            port: self.0.port(),
-        }
-        .add_to_as(m, ATTR_XOR_PEER_ADDRESS)
-    }
-}
-
-struct Raw4(AttrType, [u8; 4]);
-
-impl Setter for Raw4 {
-    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-        m.add(self.0, &self.1);
-        Ok(())
-    }
-}
-
 /// A minimal TURN client over UDP that speaks raw STUN, for protocol edge cases.
 struct RawClient {
     sock: UdpSocket,
     server: SocketAddr,
-    user: String,
-    pass: String,
-    nonce: Option<String>,
-    realm: String,
+    session: Session,
 }
 
 impl RawClient {
@@ -95,48 +65,16 @@ impl RawClient {
         RawClient {
             sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
             server,
-            user: user.into(),
-            pass: pass.into(),
-            nonce: None,
-            realm: String::new(),
+            session: Session::new(user, pass),
         }
     }
 
     /// Encodes a request; authenticated once a nonce is known.
     fn build(&self, method: Method, attrs: &[&dyn Setter]) -> Vec<u8> {
-        let mut m = Message::new();
-        m.build(&[
-            Box::new(TransactionId::new()),
-            Box::new(MessageType::new(method, CLASS_REQUEST)),
-        ])
-        .unwrap();
-        for a in attrs {
-            a.add_to(&mut m).unwrap();
-        }
-        if let Some(nonce) = &self.nonce {
-            TextAttribute::new(ATTR_USERNAME, self.user.clone())
-                .add_to(&mut m)
-                .unwrap();
-            TextAttribute::new(ATTR_REALM, self.realm.clone())
-                .add_to(&mut m)
-                .unwrap();
-            TextAttribute::new(ATTR_NONCE, nonce.clone())
-                .add_to(&mut m)
-                .unwrap();
-            MessageIntegrity::new_long_term_integrity(
-                self.user.clone(),
-                self.realm.clone(),
-                self.pass.clone(),
-            )
-            .add_to(&mut m)
-            .unwrap();
-        }
-        FINGERPRINT.add_to(&mut m).unwrap();
-        m.raw
+        self.session.request(method, attrs)
     }
 
     async fn roundtrip(&self, bytes: &[u8]) -> Message {
-        let txid = &bytes[8..20];
         self.sock.send_to(bytes, self.server).await.unwrap();
         let mut buf = vec![0u8; 2048];
         loop {
@@ -145,8 +83,7 @@ impl RawClient {
                     .await
                     .expect("answer within 5 s")
                     .unwrap();
-            let mut m = Message::new();
-            if m.unmarshal_binary(&buf[..n]).is_ok() && &m.transaction_id.0[..] == txid {
+            if let Some(m) = client::parse(&buf[..n]).filter(|m| client::answers(bytes, m)) {
                 return m;
             }
         }
@@ -157,10 +94,7 @@ impl RawClient {
         for _ in 0..3 {
             let req = self.build(method, attrs);
             let resp = self.roundtrip(&req).await;
-            let code = error_code(&resp);
-            if (code == Some(401) && self.nonce.is_none()) || code == Some(438) {
-                self.nonce = Some(TextAttribute::get_from_as(&resp, ATTR_NONCE).unwrap().text);
-                self.realm = TextAttribute::get_from_as(&resp, ATTR_REALM).unwrap().text;
+            if self.session.learn(&resp) {
                 continue;
             }
             return resp;
@@ -183,29 +117,19 @@ impl RawClient {
     }
 
     async fn permission(&mut self, peers: &[SocketAddr]) -> Message {
-        let attrs: Vec<PeerAttr> = peers.iter().map(|p| PeerAttr(*p)).collect();
+        let attrs: Vec<Attr> = peers.iter().map(|p| Attr::Peer(*p)).collect();
         let refs: Vec<&dyn Setter> = attrs.iter().map(|a| a as &dyn Setter).collect();
         self.request(METHOD_CREATE_PERMISSION, &refs).await
     }
 
     async fn send_indication(&self, peer: SocketAddr, data: &[u8]) {
-        let mut m = Message::new();
-        m.build(&[
-            Box::new(TransactionId::new()),
-            Box::new(MessageType::new(METHOD_SEND, CLASS_INDICATION)),
-        ])
-        .unwrap();
-        PeerAttr(peer).add_to(&mut m).unwrap();
-        m.add(ATTR_DATA, data);
-        self.sock.send_to(&m.raw, self.server).await.unwrap();
+        let m = client::send_indication(peer, data);
+        self.sock.send_to(&m, self.server).await.unwrap();
     }
 
     /// A Binding round trip: everything sent before it on this 5-tuple is processed.
     async fn sync(&self) {
-        let mut m = Message::new();
-        m.build(&[Box::new(TransactionId::new()), Box::new(BINDING_REQUEST)])
-            .unwrap();
-        let resp = self.roundtrip(&m.raw).await;
+        let resp = self.roundtrip(&client::binding_request()).await;
         assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
     }
 }
@@ -218,18 +142,11 @@ fn relayed_address(resp: &Message) -> SocketAddr {
         "{:?}",
         error_code(resp)
     );
-    let mut a = XorMappedAddress::default();
-    a.get_from_as(resp, ATTR_XOR_RELAYED_ADDRESS).unwrap();
-    SocketAddr::new(a.ip, a.port)
+    client::relayed_address(resp).expect("XOR-RELAYED-ADDRESS")
 }
 
 fn error_code(m: &Message) -> Option<u16> {
-    if m.typ.class != CLASS_ERROR_RESPONSE {
-        return None;
-    }
-    let mut e = ErrorCodeAttribute::default();
-    e.get_from(m).ok()?;
-    Some(e.code.0)
+    client::error_code(m)
 }
 
 fn turn_udp(s: &TestServer) -> SocketAddr {
@@ -411,10 +328,7 @@ async fn denied_peers_get_403_and_no_packet() {
     let bind = c
         .request(
             METHOD_CHANNEL_BIND,
-            &[
-                &Raw4(ATTR_CHANNEL_NUMBER, [0x40, 0x00, 0, 0]),
-                &PeerAttr(target_addr),
-            ],
+            &[&Attr::Channel(0x4000), &Attr::Peer(target_addr)],
         )
         .await;
     assert_eq!(error_code(&bind), Some(403));
@@ -490,10 +404,9 @@ async fn multi_address_permission_installs_every_peer() {
         .await
         .unwrap()
         .unwrap();
-    let mut m = Message::new();
-    m.unmarshal_binary(&b[..n]).unwrap();
+    let m = client::parse(&b[..n]).unwrap();
     assert_eq!(m.typ, MessageType::new(METHOD_DATA, CLASS_INDICATION));
-    assert_eq!(m.get(ATTR_DATA).unwrap(), b"back");
+    assert_eq!(client::data(&m).unwrap(), b"back");
 }
 
 #[tokio::test]
@@ -504,15 +417,8 @@ async fn retransmitted_allocate_gets_the_same_success() {
     // Learn this 5-tuple's nonce from the 401 challenge (nonces are per client address).
     let challenge = c2.roundtrip(&c2.build(METHOD_ALLOCATE, &[])).await;
     assert_eq!(error_code(&challenge), Some(401));
-    c2.nonce = Some(
-        TextAttribute::get_from_as(&challenge, ATTR_NONCE)
-            .unwrap()
-            .text,
-    );
-    c2.realm = TextAttribute::get_from_as(&challenge, ATTR_REALM)
-        .unwrap()
-        .text;
-    assert_eq!(c2.realm, "meshmeet");
+    assert!(c2.session.learn(&challenge));
+    assert_eq!(c2.session.realm, "meshmeet");
     // An Allocate sent twice with one transaction id.
     let req = c2.build(
         METHOD_ALLOCATE,
@@ -568,19 +474,9 @@ async fn peer_leaving_loses_its_allocation() {
     let mut keep = RawClient::new(turn_udp(&server), &other, &opass).await;
     keep.relayed().await;
     server.state.peer_events.peer_gone("gina");
-    let resp = c
-        .request(
-            METHOD_REFRESH,
-            &[&Raw4(ATTR_LIFETIME, 600u32.to_be_bytes())],
-        )
-        .await;
+    let resp = c.request(METHOD_REFRESH, &[&Attr::Lifetime(600)]).await;
     assert_eq!(error_code(&resp), Some(437));
-    let resp = keep
-        .request(
-            METHOD_REFRESH,
-            &[&Raw4(ATTR_LIFETIME, 600u32.to_be_bytes())],
-        )
-        .await;
+    let resp = keep.request(METHOD_REFRESH, &[&Attr::Lifetime(600)]).await;
     assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
 }
 
@@ -609,7 +505,7 @@ async fn join_credentials_allocate_until_the_peer_leaves() {
 
     let mut c = RawClient::new(turn_udp(&server), user, pass).await;
     c.relayed().await;
-    let lifetime = Raw4(ATTR_LIFETIME, 600u32.to_be_bytes());
+    let lifetime = Attr::Lifetime(600);
     let resp = c.request(METHOD_REFRESH, &[&lifetime]).await;
     assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
 
@@ -682,7 +578,7 @@ async fn ipv6_relay_on_request() {
                 &RequestedTransport {
                     protocol: PROTO_UDP,
                 },
-                &Raw4(ATTR_REQUESTED_ADDRESS_FAMILY, [2, 0, 0, 0]),
+                &Attr::Family(2),
             ],
         )
         .await;

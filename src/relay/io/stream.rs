@@ -1,0 +1,192 @@
+//! TURN over TCP and TLS: one task per connection reads frames (RFC 8656 section 12),
+//! routes runs of ChannelData under one lock, and hands STUN messages to the core;
+//! a writer task drains the connection's bounded queue.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::udp::{flush, Forwards};
+use super::{free_sockets, ClientSink, Commands, CoreCell, Ctx};
+use crate::relay::batch;
+use crate::relay::core::{FiveTuple, Transport};
+use crate::relay::wire::{self, Frame};
+use crate::tls::Tls;
+
+/// Frames queued towards one TCP/TLS client before relayed data is dropped.
+const STREAM_QUEUE: usize = 512;
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle TCP connections without an allocation are closed after this long.
+const STREAM_IDLE: Duration = Duration::from_secs(120);
+/// Bytes read from a stream at once.
+const READ_CHUNK: usize = 65_536;
+
+/// Accepts connections until shutdown; `tls` makes them TURN over TLS.
+pub(super) async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, tls: Option<Arc<Tls>>) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "turn listener has no address; not accepting");
+            return;
+        }
+    };
+    loop {
+        let (stream, from) = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::debug!(error = %e, "turn accept");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        let five = FiveTuple {
+            client: from,
+            server: local,
+            transport: if tls.is_some() {
+                Transport::Tls
+            } else {
+                Transport::Tcp
+            },
+        };
+        let ctx = ctx.clone();
+        let tls = tls.clone();
+        ctx.tasks.clone().spawn(async move {
+            match tls {
+                Some(tls) => {
+                    // A fresh clone per connection: a certificate reloaded on SIGHUP
+                    // applies to the next connection; ALPN is cleared (TURN over TLS
+                    // does not negotiate it).
+                    let mut cfg = (*tls.server_config()).clone();
+                    cfg.alpn_protocols.clear();
+                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => serve_stream(s, five, ctx).await,
+                        _ => tracing::debug!(client = %from, "turn tls handshake failed"),
+                    }
+                }
+                None => serve_stream(stream, five, ctx).await,
+            }
+        });
+    }
+}
+
+/// Where [`forward_frames`] stopped.
+enum Next {
+    /// A STUN message of this length starts at the offset.
+    Stun(usize),
+    /// The rest is an incomplete frame.
+    More,
+    /// Not STUN or ChannelData: close the connection.
+    Bad,
+}
+
+/// Routes consecutive ChannelData frames of a stream under one lock, collecting
+/// the payloads to forward; stops at a STUN message, an incomplete frame or garbage.
+fn forward_frames(
+    shared: &CoreCell,
+    five: &FiveTuple,
+    buf: &[u8],
+    off: &mut usize,
+    fwd: &mut Forwards,
+) -> Next {
+    let now = Instant::now();
+    let mut guard = shared.lock();
+    loop {
+        let rest = &buf[*off..];
+        let len = match wire::stream_frame(rest) {
+            Frame::Invalid => return Next::Bad,
+            Frame::Incomplete => return Next::More,
+            Frame::Complete(len) => len,
+        };
+        let frame = &rest[..len];
+        if let Some((ch, dlen)) = wire::channel_header(frame) {
+            if let Some((relay, peer)) = guard.core.channel_data(five, ch, dlen, now) {
+                fwd.push((relay, peer, *off + 4, dlen));
+            }
+            *off += len;
+        } else if wire::is_stun(frame) {
+            return Next::Stun(len);
+        } else {
+            return Next::Bad;
+        }
+    }
+}
+
+async fn serve_stream<T>(stream: T, five: FiveTuple, ctx: Arc<Ctx>)
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if wr.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        // The peer may be gone already; there is nothing left to tell it.
+        let _ = wr.shutdown().await;
+    });
+    let sink = ClientSink::Stream(tx);
+    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut chunk = vec![0u8; READ_CHUNK];
+    let mut fwd: Forwards = Vec::with_capacity(batch::BATCH);
+    let mut cmds = Commands::new();
+    'conn: loop {
+        let read = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            r = tokio::time::timeout(STREAM_IDLE, rd.read(&mut chunk)) => r,
+        };
+        let n = match read {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => n,
+            Err(_) => {
+                // Idle: keep connections that hold an allocation.
+                if ctx.shared.lock().core.allocation_of(&five).is_some() {
+                    continue;
+                }
+                break;
+            }
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut off = 0;
+        loop {
+            match forward_frames(&ctx.shared, &five, &buf, &mut off, &mut fwd) {
+                Next::More => break,
+                Next::Bad => {
+                    flush(&mut fwd, &buf);
+                    break 'conn;
+                }
+                Next::Stun(len) => {
+                    // Keep order: data before a request goes out before it is handled.
+                    flush(&mut fwd, &buf);
+                    let msg = &buf[off..off + len];
+                    let (now, wall) = (Instant::now(), SystemTime::now());
+                    ctx.shared
+                        .with(&mut cmds, |core| core.handle_stun(msg, five, now, wall));
+                    ctx.execute(&mut cmds, five, &sink).await;
+                    off += len;
+                }
+            }
+        }
+        flush(&mut fwd, &buf);
+        buf.drain(..off);
+    }
+    ctx.shared.with(&mut cmds, |core| core.client_gone(&five));
+    free_sockets(&mut cmds);
+    drop(sink);
+    // The writer ends once every sender (this task's, relay tasks') is gone; how it
+    // ended changes nothing for a connection that is over.
+    let _ = writer.await;
+}
