@@ -191,7 +191,7 @@ const CHROMIUM_ARGS = [
   '--disable-background-networking',
   '--disable-component-update',
   '--disable-sync',
-  '--use-fake-device-for-media-stream',
+  '--use-fake-device-for-media-stream=fps=10',
   '--use-fake-ui-for-media-stream',
   '--auto-select-desktop-capture-source=Entire screen',
   '--disable-features=WebRtcHideLocalIpsWithMdns',
@@ -205,6 +205,7 @@ const FIREFOX_PREFS = {
   // A fake camera (a moving pattern) and microphone (a tone), no permission prompt.
   'media.navigator.streams.fake': true,
   'media.navigator.permission.disabled': true,
+  'media.navigator.video.default_fps': 10,
   // Screen sharing picks the screen without a picker (the prompt is off above).
   'media.getdisplaymedia.enabled': true,
   // Autoplay with sound, in every window, without a user gesture.
@@ -365,15 +366,46 @@ export async function waitFor(page, fn, arg, opts = {}) {
  * @param {number} n
  */
 export async function waitForMedia(pages, n, timeout = 60000) {
-  await Promise.all(pages.map((p, i) => waitFor(p, async (want) => {
-    const mm = /** @type {any} */ (window).meshmeet;
-    if (!mm || !mm.inCall || mm.peers.size !== want) return false;
-    const a = await mm.stats();
-    await new Promise((r) => setTimeout(r, 500));
-    const b = await mm.stats();
-    return Object.keys(b).length === want && Object.keys(b).every((id) => a[id] &&
-      b[id].framesDecoded > a[id].framesDecoded && b[id].audioPackets > a[id].audioPackets);
-  }, n - 1, { timeout, interval: 250, what: `media flowing from ${n - 1} peers on page ${i}` })));
+  await Promise.all(pages.map(async (p, i) => {
+    try {
+      await waitFor(p, async (want) => {
+        const mm = /** @type {any} */ (window).meshmeet;
+        if (!mm || !mm.inCall || mm.peers.size !== want) return false;
+        const a = await mm.stats();
+        await new Promise((r) => setTimeout(r, 500));
+        const b = await mm.stats();
+        return Object.keys(b).length === want && Object.keys(b).every((id) => a[id] &&
+          b[id].framesDecoded > a[id].framesDecoded && b[id].audioPackets > a[id].audioPackets);
+      }, n - 1, { timeout, interval: 250, what: `media flowing from ${n - 1} peers on page ${i}` });
+    } catch (e) {
+      throw new Error(`${/** @type {Error} */ (e).message}\n${await describeCall(p)}`);
+    }
+  }));
+}
+
+/**
+ * What a page's call looks like, for failure messages: each peer's connection,
+ * signaling and tile state, media counters and selected path.
+ * @param {Page} page
+ */
+export async function describeCall(page) {
+  try {
+    return await page.evaluate(async () => {
+      const mm = /** @type {any} */ (window).meshmeet;
+      if (!mm) return 'no meshmeet handle';
+      const st = await mm.stats();
+      const lines = [`in call: ${mm.inCall}, id ${mm.id}, signaling joined: ${mm.signaling?.joined}`];
+      for (const p of mm.peers.values()) {
+        const s = st[p.id] || {};
+        lines.push(`  peer ${p.id} (${p.name}): ${p.pc.connectionState}/${p.pc.iceConnectionState}/` +
+          `${p.pc.signalingState}, tile ${s.state}, frames ${s.framesDecoded}, audio packets ${s.audioPackets}, ` +
+          `path ${JSON.stringify(s.path)}`);
+      }
+      return lines.join('\n');
+    });
+  } catch (e) {
+    return `(page state unavailable: ${/** @type {Error} */ (e).message})`;
+  }
 }
 
 export function ensureArtifacts() {

@@ -18,7 +18,12 @@ import {
 /** @type {Browsers} */ let browsers;
 const NAMES = ['Ada Lovelace', 'Grace Hopper', 'Alan Turing', 'Katherine Johnson'];
 /** Each test's own limit: a starved machine is slow, a hung one is not waited on. */
-const T = { timeout: 180_000 };
+const T = { timeout: 240_000 };
+// Waits end as soon as their state is reached; these bounds only say when to give up.
+/** a page reacting to a click or a signaling message */
+const UI = 30_000;
+/** media flowing again after a change (renegotiation, restart, a peer gone) */
+const MEDIA = 60_000;
 
 before(async () => {
   server = await new Server({ capacity: 4 }).start();
@@ -69,24 +74,23 @@ for (const room of rooms()) {
         }));
       }
       const all = people.map((p) => p.page);
-      await waitForMedia(all, 4, 90000);
+      await waitForMedia(all, 4, 120_000);
       up = true;
       for (const page of all) {
         const s = await stats(page);
         assert.equal(Object.keys(s).length, 3);
         for (const peer of Object.values(s)) {
-          assert.equal(peer.connectionState, 'connected');
           assert.ok(peer.framesDecoded > 0 && peer.audioPackets > 0, JSON.stringify(peer));
         }
-        // Host candidates are on one network here, so the pair is normally direct; on a
-        // starved machine ICE may use the relay pair for a while. Either way the tile
-        // says which one it is.
+        // Every connection is up, and its tile says which path it is on. Host candidates
+        // are on one network here, so the pair is normally direct; on a starved machine
+        // ICE may use the relay pair for a while. The tile re-reads the pair every 3 s.
         await waitFor(page, async () => {
           const st = await /** @type {any} */ (window).meshmeet.stats();
-          return Object.values(st).every((/** @type {any} */ p) => p.path &&
+          return Object.values(st).every((/** @type {any} */ p) => p.connectionState === 'connected' && p.path &&
             p.state === (p.path.local === 'relay' || p.path.remote === 'relay' ? 'relay' : 'direct') &&
             document.querySelector(`.tile[data-key="${p.id}"]`)?.getAttribute('data-state') === p.state);
-        }, null, { timeout: 15000, interval: 250, what: 'tile connection state matching the selected pair' });
+        }, null, { timeout: UI, interval: 250, what: 'connections up, tiles matching the selected pair' });
         await waitFor(page, () => document.querySelectorAll('.tile').length === 4, null, { what: 'four tiles' });
       }
       const names = await all[0].$$eval('.tile .tile-name', (els) => els.map((e) => e.textContent));
@@ -102,14 +106,14 @@ for (const room of rooms()) {
             const e = p.videoTx.sender.getParameters().encodings[0];
             return e && e.maxBitrate === lim.video.maxBitrate && e.scaleResolutionDownBy === lim.video.scale;
           });
-        }, limits, { timeout: 10000, what: 'sender limits on every connection' });
+        }, limits, { timeout: UI, what: 'sender limits on every connection' });
       }
     });
 
     test('active speaker, ICE credential renewal and ICE restart', T, async () => {
       const [a, b] = pages();
       // The fake microphones make sound: some tile lights up as the active speaker.
-      await waitFor(a, () => document.querySelector('.tile.speaking') !== null, null, { timeout: 15000, what: 'an active speaker' });
+      await waitFor(a, () => document.querySelector('.tile.speaking') !== null, null, { timeout: UI, what: 'an active speaker' });
       // Renewal: a new username (EXPIRY:ID) is applied to every connection.
       const before = await a.evaluate(() => {
         const mm = /** @type {any} */ (window).meshmeet;
@@ -121,7 +125,7 @@ for (const room of rooms()) {
       await waitFor(a, (old) => {
         const mm = /** @type {any} */ (window).meshmeet;
         return Array.from(mm.peers.values()).every((p, i) => JSON.stringify(p.pc.getConfiguration().iceServers) !== old[i]);
-      }, before, { timeout: 15000, what: 'new ICE credentials on every connection' });
+      }, before, { timeout: UI, what: 'new ICE credentials on every connection' });
       // ICE restart on one pair: new credentials in the SDP, same connection, media flows.
       const bId = await myId(b);
       const ufrag = (/** @type {string} */ sdp) => (sdp.match(/a=ice-ufrag:(\S+)/) || [])[1];
@@ -131,8 +135,8 @@ for (const room of rooms()) {
         const pc = /** @type {any} */ (window).meshmeet.peers.get(id).pc;
         const m = pc.localDescription.sdp.match(/a=ice-ufrag:(\S+)/);
         return pc.signalingState === 'stable' && m && m[1] !== old && pc.connectionState === 'connected';
-      }, [bId, ufrag(sdpBefore)], { timeout: 20000, what: 'the ICE restart to complete' });
-      await waitForMedia(pages(), 4, 30000);
+      }, [bId, ufrag(sdpBefore)], { timeout: MEDIA, what: 'the ICE restart to complete' });
+      await waitForMedia(pages(), 4, MEDIA);
     });
 
     test('screenshot of the four-way call', T, async () => {
@@ -158,7 +162,7 @@ for (const room of rooms()) {
           const el = document.querySelector(`.tile[data-key="${id}"]`);
           return !!el && el.classList.contains('is-muted') && el.classList.contains('no-video') &&
             el.querySelector('.tile-icons .icon') !== null;
-        }, bId, { timeout: 15000, what: 'the muted, camera-off tile' });
+        }, bId, { timeout: UI, what: 'the muted, camera-off tile' });
       }
       await b.keyboard.press('m');
       await b.keyboard.press('v');
@@ -166,17 +170,17 @@ for (const room of rooms()) {
         await waitFor(page, (id) => {
           const el = document.querySelector(`.tile[data-key="${id}"]`);
           return !!el && !el.classList.contains('is-muted') && !el.classList.contains('no-video');
-        }, bId, { timeout: 15000, what: 'the tile back on' });
+        }, bId, { timeout: UI, what: 'the tile back on' });
       }
       // The reopened camera's frames reach everyone again.
-      await waitForMedia([a, b, c, d], 4, 30000);
+      await waitForMedia([a, b, c, d], 4, MEDIA);
     });
 
     test('chat reaches everyone in order, with an unread count', T, async () => {
       const all = pages();
       const log = (/** @type {Page} */ page) => page.evaluate(() => /** @type {string[]} */ (/** @type {any} */ (window).meshmeet.chatLog));
       const chatLength = (/** @type {Page} */ page, /** @type {number} */ n) =>
-        waitFor(page, (k) => /** @type {any} */ (window).meshmeet.chatLog.length >= k, n, { timeout: 15000, what: `${n} chat lines` });
+        waitFor(page, (k) => /** @type {any} */ (window).meshmeet.chatLog.length >= k, n, { timeout: UI, what: `${n} chat lines` });
       // Turns: each participant sends three lines; all four see every line, in one order.
       /** @type {string[]} */
       const turns = [];
@@ -226,7 +230,7 @@ for (const room of rooms()) {
         const others = all.filter((_, i) => i !== s);
         const sId = await myId(sharer);
         await sharer.click('#btn-share');
-        await waitFor(sharer, () => document.querySelector('.tile[data-key="self:screen"]') !== null, null, { timeout: 20000, what: 'the own screen tile' });
+        await waitFor(sharer, () => document.querySelector('.tile[data-key="self:screen"]') !== null, null, { timeout: UI, what: 'the own screen tile' });
         for (const page of others) {
           await waitFor(page, async (id) => {
             if (!document.querySelector(`.tile[data-key="${id}:screen"]`)) return false;
@@ -235,15 +239,15 @@ for (const room of rooms()) {
             await new Promise((r) => setTimeout(r, 500));
             const s2 = (await mm.stats())[id].screenFrames;
             return s2 > s1;
-          }, sId, { timeout: 30000, interval: 250, what: 'screen frames decoded' });
+          }, sId, { timeout: MEDIA, interval: 250, what: 'screen frames decoded' });
         }
         await sharer.screenshot({ path: shot(`screen-share-${s}`) });
         await sharer.click('#btn-share');
         for (const page of others) {
-          await waitFor(page, (id) => document.querySelector(`.tile[data-key="${id}:screen"]`) === null, sId, { timeout: 20000, what: 'the screen tile gone' });
+          await waitFor(page, (id) => document.querySelector(`.tile[data-key="${id}:screen"]`) === null, sId, { timeout: UI, what: 'the screen tile gone' });
         }
         // Camera video keeps flowing after the renegotiations.
-        await waitForMedia(all, 4, 30000);
+        await waitForMedia(all, 4, MEDIA);
       });
     }
 
@@ -267,19 +271,20 @@ for (const room of rooms()) {
       });
       const early = await sample();
       assert.ok(early.down, 'the socket is down and the banner shows');
-      // Media keeps being decoded while the socket is down: wait for a rise everywhere.
+      // Media keeps being decoded while the socket is down (10 s): wait for a rise from
+      // every peer, checked only while the socket is still down.
       await waitFor(c, async (base) => {
         const mm = /** @type {any} */ (window).meshmeet;
         const st = await mm.stats();
         return !mm.signaling.joined && Object.keys(base).every((id) => st[id] &&
-          st[id].framesDecoded > base[id].framesDecoded + 10 && st[id].audioPackets > base[id].audioPackets + 10);
-      }, early.stats, { timeout: 8000, interval: 250, what: 'media decoded during the outage' });
+          st[id].framesDecoded > base[id].framesDecoded + 2 && st[id].audioPackets > base[id].audioPackets + 10);
+      }, early.stats, { timeout: 9000, interval: 250, what: 'media decoded during the outage' });
       const during = await sample();
       assert.ok(during.down, 'still down: the rise happened during the outage');
       await waitFor(c, () => {
         const mm = /** @type {any} */ (window).meshmeet;
         return mm.signaling.joined && document.getElementById('banner')?.hidden;
-      }, null, { timeout: 30000, what: 'signaling to resume' });
+      }, null, { timeout: UI, what: 'signaling to resume' });
       const same = await c.evaluate(() => {
         const mm = /** @type {any} */ (window).meshmeet;
         const pcs = /** @type {any} */ (window).__pcs;
@@ -292,7 +297,7 @@ for (const room of rooms()) {
         const st = await /** @type {any} */ (window).meshmeet.stats();
         return Object.keys(base).every((id) => st[id] && st[id].serial === base[id].serial &&
           st[id].framesDecoded > base[id].framesDecoded && st[id].audioPackets > base[id].audioPackets);
-      }, during.stats, { timeout: 15000, interval: 250, what: 'media decoded across the outage, on the same connections' });
+      }, during.stats, { timeout: UI, interval: 250, what: 'media decoded across the outage, on the same connections' });
       // The others never saw C leave, and kept their connections to it.
       for (const page of [all[0], all[1], all[3]]) {
         assert.ok((await ids(page)).includes(cId));
@@ -300,14 +305,14 @@ for (const room of rooms()) {
       const aAfter = await atA();
       assert.equal(aAfter.serial, aBefore.serial);
       assert.ok(aAfter.framesDecoded > aBefore.framesDecoded);
-      await waitForMedia(all, 4, 30000);
+      await waitForMedia(all, 4, MEDIA);
     });
 
     if (room.label === 'chromium') {
       test('at capacity, the next participant sees the room-full screen', T, async () => {
         pages();
         const extra = await participant(browsers, 'chromium', roomUrl, 'Latecomer');
-        await waitFor(extra.page, () => !document.getElementById('screen')?.hidden, null, { timeout: 20000, what: 'the room-full screen' });
+        await waitFor(extra.page, () => !document.getElementById('screen')?.hidden, null, { timeout: UI, what: 'the room-full screen' });
         assert.equal(await text(extra.page, '#screen-title'), 'This room is full');
         assert.match(await text(extra.page, '#screen-text') || '', /4/);
         await extra.context.close();
@@ -342,7 +347,7 @@ for (const room of rooms()) {
       await Promise.all(all.slice(0, 3).map((page) => waitFor(page, (id) =>
         /** @type {any} */ (window).__goneAt > 0 &&
         /** @type {any} */ (window).__leaverPc.signalingState === 'closed' &&
-        !/** @type {any} */ (window).meshmeet.peers.has(id), leaverId, { timeout: 15000, interval: 50, what: 'the leaver gone' })));
+        !/** @type {any} */ (window).meshmeet.peers.has(id), leaverId, { timeout: UI, interval: 50, what: 'the leaver gone' })));
       for (const page of all.slice(0, 3)) {
         const goneAt = await page.evaluate(() => /** @type {number} */ (/** @type {any} */ (window).__goneAt));
         assert.ok(goneAt - clickAt < 2000, `tile gone ${goneAt - clickAt} ms after the click`);
@@ -351,7 +356,7 @@ for (const room of rooms()) {
       const closed = await leaver.evaluate(() => /** @type {any} */ (window).__pcs.every((/** @type {any} */ pc) => pc.signalingState === 'closed'));
       assert.ok(closed, 'leaver closed all its connections');
       assert.equal(await text(leaver, '#screen-title'), 'You left the call');
-      await waitForMedia(all.slice(0, 3), 3, 30000);
+      await waitForMedia(all.slice(0, 3), 3, MEDIA);
     });
 
     test('closing the tab sends leave: the others drop its tile at once, not after the resume grace', T, async () => {
@@ -360,8 +365,8 @@ for (const room of rooms()) {
       await c.close();
       await Promise.all([a, b].map((page) => waitFor(page, (id) =>
         document.querySelector(`.tile[data-key="${id}"]`) === null && !/** @type {any} */ (window).meshmeet.peers.has(id),
-      cId, { timeout: 15000, interval: 50, what: 'the closed tab gone' })));
-      await waitForMedia([a, b], 2, 30000);
+      cId, { timeout: 15_000, interval: 50, what: 'the closed tab gone (before the 20 s resume grace)' })));
+      await waitForMedia([a, b], 2, MEDIA);
     });
   });
 }

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { Server, Browsers, newPage, waitFor, ensureArtifacts, text } from '../lib/harness.js';
 
 /** @type {Server} */ let server;
+const T = { timeout: 120_000 };
 /** @type {Browsers} */ let browsers;
 
 before(async () => {
@@ -19,7 +20,7 @@ after(async () => {
   await server?.stop();
 });
 
-test('check page: camera, microphone, signaling, STUN and TURN over UDP, TCP and TLS all work', async () => {
+test('check page: camera, microphone, signaling, STUN and TURN over UDP, TCP and TLS all work', T, async () => {
   const { context, page } = await newPage(browsers, 'chromium', { viewport: { width: 900, height: 900 } });
   await page.goto(`${server.url}/check`);
   await waitFor(page, () => document.body.dataset.done === 'true', null, { timeout: 40000, what: 'every check to finish' });

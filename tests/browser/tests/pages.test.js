@@ -9,6 +9,7 @@ import { Server, Browsers, newPage, waitFor, ensureArtifacts, text, attr, fill }
 /** @typedef {import('../lib/harness.js').Page} Page */
 
 /** @type {Server} */ let server;
+const T = { timeout: 120_000 };
 /** @type {Browsers} */ let browsers;
 const PASSWORD = 'open sesame 42';
 
@@ -43,7 +44,7 @@ const ready = (page) => waitFor(page, () => document.body.dataset.ready === 'tru
 /** Clicks, and waits for the navigation the click starts. @param {Page} page @param {string} selector */
 const clickAndNavigate = (page, selector) => Promise.all([page.waitForNavigation(), page.click(selector)]);
 
-test('landing page starts a new room with a readable name, and joins one by name', async () => {
+test('landing page starts a new room with a readable name, and joins one by name', T, async () => {
   const { context, page } = await chromiumPage();
   await page.goto(`${server.url}/`);
   await page.screenshot({ path: join(ensureArtifacts(), 'landing.png') });
@@ -60,7 +61,7 @@ test('landing page starts a new room with a readable name, and joins one by name
   await context.close();
 });
 
-test('preview: Join button, device pickers, remembered name, Korean text', async () => {
+test('preview: Join button, device pickers, remembered name, Korean text', T, async () => {
   const { context, page } = await chromiumPage();
   await page.goto(`${server.url}/preview-room`);
   await ready(page);
@@ -96,7 +97,7 @@ test('preview: Join button, device pickers, remembered name, Korean text', async
   await ko.context.close();
 });
 
-test('camera and microphone denied: join receive-only and still see the others', async () => {
+test('camera and microphone denied: join receive-only and still see the others', T, async () => {
   const room = `${server.url}/receive-only`;
   const sender = await chromiumPage();
   await sender.page.goto(room);
@@ -128,18 +129,18 @@ test('camera and microphone denied: join receive-only and still see the others',
     await new Promise((r) => setTimeout(r, 500));
     const b = Object.values(await mm.stats())[0];
     return b.framesDecoded > a.framesDecoded && b.audioPackets > a.audioPackets;
-  }, null, { timeout: 30000, interval: 250, what: 'media from the sender' });
+  }, null, { timeout: 60_000, interval: 250, what: 'media from the sender' });
   // The sender sees the viewer as connected, with no camera and no microphone.
   await waitFor(sender.page, () => {
     const el = document.querySelector('.tile:not(.self)');
     return !!el && el.classList.contains('no-video') && el.classList.contains('is-muted') &&
       (el.getAttribute('data-state') === 'direct');
-  }, null, { timeout: 15000, what: 'the viewer tile: connected, no camera, no microphone' });
+  }, null, { timeout: 30_000, what: 'the viewer tile: connected, no camera, no microphone' });
   await viewer.context.close();
   await sender.context.close();
 });
 
-test('server unreachable: a clear screen with a retry button', async () => {
+test('server unreachable: a clear screen with a retry button', T, async () => {
   const { context, page } = await chromiumPage();
   await page.evaluateOnNewDocument(() => {
     const Real = WebSocket;

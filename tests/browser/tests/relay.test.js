@@ -20,7 +20,7 @@ after(async () => {
 });
 
 for (const room of rooms()) {
-  test(`forced relay, ${room.label} room (${room.kinds.join(', ')}): all media through the embedded TURN server`, { timeout: 180_000 }, async () => {
+  test(`forced relay, ${room.label} room (${room.kinds.join(', ')}): all media through the embedded TURN server`, { timeout: 240_000 }, async () => {
     /** @type {import('../lib/harness.js').Participant[]} */
     const people = [];
     try {
@@ -28,7 +28,7 @@ for (const room of rooms()) {
         people.push(await participant(browsers, kind, `${server.url}/relayed-${room.label}`, `Relay ${i + 1}`));
       }
       const pages = people.map((p) => p.page);
-      await waitForMedia(pages, 4, 90000);
+      await waitForMedia(pages, 4, 120_000);
       for (const page of pages) {
         const ice = await page.evaluate(() => {
           const pc = /** @type {any} */ (window).meshmeet.peers.values().next().value.pc;
@@ -50,7 +50,7 @@ for (const room of rooms()) {
           const st = await /** @type {any} */ (window).meshmeet.stats();
           return Object.values(st).every((/** @type {any} */ p) => p.state === 'relay') &&
             Array.from(document.querySelectorAll('.tile:not(.self)')).every((t) => t.getAttribute('data-state') === 'relay');
-        }, null, { timeout: 15000, interval: 250, what: 'every tile saying "via relay"' });
+        }, null, { timeout: 30_000, interval: 250, what: 'every tile saying "via relay"' });
       }
     } finally {
       for (const p of people) {
