@@ -355,32 +355,44 @@ export async function waitFor(page, fn, arg, opts = {}) {
     // @ts-ignore: puppeteer's typing of generic page functions
     await page.waitForFunction(fn, { timeout, polling: opts.interval ?? 100 }, arg);
   } catch (e) {
-    throw new Error(`waiting for ${opts.what || 'a page condition'}: ${/** @type {Error} */ (e).message}`);
+    throw new Error(`waiting for ${opts.what || 'a page condition'}: ${/** @type {Error} */ (e).message}\n` +
+      `${await describeCall(page)}`);
   }
 }
 
+let mediaWaits = 0;
+
 /**
- * Waits until every page is in the call with `n - 1` peers whose video frames and
- * audio packets are rising (getStats).
+ * Waits until every page is in the call with `n - 1` peers and has decoded video
+ * frames and received audio packets from each of them since the wait began
+ * (getStats). A sender that a starved machine slows to a frame a second still
+ * counts; one that sends nothing does not.
  * @param {Page[]} pages
  * @param {number} n
  */
 export async function waitForMedia(pages, n, timeout = 60000) {
-  await Promise.all(pages.map(async (p, i) => {
-    try {
-      await waitFor(p, async (want) => {
-        const mm = /** @type {any} */ (window).meshmeet;
-        if (!mm || !mm.inCall || mm.peers.size !== want) return false;
-        const a = await mm.stats();
-        await new Promise((r) => setTimeout(r, 500));
-        const b = await mm.stats();
-        return Object.keys(b).length === want && Object.keys(b).every((id) => a[id] &&
-          b[id].framesDecoded > a[id].framesDecoded && b[id].audioPackets > a[id].audioPackets);
-      }, n - 1, { timeout, interval: 250, what: `media flowing from ${n - 1} peers on page ${i}` });
-    } catch (e) {
-      throw new Error(`${/** @type {Error} */ (e).message}\n${await describeCall(p)}`);
+  const token = `media-${++mediaWaits}`;
+  await Promise.all(pages.map((p, i) => waitFor(p, async ([want, key]) => {
+    const w = /** @type {any} */ (window);
+    const mm = w.meshmeet;
+    if (!mm || !mm.inCall || mm.peers.size !== want) return false;
+    const st = await mm.stats();
+    /** @type {Record<string, {serial: number, frames: number, audio: number}>} */
+    const base = ((w.__mediaBase ||= {})[key] ||= {});
+    let flowing = Object.keys(st).length === want;
+    for (const [id, s] of Object.entries(st)) {
+      const b = base[id];
+      // A new connection, or counters that went back (a new stream): count from here.
+      if (!b || b.serial !== s.serial || s.framesDecoded < b.frames || s.audioPackets < b.audio) {
+        base[id] = { serial: s.serial, frames: s.framesDecoded, audio: s.audioPackets };
+        flowing = false;
+      } else if (!(s.framesDecoded > b.frames && s.audioPackets > b.audio)) {
+        flowing = false;
+      }
     }
-  }));
+    if (flowing) delete w.__mediaBase[key];
+    return flowing;
+  }, [n - 1, token], { timeout, interval: 1000, what: `media flowing from ${n - 1} peers on page ${i}` })));
 }
 
 /**
@@ -389,8 +401,11 @@ export async function waitForMedia(pages, n, timeout = 60000) {
  * @param {Page} page
  */
 export async function describeCall(page) {
+  /** @type {ReturnType<typeof setTimeout>|undefined} */
+  let timer;
+  const late = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error('no answer in 10 s')), 10_000); });
   try {
-    return await page.evaluate(async () => {
+    return await Promise.race([late, page.evaluate(async () => {
       const mm = /** @type {any} */ (window).meshmeet;
       if (!mm) return 'no meshmeet handle';
       const st = await mm.stats();
@@ -402,9 +417,11 @@ export async function describeCall(page) {
           `path ${JSON.stringify(s.path)}`);
       }
       return lines.join('\n');
-    });
+    })]);
   } catch (e) {
     return `(page state unavailable: ${/** @type {Error} */ (e).message})`;
+  } finally {
+    clearTimeout(timer);
   }
 }
 

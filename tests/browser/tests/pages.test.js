@@ -4,7 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { Server, Browsers, newPage, waitFor, ensureArtifacts, text, attr, fill } from '../lib/harness.js';
+import { Server, Browsers, newPage, waitFor, waitForMedia, ensureArtifacts, text, attr, fill } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
 
@@ -122,14 +122,7 @@ test('camera and microphone denied: join receive-only and still see the others',
   await fill(viewer.page, '#pw-input', PASSWORD);
   await viewer.page.click('#pw-form button');
   // The viewer decodes the sender's video and audio.
-  await waitFor(viewer.page, async () => {
-    const mm = /** @type {any} */ (window).meshmeet;
-    if (!mm.inCall || mm.peers.size !== 1) return false;
-    const a = Object.values(await mm.stats())[0];
-    await new Promise((r) => setTimeout(r, 500));
-    const b = Object.values(await mm.stats())[0];
-    return b.framesDecoded > a.framesDecoded && b.audioPackets > a.audioPackets;
-  }, null, { timeout: 60_000, interval: 250, what: 'media from the sender' });
+  await waitForMedia([viewer.page], 2, 60_000);
   // The sender sees the viewer as connected, with no camera and no microphone.
   await waitFor(sender.page, () => {
     const el = document.querySelector('.tile:not(.self)');
