@@ -300,7 +300,10 @@ export async function newPage(browsers, kind, opts = {}) {
   /** @type {string[]} */
   const errors = [];
   page.on('pageerror', (e) => errors.push(String(e)));
-  page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
+  page.on('console', (m) => {
+    const type = m.type();
+    if (type === 'error' || type === 'warn') errors.push(`${type}: ${m.text()}`);
+  });
   return { page, context, errors };
 }
 
@@ -415,6 +418,14 @@ export async function describeCall(page) {
         lines.push(`  peer ${p.id} (${p.name}): ${p.pc.connectionState}/${p.pc.iceConnectionState}/` +
           `${p.pc.signalingState}, tile ${s.state}, frames ${s.framesDecoded}, audio packets ${s.audioPackets}, ` +
           `path ${JSON.stringify(s.path)}`);
+        // Incoming video per m-line: packets, frames received and decoded, key frames, PLIs.
+        const r = await p.pc.getStats();
+        r.forEach((/** @type {any} */ x) => {
+          if (x.type === 'inbound-rtp' && x.kind === 'video') {
+            lines.push(`    video mid ${x.mid}: packets ${x.packetsReceived}, lost ${x.packetsLost}, frames received ` +
+              `${x.framesReceived}, decoded ${x.framesDecoded}, key ${x.keyFramesDecoded}, pli ${x.pliCount}`);
+          }
+        });
       }
       return lines.join('\n');
     })]);

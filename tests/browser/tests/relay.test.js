@@ -54,7 +54,7 @@ for (const room of rooms()) {
       }
     } finally {
       for (const p of people) {
-        if (p.errors.length) console.log(`page errors (${p.name}, ${p.kind}):`, p.errors.join('\n'));
+        if (p.errors.length) console.log(`console errors and warnings (${p.name}, ${p.kind}):`, p.errors.join('\n'));
         await p.context.close().catch(() => {});
       }
     }
