@@ -2,15 +2,18 @@
 # The whole test suite on a fresh Debian machine (root, Rust toolchain, Node present):
 # installs what the tests need, then runs format and lint checks, the Rust tests
 # (unit, integration, relay interop with coturn's tools) and the browser tests in
-# headless Chromium.
+# Chromium and Firefox.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v chromium >/dev/null || need_apt+=(chromium)
+command -v firefox-esr >/dev/null || need_apt+=(firefox-esr)
+# Firefox captures a screen (the screen-share tests) only from a display: Xvfb.
+command -v Xvfb >/dev/null || need_apt+=(xvfb)
 command -v turnutils_uclient >/dev/null || need_apt+=(coturn)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
-# The browser tests run the server and Chromium in a network namespace (ip netns).
+# The browser tests run the server and the browsers in a network namespace (ip netns).
 command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
@@ -35,7 +38,7 @@ echo "== cargo test (benches are built by clippy above and run with cargo bench)
 # skipping (as it does on a machine without them).
 MESHMEET_REQUIRE_TOOLS=1 cargo test --lib --bins --tests
 if [ -f tests/browser/package.json ]; then
-  echo "== browser tests (headless Chromium)"
+  echo "== browser tests (Chromium, Firefox, and both in one room)"
   cargo build --bin meshmeet
   (cd tests/browser && MESHMEET_BIN="$PWD/../../target/debug/meshmeet" npm test)
 fi

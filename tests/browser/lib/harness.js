@@ -1,81 +1,69 @@
-// Test harness: a private network namespace, the real meshmeet server inside it, and
-// one headless Chromium (also inside it) with one browser context per participant.
+// Test harness: the real meshmeet server, Xvfb, and real browsers (Chromium and
+// Firefox, both driven by puppeteer-core: Chromium over CDP, Firefox over WebDriver
+// BiDi), all inside the private network namespace that lib/netns.js creates and
+// runs the test runner in (`npm test` does that).
 //
-// Chromium gathers no host candidates on loopback, and the tests must not use the
-// machine's real interfaces, so everything runs in a namespace with its own
-// interface (10.213.0.1/24) that nothing outside can reach.
+// One browser process per kind and test file; one isolated browser context (a BiDi
+// user context in Firefox) per participant, each with its own storage and its own
+// fake camera and microphone.
 
-import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync, chmodSync, rmSync, mkdirSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, writeFileSync, rmSync, mkdirSync } from 'node:fs';
+import { networkInterfaces, tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import puppeteer from 'puppeteer-core';
+import { HOST_IP } from './netns.js';
+
+export { HOST_IP };
+
+/** @typedef {import('puppeteer-core').Browser} Browser */
+/** @typedef {import('puppeteer-core').BrowserContext} BrowserContext */
+/** @typedef {import('puppeteer-core').Page} Page */
+/** @typedef {'chromium'|'firefox'} Kind */
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const ARTIFACTS = join(here, '..', 'artifacts');
-export const HOST_IP = '10.213.0.1';
 const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
+const FIREFOX = process.env.FIREFOX_BIN || '/usr/bin/firefox-esr';
 
-/** @param {string[]} args */
-function ip(...args) {
-  execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
-}
-
-let nsCounter = 0;
-
-/** Removes namespaces left behind by test runs that were killed. */
-function removeStaleNamespaces() {
-  let list = '';
-  try { list = execFileSync('ip', ['netns', 'list'], { encoding: 'utf8' }); } catch { return; }
-  for (const line of list.split('\n')) {
-    const m = line.match(/^(mmtest-(\d+)-\d+)/);
-    if (!m || Number(m[2]) === process.pid) continue;
-    try { process.kill(Number(m[2]), 0); continue; } catch { /* owner is gone */ }
-    try { ip('netns', 'del', m[1]); } catch { /* raced */ }
+/** Throws unless this process runs in the test namespace (see lib/netns.js). */
+export function requireNetns() {
+  const mine = Object.values(networkInterfaces()).flat().some((a) => a?.address === HOST_IP);
+  if (!process.env.MESHMEET_NETNS || !mine) {
+    throw new Error('the browser tests run inside their own network namespace: start them with ' +
+      '`npm test` (or `node lib/netns.js node --test tests/FILE.test.js`), as root');
   }
 }
 
-/** A network namespace with lo and one interface holding HOST_IP. */
-export class Netns {
-  constructor() {
-    removeStaleNamespaces();
-    this.name = `mmtest-${process.pid}-${++nsCounter}`;
-    ip('netns', 'add', this.name);
-    try {
-      const ex = (/** @type {string[]} */ ...a) => ip('netns', 'exec', this.name, ...a);
-      ex('ip', 'link', 'set', 'lo', 'up');
-      // A veth pair with both ends inside the namespace: a real, non-loopback
-      // interface whose traffic never leaves the namespace.
-      ex('ip', 'link', 'add', 'mm0', 'type', 'veth', 'peer', 'name', 'mm1');
-      ex('ip', 'addr', 'add', `${HOST_IP}/24`, 'dev', 'mm0');
-      ex('ip', 'link', 'set', 'mm1', 'up');
-      ex('ip', 'link', 'set', 'mm0', 'up');
-      // IPv4 only: keeps the candidate set small and predictable.
-      try { ex('sysctl', '-q', '-w', 'net.ipv6.conf.all.disable_ipv6=1'); } catch { /* no IPv6 */ }
-    } catch (e) {
-      this.destroy();
-      throw e;
-    }
-  }
+/**
+ * The rooms the call tests run in: every participant's browser, in joining order.
+ * MESHMEET_ROOMS (e.g. "firefox,mixed") picks some of them.
+ */
+const ALL_ROOMS = /** @type {{label: string, kinds: Kind[]}[]} */ ([
+  { label: 'chromium', kinds: ['chromium', 'chromium', 'chromium', 'chromium'] },
+  { label: 'firefox', kinds: ['firefox', 'firefox', 'firefox', 'firefox'] },
+  // Joining order F, C, F, C: newcomers offer to everyone present, so this room has
+  // offers from Chromium to Firefox, Firefox to Chromium, and each to its own kind.
+  { label: 'mixed', kinds: ['firefox', 'chromium', 'firefox', 'chromium'] },
+]);
 
-  /** argv prefix that runs a command inside the namespace */
-  prefix() { return ['ip', 'netns', 'exec', this.name]; }
-
-  destroy() {
-    try { ip('netns', 'del', this.name); } catch { /* already gone */ }
+export function rooms() {
+  const want = (process.env.MESHMEET_ROOMS || '').split(',').map((s) => s.trim()).filter(Boolean);
+  for (const w of want) {
+    if (!ALL_ROOMS.some((r) => r.label === w)) throw new Error(`MESHMEET_ROOMS: unknown room kind ${w}`);
   }
+  return want.length ? ALL_ROOMS.filter((r) => want.includes(r.label)) : ALL_ROOMS;
 }
 
 /**
  * @typedef {{capacity?: number, forceRelay?: boolean, password?: string}} ServerOpts
  */
 
-/** The real meshmeet binary, in the namespace, with a temporary config. */
+/** The real meshmeet binary with a temporary config. */
 export class Server {
-  /** @param {Netns} ns @param {ServerOpts} [opts] */
-  constructor(ns, opts = {}) {
-    this.ns = ns;
+  /** @param {ServerOpts} [opts] */
+  constructor(opts = {}) {
     this.opts = opts;
     this.dir = mkdtempSync(join(tmpdir(), 'meshmeet-web-'));
     this.stderr = '';
@@ -85,6 +73,7 @@ export class Server {
   }
 
   async start() {
+    requireNetns();
     const bin = process.env.MESHMEET_BIN;
     if (!bin) throw new Error('MESHMEET_BIN is not set (path to target/debug/meshmeet)');
     const o = this.opts;
@@ -109,11 +98,15 @@ force_relay = ${o.forceRelay ? 'true' : 'false'}
 `;
     const cfgPath = join(this.dir, 'meshmeet.toml');
     writeFileSync(cfgPath, cfg);
-    const proc = spawn(this.ns.prefix()[0], [...this.ns.prefix().slice(1), bin, '--config', cfgPath], {
+    const proc = spawn(bin, ['--config', cfgPath], {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, RUST_LOG: process.env.MESHMEET_LOG || 'info', NO_COLOR: '1' },
     });
     this.proc = proc;
+    // If the test process dies first, the server goes with it.
+    const reap = () => { if (proc.exitCode === null) proc.kill('SIGKILL'); };
+    process.once('exit', reap);
+    proc.once('exit', () => process.off('exit', reap));
     const ready = new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`server not ready:\n${this.stderr}`)), 60000);
       /** @param {Buffer} chunk */
@@ -138,7 +131,7 @@ force_relay = ${o.forceRelay ? 'true' : 'false'}
 
   async stop() {
     const p = this.proc;
-    if (p && p.exitCode === null) {
+    if (p && p.exitCode === null && p.signalCode === null) {
       const exited = new Promise((r) => p.once('exit', r));
       p.kill('SIGTERM');
       const t = setTimeout(() => p.kill('SIGKILL'), 8000);
@@ -149,114 +142,298 @@ force_relay = ${o.forceRelay ? 'true' : 'false'}
   }
 }
 
-/** One headless Chromium inside the namespace. */
-export async function launchBrowser(/** @type {Netns} */ ns) {
-  const dir = mkdtempSync(join(tmpdir(), 'meshmeet-chromium-'));
-  const wrapper = join(dir, 'chromium-in-netns.sh');
-  writeFileSync(wrapper, `#!/bin/sh\nexec ip netns exec ${ns.name} ${CHROMIUM} "$@"\n`);
-  chmodSync(wrapper, 0o755);
-  const browser = await chromium.launch({
-    executablePath: wrapper,
-    headless: true,
-    args: [
-      '--headless=new',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      '--use-fake-device-for-media-stream',
-      '--use-fake-ui-for-media-stream',
-      '--auto-select-desktop-capture-source=Entire screen',
-      '--disable-features=WebRtcHideLocalIpsWithMdns',
-      '--ignore-certificate-errors',
-      '--autoplay-policy=no-user-gesture-required',
-      // playwright itself passes a fresh temporary --user-data-dir.
-    ],
+/**
+ * An X server without a screen, for a browser that must not be headless: Firefox
+ * captures a screen (getDisplayMedia) only from a real display, and headless
+ * Firefox has none. Xvfb picks a free display number itself (-displayfd).
+ */
+export async function startXvfb() {
+  const proc = spawn('Xvfb', ['-displayfd', '3', '-screen', '0', '1280x720x24', '-nolisten', 'tcp'], {
+    stdio: ['ignore', 'ignore', 'pipe', 'pipe'],
+  });
+  let err = '';
+  proc.stderr?.on('data', (c) => { err += c.toString(); });
+  const reap = () => { if (proc.exitCode === null) proc.kill('SIGKILL'); };
+  process.once('exit', reap);
+  proc.once('exit', () => process.off('exit', reap));
+  const display = await new Promise((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`Xvfb did not start:\n${err}`)), 20000);
+    const fd3 = /** @type {import('node:stream').Readable} */ (proc.stdio[3]);
+    fd3.on('data', (c) => {
+      out += c.toString();
+      const m = out.match(/^(\d+)\n/);
+      if (m) {
+        clearTimeout(timer);
+        resolve(`:${m[1]}`);
+      }
+    });
+    proc.on('error', (e) => { clearTimeout(timer); reject(e); });
+    proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`Xvfb exited with ${code}:\n${err}`)); });
   });
   return {
-    browser,
-    async close() {
-      await browser.close().catch(() => {});
-      rmSync(dir, { recursive: true, force: true });
+    /** @type {string} */
+    display,
+    async stop() {
+      if (proc.exitCode !== null || proc.signalCode !== null) return;
+      const exited = new Promise((r) => proc.once('exit', r));
+      proc.kill('SIGTERM');
+      await exited;
     },
   };
 }
 
-/**
- * Opens a room page in a fresh context and joins as `name`.
- * @param {import('playwright-core').Browser} browser
- * @param {string} url room URL
- * @param {string} name
- * @param {{join?: boolean, viewport?: {width: number, height: number}}} [opts]
- */
-export async function participant(browser, url, name, opts = {}) {
-  const context = await browser.newContext({
-    ignoreHTTPSErrors: true,
-    viewport: opts.viewport || { width: 960, height: 600 },
-    permissions: ['camera', 'microphone'],
-    locale: 'en-US',
-  });
-  const page = await context.newPage();
-  /** @type {string[]} */
-  const errors = [];
-  page.on('pageerror', (e) => errors.push(String(e)));
-  page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
-  await page.goto(url);
-  await page.waitForFunction(() => document.body.dataset.ready === 'true', null, { timeout: 40000 });
-  await page.fill('#name', name);
-  if (opts.join !== false) await page.click('#join-btn');
-  return { page, context, name, errors };
-}
+const CHROMIUM_ARGS = [
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--use-fake-device-for-media-stream=fps=10',
+  '--use-fake-ui-for-media-stream',
+  '--auto-select-desktop-capture-source=Entire screen',
+  '--disable-features=WebRtcHideLocalIpsWithMdns',
+  '--ignore-certificate-errors',
+  '--autoplay-policy=no-user-gesture-required',
+  '--lang=en-US',
+];
 
-/**
- * Polls an async check in the page until it returns true. (Playwright's
- * waitForFunction does not await a predicate's promise, so async checks such as
- * getStats() go through here.)
- * @template A
- * @param {import('playwright-core').Page} page
- * @param {(arg: A) => Promise<boolean>} fn
- * @param {A} arg
- * @param {{timeout?: number, interval?: number, what?: string}} [opts]
- */
-export async function pollPage(page, fn, arg, opts = {}) {
-  const timeout = opts.timeout ?? 30000;
-  const interval = opts.interval ?? 250;
-  const deadline = Date.now() + timeout;
-  /** @type {any} */
-  let last = null;
-  for (;;) {
-    try {
-      // @ts-ignore: playwright's evaluate typing of generic functions
-      if (await page.evaluate(fn, arg)) return;
-    } catch (e) {
-      last = e;
+/** Firefox preferences: fake devices without prompts, autoplay, plain host candidates. */
+const FIREFOX_PREFS = {
+  // A fake camera (a moving pattern) and microphone (a tone), no permission prompt.
+  'media.navigator.streams.fake': true,
+  'media.navigator.permission.disabled': true,
+  'media.navigator.video.default_fps': 10,
+  // Screen sharing picks the screen without a picker (the prompt is off above).
+  'media.getdisplaymedia.enabled': true,
+  // Autoplay with sound, in every window, without a user gesture.
+  'media.autoplay.default': 0,
+  'media.autoplay.blocking_policy': 0,
+  'media.block-autoplay-until-in-foreground': false,
+  // Host candidates carry the address, not an mDNS name (as Chromium is told, too).
+  'media.peerconnection.ice.obfuscate_host_addresses': false,
+  // No sharing indicator window on the (virtual) screen.
+  'privacy.webrtc.legacyGlobalIndicator': false,
+  'privacy.webrtc.hideGlobalIndicator': true,
+  'intl.accept_languages': 'en-US',
+  'intl.locale.requested': 'en-US',
+};
+
+/** One browser process per kind, launched when first needed. */
+export class Browsers {
+  /** @param {{display?: string}} [opts] with a display, Firefox runs on it (not headless) */
+  constructor(opts = {}) {
+    this.display = opts.display || '';
+    /** @type {Map<Kind, Promise<Browser>>} */
+    this.launched = new Map();
+  }
+
+  /** @param {Kind} kind @returns {Promise<Browser>} */
+  get(kind) {
+    let b = this.launched.get(kind);
+    if (!b) {
+      b = kind === 'firefox' ? this.launchFirefox() : this.launchChromium();
+      this.launched.set(kind, b);
     }
-    if (Date.now() > deadline) {
-      throw new Error(`timed out after ${timeout} ms waiting for ${opts.what || 'page condition'}${last ? `: ${last}` : ''}`);
-    }
-    await new Promise((r) => setTimeout(r, interval));
+    return b;
+  }
+
+  launchChromium() {
+    requireNetns();
+    return puppeteer.launch({
+      executablePath: CHROMIUM,
+      headless: true,
+      pipe: true,
+      acceptInsecureCerts: true,
+      args: CHROMIUM_ARGS,
+      timeout: 60000,
+      protocolTimeout: 120000,
+    });
+  }
+
+  launchFirefox() {
+    requireNetns();
+    /** @type {Record<string, string|undefined>} */
+    const env = { ...process.env, MOZ_CRASHREPORTER_DISABLE: '1' };
+    if (this.display) env.DISPLAY = this.display;
+    else delete env.DISPLAY;
+    return puppeteer.launch({
+      browser: 'firefox',
+      executablePath: FIREFOX,
+      headless: !this.display,
+      acceptInsecureCerts: true,
+      extraPrefsFirefox: FIREFOX_PREFS,
+      env,
+      timeout: 60000,
+      protocolTimeout: 120000,
+    });
+  }
+
+  async close() {
+    const all = Array.from(this.launched.values());
+    this.launched.clear();
+    await Promise.all(all.map(async (p) => {
+      try { await (await p).close(); } catch { /* never started, or gone */ }
+    }));
   }
 }
 
 /**
- * Waits until every page is in the call with `n - 1` peers whose video frames and
- * audio packets are rising (getStats), then returns each page's stats.
- * @param {import('playwright-core').Page[]} pages
+ * @typedef {{page: Page, context: BrowserContext, name: string, kind: Kind, errors: string[]}} Participant
+ */
+
+/**
+ * A page in a fresh context of the given browser kind. Firefox gets a window rather
+ * than a tab, so every participant's page is visible (a background tab is hidden,
+ * and its timers are throttled).
+ * @param {Browsers} browsers
+ * @param {Kind} kind
+ * @param {{viewport?: {width: number, height: number}}} [opts]
+ */
+export async function newPage(browsers, kind, opts = {}) {
+  const browser = await browsers.get(kind);
+  const context = await browser.createBrowserContext();
+  const page = await context.newPage(kind === 'firefox' ? { type: 'window' } : undefined);
+  await page.setViewport(opts.viewport || { width: 960, height: 600 });
+  /** @type {string[]} */
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(String(e)));
+  page.on('console', (m) => {
+    const type = m.type();
+    if (type === 'error' || type === 'warn') errors.push(`${type}: ${m.text()}`);
+  });
+  return { page, context, errors };
+}
+
+/**
+ * Opens a room page in a fresh context and joins as `name`.
+ * @param {Browsers} browsers
+ * @param {Kind} kind
+ * @param {string} url room URL
+ * @param {string} name
+ * @param {{join?: boolean, viewport?: {width: number, height: number}}} [opts]
+ * @returns {Promise<Participant>}
+ */
+export async function participant(browsers, kind, url, name, opts = {}) {
+  const { page, context, errors } = await newPage(browsers, kind, opts);
+  await page.goto(url);
+  await page.waitForFunction(() => document.body.dataset.ready === 'true', { timeout: 40000 });
+  await fill(page, '#name', name);
+  if (opts.join !== false) await page.click('#join-btn');
+  return { page, context, name, kind, errors };
+}
+
+/**
+ * Replaces an input's text, as typing would (input events included).
+ * @param {Page} page @param {string} selector @param {string} value
+ */
+export async function fill(page, selector, value) {
+  await page.locator(selector).fill(value);
+}
+
+/** @param {Page} page @param {string} selector */
+export function text(page, selector) {
+  return page.$eval(selector, (el) => el.textContent);
+}
+
+/** @param {Page} page @param {string} selector @param {string} name */
+export function attr(page, selector, name) {
+  return page.$eval(selector, (el, n) => el.getAttribute(n), name);
+}
+
+/**
+ * Waits until a (possibly async) check in the page returns true; the check gets
+ * `arg`. A timeout says what was awaited.
+ * @template A
+ * @param {Page} page
+ * @param {(arg: A) => unknown} fn a check; a truthy result (or promise of one) ends the wait
+ * @param {A} [arg]
+ * @param {{timeout?: number, interval?: number, what?: string}} [opts]
+ */
+export async function waitFor(page, fn, arg, opts = {}) {
+  const timeout = opts.timeout ?? 30000;
+  try {
+    // @ts-ignore: puppeteer's typing of generic page functions
+    await page.waitForFunction(fn, { timeout, polling: opts.interval ?? 100 }, arg);
+  } catch (e) {
+    throw new Error(`waiting for ${opts.what || 'a page condition'}: ${/** @type {Error} */ (e).message}\n` +
+      `${await describeCall(page)}`);
+  }
+}
+
+let mediaWaits = 0;
+
+/**
+ * Waits until every page is in the call with `n - 1` peers and has decoded video
+ * frames and received audio packets from each of them since the wait began
+ * (getStats). A sender that a starved machine slows to a frame a second still
+ * counts; one that sends nothing does not.
+ * @param {Page[]} pages
  * @param {number} n
  */
 export async function waitForMedia(pages, n, timeout = 60000) {
-  await Promise.all(pages.map((p) => pollPage(p, async (want) => {
-    const mm = /** @type {any} */ (window).meshmeet;
+  const token = `media-${++mediaWaits}`;
+  await Promise.all(pages.map((p, i) => waitFor(p, async ([want, key]) => {
+    const w = /** @type {any} */ (window);
+    const mm = w.meshmeet;
     if (!mm || !mm.inCall || mm.peers.size !== want) return false;
-    const a = await mm.stats();
-    await new Promise((r) => setTimeout(r, 500));
-    const b = await mm.stats();
-    return Object.keys(b).length === want && Object.keys(b).every((id) => a[id] &&
-      b[id].framesDecoded > a[id].framesDecoded && b[id].audioPackets > a[id].audioPackets);
-  }, n - 1, { timeout, what: `media flowing from ${n - 1} peers` })));
+    const st = await mm.stats();
+    /** @type {Record<string, {serial: number, frames: number, audio: number}>} */
+    const base = ((w.__mediaBase ||= {})[key] ||= {});
+    let flowing = Object.keys(st).length === want;
+    for (const [id, s] of Object.entries(st)) {
+      const b = base[id];
+      // A new connection, or counters that went back (a new stream): count from here.
+      if (!b || b.serial !== s.serial || s.framesDecoded < b.frames || s.audioPackets < b.audio) {
+        base[id] = { serial: s.serial, frames: s.framesDecoded, audio: s.audioPackets };
+        flowing = false;
+      } else if (!(s.framesDecoded > b.frames && s.audioPackets > b.audio)) {
+        flowing = false;
+      }
+    }
+    if (flowing) delete w.__mediaBase[key];
+    return flowing;
+  }, [n - 1, token], { timeout, interval: 1000, what: `media flowing from ${n - 1} peers on page ${i}` })));
+}
+
+/**
+ * What a page's call looks like, for failure messages: each peer's connection,
+ * signaling and tile state, media counters and selected path.
+ * @param {Page} page
+ */
+export async function describeCall(page) {
+  /** @type {ReturnType<typeof setTimeout>|undefined} */
+  let timer;
+  const late = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error('no answer in 10 s')), 10_000); });
+  try {
+    return await Promise.race([late, page.evaluate(async () => {
+      const mm = /** @type {any} */ (window).meshmeet;
+      if (!mm) return 'no meshmeet handle';
+      const st = await mm.stats();
+      const lines = [`in call: ${mm.inCall}, id ${mm.id}, signaling joined: ${mm.signaling?.joined}`];
+      for (const p of mm.peers.values()) {
+        const s = st[p.id] || {};
+        lines.push(`  peer ${p.id} (${p.name}): ${p.pc.connectionState}/${p.pc.iceConnectionState}/` +
+          `${p.pc.signalingState}, tile ${s.state}, frames ${s.framesDecoded}, audio packets ${s.audioPackets}, ` +
+          `path ${JSON.stringify(s.path)}`);
+        // Incoming video per m-line: packets, frames received and decoded, key frames, PLIs.
+        const r = await p.pc.getStats();
+        r.forEach((/** @type {any} */ x) => {
+          if (x.type === 'inbound-rtp' && x.kind === 'video') {
+            lines.push(`    video mid ${x.mid}: packets ${x.packetsReceived}, lost ${x.packetsLost}, frames received ` +
+              `${x.framesReceived}, decoded ${x.framesDecoded}, key ${x.keyFramesDecoded}, pli ${x.pliCount}`);
+          }
+        });
+      }
+      return lines.join('\n');
+    })]);
+  } catch (e) {
+    return `(page state unavailable: ${/** @type {Error} */ (e).message})`;
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 export function ensureArtifacts() {

@@ -1,132 +1,141 @@
 // Landing page, preview, language, password prompt, receive-only join when the
-// camera and microphone are denied, and the unreachable-server screen.
+// camera and microphone are denied, and the unreachable-server screen (Chromium).
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { Netns, Server, launchBrowser, pollPage, ensureArtifacts } from '../lib/harness.js';
+import { Server, Browsers, newPage, waitFor, waitForMedia, ensureArtifacts, text, attr, fill } from '../lib/harness.js';
 
-/** @type {Netns} */ let ns;
+/** @typedef {import('../lib/harness.js').Page} Page */
+
 /** @type {Server} */ let server;
-/** @type {Awaited<ReturnType<typeof launchBrowser>>} */ let chrome;
+const T = { timeout: 120_000 };
+/** @type {Browsers} */ let browsers;
 const PASSWORD = 'open sesame 42';
 
 before(async () => {
-  ns = new Netns();
-  server = await new Server(ns, { password: PASSWORD }).start();
-  chrome = await launchBrowser(ns);
+  server = await new Server({ password: PASSWORD }).start();
+  browsers = new Browsers();
 });
 
 after(async () => {
-  await chrome?.close();
+  await browsers?.close();
   await server?.stop();
-  ns?.destroy();
 });
 
-/** @param {string} [locale] */
-async function newPage(locale = 'en-US') {
-  const context = await chrome.browser.newContext({ ignoreHTTPSErrors: true, locale, viewport: { width: 1100, height: 700 } });
-  const page = await context.newPage();
-  return { context, page };
+/** A fresh Chromium context; `locale` sets the browser's languages as a user's would. */
+async function chromiumPage(locale = 'en-US') {
+  const p = await newPage(browsers, 'chromium', { viewport: { width: 1100, height: 700 } });
+  if (locale !== 'en-US') {
+    const cdp = await p.page.createCDPSession();
+    const userAgent = await (await browsers.get('chromium')).userAgent();
+    await cdp.send('Network.setUserAgentOverride', { userAgent, acceptLanguage: locale });
+    await cdp.send('Emulation.setLocaleOverride', { locale });
+  }
+  return p;
 }
 
-test('landing page starts a new room with a readable name, and joins one by name', async () => {
-  const { context, page } = await newPage();
+/** @param {Page} page @param {string} selector */
+const visible = async (page, selector) => !!(await (await page.$(selector))?.isVisible());
+/** @param {Page} page @param {string} selector */
+const disabled = (page, selector) => page.$eval(selector, (el) => /** @type {HTMLInputElement} */ (el).disabled);
+/** @param {Page} page */
+const ready = (page) => waitFor(page, () => document.body.dataset.ready === 'true', null, { timeout: 40000, what: 'the preview' });
+/** Clicks, and waits for the navigation the click starts. @param {Page} page @param {string} selector */
+const clickAndNavigate = (page, selector) => Promise.all([page.waitForNavigation(), page.click(selector)]);
+
+test('landing page starts a new room with a readable name, and joins one by name', T, async () => {
+  const { context, page } = await chromiumPage();
   await page.goto(`${server.url}/`);
   await page.screenshot({ path: join(ensureArtifacts(), 'landing.png') });
-  await page.click('#new-room');
-  await page.waitForURL(/\/[a-z]+-[a-z]+-\d{3}$/);
+  await clickAndNavigate(page, '#new-room');
+  assert.match(new URL(page.url()).pathname, /^\/[a-z]+-[a-z]+-\d{3}$/);
   await page.waitForSelector('#join-btn');
   await page.goto(`${server.url}/`);
-  await page.fill('#room', 'bad name!');
+  await fill(page, '#room', 'bad name!');
   await page.click('.join-row button');
-  assert.equal(await page.isVisible('#room-error'), true);
-  await page.fill('#room', 'Design-Review');
-  await page.click('.join-row button');
-  await page.waitForURL(/\/Design-Review$/);
+  assert.equal(await visible(page, '#room-error'), true);
+  await fill(page, '#room', 'Design-Review');
+  await clickAndNavigate(page, '.join-row button');
+  assert.equal(new URL(page.url()).pathname, '/Design-Review');
   await context.close();
 });
 
-test('preview: Join button, device pickers, remembered name, Korean text', async () => {
-  const { context, page } = await newPage();
+test('preview: Join button, device pickers, remembered name, Korean text', T, async () => {
+  const { context, page } = await chromiumPage();
   await page.goto(`${server.url}/preview-room`);
-  await page.waitForFunction(() => document.body.dataset.ready === 'true');
-  assert.equal((await page.textContent('#join-btn'))?.trim(), 'Join');
+  await ready(page);
+  assert.equal((await text(page, '#join-btn'))?.trim(), 'Join');
   assert.ok((await page.$$('#cam-select option')).length >= 1);
-  assert.equal(await page.isDisabled('#cam-select'), false);
-  assert.equal(await page.getAttribute('#pv-mic', 'aria-label'), 'Mute microphone (M)');
-  await page.fill('#name', 'Remembered Name');
+  assert.equal(await disabled(page, '#cam-select'), false);
+  assert.equal(await attr(page, '#pv-mic', 'aria-label'), 'Mute microphone (M)');
+  await fill(page, '#name', 'Remembered Name');
   await page.screenshot({ path: join(ensureArtifacts(), 'preview.png') });
   // Camera off in the preview stays off after joining (password prompt on the way).
   await page.click('#pv-cam');
   await page.click('#join-btn');
-  await page.waitForSelector('#pw-form:not([hidden])');
-  assert.equal(await page.textContent('#screen-title'), 'This room needs a password');
-  await page.fill('#pw-input', 'wrong');
+  await page.waitForSelector('#pw-form:not([hidden])', { visible: true });
+  assert.equal(await text(page, '#screen-title'), 'This room needs a password');
+  await fill(page, '#pw-input', 'wrong');
   await page.click('#pw-form button');
-  await page.waitForFunction(() => document.getElementById('screen-text')?.textContent === 'Wrong password. Try again.');
-  await page.fill('#pw-input', PASSWORD);
+  await waitFor(page, () => document.getElementById('screen-text')?.textContent === 'Wrong password. Try again.', null, { what: 'the wrong-password note' });
+  await fill(page, '#pw-input', PASSWORD);
   await page.click('#pw-form button');
-  await page.waitForFunction(() => /** @type {any} */ (window).meshmeet.inCall);
-  assert.equal(await page.getAttribute('#btn-cam', 'aria-pressed'), 'true');
-  assert.equal(await page.getAttribute('#btn-mic', 'aria-pressed'), 'false');
+  await waitFor(page, () => /** @type {any} */ (window).meshmeet.inCall, null, { what: 'the call' });
+  assert.equal(await attr(page, '#btn-cam', 'aria-pressed'), 'true');
+  assert.equal(await attr(page, '#btn-mic', 'aria-pressed'), 'false');
   await page.click('#btn-leave');
   await page.goto(`${server.url}/preview-room`);
-  assert.equal(await page.inputValue('#name'), 'Remembered Name');
+  assert.equal(await page.$eval('#name', (el) => /** @type {HTMLInputElement} */ (el).value), 'Remembered Name');
   await context.close();
 
-  const ko = await newPage('ko-KR');
+  const ko = await chromiumPage('ko-KR');
   await ko.page.goto(`${server.url}/preview-room`);
-  await ko.page.waitForFunction(() => document.body.dataset.ready === 'true');
-  assert.equal((await ko.page.textContent('#join-btn'))?.trim(), '참가');
-  assert.equal(await ko.page.getAttribute('html', 'lang'), 'ko');
+  await ready(ko.page);
+  assert.equal((await text(ko.page, '#join-btn'))?.trim(), '참가');
+  assert.equal(await attr(ko.page, 'html', 'lang'), 'ko');
   await ko.context.close();
 });
 
-test('camera and microphone denied: join receive-only and still see the others', async () => {
+test('camera and microphone denied: join receive-only and still see the others', T, async () => {
   const room = `${server.url}/receive-only`;
-  const sender = await newPage();
+  const sender = await chromiumPage();
   await sender.page.goto(room);
-  await sender.page.waitForFunction(() => document.body.dataset.ready === 'true');
-  await sender.page.fill('#name', 'Sender');
+  await ready(sender.page);
+  await fill(sender.page, '#name', 'Sender');
   await sender.page.click('#join-btn');
-  await sender.page.fill('#pw-input', PASSWORD);
+  await sender.page.waitForSelector('#pw-input', { visible: true });
+  await fill(sender.page, '#pw-input', PASSWORD);
   await sender.page.click('#pw-form button');
 
-  const viewer = await newPage();
-  await viewer.page.addInitScript(() => {
+  const viewer = await chromiumPage();
+  await viewer.page.evaluateOnNewDocument(() => {
     navigator.mediaDevices.getUserMedia = async () => { throw new DOMException('Permission denied', 'NotAllowedError'); };
   });
   await viewer.page.goto(room);
-  await viewer.page.waitForFunction(() => document.body.dataset.ready === 'true');
-  assert.match(await viewer.page.textContent('#device-note') || '', /blocked/);
-  assert.equal(await viewer.page.isDisabled('#pv-cam'), true);
-  await viewer.page.fill('#name', 'Viewer');
+  await ready(viewer.page);
+  assert.match(await text(viewer.page, '#device-note') || '', /blocked/);
+  assert.equal(await disabled(viewer.page, '#pv-cam'), true);
+  await fill(viewer.page, '#name', 'Viewer');
   await viewer.page.click('#join-btn');
-  await viewer.page.fill('#pw-input', PASSWORD);
+  await viewer.page.waitForSelector('#pw-input', { visible: true });
+  await fill(viewer.page, '#pw-input', PASSWORD);
   await viewer.page.click('#pw-form button');
   // The viewer decodes the sender's video and audio.
-  await pollPage(viewer.page, async () => {
-    const mm = /** @type {any} */ (window).meshmeet;
-    if (!mm.inCall || mm.peers.size !== 1) return false;
-    const a = Object.values(await mm.stats())[0];
-    await new Promise((r) => setTimeout(r, 500));
-    const b = Object.values(await mm.stats())[0];
-    return b.framesDecoded > a.framesDecoded && b.audioPackets > a.audioPackets;
-  }, null, { timeout: 30000, what: 'media from the sender' });
+  await waitForMedia([viewer.page], 2, 60_000);
   // The sender sees the viewer as connected, with no camera and no microphone.
-  await sender.page.waitForFunction(() => {
+  await waitFor(sender.page, () => {
     const el = document.querySelector('.tile:not(.self)');
     return !!el && el.classList.contains('no-video') && el.classList.contains('is-muted') &&
       (el.getAttribute('data-state') === 'direct');
-  }, null, { timeout: 15000 });
+  }, null, { timeout: 30_000, what: 'the viewer tile: connected, no camera, no microphone' });
   await viewer.context.close();
   await sender.context.close();
 });
 
-test('server unreachable: a clear screen with a retry button', async () => {
-  const { context, page } = await newPage();
-  await page.addInitScript(() => {
+test('server unreachable: a clear screen with a retry button', T, async () => {
+  const { context, page } = await chromiumPage();
+  await page.evaluateOnNewDocument(() => {
     const Real = WebSocket;
     // A path where the server speaks no WebSocket: every attempt fails.
     /** @type {any} */ (window).WebSocket = class extends Real {
@@ -134,8 +143,8 @@ test('server unreachable: a clear screen with a retry button', async () => {
     };
   });
   await page.goto(`${server.url}/lonely-room`);
-  await page.waitForSelector('#screen:not([hidden])', { timeout: 15000 });
-  assert.equal(await page.textContent('#screen-title'), 'Cannot reach the server');
-  assert.equal(await page.isVisible('#screen-actions button'), true);
+  await page.waitForSelector('#screen:not([hidden])', { visible: true, timeout: 15000 });
+  assert.equal(await text(page, '#screen-title'), 'Cannot reach the server');
+  assert.equal(await visible(page, '#screen-actions button'), true);
   await context.close();
 });
