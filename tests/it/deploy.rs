@@ -300,31 +300,19 @@ fn installed_binary_serves_the_installed_config() {
     assert_eq!(mapped, local, "STUN answers with our own address");
 }
 
-/// A minimal, independent STUN Binding client (RFC 8489): returns the
-/// XOR-MAPPED-ADDRESS from the answer and the local address it should equal.
+/// A STUN Binding exchange (the project's one client-side request builder): returns
+/// the XOR-MAPPED-ADDRESS from the answer and the local address it should equal.
 fn stun_binding(server: std::net::SocketAddr) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    use meshmeet::relay::client;
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let tid: [u8; 12] = rand::random();
-    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
-    req.extend_from_slice(&tid);
+    let req = client::binding_request();
     sock.send_to(&req, server).unwrap();
     let mut buf = [0u8; 1500];
     let (n, _) = sock.recv_from(&mut buf).expect("STUN answer");
-    let msg = &buf[..n];
-    assert_eq!(&msg[0..2], &[0x01, 0x01], "Binding success response");
-    assert_eq!(&msg[8..20], &tid, "same transaction id");
-    let mut i = 20;
-    while i + 4 <= msg.len() {
-        let ty = u16::from_be_bytes([msg[i], msg[i + 1]]);
-        let len = u16::from_be_bytes([msg[i + 2], msg[i + 3]]) as usize;
-        let v = &msg[i + 4..i + 4 + len];
-        if ty == 0x0020 && v[1] == 0x01 {
-            let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
-            let ip = std::net::Ipv4Addr::new(v[4] ^ 0x21, v[5] ^ 0x12, v[6] ^ 0xa4, v[7] ^ 0x42);
-            return ((ip, port).into(), sock.local_addr().unwrap());
-        }
-        i += 4 + len.div_ceil(4) * 4;
-    }
-    panic!("no XOR-MAPPED-ADDRESS in {msg:?}");
+    let msg = client::parse(&buf[..n]).expect("a STUN message");
+    assert!(client::answers(&req, &msg), "answers our transaction");
+    assert!(client::is_success(&msg), "Binding success response");
+    let mapped = client::mapped_address(&msg).expect("XOR-MAPPED-ADDRESS");
+    (mapped, sock.local_addr().unwrap())
 }
