@@ -58,8 +58,6 @@ pub enum Effect<H> {
     Close(H, u16),
     /// The peer left its room for good (leave, or grace over).
     PeerGone(Arc<str>),
-    /// Call [`Rooms::expire`] at (or after) this instant.
-    ExpireAt(Instant),
 }
 
 struct Peer<H> {
@@ -437,14 +435,21 @@ impl<H: Clone> Rooms<H> {
                 p.conn = None;
                 p.grace_until = Some(deadline);
                 self.graces.push_back((deadline, id));
-                vec![Effect::ExpireAt(deadline)]
+                Vec::new()
             }
             _ => Vec::new(),
         }
     }
 
+    /// The earliest instant at which [`Rooms::handle_timeout`] has work (a resume
+    /// grace ends), or `None` while nobody is in a grace. May be a grace that a
+    /// resume has since ended: acting on it then does nothing.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.graces.front().map(|(at, _)| *at)
+    }
+
     /// Removes every peer whose grace has ended by `now`.
-    pub fn expire(&mut self, now: Instant) -> Vec<Effect<H>> {
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Effect<H>> {
         let mut effects = Vec::new();
         while let Some((deadline, _)) = self.graces.front() {
             if *deadline > now {

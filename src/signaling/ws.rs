@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -338,8 +338,14 @@ pub struct Signaling {
     peer_events: Arc<dyn PeerEvents>,
     /// Cancelled when the server stops: connections close with 1001.
     shutdown: CancellationToken,
-    /// Connection and grace-expiry tasks, which shutdown waits for.
+    /// Connection tasks and the grace timer, which shutdown waits for.
     tasks: TaskTracker,
+    /// The deadline the grace timer sleeps towards (`None`: it waits for a wake-up).
+    /// Locked after `core` when both are held, and never across an `.await`.
+    timer_at: Mutex<Option<Instant>>,
+    timer_wake: Notify,
+    /// Set once the grace timer task runs (it starts on the first grace).
+    timer_started: AtomicBool,
 }
 
 impl Signaling {
@@ -364,6 +370,9 @@ impl Signaling {
             peer_events,
             shutdown,
             tasks,
+            timer_at: Mutex::new(None),
+            timer_wake: Notify::new(),
+            timer_started: AtomicBool::new(false),
         }
     }
 
@@ -827,10 +836,17 @@ fn ordered(
     host: Option<&str>,
     f: impl FnOnce(&mut Rooms<ConnHandle>) -> Vec<Effect<ConnHandle>>,
 ) -> bool {
-    let (bad, gone) = sig.with_core(|core| {
+    let (bad, gone, next) = sig.with_core(|core| {
         let fx = f(core);
-        (has_bad_message(&fx), apply(sig, host, fx))
+        (
+            has_bad_message(&fx),
+            apply(sig, host, fx),
+            core.poll_timeout(),
+        )
     });
+    if let Some(next) = next {
+        arm_timer(sig, next);
+    }
     finish(sig, gone);
     bad
 }
@@ -867,23 +883,51 @@ fn apply(
             }
             Effect::Close(h, code) => h.close(code),
             Effect::PeerGone(id) => gone.push(id),
-            Effect::ExpireAt(at) => schedule_expiry(sig, at),
         }
     }
     gone
 }
 
-/// Ends the resume grace at `at` (unless the server stops first).
-fn schedule_expiry(sig: &Arc<Signaling>, at: Instant) {
-    let sig2 = sig.clone();
-    sig.tasks.spawn(async move {
-        tokio::select! {
-            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
-                ordered(&sig2, None, |c| c.expire(Instant::now()));
+/// Makes the grace timer wake by `next`: starts it on the first grace, and wakes it
+/// when `next` comes before the deadline it sleeps towards.
+fn arm_timer(sig: &Arc<Signaling>, next: Instant) {
+    let mut at = lock(&sig.timer_at, "grace timer");
+    if at.is_some_and(|a| a <= next) {
+        return;
+    }
+    *at = Some(next);
+    drop(at);
+    if sig.timer_started.swap(true, Ordering::AcqRel) {
+        sig.timer_wake.notify_one();
+    } else {
+        sig.tasks.spawn(timer_loop(sig.clone()));
+    }
+}
+
+/// The rooms core's timer: sleeps until [`Rooms::poll_timeout`] and lets the core act
+/// ([`Rooms::handle_timeout`]: graces that ended); wakes early when a new grace ends
+/// before the one it sleeps towards; stops with the server.
+async fn timer_loop(sig: Arc<Signaling>) {
+    loop {
+        let next = {
+            let core = sig.core();
+            let next = core.poll_timeout();
+            *lock(&sig.timer_at, "grace timer") = next;
+            next
+        };
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
             }
-            _ = sig2.shutdown.cancelled() => {}
+        };
+        tokio::select! {
+            _ = sig.shutdown.cancelled() => return,
+            _ = sig.timer_wake.notified() => continue,
+            _ = sleep => {}
         }
-    });
+        ordered(&sig, None, |c| c.handle_timeout(Instant::now()));
+    }
 }
 
 #[cfg(test)]

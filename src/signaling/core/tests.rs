@@ -231,7 +231,7 @@ fn capacity_counts_peers_in_grace() {
         sends(&r.join(3, 3, req("r"), now))[0].1,
         ServerMsg::RoomFull { .. }
     ));
-    r.expire(now + GRACE);
+    r.handle_timeout(now + GRACE);
     join(&mut r, 3, "r", now + GRACE);
     // A refused socket may join elsewhere.
     join(&mut r, 4, "other", now);
@@ -402,12 +402,16 @@ fn disconnect_grace_then_peer_left() {
     let mut r = core(6, "");
     let (a, _) = join(&mut r, 1, "r", now);
     join(&mut r, 2, "r", now);
-    assert_eq!(r.disconnect(1, now), vec![Effect::ExpireAt(now + GRACE)]);
+    assert_eq!(r.poll_timeout(), None);
+    assert!(r.disconnect(1, now).is_empty());
+    assert_eq!(r.poll_timeout(), Some(now + GRACE));
     // Unknown connection: nothing.
     assert!(r.disconnect(1, now).is_empty());
-    assert!(r.expire(now + GRACE - Duration::from_millis(1)).is_empty());
+    assert!(r
+        .handle_timeout(now + GRACE - Duration::from_millis(1))
+        .is_empty());
     assert_eq!(r.peer_count(), 2);
-    let fx = r.expire(now + GRACE);
+    let fx = r.handle_timeout(now + GRACE);
     assert_eq!(
         fx,
         vec![
@@ -415,7 +419,8 @@ fn disconnect_grace_then_peer_left() {
             Effect::PeerGone(a)
         ]
     );
-    assert!(r.expire(now + GRACE * 2).is_empty());
+    assert_eq!(r.poll_timeout(), None, "no grace left to wait for");
+    assert!(r.handle_timeout(now + GRACE * 2).is_empty());
 }
 
 #[test]
@@ -481,7 +486,7 @@ fn resume_in_grace_keeps_id_and_delivers_queue() {
     );
     assert!(s.iter().all(|(t, _)| t == &vec![7]));
     // Nobody got peer_joined; the grace no longer expires it.
-    assert!(r.expire(now + GRACE * 2).is_empty());
+    assert!(r.handle_timeout(now + GRACE * 2).is_empty());
     assert_eq!(r.peer_of(7), Some(a.clone()));
     // The old token is spent.
     r.leave(7, &7);
@@ -549,7 +554,7 @@ fn resume_after_grace_or_wrong_room_is_fresh() {
     };
     assert!(!resumed);
     assert_ne!(*id, a);
-    let gone = r.expire(now + GRACE);
+    let gone = r.handle_timeout(now + GRACE);
     assert_eq!(gone, vec![Effect::PeerGone(a.clone())]);
     let fx = r.join(
         3,
