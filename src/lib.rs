@@ -31,6 +31,7 @@
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod demux;
 pub mod http;
 pub mod ice;
 pub mod linger;

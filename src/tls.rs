@@ -136,7 +136,17 @@ pub fn load_pem(cert: &Path, key: &Path, kind: CertKind) -> Result<LoadedCert, T
             key: key.to_path_buf(),
             reason: e.to_string(),
         })?;
-    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP first; the TURN ids (RFC 7443) let a TURN client that sends ALPN be
+    // told apart before any byte (browsers send none: see `demux`).
+    sc.alpn_protocols = [
+        crate::demux::ALPN_H2,
+        crate::demux::ALPN_HTTP11,
+        crate::demux::ALPN_TURN,
+        crate::demux::ALPN_STUN,
+    ]
+    .iter()
+    .map(|id| id.to_vec())
+    .collect();
     Ok(LoadedCert {
         kind,
         fingerprint,

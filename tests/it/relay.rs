@@ -17,7 +17,7 @@ use turn::proto::PROTO_UDP;
 
 use crate::support::{self, ws, TestServer};
 
-const SECRET: &str = "relay-test-secret-0123456789";
+pub const SECRET: &str = "relay-test-secret-0123456789";
 
 fn relay_config(c: &mut Config) {
     c.turn.secret = SECRET.into();
@@ -25,7 +25,7 @@ fn relay_config(c: &mut Config) {
     c.turn.relay_ports = "40000-40999".parse().unwrap();
 }
 
-fn loopback_peers(c: &mut Config) {
+pub fn loopback_peers(c: &mut Config) {
     relay_config(c);
     c.turn.allowed_peer_ranges = vec!["127.0.0.0/8".parse().unwrap()];
 }
@@ -41,7 +41,7 @@ fn future() -> u64 {
 }
 
 /// A UDP echo peer on 127.0.0.1; returns its address.
-async fn echo_peer() -> SocketAddr {
+pub async fn echo_peer() -> SocketAddr {
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = sock.local_addr().unwrap();
     tokio::spawn(async move {
@@ -213,7 +213,7 @@ async fn turn_crate_client_relays_over_udp() {
 }
 
 /// Runs turnutils_uclient and returns its output; asserts zero loss.
-fn uclient(args: &[&str], port: u16, peer: SocketAddr) -> String {
+pub fn uclient(args: &[&str], port: u16, peer: SocketAddr) -> String {
     let out = Command::new("turnutils_uclient")
         .args(args)
         .args(["-u", "uclient", "-W", SECRET, "-e"])

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::auth::Credentials;
-use super::core::{Command, Core, Family, FiveTuple, RelayRules};
+use super::core::{Command, Core, Family, FiveTuple, RelayRules, Transport};
 use super::policy::PeerPolicy;
 use super::RelayMetrics;
 use crate::config::Config;
@@ -273,11 +273,13 @@ impl RelayHandle {
 }
 
 /// The addresses the relay listens on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RelayAddrs {
     pub udp: SocketAddr,
     pub tcp: SocketAddr,
     pub tls: Option<SocketAddr>,
+    /// `turn.extra_udp_listen`, as bound.
+    pub extra_udp: Vec<SocketAddr>,
 }
 
 /// The bound relay, ready to run.
@@ -285,6 +287,7 @@ pub struct Relay {
     shared: Arc<CoreCell>,
     ports: RelayPorts,
     udp: Arc<UdpSocket>,
+    extra_udp: Vec<Arc<UdpSocket>>,
     tcp: TcpListener,
     tls: Option<TcpListener>,
     addrs: RelayAddrs,
@@ -307,10 +310,20 @@ impl Relay {
             ),
             None => None,
         };
+        let mut extra_udp = Vec::new();
+        for a in &cfg.turn.extra_udp_listen {
+            let sock = sockets::bind_udp(*a)
+                .with_context(|| format!("cannot listen on {a} (UDP, turn.extra_udp_listen)"))?;
+            extra_udp.push(sock);
+        }
         let addrs = RelayAddrs {
             udp: udp_addr,
             tcp: tcp.local_addr()?,
             tls: tls.as_ref().map(|l| l.local_addr()).transpose()?,
+            extra_udp: extra_udp
+                .iter()
+                .map(|s| s.local_addr())
+                .collect::<Result<_, _>>()?,
         };
         let range = cfg.turn.relay_ports.first()..=cfg.turn.relay_ports.last();
         let ports = RelayPorts::new(&sockets::relay_addresses(cfg, listen), range);
@@ -341,6 +354,7 @@ impl Relay {
             shared: Arc::new(CoreCell::new(core)),
             ports,
             udp: Arc::new(udp),
+            extra_udp: extra_udp.into_iter().map(Arc::new).collect(),
             tcp,
             tls,
             addrs,
@@ -348,7 +362,7 @@ impl Relay {
     }
 
     pub fn addrs(&self) -> RelayAddrs {
-        self.addrs
+        self.addrs.clone()
     }
 
     pub fn handle(&self) -> RelayHandle {
@@ -360,7 +374,13 @@ impl Relay {
     /// Starts the listener, relay and timer tasks on `tasks`; they end when
     /// `shutdown` is cancelled (relay sockets' tokens are its children). TURN over
     /// TLS uses `tls`'s current certificate for each new connection.
-    pub fn spawn(self, shutdown: CancellationToken, tasks: TaskTracker, tls: Arc<Tls>) {
+    /// Returns the entry for TURN streams accepted elsewhere (the HTTPS listener).
+    pub fn spawn(
+        self,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+        tls: Arc<Tls>,
+    ) -> StreamEntry {
         let ctx = Arc::new(Ctx {
             shared: self.shared.clone(),
             ports: self.ports,
@@ -371,11 +391,39 @@ impl Relay {
         for _ in 0..2 {
             tasks.spawn(udp::udp_loop(ctx.clone(), self.udp.clone(), self.addrs.udp));
         }
+        for (sock, addr) in self.extra_udp.iter().zip(&self.addrs.extra_udp) {
+            tasks.spawn(udp::udp_loop(ctx.clone(), sock.clone(), *addr));
+        }
         tasks.spawn(stream::accept_loop(self.tcp, ctx.clone(), None));
         if let Some(listener) = self.tls {
             tasks.spawn(stream::accept_loop(listener, ctx.clone(), Some(tls)));
         }
         tasks.spawn(timer_loop(self.shared, shutdown));
+        StreamEntry { ctx }
+    }
+}
+
+/// Serves TURN on a stream that another listener accepted and classified: the HTTPS
+/// listener hands over connections that speak STUN or ChannelData (TURN over TCP)
+/// or negotiated `stun.turn` or sent STUN after TLS (TURN over TLS).
+#[derive(Clone)]
+pub struct StreamEntry {
+    ctx: Arc<Ctx>,
+}
+
+impl StreamEntry {
+    /// Serves the connection until it closes, as the relay's own TCP/TLS listeners do.
+    /// `client` and `local` are the TCP connection's addresses.
+    pub async fn serve<T>(&self, stream: T, client: SocketAddr, local: SocketAddr, tls: bool)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let five = FiveTuple {
+            client,
+            server: local,
+            transport: if tls { Transport::Tls } else { Transport::Tcp },
+        };
+        stream::serve_stream(stream, five, self.ctx.clone()).await;
     }
 }
 
@@ -383,7 +431,6 @@ impl Relay {
 mod tests {
     use super::*;
     use crate::relay::client::{self, Attr, Session};
-    use crate::relay::core::Transport;
     use stun::message::METHOD_ALLOCATE;
 
     fn core(max_lifetime: Duration) -> RelayCore {
