@@ -36,7 +36,7 @@ pub const SNIFF_BYTES: usize = 8;
 /// The STUN magic cookie (RFC 8489 section 5).
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
 
-/// ALPN ids offered on the HTTPS listener, in order of preference for HTTP clients.
+/// ALPN ids offered on the HTTPS listener (the TURN ids first: see `tls`).
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// RFC 7443: TURN and STUN over (D)TLS.
