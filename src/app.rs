@@ -76,7 +76,14 @@ impl Server {
         let mut registry = Registry::default();
         let relay = if config.turn.enabled {
             let metrics = crate::relay::RelayMetrics::register(&mut registry);
-            Some(crate::relay::Relay::bind(&config, secret.expose().to_owned(), metrics).await?)
+            let mut others = vec![https.local_addr()?];
+            if let Some(r) = &redirect {
+                others.push(r.local_addr()?);
+            }
+            Some(
+                crate::relay::Relay::bind(&config, secret.expose().to_owned(), metrics, &others)
+                    .await?,
+            )
         } else {
             None
         };

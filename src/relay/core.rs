@@ -35,7 +35,7 @@ use stun::textattrs::TextAttribute;
 use stun::xoraddr::XorMappedAddress;
 
 use super::auth::{CredError, Credentials, NonceCheck, Nonces, NONCE_TTL};
-use super::policy::PeerPolicy;
+use super::policy::{OwnAddrs, PeerPolicy};
 use super::wire::XorAddress;
 use super::RelayMetrics;
 
@@ -62,6 +62,9 @@ pub const BIND_TIMEOUT: Duration = Duration::from_secs(5);
 /// that CreatePermission and ChannelBind get 508 (RFC 8656 sections 10.2, 11.2).
 pub const MAX_PEERS_PER_ALLOCATION: usize = 512;
 const RETRANSMIT_CACHE_MAX: usize = 20_000;
+/// Channel numbers a client may bind (RFC 8656 section 12); ChannelData with any
+/// other number is dropped.
+pub const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x4FFF;
 
 /// How the client reached the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -166,6 +169,8 @@ pub struct RelayRules {
     /// Bytes per second per allocation; 0 = unlimited.
     pub max_bps: u64,
     pub policy: PeerPolicy,
+    /// The server's own listeners: never a peer, whatever `policy` allows.
+    pub own: OwnAddrs,
     /// The address families the IO layer has relay addresses for; others get 440.
     pub relay_v4: bool,
     pub relay_v6: bool,
@@ -951,11 +956,22 @@ impl<H: Clone> Core<H> {
         if !peer_family_ok(relay, peer) {
             return Err(fail(443, "Peer Address Family Mismatch"));
         }
-        if !self.cfg.policy.permits(peer.ip()) {
+        if !self.cfg.policy.permits(peer.ip()) || self.is_own(relay, peer) {
             self.metrics.peer_denied();
             return Err(fail(403, "Forbidden"));
         }
         Ok(())
+    }
+
+    /// Whether `peer` is the server itself: one of its listeners, or the relay
+    /// address `relay` of the allocation asking (a loop). Another allocation's relay
+    /// address is a peer like any other: that is how two relayed clients of this
+    /// server reach each other.
+    fn is_own(&self, relay: SocketAddr, peer: SocketAddr) -> bool {
+        self.cfg.own.is_listener(peer)
+            || (peer.port() == relay.port()
+                && (crate::net::canonical_ip(peer.ip()) == relay.ip()
+                    || self.cfg.own.is_host(peer.ip())))
     }
 
     fn create_permission(
@@ -1022,9 +1038,7 @@ impl<H: Clone> Core<H> {
             return Err(fail(400, "Bad CHANNEL-NUMBER"));
         }
         let number = u16::from_be_bytes([cn[0], cn[1]]);
-        // RFC 5766 range: RFC 8656 narrowed it to 0x4FFF, but deployed clients (coturn's
-        // included) still pick numbers up to 0x7FFF.
-        if !(0x4000..=0x7FFF).contains(&number) {
+        if !CHANNELS.contains(&number) {
             return Err(fail(400, "Channel Number out of range"));
         }
         let peers = Self::peers(m)?;
@@ -1092,6 +1106,15 @@ impl<H: Clone> Core<H> {
         let Some(data) = attr_bytes(m, ATTR_DATA) else {
             return;
         };
+        // Permissions are per IP address; the port is checked here.
+        let own = self
+            .allocs
+            .get(&id)
+            .is_some_and(|a| self.is_own(a.relay, peer));
+        if own {
+            self.metrics.peer_denied();
+            return;
+        }
         let max_bps = self.cfg.max_bps;
         let Some(a) = self.allocs.get_mut(&id) else {
             return;
@@ -1118,6 +1141,9 @@ impl<H: Clone> Core<H> {
         len: usize,
         now: Instant,
     ) -> Option<(H, SocketAddr)> {
+        if !CHANNELS.contains(&channel) {
+            return None;
+        }
         let max_bps = self.cfg.max_bps;
         let id = *self.by_five.get(five)?;
         let a = self.allocs.get_mut(&id)?;

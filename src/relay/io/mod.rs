@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use super::auth::Credentials;
 use super::core::{Command, Core, Family, FiveTuple, RelayRules};
-use super::policy::PeerPolicy;
+use super::policy::{OwnAddrs, PeerPolicy};
 use super::RelayMetrics;
 use crate::config::Config;
 use crate::tls::Tls;
@@ -292,11 +292,14 @@ pub struct Relay {
 
 impl Relay {
     /// Binds the listeners (UDP and TCP on `turn.listen`, TLS on `turn.tls_listen`)
-    /// and builds the core from `[turn]`.
+    /// and builds the core from `[turn]`. `other_listeners` are the server's other
+    /// bound addresses (HTTPS, the redirect), which the relay refuses as peers like
+    /// its own listeners.
     pub async fn bind(
         cfg: &Config,
         secret: String,
         metrics: RelayMetrics,
+        other_listeners: &[SocketAddr],
     ) -> anyhow::Result<Relay> {
         let listen = cfg.turn.listen;
         let (udp, udp_addr, tcp) = sockets::bind_udp_and_tcp(listen)?;
@@ -313,7 +316,16 @@ impl Relay {
             tls: tls.as_ref().map(|l| l.local_addr()).transpose()?,
         };
         let range = cfg.turn.relay_ports.first()..=cfg.turn.relay_ports.last();
-        let ports = RelayPorts::new(&sockets::relay_addresses(cfg, listen), range);
+        let relay_ips = sockets::relay_addresses(cfg, listen);
+        let ports = RelayPorts::new(&relay_ips, range);
+        let mut listeners = vec![addrs.udp, addrs.tcp];
+        listeners.extend(addrs.tls);
+        listeners.extend_from_slice(other_listeners);
+        let host_ips = crate::net::local_ips()
+            .into_iter()
+            .chain(relay_ips.iter().flat_map(|(bind, adv)| [*bind, *adv]))
+            .chain(cfg.turn.external_ips.iter().copied());
+        let own = OwnAddrs::new(&listeners, host_ips);
         let users: HashMap<String, String> = cfg
             .turn
             .users
@@ -327,6 +339,7 @@ impl Relay {
             total_quota: cfg.turn.total_allocation_quota,
             max_bps: cfg.turn.max_bps,
             policy: PeerPolicy::new(cfg.turn.allowed_peer_ranges.clone()),
+            own,
             relay_v4: ports.has(Family::V4),
             relay_v6: ports.has(Family::V6),
         };
@@ -393,6 +406,7 @@ mod tests {
             total_quota: 10,
             max_bps: 0,
             policy: PeerPolicy::default(),
+            own: OwnAddrs::default(),
             relay_v4: true,
             relay_v6: false,
         };
