@@ -56,6 +56,7 @@ pub struct Server {
     config: Arc<Config>,
     http: HttpState,
     http_metrics: HttpMetrics,
+    https_limits: crate::http::HttpsLimits,
     https: TcpListener,
     redirect: Option<TcpListener>,
     relay: Option<crate::relay::Relay>,
@@ -111,6 +112,10 @@ impl Server {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let http_metrics = HttpMetrics::register(&mut registry);
+        let https_limits = crate::http::HttpsLimits::from_config(
+            &config.http,
+            crate::limits::LimitMetrics::register(&mut registry, "https"),
+        );
         let signaling = Arc::new(Signaling::new(
             SignalingConfig::from_config(&config),
             ice,
@@ -141,6 +146,7 @@ impl Server {
             config: Arc::new(config),
             http,
             http_metrics,
+            https_limits,
             https,
             redirect,
             relay,
@@ -196,6 +202,7 @@ impl Server {
             self.http_metrics,
             state.shutdown.clone(),
             app,
+            self.https_limits,
         ));
         let redirect = self.redirect.map(|listener| {
             let router = crate::http::redirect_router(

@@ -28,6 +28,7 @@ use super::core::{Command, Core, Family, FiveTuple, RelayRules};
 use super::policy::{OwnAddrs, PeerPolicy};
 use super::RelayMetrics;
 use crate::config::Config;
+use crate::limits::{Caps, ConnLimiter, LimitMetrics};
 use crate::tls::Tls;
 
 use sockets::RelayPorts;
@@ -142,6 +143,11 @@ struct Ctx {
     ports: RelayPorts,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Caps on TURN over TCP and TLS connections (together).
+    streams: Arc<ConnLimiter>,
+    stream_metrics: LimitMetrics,
+    /// For the TLS handshake, the first message and each later one.
+    message_timeout: Duration,
 }
 
 impl Ctx {
@@ -284,6 +290,9 @@ pub struct RelayAddrs {
 pub struct Relay {
     shared: Arc<CoreCell>,
     ports: RelayPorts,
+    streams: Arc<ConnLimiter>,
+    stream_metrics: LimitMetrics,
+    message_timeout: Duration,
     udp: Arc<UdpSocket>,
     tcp: TcpListener,
     tls: Option<TcpListener>,
@@ -343,6 +352,17 @@ impl Relay {
             relay_v4: ports.has(Family::V4),
             relay_v6: ports.has(Family::V6),
         };
+        let stream_metrics = metrics.streams.clone();
+        let streams = ConnLimiter::new(
+            "TURN over TCP/TLS",
+            Caps {
+                total: cfg.turn.max_stream_connections,
+                per_ip: cfg.turn.max_stream_connections_per_ip,
+                total_key: "turn.max_stream_connections",
+                per_ip_key: "turn.max_stream_connections_per_ip",
+            },
+            stream_metrics.clone(),
+        );
         let core = Core::new(
             core_cfg,
             creds,
@@ -353,6 +373,9 @@ impl Relay {
         Ok(Relay {
             shared: Arc::new(CoreCell::new(core)),
             ports,
+            streams,
+            stream_metrics,
+            message_timeout: Duration::from_secs(cfg.turn.stream_message_timeout_s),
             udp: Arc::new(udp),
             tcp,
             tls,
@@ -379,6 +402,9 @@ impl Relay {
             ports: self.ports,
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
+            streams: self.streams,
+            stream_metrics: self.stream_metrics,
+            message_timeout: self.message_timeout,
         });
         // Two receive loops on the UDP socket let both cores work on client traffic.
         for _ in 0..2 {
