@@ -364,8 +364,9 @@ pub async fn serve_https(
             res = listener.accept() => match res {
                 Ok(x) => x,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
+                    // EMFILE and friends: close what waits, back off instead of spinning.
                     let pause = backoff.failed(&e);
+                    backoff.shed(&e, &listener);
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => continue,
                         _ = shutdown.cancelled() => break,

@@ -3,7 +3,10 @@
 //! [`ConnPermit`] for its whole life; a refused one is closed at once, counted, and
 //! logged at most once per [`LOG_EVERY`] per listener, naming the key to raise.
 //! Accept errors (out of file descriptors above all) are reported the same way by
-//! [`AcceptBackoff`], which also paces the accept loop so it never spins.
+//! [`AcceptBackoff`], which also paces the accept loop so it never spins, and which
+//! keeps one spare descriptor per listener: out of descriptors, it gives the spare up
+//! for a moment to accept waiting connections and close them at once, so their
+//! clients learn at once instead of waiting in the kernel's backlog.
 
 use std::collections::HashMap;
 use std::io;
@@ -43,8 +46,8 @@ impl LimitMetrics {
         );
         registry.register(
             format!("meshmeet_{listener}_connections_refused"),
-            "Connections closed at once: a connection cap (total, per_ip) or an accept \
-             error (accept_error: usually the file descriptor limit)",
+            "Connections refused: a connection cap (total, per_ip), closed at once at the \
+             file-descriptor limit (fd_limit), or accept errors (accept_error)",
             m.refused.clone(),
         );
         m
@@ -191,7 +194,12 @@ pub struct AcceptBackoff {
     delay: Duration,
     last_log: Option<Instant>,
     metrics: LimitMetrics,
+    /// The spare descriptor (`/dev/null`).
+    spare: Option<std::fs::File>,
 }
+
+/// Connections closed at once per accept error while out of descriptors.
+const SHED_MAX: usize = 64;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -203,7 +211,33 @@ impl AcceptBackoff {
             delay: BACKOFF_MIN,
             last_log: None,
             metrics,
+            spare: std::fs::File::open("/dev/null").ok(),
         }
+    }
+
+    /// After an accept error `e`: when out of file descriptors, frees the spare one,
+    /// accepts the connections already waiting and closes each at once (counted as
+    /// refused), then takes the spare back. Returns how many were closed.
+    pub fn shed(&mut self, e: &io::Error, listener: &tokio::net::TcpListener) -> usize {
+        use futures_util::FutureExt;
+        if !is_fd_limit(e) {
+            return 0;
+        }
+        let mut shed = 0;
+        if self.spare.take().is_some() {
+            while shed < SHED_MAX {
+                match listener.accept().now_or_never() {
+                    Some(Ok((stream, _))) => {
+                        drop(stream);
+                        self.metrics.refused("fd_limit");
+                        shed += 1;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        self.spare = std::fs::File::open("/dev/null").ok();
+        shed
     }
 
     /// A connection was accepted: the next error starts the backoff afresh.
@@ -228,9 +262,10 @@ impl AcceptBackoff {
                 tracing::error!(
                     error = %e,
                     open_files_limit = %limit,
-                    "{}: out of file descriptors; new connections wait until some close \
-                     (UDP and open connections are not affected). Raise the limit: \
-                     LimitNOFILE= in the systemd unit, or `ulimit -n` before starting",
+                    "{}: out of file descriptors; new connections are closed at once \
+                     until some close (UDP and open connections are not affected). Raise \
+                     the limit: LimitNOFILE= in the systemd unit, or `ulimit -n` before \
+                     starting",
                     self.what,
                 );
             } else {

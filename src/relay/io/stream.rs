@@ -56,8 +56,10 @@ pub(super) async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, tls: Optio
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // Out of file descriptors and the like: pause rather than spin.
+                    // Out of file descriptors and the like: close what waits, pause
+                    // rather than spin.
                     let pause = backoff.failed(&e);
+                    backoff.shed(&e, &listener);
                     tokio::select! {
                         _ = ctx.shutdown.cancelled() => return,
                         _ = tokio::time::sleep(pause) => continue,
