@@ -214,6 +214,29 @@ struct Pending {
     family: Family,
     lifetime: Duration,
     deadline: Instant,
+    /// ADDRESS-ERROR-CODE for the success answer: the additional family (RFC 8656
+    /// section 7.2) that could not be allocated, and why.
+    address_error: Option<(Family, u16, &'static str)>,
+}
+
+/// ADDITIONAL-ADDRESS-FAMILY and ADDRESS-ERROR-CODE (RFC 8656 sections 18.12, 18.13).
+pub const ATTR_ADDITIONAL_ADDRESS_FAMILY: AttrType = AttrType(0x8000);
+pub const ATTR_ADDRESS_ERROR_CODE: AttrType = AttrType(0x8001);
+
+/// ADDRESS-ERROR-CODE: family, error class and number, reason.
+struct AddressError(Family, u16, &'static str);
+
+impl Setter for AddressError {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        let family = match self.0 {
+            Family::V4 => 0x01,
+            Family::V6 => 0x02,
+        };
+        let mut v = vec![family, 0, (self.1 / 100) as u8, (self.1 % 100) as u8];
+        v.extend_from_slice(self.2.as_bytes());
+        m.add(ATTR_ADDRESS_ERROR_CODE, &v);
+        Ok(())
+    }
 }
 
 /// The relay state machine. `H` is the IO layer's relay socket handle.
@@ -752,10 +775,33 @@ impl<H: Clone> Core<H> {
         if rt[0] != 17 {
             return Err(fail(442, "Unsupported Transport Protocol"));
         }
-        let family = Self::requested_family(m)?.unwrap_or(Family::V4);
+        let requested = Self::requested_family(m)?;
+        // ADDITIONAL-ADDRESS-FAMILY asks for an IPv6 relay address besides the IPv4
+        // one; only 0x02 is valid, and never with REQUESTED-ADDRESS-FAMILY.
+        let additional = match attr_bytes(m, ATTR_ADDITIONAL_ADDRESS_FAMILY) {
+            None => false,
+            Some(_) if requested.is_some() => {
+                return Err(fail(
+                    400,
+                    "REQUESTED-ADDRESS-FAMILY and ADDITIONAL-ADDRESS-FAMILY together",
+                ))
+            }
+            Some([0x02, 0, 0, 0]) => true,
+            Some(_) => return Err(fail(400, "Bad ADDITIONAL-ADDRESS-FAMILY")),
+        };
+        let family = requested.unwrap_or(Family::V4);
         if !self.has_family(family) {
             return Err(fail(440, "Address Family not Supported"));
         }
+        // The IPv4 address is allocated; the IPv6 one is reported as not allocated
+        // (a dual allocation with two relay sockets is not implemented).
+        let address_error = additional.then(|| {
+            if self.has_family(Family::V6) {
+                (Family::V6, 508, "Dual allocation not available")
+            } else {
+                (Family::V6, 440, "Address Family not Supported")
+            }
+        });
         let lifetime = self.granted_lifetime(Self::requested_lifetime(m)?);
         let used = self.per_user.get(&auth.username).copied().unwrap_or(0);
         if used >= self.cfg.user_quota {
@@ -778,6 +824,7 @@ impl<H: Clone> Core<H> {
                 family,
                 lifetime,
                 deadline,
+                address_error,
             },
         );
         self.pending_by_five.insert(five, token);
@@ -854,13 +901,12 @@ impl<H: Clone> Core<H> {
         };
         let lifetime = turn::proto::lifetime::Lifetime(p.lifetime);
         let key = self.allocs.get(&id).map(|a| a.key.as_slice());
-        let reply = encode(
-            METHOD_ALLOCATE,
-            CLASS_SUCCESS_RESPONSE,
-            p.txid,
-            &[&relayed, &lifetime, &mapped],
-            key,
-        );
+        let address_error = p.address_error.map(|(f, c, r)| AddressError(f, c, r));
+        let mut attrs: Vec<&dyn Setter> = vec![&relayed, &lifetime, &mapped];
+        if let Some(e) = &address_error {
+            attrs.push(e);
+        }
+        let reply = encode(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE, p.txid, &attrs, key);
         self.commands.push_back(Command::StartRelaying {
             id,
             client: p.five,

@@ -790,3 +790,23 @@ async fn channel_numbers_beyond_0x4fff_get_400() {
         .await;
     assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
 }
+
+#[tokio::test]
+async fn additional_address_family_over_udp() {
+    use meshmeet::relay::core::{ATTR_ADDITIONAL_ADDRESS_FAMILY, ATTR_ADDRESS_ERROR_CODE};
+    let aaf = |v: u8| Attr::Raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, vec![v, 0, 0, 0]);
+    // IPv4 only: the IPv4 allocation, and 440 for the IPv6 one.
+    let server = TestServer::start_with(relay_config).await;
+    let (user, pass) = rest_user("aaf", future());
+    let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
+    let resp = c
+        .request(METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2), &Attr::Family(1)])
+        .await;
+    assert_eq!(error_code(&resp), Some(400));
+    let resp = c.request(METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)]).await;
+    assert!(relayed_address(&resp).is_ipv4());
+    let e = resp
+        .get(ATTR_ADDRESS_ERROR_CODE)
+        .expect("ADDRESS-ERROR-CODE");
+    assert_eq!(&e[..4], &[0x02, 0, 4, 40]);
+}

@@ -1282,3 +1282,50 @@ fn an_allowed_ipv4_peer_does_not_open_its_ipv6_translations() {
         ms(2),
     ));
 }
+
+#[test]
+fn additional_address_family_errors_and_partial_success() {
+    let aaf = |v: u8| Attr::Raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, vec![v, 0, 0, 0]);
+    let address_error = |m: &Message| m.get(ATTR_ADDRESS_ERROR_CODE).ok();
+    // Both families configured: the IPv4 address, and the IPv6 one reported as not
+    // allocated (508).
+    let mut h = Harness::new();
+    let a = alice(&mut h, 1);
+    let r = a.call(&mut h, METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)], ms(0));
+    ok(&r);
+    assert!(client::relayed_address(&r).unwrap().is_ipv4());
+    let e = address_error(&r).expect("ADDRESS-ERROR-CODE");
+    assert_eq!(&e[..4], &[0x02, 0, 5, 8]);
+    // With REQUESTED-ADDRESS-FAMILY: 400. Any value but IPv6: 400.
+    let b = alice(&mut h, 2);
+    for attrs in [
+        vec![Attr::UDP, aaf(2), Attr::Family(1)],
+        vec![Attr::UDP, aaf(2), Attr::Family(2)],
+        vec![Attr::UDP, aaf(1)],
+        vec![
+            Attr::UDP,
+            Attr::Raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, vec![2]),
+        ],
+    ] {
+        let refs: Vec<&dyn Setter> = attrs.iter().map(|x| x as &dyn Setter).collect();
+        let r = b.call(&mut h, METHOD_ALLOCATE, &refs, ms(1));
+        assert_eq!(code(&r), Some(400), "{attrs:?}");
+    }
+    // No IPv6 relay: the IPv4 allocation with ADDRESS-ERROR-CODE 440 for IPv6.
+    let mut h = Harness::with(|c| c.relay_v6 = false);
+    let a = alice(&mut h, 1);
+    let r = a.call(&mut h, METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)], ms(0));
+    ok(&r);
+    assert!(client::relayed_address(&r).unwrap().is_ipv4());
+    assert_eq!(&address_error(&r).unwrap()[..4], &[0x02, 0, 4, 40]);
+    // No IPv4 relay: the allocation fails with 440.
+    let mut h = Harness::with(|c| c.relay_v4 = false);
+    let a = alice(&mut h, 1);
+    let r = a.call(&mut h, METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)], ms(0));
+    assert_eq!(code(&r), Some(440));
+    // Without the attribute, no ADDRESS-ERROR-CODE.
+    let mut h = Harness::new();
+    let a = alice(&mut h, 1);
+    let r = a.allocate(&mut h, ms(0));
+    assert!(address_error(&r).is_none());
+}
