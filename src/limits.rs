@@ -77,6 +77,8 @@ pub struct Caps {
 
 struct Counts {
     total: usize,
+    /// The most connections open since memory was last given back.
+    peak: usize,
     per_ip: HashMap<IpAddr, usize>,
     last_log: Option<Instant>,
 }
@@ -97,6 +99,7 @@ impl ConnLimiter {
             caps,
             counts: Mutex::new(Counts {
                 total: 0,
+                peak: 0,
                 per_ip: HashMap::new(),
                 last_log: None,
             }),
@@ -147,6 +150,7 @@ impl ConnLimiter {
             return Err(r);
         }
         c.total += 1;
+        c.peak = c.peak.max(c.total);
         *c.per_ip.entry(ip).or_insert(0) += 1;
         self.metrics.open.set(c.total as i64);
         Ok(ConnPermit {
@@ -170,6 +174,28 @@ impl ConnLimiter {
             }
         }
         self.metrics.open.set(c.total as i64);
+        // After a burst (hundreds of connections, most of them gone), give the freed
+        // memory back to the system: the allocator keeps it otherwise.
+        let trim = c.peak >= TRIM_AFTER && c.total <= c.peak / 4;
+        if trim {
+            c.peak = c.total;
+        }
+        drop(c);
+        if trim {
+            give_back_memory();
+        }
+    }
+}
+
+/// Bursts of at least this many connections give memory back when they are over.
+const TRIM_AFTER: usize = 256;
+
+/// Returns free heap memory to the system (glibc keeps it in its arenas).
+fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
