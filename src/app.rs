@@ -56,6 +56,7 @@ pub struct Server {
     config: Arc<Config>,
     http: HttpState,
     http_metrics: HttpMetrics,
+    https_limits: crate::http::HttpsLimits,
     https: TcpListener,
     redirect: Option<TcpListener>,
     relay: Option<crate::relay::Relay>,
@@ -76,7 +77,14 @@ impl Server {
         let mut registry = Registry::default();
         let relay = if config.turn.enabled {
             let metrics = crate::relay::RelayMetrics::register(&mut registry);
-            Some(crate::relay::Relay::bind(&config, secret.expose().to_owned(), metrics).await?)
+            let mut others = vec![https.local_addr()?];
+            if let Some(r) = &redirect {
+                others.push(r.local_addr()?);
+            }
+            Some(
+                crate::relay::Relay::bind(&config, secret.expose().to_owned(), metrics, &others)
+                    .await?,
+            )
         } else {
             None
         };
@@ -104,6 +112,10 @@ impl Server {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let http_metrics = HttpMetrics::register(&mut registry);
+        let https_limits = crate::http::HttpsLimits::from_config(
+            &config.http,
+            crate::limits::LimitMetrics::register(&mut registry, "https"),
+        );
         let signaling = Arc::new(Signaling::new(
             SignalingConfig::from_config(&config),
             ice,
@@ -134,6 +146,7 @@ impl Server {
             config: Arc::new(config),
             http,
             http_metrics,
+            https_limits,
             https,
             redirect,
             relay,
@@ -189,6 +202,7 @@ impl Server {
             self.http_metrics,
             state.shutdown.clone(),
             app,
+            self.https_limits,
         ));
         let redirect = self.redirect.map(|listener| {
             let router = crate::http::redirect_router(

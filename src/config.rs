@@ -63,6 +63,12 @@ pub struct HttpConfig {
     /// Networks allowed to read `/metrics`.
     #[serde(with = "nets")]
     pub metrics_allow: Vec<IpNet>,
+    /// HTTPS connections (WebSockets included) open at once, in total and from one
+    /// client address; more are closed at once.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Seconds for the TLS handshake, and for each request's headers to arrive whole.
+    pub handshake_timeout_s: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -117,6 +123,13 @@ pub struct TurnConfig {
     pub max_bps: u64,
     #[serde(with = "nets")]
     pub allowed_peer_ranges: Vec<IpNet>,
+    /// TURN over TCP and TLS connections open at once, in total and from one client
+    /// address; more are closed at once.
+    pub max_stream_connections: usize,
+    pub max_stream_connections_per_ip: usize,
+    /// Seconds for the TLS handshake, for the first message of a TURN TCP/TLS
+    /// connection, and for each later message once its first byte arrived.
+    pub stream_message_timeout_s: u64,
     /// Static long-term users (name = password) for tools and tests.
     pub users: BTreeMap<String, Secret>,
 }
@@ -152,6 +165,9 @@ impl Default for HttpConfig {
                 IpNet::new_assert(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
                 IpNet::new_assert(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
             ],
+            max_connections: 4096,
+            max_connections_per_ip: 256,
+            handshake_timeout_s: 10,
         }
     }
 }
@@ -197,6 +213,9 @@ impl Default for TurnConfig {
             total_allocation_quota: 2000,
             max_bps: 0,
             allowed_peer_ranges: Vec::new(),
+            max_stream_connections: 4096,
+            max_stream_connections_per_ip: 256,
+            stream_message_timeout_s: 10,
             users: BTreeMap::new(),
         }
     }
@@ -375,6 +394,28 @@ impl Config {
         }
         if t.total_allocation_quota == 0 {
             return Err(invalid("turn.total_allocation_quota", "must be at least 1"));
+        }
+        check_caps(
+            ("http.max_connections", self.http.max_connections),
+            (
+                "http.max_connections_per_ip",
+                self.http.max_connections_per_ip,
+            ),
+        )?;
+        check_caps(
+            ("turn.max_stream_connections", t.max_stream_connections),
+            (
+                "turn.max_stream_connections_per_ip",
+                t.max_stream_connections_per_ip,
+            ),
+        )?;
+        for (key, v) in [
+            ("http.handshake_timeout_s", self.http.handshake_timeout_s),
+            ("turn.stream_message_timeout_s", t.stream_message_timeout_s),
+        ] {
+            if !(1..=300).contains(&v) {
+                return Err(invalid(key, "must be between 1 and 300"));
+            }
         }
         for (user, pass) in &t.users {
             if user.is_empty() || user.len() > 128 || user.contains(':') {
@@ -579,6 +620,22 @@ mod nets {
             .collect::<Result<_, _>>()
             .map_err(serde::de::Error::custom)
     }
+}
+
+/// A total cap and a per-address cap: both at least 1, the second at most the first.
+fn check_caps(total: (&str, usize), per_ip: (&str, usize)) -> Result<(), ConfigError> {
+    for (key, v) in [total, per_ip] {
+        if !(1..=1_000_000).contains(&v) {
+            return Err(invalid(key, "must be between 1 and 1000000"));
+        }
+    }
+    if per_ip.1 > total.1 {
+        return Err(invalid(
+            per_ip.0,
+            format!("must not exceed {} ({})", total.0, total.1),
+        ));
+    }
+    Ok(())
 }
 
 fn check_one_per_family(key: &str, ips: &[IpAddr]) -> Result<(), ConfigError> {

@@ -29,6 +29,7 @@ use tower::ServiceExt;
 use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 
+use crate::limits::{AcceptBackoff, Caps, ConnLimiter, LimitMetrics};
 use crate::linger::LingeringTcp;
 use crate::metrics::{HttpLabels, HttpMetrics, Metrics};
 use crate::net::{canonical_ip, client_host, host_part};
@@ -49,9 +50,8 @@ const PERMISSIONS: &str =
     "camera=(self), microphone=(self), display-capture=(self), geolocation=(), payment=(), usb=()";
 const HSTS: &str = "max-age=31536000";
 
-/// Time limits that keep slow or idle clients from pinning resources.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time limits that keep slow or idle clients from pinning resources (the TLS
+/// handshake and header limits are [`HttpsLimits::handshake_timeout`]).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HEADER_BYTES: usize = 32 * 1024;
 const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(4);
@@ -302,22 +302,56 @@ async fn metrics(
     }
 }
 
+/// What bounds the HTTPS listener's connections.
+pub struct HttpsLimits {
+    pub limiter: Arc<ConnLimiter>,
+    /// For the accept loop's backoff (accept errors are counted with the refusals).
+    pub metrics: LimitMetrics,
+    /// For the TLS handshake, and for each request's headers to arrive whole.
+    pub handshake_timeout: Duration,
+}
+
+impl HttpsLimits {
+    /// The limits `[http]` sets, counted in `metrics`.
+    pub fn from_config(cfg: &crate::config::HttpConfig, metrics: LimitMetrics) -> HttpsLimits {
+        HttpsLimits {
+            limiter: ConnLimiter::new(
+                "HTTPS",
+                Caps {
+                    total: cfg.max_connections,
+                    per_ip: cfg.max_connections_per_ip,
+                    total_key: "http.max_connections",
+                    per_ip_key: "http.max_connections_per_ip",
+                },
+                metrics.clone(),
+            ),
+            metrics,
+            handshake_timeout: Duration::from_secs(cfg.handshake_timeout_s),
+        }
+    }
+}
+
 /// Accepts TLS connections until `shutdown`, then lets in-flight requests finish (for
 /// at most a few seconds). Upgraded WebSockets are closed by their own handlers. Each
-/// connection gets the certificate current when it is accepted.
+/// connection gets the certificate current when it is accepted. Connections beyond
+/// the caps in `limits` are closed at once; accept errors (out of file descriptors)
+/// pause the loop, doubling up to a second, and are logged once a minute at most.
 pub async fn serve_https(
     listener: TcpListener,
     tls: Arc<Tls>,
     metrics: HttpMetrics,
     shutdown: CancellationToken,
     app: Router,
+    limits: HttpsLimits,
 ) {
     let graceful = GracefulShutdown::new();
+    let handshake_timeout = limits.handshake_timeout;
+    let mut backoff = AcceptBackoff::new("HTTPS", limits.metrics.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(handshake_timeout)
         .max_buf_size(MAX_HEADER_BYTES.max(8192));
     builder
         .http2()
@@ -330,13 +364,22 @@ pub async fn serve_https(
             res = listener.accept() => match res {
                 Ok(x) => x,
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    // EMFILE and friends: close what waits, back off instead of spinning.
+                    let pause = backoff.failed(&e);
+                    backoff.shed(&e, &listener);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
                 }
             },
             _ = shutdown.cancelled() => break,
+        };
+        backoff.accepted();
+        let Ok(permit) = limits.limiter.try_acquire(peer.ip()) else {
+            // Closed at once: the refusal is counted and logged by the limiter.
+            drop(tcp);
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         metrics.connections.inc();
@@ -346,8 +389,10 @@ pub async fn serve_https(
         let metrics = metrics.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            // Held until the connection (or its WebSocket) ends.
+            let _permit = permit;
             let stream = match tokio::time::timeout(
-                TLS_HANDSHAKE_TIMEOUT,
+                handshake_timeout,
                 ServerTlsStream::accept(LingeringTcp::new(tcp), config),
             )
             .await

@@ -276,6 +276,27 @@ fn invalid_values_are_named() {
             "http.allowed_origins",
         ),
         ("[log]\nlevel = \"loud!!\"\n", "log.level"),
+        ("[http]\nmax_connections = 0\n", "http.max_connections"),
+        (
+            "[http]\nmax_connections = 10\nmax_connections_per_ip = 11\n",
+            "http.max_connections_per_ip",
+        ),
+        (
+            "[http]\nhandshake_timeout_s = 0\n",
+            "http.handshake_timeout_s",
+        ),
+        (
+            "[turn]\nmax_stream_connections_per_ip = 0\n",
+            "turn.max_stream_connections_per_ip",
+        ),
+        (
+            "[turn]\nmax_stream_connections = 100\n",
+            "turn.max_stream_connections_per_ip",
+        ),
+        (
+            "[turn]\nstream_message_timeout_s = 301\n",
+            "turn.stream_message_timeout_s",
+        ),
     ];
     for (text, key) in cases {
         let err = load_text(text).unwrap_err().to_string();

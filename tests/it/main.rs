@@ -17,6 +17,7 @@
 mod deploy;
 mod http;
 mod lifecycle;
+mod limits;
 mod relay;
 mod signaling;
 mod signaling_scale;
