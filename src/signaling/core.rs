@@ -6,12 +6,13 @@
 //! `H` is the IO layer's handle to a connection (its outgoing queue); tests use plain
 //! values.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
 
 use super::proto::{
     normalize_name, ErrorCode, JoinReq, Media, PeerInfo, RelayKind, RelayPayload, ServerMsg,
@@ -62,13 +63,84 @@ pub enum Effect<H> {
     ExpireAt(Instant),
 }
 
+/// SHA-256 of a resume token: the core keeps (and persists) only this, so a snapshot
+/// file does not hold usable tokens, yet a presented token can still be checked.
+pub type TokenHash = [u8; 32];
+
+/// The hash under which a resume token is kept.
+pub fn token_hash(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Issues peer ids that are never reused, in constant memory: a counter passed through
+/// a keyed 64-bit permutation (a four-round Feistel network). Distinct counter values
+/// give distinct ids whatever the key, and the random key keeps ids unguessable from
+/// one another (they are not secrets: resume tokens are). Keeping the key and the
+/// counter across a restart (in the rooms snapshot) keeps new ids distinct from the
+/// restored ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdGen {
+    key: [u64; 4],
+    next: u64,
+}
+
+impl IdGen {
+    pub fn new(rng: &mut StdRng) -> IdGen {
+        IdGen {
+            key: rng.gen(),
+            next: 0,
+        }
+    }
+
+    /// Continues a generator saved by [`IdGen::parts`].
+    pub fn from_parts(key: [u64; 4], next: u64) -> IdGen {
+        IdGen { key, next }
+    }
+
+    pub fn parts(&self) -> ([u64; 4], u64) {
+        (self.key, self.next)
+    }
+
+    /// The next id, as 16 hex digits. After 2^64 ids (never, in practice) the key is
+    /// replaced, so ids keep coming though they could then repeat very old ones.
+    pub fn next_id(&mut self, rng: &mut StdRng) -> Arc<str> {
+        let n = self.next;
+        self.next = match self.next.checked_add(1) {
+            Some(v) => v,
+            None => {
+                self.key = rng.gen();
+                0
+            }
+        };
+        format!("{:016x}", self.permute(n)).into()
+    }
+
+    fn permute(&self, n: u64) -> u64 {
+        let (mut l, mut r) = ((n >> 32) as u32, n as u32);
+        for k in self.key {
+            let f = round(k, r);
+            (l, r) = (r, l ^ f);
+        }
+        (u64::from(l) << 32) | u64::from(r)
+    }
+}
+
+/// The Feistel round function (splitmix64's finalizer over key and half-block); any
+/// function keeps the network a permutation, this one mixes well.
+fn round(key: u64, half: u32) -> u32 {
+    let mut z = key ^ u64::from(half).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as u32
+}
+
 struct Peer<H> {
     id: Arc<str>,
     name: Arc<str>,
     room: Arc<str>,
     media: Option<Media>,
     conn: Option<(ConnId, H)>,
-    token: String,
+    token: TokenHash,
     grace_until: Option<Instant>,
     queue: VecDeque<ServerMsg>,
 }
@@ -80,23 +152,26 @@ pub struct Rooms<H> {
     /// Room name -> its peers in join order.
     rooms: HashMap<Arc<str>, Vec<Arc<str>>>,
     conns: HashMap<ConnId, Arc<str>>,
-    tokens: HashMap<String, Arc<str>>,
-    issued: HashSet<u64>,
+    tokens: HashMap<TokenHash, Arc<str>>,
+    ids: IdGen,
     graces: VecDeque<(Instant, Arc<str>)>,
     rng: StdRng,
+    /// Bumped on every change a snapshot would record.
+    generation: u64,
 }
 
 impl<H: Clone> Rooms<H> {
-    pub fn new(cfg: RoomRules, rng: StdRng) -> Self {
+    pub fn new(cfg: RoomRules, mut rng: StdRng) -> Self {
         Rooms {
             cfg,
             peers: HashMap::new(),
             rooms: HashMap::new(),
             conns: HashMap::new(),
             tokens: HashMap::new(),
-            issued: HashSet::new(),
+            ids: IdGen::new(&mut rng),
             graces: VecDeque::new(),
             rng,
+            generation: 0,
         }
     }
 
@@ -136,13 +211,25 @@ impl<H: Clone> Rooms<H> {
         self.cfg.password.is_empty() || self.cfg.password.matches(given.unwrap_or(""))
     }
 
+    /// Changes when anything a snapshot records changes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Sizes of every table the core keeps (peers, rooms, connections, tokens, grace
+    /// entries): all zero once everyone has left and every grace has run out.
+    pub fn table_sizes(&self) -> [usize; 5] {
+        [
+            self.peers.len(),
+            self.rooms.len(),
+            self.conns.len(),
+            self.tokens.len(),
+            self.graces.len(),
+        ]
+    }
+
     fn new_id(&mut self) -> Arc<str> {
-        loop {
-            let n: u64 = self.rng.gen();
-            if self.issued.insert(n) {
-                return format!("{n:016x}").into();
-            }
-        }
+        self.ids.next_id(&mut self.rng)
     }
 
     fn new_token(&mut self) -> String {
@@ -165,7 +252,7 @@ impl<H: Clone> Rooms<H> {
             return err(ErrorCode::BadPassword);
         }
         if let Some(token) = req.resume.as_deref() {
-            if let Some(id) = self.tokens.get(token).cloned() {
+            if let Some(id) = self.tokens.get(&token_hash(token)).cloned() {
                 if self.peers.get(&id).is_some_and(|p| *p.room == *room) {
                     return self.resume(conn, handle, id, now);
                 }
@@ -200,7 +287,8 @@ impl<H: Clone> Rooms<H> {
                 resumed: false,
             },
         )];
-        self.tokens.insert(token.clone(), id.clone());
+        self.generation += 1;
+        self.tokens.insert(token_hash(&token), id.clone());
         self.conns.insert(conn, id.clone());
         self.peers.insert(
             id.clone(),
@@ -210,7 +298,7 @@ impl<H: Clone> Rooms<H> {
                 room: room.clone(),
                 media: None,
                 conn: Some((conn, handle)),
-                token,
+                token: token_hash(&token),
                 grace_until: None,
                 queue: VecDeque::new(),
             },
@@ -243,13 +331,14 @@ impl<H: Clone> Rooms<H> {
             effects.push(Effect::Close(old_handle, CLOSE_TAKEN_OVER));
         }
         self.tokens.remove(&peer.token);
-        peer.token = token.clone();
+        peer.token = token_hash(&token);
         peer.grace_until = None;
         peer.conn = Some((conn, handle.clone()));
         let queued: Vec<ServerMsg> = peer.queue.drain(..).collect();
         let room = peer.room.clone();
-        self.tokens.insert(token.clone(), id.clone());
+        self.tokens.insert(token_hash(&token), id.clone());
         self.conns.insert(conn, id.clone());
+        self.generation += 1;
         let others: Vec<Arc<str>> = self
             .rooms
             .get(&room)
@@ -373,6 +462,7 @@ impl<H: Clone> Rooms<H> {
         };
         if let Some(p) = self.peers.get_mut(&from) {
             p.media = Some(media);
+            self.generation += 1;
         }
         let others = self.room_others(&from);
         let mut effects = Vec::new();
@@ -469,6 +559,7 @@ impl<H: Clone> Rooms<H> {
         let Some(peer) = self.peers.remove(id) else {
             return effects;
         };
+        self.generation += 1;
         self.tokens.remove(&peer.token);
         if let Some((c, _)) = &peer.conn {
             self.conns.remove(c);

@@ -2,6 +2,7 @@
 
 use super::*;
 use serde_json::json;
+use std::collections::HashSet;
 
 const GRACE: Duration = Duration::from_secs(20);
 
@@ -696,4 +697,58 @@ fn window_counter_slides() {
     assert_eq!(w.add(t0 + Duration::from_secs(9)), 3);
     assert_eq!(w.add(t0 + Duration::from_secs(10)), 3);
     assert_eq!(w.add(t0 + Duration::from_secs(100)), 1);
+}
+
+#[test]
+fn peer_ids_never_repeat_and_leave_nothing_behind() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let mut seen = HashSet::new();
+    for conn in 0..50_000u64 {
+        let (id, _) = join(&mut r, conn, "r", now);
+        assert_eq!(id.len(), 16);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        assert!(seen.insert(id), "an id was issued twice");
+        r.leave(conn, &conn);
+    }
+    // No table keeps anything per id ever issued.
+    assert_eq!(r.table_sizes(), [0; 5]);
+}
+
+#[test]
+fn id_generator_continues_where_it_stopped() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut a = IdGen::new(&mut rng);
+    let first: HashSet<Arc<str>> = (0..1000).map(|_| a.next_id(&mut rng)).collect();
+    assert_eq!(first.len(), 1000);
+    let (key, next) = a.parts();
+    assert_eq!(next, 1000);
+    let mut b = IdGen::from_parts(key, next);
+    for _ in 0..1000 {
+        assert!(!first.contains(&b.next_id(&mut rng)));
+    }
+    // Another key orders ids differently.
+    let mut c = IdGen::new(&mut StdRng::seed_from_u64(2));
+    let mut d = IdGen::from_parts(key, 0);
+    assert_ne!(c.next_id(&mut rng), d.next_id(&mut rng));
+}
+
+#[test]
+fn id_generator_rekeys_instead_of_overflowing() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut g = IdGen::from_parts([1, 2, 3, 4], u64::MAX);
+    let last = g.next_id(&mut rng);
+    let (key, next) = g.parts();
+    assert_eq!(next, 0);
+    assert_ne!(key, [1, 2, 3, 4]);
+    assert_ne!(g.next_id(&mut rng), last);
+}
+
+#[test]
+fn resume_tokens_are_kept_only_as_hashes() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let (_, token) = join(&mut r, 1, "r", now);
+    assert!(r.tokens.contains_key(&token_hash(&token)));
+    assert!(r.peers.values().all(|p| p.token == token_hash(&token)));
 }
