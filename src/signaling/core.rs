@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
+use super::persist::{SavedPeer, Snapshot, FORMAT, STALE_MARGIN};
 use super::proto::{
     normalize_name, ErrorCode, JoinReq, Media, PeerInfo, RelayKind, RelayPayload, ServerMsg,
     MAX_CHAT_CHARS, PROTOCOL_VERSION,
@@ -579,6 +580,136 @@ impl<H: Clone> Rooms<H> {
         );
         effects.push(Effect::PeerGone(id.clone()));
         effects
+    }
+}
+
+/// How far the id counter jumps on restore: more ids than could ever be issued
+/// between two snapshot writes, and still room for 2^32 restarts.
+pub const RESTORE_ID_GAP: u64 = 1 << 32;
+
+/// Why a snapshot was not restored (the server then starts with no rooms).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("resume is off (rooms.resume_grace_s = 0)")]
+    ResumeOff,
+    #[error("the core already holds peers")]
+    NotEmpty,
+    #[error("format {0} is not the one this version writes")]
+    Format(u32),
+    #[error("taken {age_s} s away from now, beyond the resume grace plus margin")]
+    Stale { age_s: u64 },
+    #[error("invalid entry: {0}")]
+    Invalid(&'static str),
+}
+
+impl<H: Clone> Rooms<H> {
+    /// What a restart needs to resume every peer: rooms in join order, ids, names,
+    /// media, token hashes, and the id generator.
+    pub fn snapshot(&self, now_unix_ms: u64) -> Snapshot {
+        let mut rooms: Vec<&Arc<str>> = self.rooms.keys().collect();
+        rooms.sort();
+        let peers = rooms
+            .into_iter()
+            .filter_map(|r| self.rooms.get(r))
+            .flatten()
+            .filter_map(|id| self.peers.get(id))
+            .map(|p| SavedPeer {
+                id: p.id.to_string(),
+                room: p.room.to_string(),
+                name: p.name.to_string(),
+                media: p.media,
+                token_sha256: hex::encode(p.token),
+            })
+            .collect();
+        let (id_key, id_next) = self.ids.parts();
+        Snapshot {
+            format: FORMAT,
+            saved_unix_ms: now_unix_ms,
+            id_key,
+            id_next,
+            peers,
+        }
+    }
+
+    /// Restores a snapshot into an empty core. Every peer comes back disconnected, in
+    /// a fresh resume grace from `now`: those that resume keep their ids, the others
+    /// leave as usual when it ends. Nothing is changed when an error is returned.
+    pub fn restore(
+        &mut self,
+        snap: Snapshot,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Result<Vec<Effect<H>>, RestoreError> {
+        if self.cfg.resume_grace.is_zero() {
+            return Err(RestoreError::ResumeOff);
+        }
+        if !self.peers.is_empty() {
+            return Err(RestoreError::NotEmpty);
+        }
+        if snap.format != FORMAT {
+            return Err(RestoreError::Format(snap.format));
+        }
+        let age_ms = now_unix_ms.abs_diff(snap.saved_unix_ms);
+        let limit = self.cfg.resume_grace.saturating_add(STALE_MARGIN);
+        if u128::from(age_ms) > limit.as_millis() {
+            return Err(RestoreError::Stale {
+                age_s: age_ms / 1000,
+            });
+        }
+        let mut peers: HashMap<Arc<str>, Peer<H>> = HashMap::with_capacity(snap.peers.len());
+        let mut rooms: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+        let mut tokens = HashMap::with_capacity(snap.peers.len());
+        let grace_until = now + self.cfg.resume_grace;
+        for p in snap.peers {
+            let valid_id = p.id.len() == 16 && p.id.bytes().all(|b| b.is_ascii_hexdigit());
+            if !valid_id {
+                return Err(RestoreError::Invalid("peer id"));
+            }
+            if normalize_room(&p.room).ok().as_deref() != Some(p.room.as_str()) {
+                return Err(RestoreError::Invalid("room name"));
+            }
+            if normalize_name(Some(&p.name)).as_deref() != Some(p.name.as_str()) {
+                return Err(RestoreError::Invalid("peer name"));
+            }
+            let mut token: TokenHash = [0; 32];
+            if hex::decode_to_slice(&p.token_sha256, &mut token).is_err() {
+                return Err(RestoreError::Invalid("token hash"));
+            }
+            let id: Arc<str> = p.id.into();
+            let room: Arc<str> = match rooms.get_key_value(p.room.as_str()) {
+                Some((r, _)) => r.clone(),
+                None => p.room.into(),
+            };
+            if tokens.insert(token, id.clone()).is_some() {
+                return Err(RestoreError::Invalid("duplicate token"));
+            }
+            rooms.entry(room.clone()).or_default().push(id.clone());
+            let peer = Peer {
+                id: id.clone(),
+                name: p.name.into(),
+                room,
+                media: p.media,
+                conn: None,
+                token,
+                grace_until: Some(grace_until),
+                queue: VecDeque::new(),
+            };
+            if peers.insert(id, peer).is_some() {
+                return Err(RestoreError::Invalid("duplicate peer id"));
+            }
+        }
+        self.graces = peers.keys().map(|id| (grace_until, id.clone())).collect();
+        self.peers = peers;
+        self.rooms = rooms;
+        self.tokens = tokens;
+        // After a crash the snapshot may be up to a save interval old, and ids issued
+        // since then exist in clients' hands: skip far past them.
+        self.ids = IdGen::from_parts(snap.id_key, snap.id_next.saturating_add(RESTORE_ID_GAP));
+        self.generation += 1;
+        if self.peers.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(vec![Effect::ExpireAt(grace_until)])
     }
 }
 
