@@ -62,21 +62,24 @@ fn parse_args() -> Args {
     a
 }
 
+/// The server process, killed when dropped (on a panic too).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Server {
-    child: Child,
+    child: Proc,
     addr: SocketAddr,
     turn: SocketAddr,
     secret: String,
     tls: Arc<rustls::ClientConfig>,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn free_port() -> u16 {
@@ -105,12 +108,15 @@ impl Server {
             ),
         )
         .expect("config");
-        let child = Command::new(env!("CARGO_BIN_EXE_meshmeet"))
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start meshmeet");
+        let child = Proc(
+            Command::new(env!("CARGO_BIN_EXE_meshmeet"))
+                .arg("--config")
+                .arg(&cfg)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start meshmeet"),
+        );
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let cert = dir.path().join("selfsigned-cert.pem");
         let start = Instant::now();
@@ -147,7 +153,7 @@ impl Server {
     }
 
     fn rss_kb(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.0.id()))
             .unwrap_or_default()
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -156,7 +162,7 @@ impl Server {
     }
 
     fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.0.id()))
             .map(|d| d.count())
             .unwrap_or(0)
     }
