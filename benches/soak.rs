@@ -398,7 +398,13 @@ async fn turn_client(
         }
         stats.allocations.fetch_add(1, Ordering::Relaxed);
         let perm = s.request(METHOD_CREATE_PERMISSION, &[&Attr::Peer(echo)]);
-        let _ = ask(&sock, server.turn, &perm, &mut buf).await;
+        if let Some(m) = ask(&sock, server.turn, &perm, &mut buf).await {
+            // A stale nonce (after 10 minutes): learn the new one and ask again.
+            if s.learn(&m) {
+                let perm = s.request(METHOD_CREATE_PERMISSION, &[&Attr::Peer(echo)]);
+                let _ = ask(&sock, server.turn, &perm, &mut buf).await;
+            }
+        }
         for _ in 0..20 {
             let _ = sock
                 .send_to(&client::send_indication(echo, b"soak data"), server.turn)
@@ -416,7 +422,12 @@ async fn turn_client(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let free = s.request(METHOD_REFRESH, &[&Attr::Lifetime(0)]);
-        let _ = ask(&sock, server.turn, &free, &mut buf).await;
+        if let Some(m) = ask(&sock, server.turn, &free, &mut buf).await {
+            if s.learn(&m) {
+                let free = s.request(METHOD_REFRESH, &[&Attr::Lifetime(0)]);
+                let _ = ask(&sock, server.turn, &free, &mut buf).await;
+            }
+        }
     }
 }
 
