@@ -124,6 +124,7 @@ impl Server {
             tasks.clone(),
             SignalingMetrics::register(&mut registry),
         ));
+        signaling.restore_saved();
         let metrics = Arc::new(Metrics::new(registry));
         let http = HttpState {
             cert_kind: tls.kind(),
@@ -225,6 +226,7 @@ impl Server {
                 state.tls.clone(),
             );
         }
+        state.signaling.spawn_saver();
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         tokio::select! {
             _ = shutdown => {},
@@ -232,6 +234,9 @@ impl Server {
         }
         tracing::info!("shutting down");
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        // The rooms as they are now, before closing the sockets: their peers resume
+        // after the restart.
+        state.signaling.save_for_shutdown().await;
         state.shutdown.cancel();
         state.tasks.close();
         let stop = async {

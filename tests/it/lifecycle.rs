@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::support::https_client;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshmeet");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_meshmeet");
 
-struct Proc {
+pub(crate) struct Proc {
     /// `None` once [`Proc::wait_exit`] has reaped it.
     child: Option<Child>,
     lines: mpsc::Receiver<String>,
@@ -20,7 +20,7 @@ struct Proc {
 
 impl Proc {
     /// Starts the binary with `config` and waits for the banner naming the HTTPS port.
-    fn start(config: &Path) -> (Proc, SocketAddr) {
+    pub(crate) fn start(config: &Path) -> (Proc, SocketAddr) {
         Proc::start_limited(config, None)
     }
 
@@ -73,7 +73,7 @@ impl Proc {
         (p, SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
-    fn wait_for(&mut self, needle: &str) -> String {
+    pub(crate) fn wait_for(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -85,7 +85,7 @@ impl Proc {
         }
     }
 
-    fn signal(&self, sig: i32) {
+    pub(crate) fn signal(&self, sig: i32) {
         let child = self.child.as_ref().expect("still running");
         // SAFETY: plain kill(2) on our own child, not yet reaped.
         unsafe {
@@ -95,7 +95,7 @@ impl Proc {
 
     /// Waits for the process to exit (a thread blocks in wait(2) and reports); kills
     /// it and fails if that takes longer than `within`.
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+    pub(crate) fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("still running");
         let pid = child.id();
         let (tx, rx) = mpsc::channel();
@@ -125,7 +125,7 @@ impl Drop for Proc {
     }
 }
 
-fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+pub(crate) fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let path = dir.join("meshmeet.toml");
     std::fs::write(
         &path,

@@ -6,6 +6,8 @@
 //! - [`deploy`]: the systemd unit and `deploy/install.sh`.
 //! - [`signaling`]: every message, error and close code over real WebSockets.
 //! - [`signaling_scale`]: 1000 clients negotiating at once.
+//! - [`restart`]: the binary restarted (SIGTERM, `kill -9`) in the middle of a call:
+//!   peers resume with their ids, nobody is left behind.
 //! - [`relay`]: STUN/TURN against independent clients (the `turn` crate, coturn's
 //!   tools, raw STUN).
 //! - [`support`]: the test server, the WebSocket client, TLS client configs, and the
@@ -19,6 +21,7 @@ mod http;
 mod lifecycle;
 mod limits;
 mod relay;
+mod restart;
 mod signaling;
 mod signaling_scale;
 mod support;

@@ -676,6 +676,9 @@ function renderUnread() {
   document.title = `${state.unread ? `(${state.unread}) ` : ''}${state.room} · meshmeet`;
 }
 
+/** Chat lines kept (in the list and in `chatLog`); older ones are dropped. */
+const MAX_CHAT_LINES = 500;
+
 /** @param {ChatIn} m */
 function addChat(m) {
   // Lines are shown in the order the server sent them (the same for everyone).
@@ -696,6 +699,9 @@ function addChat(m) {
   li.append(head, body);
   const list = $('chat-list');
   list.appendChild(li);
+  // A long call keeps only the latest lines (memory stays bounded); the oldest go.
+  while (state.chatLog.length > MAX_CHAT_LINES) state.chatLog.shift();
+  while (list.childElementCount > MAX_CHAT_LINES) list.firstElementChild?.remove();
   $('chat-empty').hidden = true;
   list.scrollTop = list.scrollHeight;
   if (!state.chatOpen && m.from !== state.myId) {

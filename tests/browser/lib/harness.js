@@ -129,6 +129,21 @@ force_relay = ${o.forceRelay ? 'true' : 'false'}
     return this;
   }
 
+  /**
+   * Restarts the server as an upgrade or `systemctl restart` would: SIGTERM, wait for
+   * the exit, start again with the same config and data directory (same ports).
+   */
+  async restart() {
+    const p = this.proc;
+    if (p && p.exitCode === null && p.signalCode === null) {
+      const exited = new Promise((r) => p.once('exit', r));
+      p.kill('SIGTERM');
+      await exited;
+    }
+    this.stderr = '';
+    return this.start();
+  }
+
   async stop() {
     const p = this.proc;
     if (p && p.exitCode === null && p.signalCode === null) {
