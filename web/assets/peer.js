@@ -466,8 +466,12 @@ export class Peer {
     // A later read, or a state change, overtook this one.
     if (this.closed || seq !== this.pathSeq || this.connState() !== 'connected') return;
     this.pathKnowable = path !== undefined;
+    const moved = JSON.stringify(path || null) !== JSON.stringify(this.path);
     this.path = path || null;
+    const before = this.state;
     this.setState(this.connectedState());
+    // Another pair on the same kind of path (e.g. a relay over TCP instead of UDP).
+    if (moved && before === this.state) this.hooks.onState(this);
   }
 
   /**

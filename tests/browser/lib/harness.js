@@ -398,6 +398,8 @@ export async function participant(browsers, kind, url, name, opts = {}) {
 function holdDevices() {
   const w = /** @type {any} */ (window);
   const md = navigator.mediaDevices;
+  // Also runs in documents that have no devices (the first about:blank).
+  if (!md || !md.getUserMedia) return;
   const real = md.getUserMedia.bind(md);
   /** @type {(v?: unknown) => void} */
   let release = () => {};
