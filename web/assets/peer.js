@@ -104,6 +104,8 @@ export class Peer {
     /** the last connection state acted on */
     this.lastCs = '';
     this.everConnected = false;
+    /** offers sent (for diagnostics) */
+    this.offers = 0;
     /** the selected pair's path; null until known */
     /** @type {Path|null} */
     this.path = null;
@@ -126,7 +128,10 @@ export class Peer {
         this.makingOffer = true;
         await pc.setLocalDescription();
         const d = pc.localDescription;
-        if (d && d.type === 'offer') this.hooks.send({ type: 'offer', to: this.id, sdp: d.sdp });
+        if (d && d.type === 'offer') {
+          this.offers += 1;
+          this.hooks.send({ type: 'offer', to: this.id, sdp: d.sdp });
+        }
       } catch (e) {
         console.warn('offer failed', e);
       } finally {

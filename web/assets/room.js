@@ -1113,7 +1113,7 @@ async function stats() {
     out[p.id] = {
       id: p.id, name: p.name, serial: p.serial, state: p.state, connectionState: p.pc.connectionState,
       framesDecoded, audioPackets, screenFrames, path, media: p.media,
-      tilePath: p.path, restarts: p.restarts, blips: p.blips.slice(),
+      tilePath: p.path, restarts: p.restarts, offers: p.offers, blips: p.blips.slice(),
       disconnectedFor: p.disconnectedSince ? Date.now() - p.disconnectedSince : 0,
     };
   }
@@ -1134,7 +1134,7 @@ const testHandle = {
   dropSocket(/** @type {number} */ holdMs) { signaling.drop(holdMs); },
   toggleMic, toggleCam, toggleShare, leave, renewIce,
   /** @param {string} id */
-  restartIce(id) { state.peers.get(id)?.restartIce(); },
+  restartIce(id) { return state.peers.get(id)?.restartIce() ?? false; },
   /** @param {string} text */
   chat(text) { signaling.send({ type: 'chat', text }); },
 };

@@ -527,7 +527,7 @@ export async function describeCall(page) {
         const s = st[p.id] || {};
         lines.push(`  peer ${p.id} (${p.name}): ${p.pc.connectionState}/${p.pc.iceConnectionState}/` +
           `${p.pc.signalingState}, tile ${s.state}, frames ${s.framesDecoded}, audio packets ${s.audioPackets}, ` +
-          `path ${JSON.stringify(s.path)}`);
+          `path ${JSON.stringify(s.path)}, offers sent ${s.offers}, restarts ${s.restarts}`);
         // Incoming video per m-line: packets, frames received and decoded, key frames, PLIs.
         const r = await p.pc.getStats();
         r.forEach((/** @type {any} */ x) => {

@@ -135,11 +135,17 @@ for (const room of rooms()) {
       const bId = await myId(b);
       const ufrag = (/** @type {string} */ sdp) => (sdp.match(/a=ice-ufrag:(\S+)/) || [])[1];
       const sdpBefore = await a.evaluate((id) => /** @type {any} */ (window).meshmeet.peers.get(id).pc.localDescription.sdp, bId);
-      await a.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), bId);
+      // One restart at a time: a second request while the first is under way is refused.
+      const started = await a.evaluate((id) => {
+        const mm = /** @type {any} */ (window).meshmeet;
+        return [mm.restartIce(id), mm.restartIce(id)];
+      }, bId);
+      assert.deepEqual(started, [true, false]);
       await waitFor(a, ([id, old]) => {
         const pc = /** @type {any} */ (window).meshmeet.peers.get(id).pc;
         const m = pc.localDescription.sdp.match(/a=ice-ufrag:(\S+)/);
-        return pc.signalingState === 'stable' && m && m[1] !== old && pc.connectionState === 'connected';
+        return pc.signalingState === 'stable' && m && m[1] !== old && pc.connectionState === 'connected' &&
+          !/** @type {any} */ (window).meshmeet.peers.get(id).restarting;
       }, [bId, ufrag(sdpBefore)], { timeout: MEDIA, what: 'the ICE restart to complete' });
       await waitForMedia(pages(), 4, MEDIA);
     });
