@@ -84,15 +84,24 @@ for (const room of rooms()) {
       const newcomerId = await pages[3].evaluate(() => /** @type {string} */ (/** @type {any} */ (window).meshmeet.id));
       let others = 0;
       for (const page of pages.slice(0, 3)) others += ((await relayCandidates(page))[newcomerId] || []).length;
-      t.diagnostic(`newcomer (${room.kinds[3]}): ${newcomer} allocations (${perConnection.join(' + ')}); ` +
-        `the three others: ${others} for their connections to it; server: ${created} allocations created`);
+      // ICE restarts during the join (a starved machine can fail a connection) gather
+      // anew at both ends of a connection.
+      let restarts = 0;
+      for (const page of pages) {
+        const st = await page.evaluate(() => /** @type {Promise<Record<string, any>>} */ (/** @type {any} */ (window).meshmeet.stats()));
+        for (const [id, p] of Object.entries(st)) if (page === pages[3] || id === newcomerId) restarts += p.restarts;
+      }
+      t.diagnostic(`newcomer (${room.kinds[3]}): ${newcomer} relay candidates (${perConnection.join(' + ')}); ` +
+        `the three others: ${others} for their connections to it; server: ${created} allocations created; ` +
+        `${restarts} ICE restarts on the newcomer's connections`);
       // One allocation per TURN URL per connection: a transport per connection, not
-      // one per media line.
-      for (const n of perConnection) assert.ok(n >= 1 && n <= TURN_URLS, `allocations per connection: ${perConnection}`);
+      // one per media line. (Chromium lists every gathered candidate in getStats;
+      // Firefox may list fewer, so the server's count bounds the whole.)
       assert.equal(perConnection.length, 3);
-      // Every allocation the server made for this join shows up as a relay candidate.
-      assert.equal(created, newcomer + others, 'server allocations = relay candidates gathered');
-      assert.ok(created <= 6 * TURN_URLS, `${created} allocations for six new connections`);
+      for (const n of perConnection) assert.ok(n >= 1 && n <= TURN_URLS, `relay candidates per connection: ${perConnection}`);
+      if (room.kinds[3] === 'chromium' && restarts === 0) assert.deepEqual(perConnection, [3, 3, 3]);
+      assert.ok(created >= newcomer + others, `server ${created} >= gathered ${newcomer + others}`);
+      assert.ok(created <= TURN_URLS * (6 + 2 * restarts), `${created} allocations for six new connections and ${restarts} restarts`);
       assert.equal(Server.total(m1, REFUSED), 0, 'no Allocate refused');
 
       // An ICE restart on all of the newcomer's connections at once allocates anew
