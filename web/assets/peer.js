@@ -104,8 +104,9 @@ export class Peer {
     /** the last connection state acted on */
     this.lastCs = '';
     this.everConnected = false;
-    /** offers sent (for diagnostics) */
+    /** offers sent, and remote answers whose DTLS role was set back (for diagnostics) */
     this.offers = 0;
+    this.roleFixes = 0;
     /** the selected pair's path; null until known */
     /** @type {Path|null} */
     this.path = null;
@@ -300,6 +301,9 @@ export class Peer {
     this.ignoreOffer = !this.polite && offerCollision;
     if (this.ignoreOffer) return;
     try {
+      if (description.type === 'answer' && description.sdp) {
+        description = { type: 'answer', sdp: this.keepDtlsRole(description.sdp) };
+      }
       await pc.setRemoteDescription(description);
       await this.flushCandidates();
       if (description.type === 'offer') {
@@ -311,6 +315,41 @@ export class Peer {
     } catch (e) {
       console.warn('negotiation failed', e);
     }
+  }
+
+  /**
+   * Our DTLS role on the established connection ('active' = DTLS client), from the
+   * last completed negotiation; null before the first.
+   * @returns {'active'|'passive'|null}
+   */
+  dtlsRole() {
+    const l = this.pc.currentLocalDescription;
+    const r = this.pc.currentRemoteDescription;
+    if (!l || !r) return null;
+    const setup = (/** @type {string} */ sdp) => (sdp.match(/a=setup:(\w+)/) || [])[1];
+    if (l.type === 'answer') {
+      const s = setup(l.sdp);
+      return s === 'active' || s === 'passive' ? s : null;
+    }
+    const s = setup(r.sdp);
+    return s === 'active' ? 'passive' : s === 'passive' ? 'active' : null;
+  }
+
+  /**
+   * A renegotiation keeps the DTLS association, and with it the roles (RFC 8842). An
+   * answer that names the other role (Firefox does so when answering an ICE-restart
+   * offer from the side that answered first) makes Chromium reject it ("Failed to
+   * set SSL role"), which leaves the connection stuck in have-local-offer. The role
+   * the answerer really keeps is the established one: say so in its answer.
+   * @param {string} sdp a remote answer
+   */
+  keepDtlsRole(sdp) {
+    const ours = this.dtlsRole();
+    if (!ours) return sdp;
+    const theirs = ours === 'active' ? 'passive' : 'active';
+    const fixed = sdp.replace(/a=setup:(active|passive)/g, `a=setup:${theirs}`);
+    if (fixed !== sdp) this.roleFixes += 1;
+    return fixed;
   }
 
   /** @param {RTCIceCandidateInit|null} candidate */

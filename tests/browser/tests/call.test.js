@@ -147,6 +147,16 @@ for (const room of rooms()) {
         return pc.signalingState === 'stable' && m && m[1] !== old && pc.connectionState === 'connected' &&
           !/** @type {any} */ (window).meshmeet.peers.get(id).restarting;
       }, [bId, ufrag(sdpBefore)], { timeout: MEDIA, what: 'the ICE restart to complete' });
+      // A restart offered by the side that answered first (B answered C's offer): in
+      // the mixed room Chromium offers to Firefox, whose answer names the other DTLS
+      // role; the connection must still complete its negotiation.
+      const c = pages()[2];
+      const cId = await myId(c);
+      assert.equal(await b.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), cId), true);
+      await waitFor(b, (id) => {
+        const p = /** @type {any} */ (window).meshmeet.peers.get(id);
+        return p.pc.signalingState === 'stable' && p.pc.connectionState === 'connected' && !p.restarting;
+      }, cId, { timeout: MEDIA, what: 'the restart offered by the first answerer to complete' });
       await waitForMedia(pages(), 4, MEDIA);
     });
 
