@@ -279,14 +279,15 @@ impl Config {
     /// configured `turn.user_allocation_quota`, or when that is 0, what a participant
     /// in a full room needs: one connection to each of the other `capacity - 1`
     /// members, one allocation per TURN URL handed out on each (the client bundles
-    /// all media on one transport), doubled so an ICE restart can allocate anew
-    /// while the old allocations are still held.
+    /// all media on one transport), tripled: an ICE restart allocates anew while the
+    /// old allocations are still held, and Firefox restarting all its connections
+    /// at once was measured to need more than twice the set.
     pub fn user_allocation_quota(&self) -> usize {
         if self.turn.user_allocation_quota > 0 {
             return self.turn.user_allocation_quota;
         }
         let others = self.rooms.capacity.saturating_sub(1).max(1);
-        (others * crate::ice::turn_url_count(self) * 2).max(1)
+        (others * crate::ice::turn_url_count(self) * 3).max(1)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -301,15 +301,15 @@ fn invalid_values_are_named() {
 
 #[test]
 fn user_allocation_quota_is_derived_unless_set() {
-    // Default: six per room, three TURN URLs (UDP, TCP, TLS): 5 x 3 x 2.
+    // Default: six per room, three TURN URLs (UDP, TCP, TLS): 5 x 3 x 3.
     let c = Config::default();
     assert_eq!(c.turn.user_allocation_quota, 0);
-    assert_eq!(c.user_allocation_quota(), 30);
+    assert_eq!(c.user_allocation_quota(), 45);
     // Without TLS two URLs are handed out.
     let c = load_text("[rooms]\ncapacity = 4\n[turn]\ntls_listen = \"\"\n").unwrap();
-    assert_eq!(c.user_allocation_quota(), 12);
+    assert_eq!(c.user_allocation_quota(), 18);
     let c = load_text("[rooms]\ncapacity = 50\n").unwrap();
-    assert_eq!(c.user_allocation_quota(), 294);
+    assert_eq!(c.user_allocation_quota(), 441);
     // A configured value wins, from the file or the environment.
     let c = load_text("[rooms]\ncapacity = 50\n[turn]\nuser_allocation_quota = 7\n").unwrap();
     assert_eq!(c.user_allocation_quota(), 7);
