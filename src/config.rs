@@ -118,6 +118,7 @@ pub struct TurnConfig {
     pub secret: Secret,
     pub credential_ttl_s: u64,
     pub max_allocation_lifetime_s: u64,
+    /// 0 = derived from the room capacity: see [`Config::user_allocation_quota`].
     pub user_allocation_quota: usize,
     pub total_allocation_quota: usize,
     pub max_bps: u64,
@@ -209,7 +210,7 @@ impl Default for TurnConfig {
             secret: Secret::default(),
             credential_ttl_s: 3600,
             max_allocation_lifetime_s: 3600,
-            user_allocation_quota: 10,
+            user_allocation_quota: 0,
             total_allocation_quota: 2000,
             max_bps: 0,
             allowed_peer_ranges: Vec::new(),
@@ -293,6 +294,21 @@ impl Config {
 
     /// Checks what the types alone do not (ranges, combinations); the error names the
     /// first offending key.
+    /// Allocations one TURN username (one participant's credentials) may hold: the
+    /// configured `turn.user_allocation_quota`, or when that is 0, what a participant
+    /// in a full room needs: one connection to each of the other `capacity - 1`
+    /// members, one allocation per TURN URL handed out on each (the client bundles
+    /// all media on one transport), tripled: an ICE restart allocates anew while the
+    /// old allocations are still held, and Firefox restarting all its connections
+    /// at once was measured to need more than twice the set.
+    pub fn user_allocation_quota(&self) -> usize {
+        if self.turn.user_allocation_quota > 0 {
+            return self.turn.user_allocation_quota;
+        }
+        let others = self.rooms.capacity.saturating_sub(1).max(1);
+        (others * crate::ice::turn_url_count(self) * 3).max(1)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.http.public_host.is_empty() && !valid_host(&self.http.public_host) {
             return Err(invalid(
@@ -388,9 +404,6 @@ impl Config {
                 "turn.max_allocation_lifetime_s",
                 "must be between 600 and 86400",
             ));
-        }
-        if t.user_allocation_quota == 0 {
-            return Err(invalid("turn.user_allocation_quota", "must be at least 1"));
         }
         if t.total_allocation_quota == 0 {
             return Err(invalid("turn.total_allocation_quota", "must be at least 1"));

@@ -321,6 +321,28 @@ fn invalid_values_are_named() {
 }
 
 #[test]
+fn user_allocation_quota_is_derived_unless_set() {
+    // Default: six per room, three TURN URLs (UDP, TCP, TLS): 5 x 3 x 3.
+    let c = Config::default();
+    assert_eq!(c.turn.user_allocation_quota, 0);
+    assert_eq!(c.user_allocation_quota(), 45);
+    // Without TLS two URLs are handed out.
+    let c = load_text("[rooms]\ncapacity = 4\n[turn]\ntls_listen = \"\"\n").unwrap();
+    assert_eq!(c.user_allocation_quota(), 18);
+    let c = load_text("[rooms]\ncapacity = 50\n").unwrap();
+    assert_eq!(c.user_allocation_quota(), 441);
+    // A configured value wins, from the file or the environment.
+    let c = load_text("[rooms]\ncapacity = 50\n[turn]\nuser_allocation_quota = 7\n").unwrap();
+    assert_eq!(c.user_allocation_quota(), 7);
+    let c = Config::load_with_env(None, env(&[("MESHMEET__TURN__USER_ALLOCATION_QUOTA", "3")]))
+        .unwrap();
+    assert_eq!(c.user_allocation_quota(), 3);
+    // TURN off: nothing to allocate, the quota stays positive.
+    let c = load_text("[turn]\nenabled = false\n").unwrap();
+    assert_eq!(c.user_allocation_quota(), 1);
+}
+
+#[test]
 fn missing_file_is_an_error() {
     let err = Config::load_with_env(Some(Path::new("/nonexistent/m.toml")), env(&[]))
         .unwrap_err()

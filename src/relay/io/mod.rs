@@ -344,7 +344,7 @@ impl Relay {
         let creds = Credentials::new(secret, cfg.turn.realm.clone(), users);
         let core_cfg = RelayRules {
             max_lifetime: Duration::from_secs(cfg.turn.max_allocation_lifetime_s),
-            user_quota: cfg.turn.user_allocation_quota,
+            user_quota: cfg.user_allocation_quota(),
             total_quota: cfg.turn.total_allocation_quota,
             max_bps: cfg.turn.max_bps,
             policy: PeerPolicy::new(cfg.turn.allowed_peer_ranges.clone()),
