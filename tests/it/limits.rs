@@ -34,6 +34,18 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     .is_ok()
 }
 
+/// Waits until the server counts `n` open TURN stream connections.
+async fn open_reaches(s: &TestServer, n: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(s, "meshmeet_turn_stream_connections_open") != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "open TURN stream connections never reached {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The value of a metric line of the server's registry (0 when absent).
 fn metric(s: &TestServer, line_prefix: &str) -> f64 {
     s.state
@@ -199,9 +211,12 @@ async fn turn_stream_connection_caps_per_address_and_in_total() {
     .await;
     let tcp = s.addrs.turn_tcp.unwrap();
     let tls = s.addrs.turn_tls.unwrap();
-    // TCP and TLS share the caps.
+    // TCP and TLS share the caps. Each connection is counted before the next one
+    // comes (the two listeners accept in their own tasks).
     let _a1 = connect_from("127.0.0.2", tcp).await;
+    open_reaches(&s, 1.0).await;
     let _a2 = connect_from("127.0.0.2", tls).await;
+    open_reaches(&s, 2.0).await;
     let mut a3 = connect_from("127.0.0.2", tcp).await;
     assert!(closed_within(&mut a3, Duration::from_secs(5)).await);
     assert_eq!(
@@ -213,7 +228,10 @@ async fn turn_stream_connection_caps_per_address_and_in_total() {
     );
     // Another address is served meanwhile; UDP is not capped.
     assert!(stun_over_tcp("127.0.0.3", tcp).await);
+    // That connection is closed; its place comes back before the next one.
+    open_reaches(&s, 2.0).await;
     let _b1 = connect_from("127.0.0.3", tcp).await;
+    open_reaches(&s, 3.0).await;
     let mut c1 = connect_from("127.0.0.4", tcp).await;
     assert!(closed_within(&mut c1, Duration::from_secs(5)).await);
     assert_eq!(
