@@ -56,6 +56,7 @@ pub struct Server {
     config: Arc<Config>,
     http: HttpState,
     http_metrics: HttpMetrics,
+    https_limits: crate::http::HttpsLimits,
     https: TcpListener,
     redirect: Option<TcpListener>,
     relay: Option<crate::relay::Relay>,
@@ -76,7 +77,14 @@ impl Server {
         let mut registry = Registry::default();
         let relay = if config.turn.enabled {
             let metrics = crate::relay::RelayMetrics::register(&mut registry);
-            Some(crate::relay::Relay::bind(&config, secret.expose().to_owned(), metrics).await?)
+            let mut others = vec![https.local_addr()?];
+            if let Some(r) = &redirect {
+                others.push(r.local_addr()?);
+            }
+            Some(
+                crate::relay::Relay::bind(&config, secret.expose().to_owned(), metrics, &others)
+                    .await?,
+            )
         } else {
             None
         };
@@ -109,6 +117,10 @@ impl Server {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let http_metrics = HttpMetrics::register(&mut registry);
+        let https_limits = crate::http::HttpsLimits::from_config(
+            &config.http,
+            crate::limits::LimitMetrics::register(&mut registry, "https"),
+        );
         let signaling = Arc::new(Signaling::new(
             SignalingConfig::from_config(&config),
             ice,
@@ -117,6 +129,7 @@ impl Server {
             tasks.clone(),
             SignalingMetrics::register(&mut registry),
         ));
+        signaling.restore_saved();
         let metrics = Arc::new(Metrics::new(registry));
         let http = HttpState {
             cert_kind: tls.kind(),
@@ -139,6 +152,7 @@ impl Server {
             config: Arc::new(config),
             http,
             http_metrics,
+            https_limits,
             https,
             redirect,
             relay,
@@ -203,6 +217,7 @@ impl Server {
             self.http_metrics,
             state.shutdown.clone(),
             app,
+            self.https_limits,
             turn_entry,
         ));
         let redirect = self.redirect.map(|listener| {
@@ -219,6 +234,7 @@ impl Server {
                 }
             })
         });
+        state.signaling.spawn_saver();
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         tokio::select! {
             _ = shutdown => {},
@@ -226,6 +242,9 @@ impl Server {
         }
         tracing::info!("shutting down");
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        // The rooms as they are now, before closing the sockets: their peers resume
+        // after the restart.
+        state.signaling.save_for_shutdown().await;
         state.shutdown.cancel();
         state.tasks.close();
         let stop = async {

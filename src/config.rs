@@ -63,6 +63,12 @@ pub struct HttpConfig {
     /// Networks allowed to read `/metrics`.
     #[serde(with = "nets")]
     pub metrics_allow: Vec<IpNet>,
+    /// HTTPS connections (WebSockets included) open at once, in total and from one
+    /// client address; more are closed at once.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Seconds for the TLS handshake, and for each request's headers to arrive whole.
+    pub handshake_timeout_s: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -119,11 +125,19 @@ pub struct TurnConfig {
     pub secret: Secret,
     pub credential_ttl_s: u64,
     pub max_allocation_lifetime_s: u64,
+    /// 0 = derived from the room capacity: see [`Config::user_allocation_quota`].
     pub user_allocation_quota: usize,
     pub total_allocation_quota: usize,
     pub max_bps: u64,
     #[serde(with = "nets")]
     pub allowed_peer_ranges: Vec<IpNet>,
+    /// TURN over TCP and TLS connections open at once, in total and from one client
+    /// address; more are closed at once.
+    pub max_stream_connections: usize,
+    pub max_stream_connections_per_ip: usize,
+    /// Seconds for the TLS handshake, for the first message of a TURN TCP/TLS
+    /// connection, and for each later message once its first byte arrived.
+    pub stream_message_timeout_s: u64,
     /// Static long-term users (name = password) for tools and tests.
     pub users: BTreeMap<String, Secret>,
 }
@@ -159,6 +173,9 @@ impl Default for HttpConfig {
                 IpNet::new_assert(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
                 IpNet::new_assert(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
             ],
+            max_connections: 4096,
+            max_connections_per_ip: 256,
+            handshake_timeout_s: 10,
         }
     }
 }
@@ -205,10 +222,13 @@ impl Default for TurnConfig {
             secret: Secret::default(),
             credential_ttl_s: 3600,
             max_allocation_lifetime_s: 3600,
-            user_allocation_quota: 10,
+            user_allocation_quota: 0,
             total_allocation_quota: 2000,
             max_bps: 0,
             allowed_peer_ranges: Vec::new(),
+            max_stream_connections: 4096,
+            max_stream_connections_per_ip: 256,
+            stream_message_timeout_s: 10,
             users: BTreeMap::new(),
         }
     }
@@ -286,6 +306,21 @@ impl Config {
 
     /// Checks what the types alone do not (ranges, combinations); the error names the
     /// first offending key.
+    /// Allocations one TURN username (one participant's credentials) may hold: the
+    /// configured `turn.user_allocation_quota`, or when that is 0, what a participant
+    /// in a full room needs: one connection to each of the other `capacity - 1`
+    /// members, one allocation per TURN URL handed out on each (the client bundles
+    /// all media on one transport), tripled: an ICE restart allocates anew while the
+    /// old allocations are still held, and Firefox restarting all its connections
+    /// at once was measured to need more than twice the set.
+    pub fn user_allocation_quota(&self) -> usize {
+        if self.turn.user_allocation_quota > 0 {
+            return self.turn.user_allocation_quota;
+        }
+        let others = self.rooms.capacity.saturating_sub(1).max(1);
+        (others * crate::ice::turn_url_count(self) * 3).max(1)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.http.public_host.is_empty() && !valid_host(&self.http.public_host) {
             return Err(invalid(
@@ -396,11 +431,30 @@ impl Config {
                 "must be between 600 and 86400",
             ));
         }
-        if t.user_allocation_quota == 0 {
-            return Err(invalid("turn.user_allocation_quota", "must be at least 1"));
-        }
         if t.total_allocation_quota == 0 {
             return Err(invalid("turn.total_allocation_quota", "must be at least 1"));
+        }
+        check_caps(
+            ("http.max_connections", self.http.max_connections),
+            (
+                "http.max_connections_per_ip",
+                self.http.max_connections_per_ip,
+            ),
+        )?;
+        check_caps(
+            ("turn.max_stream_connections", t.max_stream_connections),
+            (
+                "turn.max_stream_connections_per_ip",
+                t.max_stream_connections_per_ip,
+            ),
+        )?;
+        for (key, v) in [
+            ("http.handshake_timeout_s", self.http.handshake_timeout_s),
+            ("turn.stream_message_timeout_s", t.stream_message_timeout_s),
+        ] {
+            if !(1..=300).contains(&v) {
+                return Err(invalid(key, "must be between 1 and 300"));
+            }
         }
         for (user, pass) in &t.users {
             if user.is_empty() || user.len() > 128 || user.contains(':') {
@@ -622,6 +676,22 @@ mod nets {
             .collect::<Result<_, _>>()
             .map_err(serde::de::Error::custom)
     }
+}
+
+/// A total cap and a per-address cap: both at least 1, the second at most the first.
+fn check_caps(total: (&str, usize), per_ip: (&str, usize)) -> Result<(), ConfigError> {
+    for (key, v) in [total, per_ip] {
+        if !(1..=1_000_000).contains(&v) {
+            return Err(invalid(key, "must be between 1 and 1000000"));
+        }
+    }
+    if per_ip.1 > total.1 {
+        return Err(invalid(
+            per_ip.0,
+            format!("must not exceed {} ({})", total.0, total.1),
+        ));
+    }
+    Ok(())
 }
 
 fn check_one_per_family(key: &str, ips: &[IpAddr]) -> Result<(), ConfigError> {

@@ -31,6 +31,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::demux::{self, Kind, Prefixed};
+use crate::limits::{AcceptBackoff, Caps, ConnLimiter, ConnPermit, LimitMetrics};
 use crate::linger::LingeringTcp;
 use crate::metrics::{HttpLabels, HttpMetrics, Metrics};
 use crate::net::{canonical_ip, client_host, host_part};
@@ -52,9 +53,8 @@ const PERMISSIONS: &str =
     "camera=(self), microphone=(self), display-capture=(self), geolocation=(), payment=(), usb=()";
 const HSTS: &str = "max-age=31536000";
 
-/// Time limits that keep slow or idle clients from pinning resources.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time limits that keep slow or idle clients from pinning resources (the TLS
+/// handshake and header limits are [`HttpsLimits::handshake_timeout`]).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HEADER_BYTES: usize = 32 * 1024;
 const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(4);
@@ -305,26 +305,61 @@ async fn metrics(
     }
 }
 
-/// Accepts connections until `shutdown`, then lets in-flight requests finish (for
+/// What bounds the HTTPS listener's connections.
+pub struct HttpsLimits {
+    pub limiter: Arc<ConnLimiter>,
+    /// For the accept loop's backoff (accept errors are counted with the refusals).
+    pub metrics: LimitMetrics,
+    /// For the TLS handshake, and for each request's headers to arrive whole.
+    pub handshake_timeout: Duration,
+}
+
+impl HttpsLimits {
+    /// The limits `[http]` sets, counted in `metrics`.
+    pub fn from_config(cfg: &crate::config::HttpConfig, metrics: LimitMetrics) -> HttpsLimits {
+        HttpsLimits {
+            limiter: ConnLimiter::new(
+                "HTTPS",
+                Caps {
+                    total: cfg.max_connections,
+                    per_ip: cfg.max_connections_per_ip,
+                    total_key: "http.max_connections",
+                    per_ip_key: "http.max_connections_per_ip",
+                },
+                metrics.clone(),
+            ),
+            metrics,
+            handshake_timeout: Duration::from_secs(cfg.handshake_timeout_s),
+        }
+    }
+}
+
+/// Accepts TLS connections until `shutdown`, then lets in-flight requests finish (for
 /// at most a few seconds). Upgraded WebSockets are closed by their own handlers. Each
-/// connection gets the certificate current when it is accepted.
+/// connection gets the certificate current when it is accepted. Connections beyond
+/// the caps in `limits` are closed at once; accept errors (out of file descriptors)
+/// pause the loop, doubling up to a second, and are logged once a minute at most.
 ///
 /// With `turn` set, the port is shared with the relay ([`crate::demux`]): TURN over
-/// plain TCP and TURN over TLS are told from HTTPS per connection and handed to it.
+/// plain TCP and TURN over TLS are told from HTTPS per connection and handed to it
+/// (under the relay's own stream caps from then on).
 pub async fn serve_https(
     listener: TcpListener,
     tls: Arc<Tls>,
     metrics: HttpMetrics,
     shutdown: CancellationToken,
     app: Router,
+    limits: HttpsLimits,
     turn: Option<StreamEntry>,
 ) {
     let graceful = GracefulShutdown::new();
+    let handshake_timeout = limits.handshake_timeout;
+    let mut backoff = AcceptBackoff::new("HTTPS", limits.metrics.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(handshake_timeout)
         .max_buf_size(MAX_HEADER_BYTES.max(8192));
     builder
         .http2()
@@ -344,13 +379,22 @@ pub async fn serve_https(
             res = listener.accept() => match res {
                 Ok(x) => x,
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    // EMFILE and friends: close what waits, back off instead of spinning.
+                    let pause = backoff.failed(&e);
+                    backoff.shed(&e, &listener);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
                 }
             },
             _ = shutdown.cancelled() => break,
+        };
+        backoff.accepted();
+        let Ok(permit) = limits.limiter.try_acquire(peer.ip()) else {
+            // Closed at once: the refusal is counted and logged by the limiter.
+            drop(tcp);
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         metrics.connections.inc();
@@ -361,10 +405,11 @@ pub async fn serve_https(
             metrics: metrics.clone(),
             watcher: graceful.watcher(),
             turn: turn.clone(),
+            handshake_timeout,
             peer,
             local,
         };
-        tokio::spawn(conn.serve(tcp));
+        tokio::spawn(conn.serve(tcp, permit));
     }
     drop(listener);
     if tokio::time::timeout(GRACEFUL_TIMEOUT, graceful.shutdown())
@@ -383,6 +428,7 @@ struct Connection {
     metrics: HttpMetrics,
     watcher: hyper_util::server::graceful::Watcher,
     turn: Option<StreamEntry>,
+    handshake_timeout: Duration,
     peer: SocketAddr,
     local: SocketAddr,
 }
@@ -390,7 +436,7 @@ struct Connection {
 impl Connection {
     /// Classifies the connection (plain TURN, TLS, or neither), completes TLS, then
     /// classifies again (TURN over TLS or HTTP) and serves it.
-    async fn serve(self, tcp: TcpStream) {
+    async fn serve(self, tcp: TcpStream, permit: ConnPermit) {
         let peer = self.peer;
         let kind = match demux::sniff_tcp(&tcp, demux::CLASSIFY_TIMEOUT).await {
             Ok(k) => k,
@@ -401,6 +447,8 @@ impl Connection {
             Kind::Turn => {
                 if let Some(turn) = &self.turn {
                     self.metrics.classified("turn-tcp");
+                    // From here on the relay's stream caps hold it, not HTTPS's.
+                    drop(permit);
                     turn.serve(tcp, peer, self.local, false).await;
                 } else {
                     self.metrics.classified("rejected");
@@ -413,12 +461,12 @@ impl Connection {
                 tracing::debug!(%peer, "neither TLS nor TURN on the HTTPS port; answered 400");
                 let mut tcp = LingeringTcp::new(tcp);
                 let answer = demux::not_tls_answer();
-                let _ = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tcp.write_all(&answer)).await;
+                let _ = tokio::time::timeout(self.handshake_timeout, tcp.write_all(&answer)).await;
                 return;
             }
         }
         let stream = match tokio::time::timeout(
-            TLS_HANDSHAKE_TIMEOUT,
+            self.handshake_timeout,
             ServerTlsStream::accept(LingeringTcp::new(tcp), self.config.clone()),
         )
         .await
@@ -446,6 +494,7 @@ impl Connection {
         if kind == Kind::Turn {
             if let Some(turn) = &self.turn {
                 self.metrics.classified("turn-tls");
+                drop(permit);
                 turn.serve(stream, peer, self.local, true).await;
             } else {
                 self.metrics.classified("rejected");
@@ -454,6 +503,8 @@ impl Connection {
             return;
         }
         self.metrics.classified("http");
+        // Held until the connection (or its WebSocket) ends.
+        let _permit = permit;
         let svc = self
             .app
             .map_request(move |mut req: Request<hyper::body::Incoming>| {

@@ -134,6 +134,16 @@ impl IceProvider {
     }
 }
 
+/// How many TURN URLs a client is handed ([`IceProvider::build`]): UDP and TCP, plus
+/// TLS when `turn.tls_listen` is set; none with TURN off.
+pub fn turn_url_count(cfg: &Config) -> usize {
+    match (cfg.turn.enabled, cfg.turn.tls_listen.is_some()) {
+        (false, _) => 0,
+        (true, false) => 2,
+        (true, true) => 3,
+    }
+}
+
 /// The TURN REST API password for `username` under `secret`:
 /// `base64(HMAC-SHA1(secret, username))`.
 pub fn rest_password(secret: &str, username: &str) -> String {

@@ -23,7 +23,8 @@
 //! - [`tls`]: rustls server config from PEM files or a persisted self-signed
 //!   certificate (rcgen); hot reload on SIGHUP. [`tls_stream`]: a server TLS stream on
 //!   rustls' unbuffered API that frees its buffers while a connection is idle.
-//!   [`linger`]: lingering close for HTTPS connections.
+//!   [`linger`]: lingering close for HTTPS connections. [`limits`]: connection caps
+//!   per listener and the accept loops' backoff at the file-descriptor limit.
 //! - [`metrics`]: the Prometheus registry and process figures.
 //! - [`net`] (IP and host-name helpers), [`clock`] (wall-clock Unix time, where the
 //!   protocol needs it), [`sys`] (open-files limit, systemd notifications).
@@ -34,6 +35,7 @@ pub mod config;
 pub mod demux;
 pub mod http;
 pub mod ice;
+pub mod limits;
 pub mod linger;
 pub mod metrics;
 pub mod net;

@@ -276,6 +276,27 @@ fn invalid_values_are_named() {
             "http.allowed_origins",
         ),
         ("[log]\nlevel = \"loud!!\"\n", "log.level"),
+        ("[http]\nmax_connections = 0\n", "http.max_connections"),
+        (
+            "[http]\nmax_connections = 10\nmax_connections_per_ip = 11\n",
+            "http.max_connections_per_ip",
+        ),
+        (
+            "[http]\nhandshake_timeout_s = 0\n",
+            "http.handshake_timeout_s",
+        ),
+        (
+            "[turn]\nmax_stream_connections_per_ip = 0\n",
+            "turn.max_stream_connections_per_ip",
+        ),
+        (
+            "[turn]\nmax_stream_connections = 100\n",
+            "turn.max_stream_connections_per_ip",
+        ),
+        (
+            "[turn]\nstream_message_timeout_s = 301\n",
+            "turn.stream_message_timeout_s",
+        ),
     ];
     for (text, key) in cases {
         let err = load_text(text).unwrap_err().to_string();
@@ -297,6 +318,28 @@ fn invalid_values_are_named() {
             .to_string();
         assert!(err.contains(key), "{var}={value}: {err}");
     }
+}
+
+#[test]
+fn user_allocation_quota_is_derived_unless_set() {
+    // Default: six per room, three TURN URLs (UDP, TCP, TLS): 5 x 3 x 3.
+    let c = Config::default();
+    assert_eq!(c.turn.user_allocation_quota, 0);
+    assert_eq!(c.user_allocation_quota(), 45);
+    // Without TLS two URLs are handed out.
+    let c = load_text("[rooms]\ncapacity = 4\n[turn]\ntls_listen = \"\"\n").unwrap();
+    assert_eq!(c.user_allocation_quota(), 18);
+    let c = load_text("[rooms]\ncapacity = 50\n").unwrap();
+    assert_eq!(c.user_allocation_quota(), 441);
+    // A configured value wins, from the file or the environment.
+    let c = load_text("[rooms]\ncapacity = 50\n[turn]\nuser_allocation_quota = 7\n").unwrap();
+    assert_eq!(c.user_allocation_quota(), 7);
+    let c = Config::load_with_env(None, env(&[("MESHMEET__TURN__USER_ALLOCATION_QUOTA", "3")]))
+        .unwrap();
+    assert_eq!(c.user_allocation_quota(), 3);
+    // TURN off: nothing to allocate, the quota stays positive.
+    let c = load_text("[turn]\nenabled = false\n").unwrap();
+    assert_eq!(c.user_allocation_quota(), 1);
 }
 
 #[test]

@@ -35,7 +35,7 @@ use stun::textattrs::TextAttribute;
 use stun::xoraddr::XorMappedAddress;
 
 use super::auth::{CredError, Credentials, NonceCheck, Nonces, NONCE_TTL};
-use super::policy::PeerPolicy;
+use super::policy::{OwnAddrs, PeerPolicy};
 use super::wire::XorAddress;
 use super::RelayMetrics;
 
@@ -62,6 +62,9 @@ pub const BIND_TIMEOUT: Duration = Duration::from_secs(5);
 /// that CreatePermission and ChannelBind get 508 (RFC 8656 sections 10.2, 11.2).
 pub const MAX_PEERS_PER_ALLOCATION: usize = 512;
 const RETRANSMIT_CACHE_MAX: usize = 20_000;
+/// Channel numbers a client may bind (RFC 8656 section 12); ChannelData with any
+/// other number is dropped.
+pub const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x4FFF;
 
 /// How the client reached the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -166,6 +169,8 @@ pub struct RelayRules {
     /// Bytes per second per allocation; 0 = unlimited.
     pub max_bps: u64,
     pub policy: PeerPolicy,
+    /// The server's own listeners: never a peer, whatever `policy` allows.
+    pub own: OwnAddrs,
     /// The address families the IO layer has relay addresses for; others get 440.
     pub relay_v4: bool,
     pub relay_v6: bool,
@@ -209,6 +214,29 @@ struct Pending {
     family: Family,
     lifetime: Duration,
     deadline: Instant,
+    /// ADDRESS-ERROR-CODE for the success answer: the additional family (RFC 8656
+    /// section 7.2) that could not be allocated, and why.
+    address_error: Option<(Family, u16, &'static str)>,
+}
+
+/// ADDITIONAL-ADDRESS-FAMILY and ADDRESS-ERROR-CODE (RFC 8656 sections 18.12, 18.13).
+pub const ATTR_ADDITIONAL_ADDRESS_FAMILY: AttrType = AttrType(0x8000);
+pub const ATTR_ADDRESS_ERROR_CODE: AttrType = AttrType(0x8001);
+
+/// ADDRESS-ERROR-CODE: family, error class and number, reason.
+struct AddressError(Family, u16, &'static str);
+
+impl Setter for AddressError {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        let family = match self.0 {
+            Family::V4 => 0x01,
+            Family::V6 => 0x02,
+        };
+        let mut v = vec![family, 0, (self.1 / 100) as u8, (self.1 % 100) as u8];
+        v.extend_from_slice(self.2.as_bytes());
+        m.add(ATTR_ADDRESS_ERROR_CODE, &v);
+        Ok(())
+    }
 }
 
 /// The relay state machine. `H` is the IO layer's relay socket handle.
@@ -747,10 +775,33 @@ impl<H: Clone> Core<H> {
         if rt[0] != 17 {
             return Err(fail(442, "Unsupported Transport Protocol"));
         }
-        let family = Self::requested_family(m)?.unwrap_or(Family::V4);
+        let requested = Self::requested_family(m)?;
+        // ADDITIONAL-ADDRESS-FAMILY asks for an IPv6 relay address besides the IPv4
+        // one; only 0x02 is valid, and never with REQUESTED-ADDRESS-FAMILY.
+        let additional = match attr_bytes(m, ATTR_ADDITIONAL_ADDRESS_FAMILY) {
+            None => false,
+            Some(_) if requested.is_some() => {
+                return Err(fail(
+                    400,
+                    "REQUESTED-ADDRESS-FAMILY and ADDITIONAL-ADDRESS-FAMILY together",
+                ))
+            }
+            Some([0x02, 0, 0, 0]) => true,
+            Some(_) => return Err(fail(400, "Bad ADDITIONAL-ADDRESS-FAMILY")),
+        };
+        let family = requested.unwrap_or(Family::V4);
         if !self.has_family(family) {
             return Err(fail(440, "Address Family not Supported"));
         }
+        // The IPv4 address is allocated; the IPv6 one is reported as not allocated
+        // (a dual allocation with two relay sockets is not implemented).
+        let address_error = additional.then(|| {
+            if self.has_family(Family::V6) {
+                (Family::V6, 508, "Dual allocation not available")
+            } else {
+                (Family::V6, 440, "Address Family not Supported")
+            }
+        });
         let lifetime = self.granted_lifetime(Self::requested_lifetime(m)?);
         let used = self.per_user.get(&auth.username).copied().unwrap_or(0);
         if used >= self.cfg.user_quota {
@@ -773,6 +824,7 @@ impl<H: Clone> Core<H> {
                 family,
                 lifetime,
                 deadline,
+                address_error,
             },
         );
         self.pending_by_five.insert(five, token);
@@ -849,13 +901,12 @@ impl<H: Clone> Core<H> {
         };
         let lifetime = turn::proto::lifetime::Lifetime(p.lifetime);
         let key = self.allocs.get(&id).map(|a| a.key.as_slice());
-        let reply = encode(
-            METHOD_ALLOCATE,
-            CLASS_SUCCESS_RESPONSE,
-            p.txid,
-            &[&relayed, &lifetime, &mapped],
-            key,
-        );
+        let address_error = p.address_error.map(|(f, c, r)| AddressError(f, c, r));
+        let mut attrs: Vec<&dyn Setter> = vec![&relayed, &lifetime, &mapped];
+        if let Some(e) = &address_error {
+            attrs.push(e);
+        }
+        let reply = encode(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE, p.txid, &attrs, key);
         self.commands.push_back(Command::StartRelaying {
             id,
             client: p.five,
@@ -951,11 +1002,22 @@ impl<H: Clone> Core<H> {
         if !peer_family_ok(relay, peer) {
             return Err(fail(443, "Peer Address Family Mismatch"));
         }
-        if !self.cfg.policy.permits(peer.ip()) {
+        if !self.cfg.policy.permits(peer.ip()) || self.is_own(relay, peer) {
             self.metrics.peer_denied();
             return Err(fail(403, "Forbidden"));
         }
         Ok(())
+    }
+
+    /// Whether `peer` is the server itself: one of its listeners, or the relay
+    /// address `relay` of the allocation asking (a loop). Another allocation's relay
+    /// address is a peer like any other: that is how two relayed clients of this
+    /// server reach each other.
+    fn is_own(&self, relay: SocketAddr, peer: SocketAddr) -> bool {
+        self.cfg.own.is_listener(peer)
+            || (peer.port() == relay.port()
+                && (crate::net::canonical_ip(peer.ip()) == relay.ip()
+                    || self.cfg.own.is_host(peer.ip())))
     }
 
     fn create_permission(
@@ -1022,9 +1084,7 @@ impl<H: Clone> Core<H> {
             return Err(fail(400, "Bad CHANNEL-NUMBER"));
         }
         let number = u16::from_be_bytes([cn[0], cn[1]]);
-        // RFC 5766 range: RFC 8656 narrowed it to 0x4FFF, but deployed clients (coturn's
-        // included) still pick numbers up to 0x7FFF.
-        if !(0x4000..=0x7FFF).contains(&number) {
+        if !CHANNELS.contains(&number) {
             return Err(fail(400, "Channel Number out of range"));
         }
         let peers = Self::peers(m)?;
@@ -1092,6 +1152,15 @@ impl<H: Clone> Core<H> {
         let Some(data) = attr_bytes(m, ATTR_DATA) else {
             return;
         };
+        // Permissions are per IP address; the port is checked here.
+        let own = self
+            .allocs
+            .get(&id)
+            .is_some_and(|a| self.is_own(a.relay, peer));
+        if own {
+            self.metrics.peer_denied();
+            return;
+        }
         let max_bps = self.cfg.max_bps;
         let Some(a) = self.allocs.get_mut(&id) else {
             return;
@@ -1118,6 +1187,9 @@ impl<H: Clone> Core<H> {
         len: usize,
         now: Instant,
     ) -> Option<(H, SocketAddr)> {
+        if !CHANNELS.contains(&channel) {
+            return None;
+        }
         let max_bps = self.cfg.max_bps;
         let id = *self.by_five.get(five)?;
         let a = self.allocs.get_mut(&id)?;

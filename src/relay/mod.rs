@@ -77,6 +77,8 @@ pub struct RelayMetrics {
     bytes_to_client: PerTransport,
     dropped: Family<TransportLabels, Counter>,
     peer_denied: Counter,
+    /// TURN over TCP/TLS connection caps (`meshmeet_turn_stream_connections_*`).
+    streams: crate::limits::LimitMetrics,
 }
 
 impl RelayMetrics {
@@ -110,6 +112,7 @@ impl RelayMetrics {
             }),
             dropped: Family::default(),
             peer_denied: Counter::default(),
+            streams: crate::limits::LimitMetrics::register(registry, "turn_stream"),
         };
         registry.register(
             "meshmeet_turn_allocations_active",

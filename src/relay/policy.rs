@@ -1,9 +1,13 @@
 //! Which peer addresses the relay may send to. Private, loopback, link-local,
 //! multicast and reserved ranges are refused unless `turn.allowed_peer_ranges` opens
-//! them; IPv6 encodings that embed an IPv4 address (mapped, compatible, NAT64, 6to4,
-//! Teredo) are judged by the embedded address as well.
+//! them. An IPv4-mapped address (`::ffff:a.b.c.d`) is the IPv4 host itself and follows
+//! the IPv4 rule; other IPv6 encodings that embed an IPv4 address (compatible, NAT64,
+//! 6to4, Teredo) name a different host (a gateway): they are refused when the
+//! embedded address is, and an allowed IPv4 range does not open them (only an IPv6
+//! range does). [`OwnAddrs`] names the server's own listeners, which the relay never
+//! sends to.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
@@ -25,25 +29,68 @@ impl PeerPolicy {
 
     /// True when relaying to `ip` is allowed.
     pub fn permits(&self, ip: IpAddr) -> bool {
-        if self.opened(ip) {
-            return true;
-        }
         match ip {
-            IpAddr::V4(v4) => !denied_v4(v4),
+            IpAddr::V4(v4) => self.permits_v4(v4),
             IpAddr::V6(v6) => {
-                if let Some(v4) = embedded_v4(v6) {
-                    // The embedded address decides, in either direction of the
-                    // allow-list: an opened IPv4 range also opens its encodings.
-                    if self.opened(IpAddr::V4(v4)) {
-                        return !denied_v6_native(v6) || is_mapped_or_compat(v6);
-                    }
-                    if denied_v4(v4) {
-                        return false;
-                    }
+                if let Some(v4) = v6.to_ipv4_mapped() {
+                    return self.permits_v4(v4);
+                }
+                if self.opened(ip) {
+                    return true;
+                }
+                // A translated form is judged on its own: an opened IPv4 range does
+                // not open it, a denied embedded address denies it.
+                if embedded_v4(v6).is_some_and(denied_v4) {
+                    return false;
                 }
                 !denied_v6_native(v6)
             }
         }
+    }
+
+    fn permits_v4(&self, v4: Ipv4Addr) -> bool {
+        self.opened(IpAddr::V4(v4)) || !denied_v4(v4)
+    }
+}
+
+/// The server's own addresses: every listener (STUN/TURN over UDP, TCP and TLS,
+/// HTTPS, the HTTP redirect) and the host addresses they can be reached on. A peer
+/// address naming one of them is refused whatever the policy allows, so the relay
+/// cannot be pointed at the server itself.
+#[derive(Debug, Clone, Default)]
+pub struct OwnAddrs {
+    /// Host addresses (canonical form); loopback and unspecified are always included.
+    ips: Vec<IpAddr>,
+    ports: Vec<u16>,
+}
+
+impl OwnAddrs {
+    /// `listeners` are the bound listener addresses (a wildcard address listens on
+    /// every host address); `host_ips` the machine's and advertised addresses.
+    pub fn new(listeners: &[SocketAddr], host_ips: impl IntoIterator<Item = IpAddr>) -> Self {
+        let mut ips: Vec<IpAddr> = host_ips
+            .into_iter()
+            .chain(listeners.iter().map(|l| l.ip()))
+            .map(crate::net::canonical_ip)
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        let mut ports: Vec<u16> = listeners.iter().map(|l| l.port()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        OwnAddrs { ips, ports }
+    }
+
+    /// Whether `ip` reaches this host (loopback, unspecified, or one of its addresses).
+    pub fn is_host(&self, ip: IpAddr) -> bool {
+        let ip = crate::net::canonical_ip(ip);
+        ip.is_loopback() || ip.is_unspecified() || self.ips.contains(&ip)
+    }
+
+    /// Whether `addr` is one of the server's listeners.
+    pub fn is_listener(&self, addr: SocketAddr) -> bool {
+        self.ports.contains(&addr.port()) && self.is_host(addr.ip())
     }
 }
 
@@ -106,11 +153,6 @@ fn denied_v6_native(ip: Ipv6Addr) -> bool {
         ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8), // multicast
     ];
     DENIED.iter().any(|(net, p)| in_v6(ip, *net, *p))
-}
-
-fn is_mapped_or_compat(ip: Ipv6Addr) -> bool {
-    let s = ip.segments();
-    s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0 || s[5] == 0xffff)
 }
 
 /// The IPv4 address an IPv6 address stands for, in the encodings a relay could be
@@ -234,5 +276,69 @@ mod tests {
         assert!(!ok(&pol, "169.254.169.254"));
         assert!(!ok(&pol, "::1"));
         assert!(!ok(&pol, "10.0.0.1"));
+    }
+
+    #[test]
+    fn an_allowed_ipv4_range_does_not_open_its_translations() {
+        let pol = p(&["127.0.0.1/32", "192.168.1.0/24"]);
+        // Mapped: the same host, the IPv4 rule.
+        assert!(ok(&pol, "::ffff:127.0.0.1"));
+        assert!(ok(&pol, "::ffff:192.168.1.9"));
+        assert!(!ok(&pol, "::ffff:127.0.0.2"));
+        // Every other encoding names another host (a translator, a tunnel relay).
+        for ip in [
+            "::127.0.0.1",                          // IPv4-compatible
+            "64:ff9b::127.0.0.1",                   // NAT64 well-known prefix
+            "64:ff9b:1::7f00:1",                    // NAT64 local-use prefix
+            "::ffff:0:127.0.0.1",                   // SIIT translated
+            "2002:7f00:1::1",                       // 6to4
+            "2002:c0a8:109::1",                     // 6to4 of 192.168.1.9
+            "2001:0:4136:e378:8000:63bf:80ff:fffe", // Teredo, client 127.0.0.1
+            "::192.168.1.9",
+            "64:ff9b::c0a8:109",
+        ] {
+            assert!(!ok(&pol, ip), "{ip} must be refused");
+        }
+        // An IPv6 range opens them explicitly.
+        let pol = p(&["127.0.0.1/32", "64:ff9b::/96"]);
+        assert!(ok(&pol, "64:ff9b::127.0.0.1"));
+        assert!(!ok(&pol, "::127.0.0.1"));
+        // A NAT64 address of a public host stays allowed by default.
+        assert!(ok(&p(&[]), "64:ff9b::808:808"));
+    }
+
+    #[test]
+    fn own_addresses_cover_listeners_on_every_host_address() {
+        let own = OwnAddrs::new(
+            &[
+                "0.0.0.0:3478".parse().unwrap(),
+                "127.0.0.1:443".parse().unwrap(),
+                "[::]:5349".parse().unwrap(),
+            ],
+            [
+                "198.51.100.7".parse().unwrap(),
+                "2001:db8::7".parse().unwrap(),
+            ],
+        );
+        for a in [
+            "127.0.0.1:3478",
+            "127.0.0.2:443",
+            "0.0.0.0:5349",
+            "198.51.100.7:3478",
+            "[::ffff:198.51.100.7]:443",
+            "[2001:db8::7]:5349",
+            "[::1]:3478",
+        ] {
+            assert!(own.is_listener(a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "198.51.100.8:3478",
+            "198.51.100.7:3479",
+            "[2001:db8::8]:443",
+        ] {
+            assert!(!own.is_listener(a.parse().unwrap()), "{a}");
+        }
+        assert!(own.is_host("198.51.100.7".parse().unwrap()));
+        assert!(!own.is_host("198.51.100.8".parse().unwrap()));
     }
 }

@@ -6,13 +6,15 @@
 //! `H` is the IO layer's handle to a connection (its outgoing queue); tests use plain
 //! values.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
 
+use super::persist::{SavedPeer, Snapshot, FORMAT, STALE_MARGIN};
 use super::proto::{
     normalize_name, ErrorCode, JoinReq, Media, PeerInfo, RelayKind, RelayPayload, ServerMsg,
     MAX_CHAT_CHARS, PROTOCOL_VERSION,
@@ -60,13 +62,84 @@ pub enum Effect<H> {
     PeerGone(Arc<str>),
 }
 
+/// SHA-256 of a resume token: the core keeps (and persists) only this, so a snapshot
+/// file does not hold usable tokens, yet a presented token can still be checked.
+pub type TokenHash = [u8; 32];
+
+/// The hash under which a resume token is kept.
+pub fn token_hash(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Issues peer ids that are never reused, in constant memory: a counter passed through
+/// a keyed 64-bit permutation (a four-round Feistel network). Distinct counter values
+/// give distinct ids whatever the key, and the random key keeps ids unguessable from
+/// one another (they are not secrets: resume tokens are). Keeping the key and the
+/// counter across a restart (in the rooms snapshot) keeps new ids distinct from the
+/// restored ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdGen {
+    key: [u64; 4],
+    next: u64,
+}
+
+impl IdGen {
+    pub fn new(rng: &mut StdRng) -> IdGen {
+        IdGen {
+            key: rng.gen(),
+            next: 0,
+        }
+    }
+
+    /// Continues a generator saved by [`IdGen::parts`].
+    pub fn from_parts(key: [u64; 4], next: u64) -> IdGen {
+        IdGen { key, next }
+    }
+
+    pub fn parts(&self) -> ([u64; 4], u64) {
+        (self.key, self.next)
+    }
+
+    /// The next id, as 16 hex digits. After 2^64 ids (never, in practice) the key is
+    /// replaced, so ids keep coming though they could then repeat very old ones.
+    pub fn next_id(&mut self, rng: &mut StdRng) -> Arc<str> {
+        let n = self.next;
+        self.next = match self.next.checked_add(1) {
+            Some(v) => v,
+            None => {
+                self.key = rng.gen();
+                0
+            }
+        };
+        format!("{:016x}", self.permute(n)).into()
+    }
+
+    fn permute(&self, n: u64) -> u64 {
+        let (mut l, mut r) = ((n >> 32) as u32, n as u32);
+        for k in self.key {
+            let f = round(k, r);
+            (l, r) = (r, l ^ f);
+        }
+        (u64::from(l) << 32) | u64::from(r)
+    }
+}
+
+/// The Feistel round function (splitmix64's finalizer over key and half-block); any
+/// function keeps the network a permutation, this one mixes well.
+fn round(key: u64, half: u32) -> u32 {
+    let mut z = key ^ u64::from(half).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as u32
+}
+
 struct Peer<H> {
     id: Arc<str>,
     name: Arc<str>,
     room: Arc<str>,
     media: Option<Media>,
     conn: Option<(ConnId, H)>,
-    token: String,
+    token: TokenHash,
     grace_until: Option<Instant>,
     queue: VecDeque<ServerMsg>,
 }
@@ -78,23 +151,26 @@ pub struct Rooms<H> {
     /// Room name -> its peers in join order.
     rooms: HashMap<Arc<str>, Vec<Arc<str>>>,
     conns: HashMap<ConnId, Arc<str>>,
-    tokens: HashMap<String, Arc<str>>,
-    issued: HashSet<u64>,
+    tokens: HashMap<TokenHash, Arc<str>>,
+    ids: IdGen,
     graces: VecDeque<(Instant, Arc<str>)>,
     rng: StdRng,
+    /// Bumped on every change a snapshot would record.
+    generation: u64,
 }
 
 impl<H: Clone> Rooms<H> {
-    pub fn new(cfg: RoomRules, rng: StdRng) -> Self {
+    pub fn new(cfg: RoomRules, mut rng: StdRng) -> Self {
         Rooms {
             cfg,
             peers: HashMap::new(),
             rooms: HashMap::new(),
             conns: HashMap::new(),
             tokens: HashMap::new(),
-            issued: HashSet::new(),
+            ids: IdGen::new(&mut rng),
             graces: VecDeque::new(),
             rng,
+            generation: 0,
         }
     }
 
@@ -134,13 +210,25 @@ impl<H: Clone> Rooms<H> {
         self.cfg.password.is_empty() || self.cfg.password.matches(given.unwrap_or(""))
     }
 
+    /// Changes when anything a snapshot records changes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Sizes of every table the core keeps (peers, rooms, connections, tokens, grace
+    /// entries): all zero once everyone has left and every grace has run out.
+    pub fn table_sizes(&self) -> [usize; 5] {
+        [
+            self.peers.len(),
+            self.rooms.len(),
+            self.conns.len(),
+            self.tokens.len(),
+            self.graces.len(),
+        ]
+    }
+
     fn new_id(&mut self) -> Arc<str> {
-        loop {
-            let n: u64 = self.rng.gen();
-            if self.issued.insert(n) {
-                return format!("{n:016x}").into();
-            }
-        }
+        self.ids.next_id(&mut self.rng)
     }
 
     fn new_token(&mut self) -> String {
@@ -163,7 +251,7 @@ impl<H: Clone> Rooms<H> {
             return err(ErrorCode::BadPassword);
         }
         if let Some(token) = req.resume.as_deref() {
-            if let Some(id) = self.tokens.get(token).cloned() {
+            if let Some(id) = self.tokens.get(&token_hash(token)).cloned() {
                 if self.peers.get(&id).is_some_and(|p| *p.room == *room) {
                     return self.resume(conn, handle, id, now);
                 }
@@ -198,7 +286,8 @@ impl<H: Clone> Rooms<H> {
                 resumed: false,
             },
         )];
-        self.tokens.insert(token.clone(), id.clone());
+        self.generation += 1;
+        self.tokens.insert(token_hash(&token), id.clone());
         self.conns.insert(conn, id.clone());
         self.peers.insert(
             id.clone(),
@@ -208,7 +297,7 @@ impl<H: Clone> Rooms<H> {
                 room: room.clone(),
                 media: None,
                 conn: Some((conn, handle)),
-                token,
+                token: token_hash(&token),
                 grace_until: None,
                 queue: VecDeque::new(),
             },
@@ -241,13 +330,14 @@ impl<H: Clone> Rooms<H> {
             effects.push(Effect::Close(old_handle, CLOSE_TAKEN_OVER));
         }
         self.tokens.remove(&peer.token);
-        peer.token = token.clone();
+        peer.token = token_hash(&token);
         peer.grace_until = None;
         peer.conn = Some((conn, handle.clone()));
         let queued: Vec<ServerMsg> = peer.queue.drain(..).collect();
         let room = peer.room.clone();
-        self.tokens.insert(token.clone(), id.clone());
+        self.tokens.insert(token_hash(&token), id.clone());
         self.conns.insert(conn, id.clone());
+        self.generation += 1;
         let others: Vec<Arc<str>> = self
             .rooms
             .get(&room)
@@ -371,6 +461,7 @@ impl<H: Clone> Rooms<H> {
         };
         if let Some(p) = self.peers.get_mut(&from) {
             p.media = Some(media);
+            self.generation += 1;
         }
         let others = self.room_others(&from);
         let mut effects = Vec::new();
@@ -474,6 +565,7 @@ impl<H: Clone> Rooms<H> {
         let Some(peer) = self.peers.remove(id) else {
             return effects;
         };
+        self.generation += 1;
         self.tokens.remove(&peer.token);
         if let Some((c, _)) = &peer.conn {
             self.conns.remove(c);
@@ -493,6 +585,134 @@ impl<H: Clone> Rooms<H> {
         );
         effects.push(Effect::PeerGone(id.clone()));
         effects
+    }
+}
+
+/// How far the id counter jumps on restore: more ids than could ever be issued
+/// between two snapshot writes, and still room for 2^32 restarts.
+pub const RESTORE_ID_GAP: u64 = 1 << 32;
+
+/// Why a snapshot was not restored (the server then starts with no rooms).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("resume is off (rooms.resume_grace_s = 0)")]
+    ResumeOff,
+    #[error("the core already holds peers")]
+    NotEmpty,
+    #[error("format {0} is not the one this version writes")]
+    Format(u32),
+    #[error("taken {age_s} s away from now, beyond the resume grace plus margin")]
+    Stale { age_s: u64 },
+    #[error("invalid entry: {0}")]
+    Invalid(&'static str),
+}
+
+impl<H: Clone> Rooms<H> {
+    /// What a restart needs to resume every peer: rooms in join order, ids, names,
+    /// media, token hashes, and the id generator.
+    pub fn snapshot(&self, now_unix_ms: u64) -> Snapshot {
+        let mut rooms: Vec<&Arc<str>> = self.rooms.keys().collect();
+        rooms.sort();
+        let peers = rooms
+            .into_iter()
+            .filter_map(|r| self.rooms.get(r))
+            .flatten()
+            .filter_map(|id| self.peers.get(id))
+            .map(|p| SavedPeer {
+                id: p.id.to_string(),
+                room: p.room.to_string(),
+                name: p.name.to_string(),
+                media: p.media,
+                token_sha256: hex::encode(p.token),
+            })
+            .collect();
+        let (id_key, id_next) = self.ids.parts();
+        Snapshot {
+            format: FORMAT,
+            saved_unix_ms: now_unix_ms,
+            id_key,
+            id_next,
+            peers,
+        }
+    }
+
+    /// Restores a snapshot into an empty core. Every peer comes back disconnected, in
+    /// a fresh resume grace from `now`: those that resume keep their ids, the others
+    /// leave as usual when it ends. Nothing is changed when an error is returned.
+    pub fn restore(
+        &mut self,
+        snap: Snapshot,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Result<Vec<Effect<H>>, RestoreError> {
+        if self.cfg.resume_grace.is_zero() {
+            return Err(RestoreError::ResumeOff);
+        }
+        if !self.peers.is_empty() {
+            return Err(RestoreError::NotEmpty);
+        }
+        if snap.format != FORMAT {
+            return Err(RestoreError::Format(snap.format));
+        }
+        let age_ms = now_unix_ms.abs_diff(snap.saved_unix_ms);
+        let limit = self.cfg.resume_grace.saturating_add(STALE_MARGIN);
+        if u128::from(age_ms) > limit.as_millis() {
+            return Err(RestoreError::Stale {
+                age_s: age_ms / 1000,
+            });
+        }
+        let mut peers: HashMap<Arc<str>, Peer<H>> = HashMap::with_capacity(snap.peers.len());
+        let mut rooms: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+        let mut tokens = HashMap::with_capacity(snap.peers.len());
+        let grace_until = now + self.cfg.resume_grace;
+        for p in snap.peers {
+            let valid_id = p.id.len() == 16 && p.id.bytes().all(|b| b.is_ascii_hexdigit());
+            if !valid_id {
+                return Err(RestoreError::Invalid("peer id"));
+            }
+            if normalize_room(&p.room).ok().as_deref() != Some(p.room.as_str()) {
+                return Err(RestoreError::Invalid("room name"));
+            }
+            if normalize_name(Some(&p.name)).as_deref() != Some(p.name.as_str()) {
+                return Err(RestoreError::Invalid("peer name"));
+            }
+            let mut token: TokenHash = [0; 32];
+            if hex::decode_to_slice(&p.token_sha256, &mut token).is_err() {
+                return Err(RestoreError::Invalid("token hash"));
+            }
+            let id: Arc<str> = p.id.into();
+            let room: Arc<str> = match rooms.get_key_value(p.room.as_str()) {
+                Some((r, _)) => r.clone(),
+                None => p.room.into(),
+            };
+            if tokens.insert(token, id.clone()).is_some() {
+                return Err(RestoreError::Invalid("duplicate token"));
+            }
+            rooms.entry(room.clone()).or_default().push(id.clone());
+            let peer = Peer {
+                id: id.clone(),
+                name: p.name.into(),
+                room,
+                media: p.media,
+                conn: None,
+                token,
+                grace_until: Some(grace_until),
+                queue: VecDeque::new(),
+            };
+            if peers.insert(id, peer).is_some() {
+                return Err(RestoreError::Invalid("duplicate peer id"));
+            }
+        }
+        self.graces = peers.keys().map(|id| (grace_until, id.clone())).collect();
+        self.peers = peers;
+        self.rooms = rooms;
+        self.tokens = tokens;
+        // After a crash the snapshot may be up to a save interval old, and ids issued
+        // since then exist in clients' hands: skip far past them.
+        self.ids = IdGen::from_parts(snap.id_key, snap.id_next.saturating_add(RESTORE_ID_GAP));
+        self.generation += 1;
+        // Their graces end at `poll_timeout()`.
+        Ok(Vec::new())
     }
 }
 

@@ -2,6 +2,7 @@
 //! pure rooms core ([`core`]) and the WebSocket layer at `/ws` ([`ws`]).
 
 pub mod core;
+pub mod persist;
 pub mod proto;
 pub mod room;
 pub mod ws;

@@ -65,7 +65,7 @@ pub enum RelayPayload {
     Candidate(Value),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Media {
     pub audio: bool,
     pub video: bool,

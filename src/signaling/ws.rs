@@ -18,6 +18,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -45,6 +46,7 @@ use super::core::{
     Beat, ConnId, Effect, Heartbeat, IceFor, RateLimiter, RoomRules, Rooms, Verdict,
     CLOSE_TAKEN_OVER,
 };
+use super::persist;
 use super::proto::{ClientMsg, ErrorCode, ServerMsg};
 use crate::clock::{unix_millis, unix_secs};
 use crate::config::Config;
@@ -304,6 +306,8 @@ pub struct SignalingConfig {
     pub rate_burst: u32,
     /// Origins allowed besides the server's own.
     pub allowed_origins: Vec<String>,
+    /// Where the rooms snapshot lives (see [`persist`]); `None` = not kept (resume off).
+    pub persist_dir: Option<PathBuf>,
 }
 
 impl SignalingConfig {
@@ -318,6 +322,7 @@ impl SignalingConfig {
             rate_per_s: c.rooms.rate_per_s,
             rate_burst: c.rooms.rate_burst,
             allowed_origins: c.http.allowed_origins.clone(),
+            persist_dir: (c.rooms.resume_grace_s > 0).then(|| c.data_dir.clone()),
         }
     }
 }
@@ -346,6 +351,14 @@ pub struct Signaling {
     timer_wake: Notify,
     /// Set once the grace timer task runs (it starts on the first grace).
     timer_started: AtomicBool,
+    persist_dir: Option<PathBuf>,
+    /// The core generation last written (`None`: nothing written yet). Held while
+    /// writing, so writes never overlap and never go back to an older state.
+    saved: Mutex<Option<u64>>,
+    /// Set by the final write at shutdown: nothing is written after it.
+    frozen: AtomicBool,
+    /// The last write failed (logged once until one succeeds again).
+    save_failing: AtomicBool,
 }
 
 impl Signaling {
@@ -358,6 +371,10 @@ impl Signaling {
         metrics: SignalingMetrics,
     ) -> Signaling {
         Signaling {
+            persist_dir: cfg.persist_dir,
+            saved: Mutex::new(None),
+            frozen: AtomicBool::new(false),
+            save_failing: AtomicBool::new(false),
             core: Mutex::new(Rooms::with_os_rng(cfg.rules)),
             metrics,
             timings: ArcSwap::from_pointee(SignalingTimings::default()),
@@ -396,6 +413,116 @@ impl Signaling {
         self.metrics.rooms.set(core.room_count() as i64);
         self.metrics.peers.set(core.peer_count() as i64);
         out
+    }
+}
+
+/// Keeping the rooms across restarts (see [`persist`]).
+impl Signaling {
+    /// Restores the rooms snapshot, if there is a usable one: its peers wait in their
+    /// resume grace. Anything unusable is logged and ignored (the server starts with
+    /// no rooms, and the next write replaces the file).
+    pub fn restore_saved(self: &Arc<Self>) {
+        let Some(dir) = &self.persist_dir else {
+            return;
+        };
+        let snap = match persist::load(dir) {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "rooms snapshot ignored; starting with no rooms");
+                return;
+            }
+        };
+        let outcome = self.with_core(|core| {
+            let fx = core.restore(snap, Instant::now(), unix_millis())?;
+            Ok::<_, super::core::RestoreError>((
+                fx,
+                core.peer_count(),
+                core.room_count(),
+                core.poll_timeout(),
+            ))
+        });
+        match outcome {
+            Ok((fx, peers, rooms, next)) => {
+                tracing::info!(peers, rooms, "rooms restored; their peers may resume");
+                let gone = apply(self, None, fx);
+                if let Some(next) = next {
+                    arm_timer(self, next);
+                }
+                finish(self, gone);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path = %dir.join(persist::FILE).display(),
+                    "rooms snapshot ignored; starting with no rooms");
+            }
+        }
+    }
+
+    /// Writes the snapshot when the rooms changed since the last write (`force`: even
+    /// if not). Blocking file IO: call it off the async threads.
+    fn save_if_changed(&self, last: bool) {
+        let Some(dir) = &self.persist_dir else {
+            return;
+        };
+        let mut saved = lock(&self.saved, "snapshot writer");
+        if self.frozen.load(Ordering::Acquire) {
+            return;
+        }
+        let (generation, snap) = {
+            let core = self.core();
+            if *saved == Some(core.generation()) && !last {
+                return;
+            }
+            (core.generation(), core.snapshot(unix_millis()))
+        };
+        if last {
+            self.frozen.store(true, Ordering::Release);
+        }
+        match persist::save(dir, &snap) {
+            Ok(()) => {
+                *saved = Some(generation);
+                if self.save_failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!("rooms snapshot written again");
+                }
+            }
+            Err(e) => {
+                if !self.save_failing.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(error = %e, dir = %dir.display(),
+                        "cannot write the rooms snapshot; a restart will lose the rooms");
+                }
+            }
+        }
+    }
+
+    /// Writes the snapshot every [`persist::SAVE_EVERY`] when it changed, until
+    /// shutdown.
+    pub fn spawn_saver(self: &Arc<Self>) {
+        if self.persist_dir.is_none() {
+            return;
+        }
+        let sig = self.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(persist::SAVE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = sig.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let s = sig.clone();
+                let _ = tokio::task::spawn_blocking(move || s.save_if_changed(false)).await;
+            }
+        });
+    }
+
+    /// The final write, before connections are closed at shutdown; later changes
+    /// (connections closing) are not written.
+    pub async fn save_for_shutdown(self: &Arc<Self>) {
+        if self.persist_dir.is_none() {
+            return;
+        }
+        let s = self.clone();
+        let _ = tokio::task::spawn_blocking(move || s.save_if_changed(true)).await;
     }
 }
 

@@ -272,3 +272,109 @@ async fn huge_headers_are_refused_and_server_keeps_serving() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
 }
+
+/// A raw TLS connection to the HTTPS listener, offering `alpn`.
+async fn tls_connect(
+    s: &TestServer,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut cfg = (*s.rustls_client_config()).clone();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(s.https_addr())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// The status line of an HTTP/1.1 answer to `request` sent over a fresh connection.
+async fn http1_status_line(s: &TestServer, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_connect(s, b"http/1.1").await;
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(2).any(|w| w == b"\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap_or(0);
+        assert!(n > 0, "connection closed without an answer: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_in_authority_form_gets_an_answer_over_http1() {
+    let s = TestServer::start().await;
+    for req in [
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        "CONNECT [::1]:443 HTTP/1.1\r\nHost: [::1]:443\r\n\r\n",
+        "OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    ] {
+        let line = http1_status_line(&s, req).await;
+        assert!(
+            line.starts_with("HTTP/1.1 4"),
+            "{req:?} must get a client error, got {line:?}"
+        );
+    }
+    // Still serving, and the requests were counted.
+    let res = s
+        .http_client()
+        .get(format!("{}/healthz", s.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let metrics = s.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("meshmeet_http_requests_total{") && l.contains("status=\"4")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_gets_an_answer_over_http2() {
+    let s = TestServer::start().await;
+    let tls = tls_connect(&s, b"h2").await;
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    // Plain CONNECT: authority only, no path (RFC 9113 section 8.5).
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("example.com:443")
+        .body(())
+        .unwrap();
+    let (res, _send) = client.send_request(req, false).unwrap();
+    let res = tokio::time::timeout(std::time::Duration::from_secs(10), res)
+        .await
+        .expect("an answer")
+        .expect("an HTTP/2 response, not a reset stream");
+    assert!(
+        res.status().is_client_error(),
+        "CONNECT must get a client error, got {}",
+        res.status()
+    );
+    // The same connection still serves ordinary requests.
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::builder()
+        .uri(format!(
+            "https://localhost:{}/healthz",
+            s.https_addr().port()
+        ))
+        .body(())
+        .unwrap();
+    let (res, _send) = client.send_request(req, true).unwrap();
+    let res = res.await.unwrap();
+    assert_eq!(res.status(), http::StatusCode::OK);
+}

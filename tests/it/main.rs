@@ -6,6 +6,8 @@
 //! - [`deploy`]: the systemd unit and `deploy/install.sh`.
 //! - [`signaling`]: every message, error and close code over real WebSockets.
 //! - [`signaling_scale`]: 1000 clients negotiating at once.
+//! - [`restart`]: the binary restarted (SIGTERM, `kill -9`) in the middle of a call:
+//!   peers resume with their ids, nobody is left behind.
 //! - [`relay`]: STUN/TURN against independent clients (the `turn` crate, coturn's
 //!   tools, raw STUN).
 //! - [`oneport`]: TURN over TLS and TCP on the HTTPS port, beside HTTP/1.1, HTTP/2
@@ -19,8 +21,10 @@
 mod deploy;
 mod http;
 mod lifecycle;
+mod limits;
 mod oneport;
 mod relay;
+mod restart;
 mod signaling;
 mod signaling_scale;
 mod support;

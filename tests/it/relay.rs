@@ -22,7 +22,10 @@ pub const SECRET: &str = "relay-test-secret-0123456789";
 fn relay_config(c: &mut Config) {
     c.turn.secret = SECRET.into();
     c.turn.relay_ips = vec!["127.0.0.1".parse().unwrap()];
-    c.turn.relay_ports = "40000-40999".parse().unwrap();
+    // Below the kernel's ephemeral range (32768-60999), where the test's listeners get
+    // their port-0 ports: a relay port never shares a number with a listener, which
+    // the relay refuses as a peer whatever the protocol.
+    c.turn.relay_ports = "20000-20999".parse().unwrap();
 }
 
 pub fn loopback_peers(c: &mut Config) {
@@ -266,10 +269,13 @@ async fn coturn_uclient_udp_tcp_tls_without_loss() {
     let udp = turn_udp(&server).port();
     let tls = server.addrs.turn_tls.expect("tls listener").port();
     assert_eq!(server.addrs.turn_tcp.unwrap().port(), udp);
+    // `-s`: Send indications. uclient picks channel numbers at random from the old
+    // RFC 5766 range (up to 0x7FFF), which RFC 8656 refuses above 0x4FFF; ChannelData
+    // is covered by the `turn` crate's client and the raw-client tests.
     tokio::task::spawn_blocking(move || {
-        uclient(&[], udp, peer);
-        uclient(&["-t"], udp, peer);
-        uclient(&["-t", "-S"], tls, peer);
+        uclient(&["-s"], udp, peer);
+        uclient(&["-s", "-t"], udp, peer);
+        uclient(&["-s", "-t", "-S"], tls, peer);
     })
     .await
     .unwrap();
@@ -601,4 +607,209 @@ async fn ipv6_relay_on_request() {
         .unwrap()
         .unwrap();
     assert_eq!((&buf[..n], from), (&b"six"[..], relay));
+}
+
+/// The value of the metric line starting with `prefix` (0 when absent).
+async fn metric(server: &TestServer, prefix: &str) -> f64 {
+    server
+        .metrics()
+        .await
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The next Data indication `c` receives: (peer, payload).
+async fn data_indication(c: &RawClient) -> (SocketAddr, Vec<u8>) {
+    let mut b = vec![0u8; 2048];
+    loop {
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), c.sock.recv_from(&mut b))
+            .await
+            .expect("a Data indication within 5 s")
+            .unwrap();
+        if let Some(m) = client::parse(&b[..n]) {
+            if m.typ == MessageType::new(METHOD_DATA, CLASS_INDICATION) {
+                return (client::peer_address(&m).unwrap(), client::data(&m).unwrap());
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_refuses_the_server_itself_and_reaches_other_allocations() {
+    // Loopback peers allowed: the server's own address is an allowed peer, as its
+    // public address is in production.
+    let server = TestServer::start_with(|c| {
+        loopback_peers(c);
+        c.http.redirect_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let (ua, pa) = rest_user("relay-a", future());
+    let (ub, pb) = rest_user("relay-b", future());
+    let mut a = RawClient::new(turn_udp(&server), &ua, &pa).await;
+    let mut b = RawClient::new(turn_udp(&server), &ub, &pb).await;
+    let relay_a = a.relayed().await;
+    let relay_b = b.relayed().await;
+    let addrs = server.addrs;
+    let mut own = vec![
+        addrs.https,
+        addrs.redirect.unwrap(),
+        addrs.turn_udp.unwrap(),
+        addrs.turn_tcp.unwrap(),
+        addrs.turn_tls.unwrap(),
+        relay_a,
+    ];
+    // The same listeners on another loopback address reach the same sockets.
+    own.push(SocketAddr::new(
+        "127.0.0.2".parse().unwrap(),
+        addrs.https.port(),
+    ));
+    for (i, target) in own.iter().enumerate() {
+        let resp = a.permission(&[*target]).await;
+        assert_eq!(error_code(&resp), Some(403), "permission to {target}");
+        let resp = a
+            .request(
+                METHOD_CHANNEL_BIND,
+                &[&Attr::Channel(0x4000 + i as u16), &Attr::Peer(*target)],
+            )
+            .await;
+        assert_eq!(error_code(&resp), Some(403), "channel to {target}");
+    }
+    // A permission for the server's IP (through B's relay address) covers every
+    // port; a Send indication carrying a Binding request to the STUN listener is
+    // still dropped: the listener answers no Binding from the relay.
+    let resp = a.permission(&[relay_b]).await;
+    assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
+    let denied = metric(&server, "meshmeet_turn_peer_denied_total").await;
+    a.send_indication(turn_udp(&server), &client::binding_request())
+        .await;
+    // Two receive loops share the UDP socket: wait for the refusal to be counted.
+    let mut counted = false;
+    for _ in 0..50 {
+        a.sync().await;
+        if metric(&server, "meshmeet_turn_peer_denied_total").await == denied + 1.0 {
+            counted = true;
+            break;
+        }
+    }
+    assert!(
+        counted,
+        "the Send indication to the listener was not refused"
+    );
+    // Relay to relay on one server: A and B reach each other.
+    let resp = b.permission(&[relay_a]).await;
+    assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
+    a.send_indication(relay_b, b"a to b").await;
+    assert_eq!(data_indication(&b).await, (relay_a, b"a to b".to_vec()));
+    b.send_indication(relay_a, b"b to a").await;
+    assert_eq!(data_indication(&a).await, (relay_b, b"b to a".to_vec()));
+    let resp = a
+        .request(
+            METHOD_CHANNEL_BIND,
+            &[&Attr::Channel(0x4100), &Attr::Peer(relay_b)],
+        )
+        .await;
+    assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
+    a.sock
+        .send_to(
+            &client::channel_data(0x4100, b"via channel", false),
+            a.server,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        data_indication(&b).await,
+        (relay_a, b"via channel".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn an_allowed_ipv4_peer_does_not_open_its_ipv6_translations() {
+    let server = TestServer::start_with(|c| {
+        relay_config(c);
+        c.turn.relay_ips = vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+        c.turn.allowed_peer_ranges = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let (user, pass) = rest_user("nat64", future());
+    let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
+    let resp = c
+        .request(METHOD_ALLOCATE, &[&Attr::UDP, &Attr::Family(2)])
+        .await;
+    assert!(relayed_address(&resp).is_ipv6());
+    for (i, target) in [
+        "[::127.0.0.1]:5000",
+        "[64:ff9b::127.0.0.1]:5000",
+        "[64:ff9b:1::7f00:1]:5000",
+        "[2002:7f00:1::1]:5000",
+        "[2001:0:4136:e378:8000:63bf:80ff:fffe]:5000",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let target: SocketAddr = target.parse().unwrap();
+        let resp = c.permission(&[target]).await;
+        assert_eq!(error_code(&resp), Some(403), "permission to {target}");
+        let resp = c
+            .request(
+                METHOD_CHANNEL_BIND,
+                &[&Attr::Channel(0x4000 + i as u16), &Attr::Peer(target)],
+            )
+            .await;
+        assert_eq!(error_code(&resp), Some(403), "channel to {target}");
+    }
+    // IPv4-mapped names the allowed host itself.
+    let resp = c
+        .permission(&["[::ffff:127.0.0.1]:5000".parse().unwrap()])
+        .await;
+    assert_eq!(
+        resp.typ.class,
+        CLASS_SUCCESS_RESPONSE,
+        "{:?}",
+        error_code(&resp)
+    );
+}
+
+#[tokio::test]
+async fn channel_numbers_beyond_0x4fff_get_400() {
+    let server = TestServer::start_with(loopback_peers).await;
+    let peer = echo_peer().await;
+    let (user, pass) = rest_user("channels", future());
+    let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
+    c.relayed().await;
+    for n in [0x5000, 0x7FFF] {
+        let resp = c
+            .request(METHOD_CHANNEL_BIND, &[&Attr::Channel(n), &Attr::Peer(peer)])
+            .await;
+        assert_eq!(error_code(&resp), Some(400), "{n:#x}");
+    }
+    let resp = c
+        .request(
+            METHOD_CHANNEL_BIND,
+            &[&Attr::Channel(0x4FFF), &Attr::Peer(peer)],
+        )
+        .await;
+    assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
+}
+
+#[tokio::test]
+async fn additional_address_family_over_udp() {
+    use meshmeet::relay::core::{ATTR_ADDITIONAL_ADDRESS_FAMILY, ATTR_ADDRESS_ERROR_CODE};
+    let aaf = |v: u8| Attr::Raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, vec![v, 0, 0, 0]);
+    // IPv4 only: the IPv4 allocation, and 440 for the IPv6 one.
+    let server = TestServer::start_with(relay_config).await;
+    let (user, pass) = rest_user("aaf", future());
+    let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
+    let resp = c
+        .request(METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2), &Attr::Family(1)])
+        .await;
+    assert_eq!(error_code(&resp), Some(400));
+    let resp = c.request(METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)]).await;
+    assert!(relayed_address(&resp).is_ipv4());
+    let e = resp
+        .get(ATTR_ADDRESS_ERROR_CODE)
+        .expect("ADDRESS-ERROR-CODE");
+    assert_eq!(&e[..4], &[0x02, 0, 4, 40]);
 }

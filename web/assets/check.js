@@ -30,6 +30,7 @@ const TEXT = {
     noRelay: 'Your network blocks this server\'s relay on every transport. Calls only work where a direct connection is possible.',
     noSignaling: 'The server cannot be reached over WebSocket, so calls cannot start. Check the address, your network, or a proxy that blocks WebSockets.',
     noMedia: 'Without a camera or microphone you can still join a call and watch and listen.',
+    noCandidates: 'Your browser found no network address of its own to use (not even a local one), so no check could start. Browsers gather nothing when the computer has no default route (no gateway), even if this server is reachable: check the network settings (on Linux, `ip route` should show a `default` line). Firefox then reports "ICE failed" and may name the TURN server; the server is not the cause.',
   },
   ko: {
     media: '카메라와 마이크', signaling: '서버 연결', stun: 'STUN (내 네트워크 주소)',
@@ -47,6 +48,7 @@ const TEXT = {
     noRelay: '네트워크가 모든 방식의 릴레이를 차단합니다. 직접 연결이 가능한 경우에만 통화할 수 있습니다.',
     noSignaling: 'WebSocket으로 서버에 연결할 수 없어 통화를 시작할 수 없습니다. 주소, 네트워크, WebSocket을 막는 프록시를 확인하세요.',
     noMedia: '카메라나 마이크가 없어도 통화에 참가해 보고 들을 수 있습니다.',
+    noCandidates: '브라우저가 사용할 자기 네트워크 주소를 하나도 찾지 못해(로컬 주소조차) 어떤 확인도 시작할 수 없었습니다. 컴퓨터에 기본 경로(게이트웨이)가 없으면 이 서버에 접속할 수 있더라도 브라우저는 아무것도 수집하지 않습니다. 네트워크 설정을 확인하세요(Linux에서는 `ip route`에 `default` 줄이 있어야 합니다). 이때 Firefox는 "ICE failed"를 보고하며 TURN 서버를 지목할 수 있지만 서버가 원인이 아닙니다.',
   },
 };
 
@@ -61,6 +63,8 @@ function tx(key, vars) {
 /** @type {Record<string, {status: Status, detail: string}>} */
 const results = {};
 const ORDER = ['media', 'signaling', 'stun', 'turnUdp', 'turnTcp', 'turnTls'];
+/** candidates of any kind gathered by all checks together (0: no usable local address) */
+let gatheredAny = 0;
 
 /**
  * @param {string} key
@@ -183,6 +187,7 @@ async function gather(server, policy) {
   await pc.setLocalDescription();
   await done;
   pc.close();
+  gatheredAny += candidates.length;
   return { candidates, errors };
 }
 
@@ -255,7 +260,9 @@ function summarize(media, signaling) {
     else if (!udp && !tcp && !tls) lines.push(tx('noRelay'));
     if (udp && !tls && results.turnTls && results.turnTls.status === 'bad') lines.push(tx('tlsBroken'));
   }
+  if (signaling && gatheredAny === 0) lines.push(tx('noCandidates'));
   if (!media) lines.push(tx('noMedia'));
+  document.body.dataset.noCandidates = String(signaling && gatheredAny === 0);
   const el = /** @type {HTMLElement} */ (document.getElementById('summary'));
   el.replaceChildren(...lines.map((l) => { const p = document.createElement('p'); p.textContent = l; return p; }));
   el.hidden = false;
@@ -265,6 +272,7 @@ async function run() {
   const again = /** @type {HTMLButtonElement} */ (document.getElementById('again'));
   again.disabled = true;
   for (const k of Object.keys(results)) delete results[k];
+  gatheredAny = 0;
   /** @type {HTMLElement} */ (document.getElementById('summary')).hidden = true;
   document.body.dataset.done = 'false';
   render();

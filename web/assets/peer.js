@@ -1,9 +1,20 @@
 // One RTCPeerConnection to one other participant: perfect negotiation, buffered ICE
-// candidates, ICE restart, connection state, mesh-aware sender limits. No DOM and no
-// socket: messages for the other side go out through `hooks.send`.
+// candidates, calm ICE restart, connection state and path, local tracks that arrive
+// late, mesh-aware sender limits. No DOM and no socket: messages for the other side
+// go out through `hooks.send`.
 
 /**
- * @typedef {'connecting'|'direct'|'relay'|'reconnecting'|'failed'} PeerState
+ * What a tile says about the connection:
+ * - connecting: not connected yet, or connected but the selected candidate pair is
+ *   not known yet (the path is not claimed before it is known);
+ * - direct / relay: connected, on the selected pair's path (`path`);
+ * - connected: connected, in a browser whose stats do not say which pair is selected;
+ * - reconnecting: the connection's own state is `disconnected`, or `connecting` again
+ *   after it had been connected (an ICE restart);
+ * - failed: the connection's state is `failed` (a restart follows, with back-off).
+ * @typedef {'connecting'|'connected'|'direct'|'relay'|'reconnecting'|'failed'} PeerState
+ * @typedef {{local: string, remote: string, protocol: string, relayProtocol: string,
+ *   localAddress: string, remoteAddress: string}} Path
  * @typedef {import('./signaling.js').MediaState} MediaState
  * @typedef {{
  *   send: (msg: import('./signaling.js').ClientMsg) => void,
@@ -15,8 +26,22 @@
  * }} PeerHooks
  */
 
-/** How long a connection may stay `disconnected` before an ICE restart. */
-const DISCONNECTED_RESTART_MS = 4000;
+/**
+ * How long a connection may stay `disconnected` before an ICE restart. A missed
+ * consent-freshness check (RFC 7675) makes a connection `disconnected` for a few
+ * seconds on a busy machine and it comes back by itself: measured here between
+ * Firefox ESR and Chromium on a starved two-core machine, such blips lasted 5-7 s
+ * (docs/CLIENT.md). A real loss of the path turns `failed` (about 30 s after the
+ * last answer in both browsers) unless this restart comes first.
+ */
+export const DISCONNECTED_RESTART_MS = 12_000;
+/** A restart that has not connected after this long counts as failed. */
+const RESTART_TIMEOUT_MS = 30_000;
+/** Back-off before a further restart after failed ones: doubling from, at most. */
+const BACKOFF_FIRST_MS = 2_000;
+const BACKOFF_MAX_MS = 60_000;
+/** How often the selected candidate pair is re-read (where no event says it changed). */
+const PATH_POLL_MS = 2_000;
 
 let serial = 0;
 
@@ -61,11 +86,37 @@ export class Peer {
     /** @type {RTCRtpTransceiver|null} */
     this.screenTx = null;
     this.attached = false;
+    /** a scheduled ICE restart (disconnected too long, or failed with back-off) */
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this.restartTimer = undefined;
+    /** a restart under way: no second one until it connects or times out */
+    this.restarting = false;
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this.restartWatch = undefined;
+    /** restarts since the connection was last connected (drives the back-off) */
+    this.failedRestarts = 0;
+    /** ICE restarts started, in all (for the test handle and diagnostics) */
+    this.restarts = 0;
+    /** durations (ms) of `disconnected` spells that ended, and when the current began */
+    /** @type {number[]} */
+    this.blips = [];
+    this.disconnectedSince = 0;
+    /** the last connection state acted on */
+    this.lastCs = '';
+    this.everConnected = false;
+    /** offers sent, and remote answers whose DTLS role was set back (for diagnostics) */
+    this.offers = 0;
+    this.roleFixes = 0;
+    /** the selected pair's path; null until known */
+    /** @type {Path|null} */
+    this.path = null;
+    /** false while the browser's stats name no selected pair at all */
+    this.pathKnowable = true;
+    this.pathSeq = 0;
     /** re-reads the selected candidate pair now and then (it can change) */
     /** @type {ReturnType<typeof setInterval>|undefined} */
     this.pathTimer = undefined;
+    this.pairEventHooked = false;
     this.pc = new RTCPeerConnection(config);
     this.wire();
   }
@@ -78,7 +129,10 @@ export class Peer {
         this.makingOffer = true;
         await pc.setLocalDescription();
         const d = pc.localDescription;
-        if (d && d.type === 'offer') this.hooks.send({ type: 'offer', to: this.id, sdp: d.sdp });
+        if (d && d.type === 'offer') {
+          this.offers += 1;
+          this.hooks.send({ type: 'offer', to: this.id, sdp: d.sdp });
+        }
       } catch (e) {
         console.warn('offer failed', e);
       } finally {
@@ -93,8 +147,24 @@ export class Peer {
     pc.onconnectionstatechange = () => this.updateState();
     pc.oniceconnectionstatechange = () => this.updateState();
     pc.onsignalingstatechange = () => {
-      if (pc.signalingState === 'stable') this.applyLimits();
+      if (pc.signalingState !== 'stable') return;
+      this.applyLimits();
+      // A restart of a connection that stayed connected ends with its negotiation.
+      if (this.restarting && this.connState() === 'connected') {
+        this.restartDone();
+        this.failedRestarts = 0;
+      }
     };
+  }
+
+  /** The connection state (`iceConnectionState` where `connectionState` is missing). */
+  connState() {
+    const pc = this.pc;
+    if ('connectionState' in pc && pc.connectionState) return pc.connectionState;
+    const ice = pc.iceConnectionState;
+    if (ice === 'completed') return 'connected';
+    if (ice === 'checking') return 'connecting';
+    return ice;
   }
 
   /**
@@ -160,15 +230,38 @@ export class Peer {
   }
 
   /**
-   * Replaces an outgoing camera or microphone track (device change).
+   * Puts a camera or microphone track on this connection: a device switched, a
+   * camera turned back on, or devices that opened only after the connection was set
+   * up. A slot that was receive-only starts sending, which renegotiates.
    * @param {'audio'|'video'} kind
    * @param {MediaStreamTrack|null} track
    */
   replaceTrack(kind, track) {
+    if (this.closed) return;
     const tx = kind === 'audio' ? this.audioTx : this.videoTx;
+    // Not attached yet (the answering side before the first offer): attachLocal
+    // picks up the current tracks then.
     if (!tx || isStopped(tx)) return;
-    tx.sender.replaceTrack(track).then(() => this.applyLimits()).catch((e) => console.warn('replaceTrack', e));
-    if (track && tx.direction === 'recvonly') tx.direction = 'sendrecv';
+    const sender = tx.sender;
+    if (sender.track !== track) {
+      sender.replaceTrack(track).then(() => this.applyLimits()).catch((e) => console.warn('replaceTrack', e));
+    }
+    if (track) {
+      // Without setStreams (not in every browser) the remote side still maps the
+      // track by its transceiver.
+      if (typeof sender.setStreams === 'function') {
+        try { sender.setStreams(this.hooks.local().stream); } catch { /* kept as it was */ }
+      }
+      if (tx.direction === 'recvonly') tx.direction = 'sendrecv';
+      else if (tx.direction === 'inactive') tx.direction = 'sendonly';
+    }
+  }
+
+  /** Brings this connection's camera and microphone up to the current local tracks. */
+  syncLocal() {
+    const local = this.hooks.local();
+    this.replaceTrack('audio', local.audio);
+    this.replaceTrack('video', local.video);
   }
 
   /** @param {RTCTrackEvent} ev */
@@ -208,6 +301,9 @@ export class Peer {
     this.ignoreOffer = !this.polite && offerCollision;
     if (this.ignoreOffer) return;
     try {
+      if (description.type === 'answer' && description.sdp) {
+        description = { type: 'answer', sdp: this.keepDtlsRole(description.sdp) };
+      }
       await pc.setRemoteDescription(description);
       await this.flushCandidates();
       if (description.type === 'offer') {
@@ -219,6 +315,41 @@ export class Peer {
     } catch (e) {
       console.warn('negotiation failed', e);
     }
+  }
+
+  /**
+   * Our DTLS role on the established connection ('active' = DTLS client), from the
+   * last completed negotiation; null before the first.
+   * @returns {'active'|'passive'|null}
+   */
+  dtlsRole() {
+    const l = this.pc.currentLocalDescription;
+    const r = this.pc.currentRemoteDescription;
+    if (!l || !r) return null;
+    const setup = (/** @type {string} */ sdp) => (sdp.match(/a=setup:(\w+)/) || [])[1];
+    if (l.type === 'answer') {
+      const s = setup(l.sdp);
+      return s === 'active' || s === 'passive' ? s : null;
+    }
+    const s = setup(r.sdp);
+    return s === 'active' ? 'passive' : s === 'passive' ? 'active' : null;
+  }
+
+  /**
+   * A renegotiation keeps the DTLS association, and with it the roles (RFC 8842). An
+   * answer that names the other role (Firefox does so when answering an ICE-restart
+   * offer from the side that answered first) makes Chromium reject it ("Failed to
+   * set SSL role"), which leaves the connection stuck in have-local-offer. The role
+   * the answerer really keeps is the established one: say so in its answer.
+   * @param {string} sdp a remote answer
+   */
+  keepDtlsRole(sdp) {
+    const ours = this.dtlsRole();
+    if (!ours) return sdp;
+    const theirs = ours === 'active' ? 'passive' : 'active';
+    const fixed = sdp.replace(/a=setup:(active|passive)/g, `a=setup:${theirs}`);
+    if (fixed !== sdp) this.roleFixes += 1;
+    return fixed;
   }
 
   /** @param {RTCIceCandidateInit|null} candidate */
@@ -247,81 +378,177 @@ export class Peer {
     }
   }
 
-  /** Tracks the connection state; restarts ICE when it fails or stays disconnected. */
-  updateState() {
-    if (this.closed) return;
-    const pc = this.pc;
-    // iceConnectionState stands in where a browser lacks connectionState.
-    const cs = /** @type {RTCPeerConnectionState|RTCIceConnectionState} */ (pc.connectionState || pc.iceConnectionState);
-    /** @type {PeerState} */
-    let next = this.state;
-    if (cs === 'connected' || cs === 'completed') {
-      clearTimeout(this.restartTimer);
-      this.restartTimer = undefined;
-      next = this.state === 'relay' || this.state === 'direct' ? this.state : 'direct';
-      this.detectPath();
-      if (!this.pathTimer) this.pathTimer = setInterval(() => this.detectPath(), 3000);
-    } else if (cs === 'disconnected') {
-      next = 'reconnecting';
-      if (!this.restartTimer) {
-        this.restartTimer = setTimeout(() => {
-          this.restartTimer = undefined;
-          if (!this.closed && pc.connectionState !== 'connected') this.restartIce();
-        }, DISCONNECTED_RESTART_MS);
-      }
-    } else if (cs === 'failed') {
-      next = 'failed';
-      this.restartIce();
-    } else if (cs === 'new' || cs === 'connecting' || cs === 'checking') {
-      next = this.state === 'failed' || this.state === 'reconnecting' ? 'reconnecting' : 'connecting';
-    }
+  /** @param {PeerState} next */
+  setState(next) {
     if (next !== this.state) {
       this.state = next;
       this.hooks.onState(this);
     }
   }
 
-  restartIce() {
-    if (this.closed) return;
-    if (typeof this.pc.restartIce === 'function') this.pc.restartIce();
+  /** The tile state for a connected connection, from what is known of its path. */
+  connectedState() {
+    if (this.path) return this.path.local === 'relay' || this.path.remote === 'relay' ? 'relay' : 'direct';
+    return this.pathKnowable ? 'connecting' : 'connected';
   }
 
-  /** Finds whether the selected candidate pair is relayed. */
-  async detectPath() {
-    try {
-      const path = await this.selectedPath();
-      if (!path || this.closed) return;
-      const cs = this.pc.connectionState;
-      if (cs !== 'connected') return;
-      const next = path.local === 'relay' || path.remote === 'relay' ? 'relay' : 'direct';
-      if (next !== this.state) {
-        this.state = next;
-        this.hooks.onState(this);
+  /**
+   * Follows the connection state: the tile state, and ICE restarts (calmly: only
+   * when `failed`, or `disconnected` longer than DISCONNECTED_RESTART_MS; one at a
+   * time; backing off while restarts keep failing).
+   */
+  updateState() {
+    if (this.closed) return;
+    const cs = this.connState();
+    const changed = cs !== this.lastCs;
+    this.lastCs = cs;
+    if (cs !== 'disconnected' && this.disconnectedSince) {
+      this.blips.push(Date.now() - this.disconnectedSince);
+      if (this.blips.length > 50) this.blips.shift();
+      this.disconnectedSince = 0;
+    }
+    if (cs === 'connected') {
+      this.everConnected = true;
+      if (changed) {
+        clearTimeout(this.restartTimer);
+        this.restartTimer = undefined;
+        this.failedRestarts = 0;
+        if (this.restarting) this.restartDone();
       }
-    } catch {
-      /* stats unavailable */
+      this.hookPairEvent();
+      if (!this.pathTimer) this.pathTimer = setInterval(() => this.detectPath(), PATH_POLL_MS);
+      this.setState(this.connectedState());
+      this.detectPath();
+      return;
+    }
+    // Off the path it was on: the path is claimed again only once re-read.
+    this.path = null;
+    clearInterval(this.pathTimer);
+    this.pathTimer = undefined;
+    if (cs === 'disconnected') {
+      if (changed) this.disconnectedSince = Date.now();
+      this.setState('reconnecting');
+      if (changed) this.scheduleRestart(Math.max(DISCONNECTED_RESTART_MS, this.backoff()));
+    } else if (cs === 'failed') {
+      this.setState('failed');
+      if (changed) {
+        // A restart under way that ends in `failed` has failed.
+        if (this.restarting) this.restartDone();
+        this.scheduleRestart(this.backoff());
+      }
+    } else if (cs === 'new' || cs === 'connecting') {
+      this.setState(this.everConnected ? 'reconnecting' : 'connecting');
     }
   }
 
-  /** @returns {Promise<{local: string, remote: string, protocol: string, localAddress: string, remoteAddress: string}|null>} */
+  /** The wait before the next restart: none at first, then doubling. */
+  backoff() {
+    if (this.failedRestarts === 0) return 0;
+    return Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** (this.failedRestarts - 1));
+  }
+
+  /** @param {number} ms */
+  scheduleRestart(ms) {
+    if (this.closed || this.restartTimer || this.restarting) return;
+    this.restartTimer = setTimeout(() => {
+      this.restartTimer = undefined;
+      const cs = this.connState();
+      if (cs === 'disconnected' || cs === 'failed') this.restartIce();
+    }, ms);
+  }
+
+  /**
+   * Restarts ICE now, unless a restart is already under way. Returns whether one
+   * was started.
+   */
+  restartIce() {
+    if (this.closed || this.restarting || typeof this.pc.restartIce !== 'function') return false;
+    clearTimeout(this.restartTimer);
+    this.restartTimer = undefined;
+    this.restarting = true;
+    this.restarts += 1;
+    this.failedRestarts += 1;
+    this.pc.restartIce();
+    this.restartWatch = setTimeout(() => {
+      this.restartWatch = undefined;
+      if (!this.restarting) return;
+      this.restartDone();
+      const cs = this.connState();
+      if (cs === 'disconnected' || cs === 'failed') this.scheduleRestart(this.backoff());
+    }, RESTART_TIMEOUT_MS);
+    return true;
+  }
+
+  restartDone() {
+    this.restarting = false;
+    clearTimeout(this.restartWatch);
+    this.restartWatch = undefined;
+  }
+
+  /** Where the browser tells when the selected pair changes (not Firefox), listens. */
+  hookPairEvent() {
+    if (this.pairEventHooked) return;
+    const sender = this.pc.getSenders()[0] || this.pc.getReceivers()[0];
+    /** @type {any} */
+    const ice = sender && sender.transport && /** @type {any} */ (sender.transport).iceTransport;
+    if (ice && 'onselectedcandidatepairchange' in ice) {
+      ice.addEventListener('selectedcandidatepairchange', () => this.detectPath());
+      this.pairEventHooked = true;
+    }
+  }
+
+  /** Re-reads the selected candidate pair; the tile follows it. */
+  async detectPath() {
+    const seq = ++this.pathSeq;
+    /** @type {Path|null|undefined} */
+    let path;
+    try {
+      path = await this.selectedPath();
+    } catch {
+      return; /* stats unavailable this time */
+    }
+    // A later read, or a state change, overtook this one.
+    if (this.closed || seq !== this.pathSeq || this.connState() !== 'connected') return;
+    this.pathKnowable = path !== undefined;
+    const moved = JSON.stringify(path || null) !== JSON.stringify(this.path);
+    this.path = path || null;
+    const before = this.state;
+    this.setState(this.connectedState());
+    // Another pair on the same kind of path (e.g. a relay over TCP instead of UDP).
+    if (moved && before === this.state) this.hooks.onState(this);
+  }
+
+  /**
+   * The selected candidate pair: null while none is selected, undefined when the
+   * browser's stats do not say which one is (neither `transport.selectedCandidatePairId`,
+   * as in Chromium and Safari, nor `candidate-pair.selected`, as in Firefox).
+   * @returns {Promise<Path|null|undefined>}
+   */
   async selectedPath() {
     const stats = await this.pc.getStats();
     /** @type {any} */
     let pair = null;
+    let told = false;
     stats.forEach((/** @type {any} */ s) => {
-      if (s.type === 'transport' && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
+      if (s.type === 'transport' && 'selectedCandidatePairId' in s) {
+        told = true;
+        if (s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId) || pair;
+      }
     });
     if (!pair) {
       stats.forEach((/** @type {any} */ s) => {
-        if (s.type === 'candidate-pair' && (s.selected || (s.nominated && s.state === 'succeeded'))) pair = s;
+        if (s.type !== 'candidate-pair' || !('selected' in s)) return;
+        told = true;
+        if (s.selected) pair = s;
       });
     }
-    if (!pair) return null;
+    if (!pair) return told ? null : undefined;
     const l = stats.get(pair.localCandidateId);
     const r = stats.get(pair.remoteCandidateId);
     if (!l || !r) return null;
+    const relayProtocol = l.candidateType === 'relay' ? String(l.relayProtocol || '') : '';
     return {
-      local: l.candidateType, remote: r.candidateType, protocol: l.relayProtocol || l.protocol,
+      local: l.candidateType, remote: r.candidateType, protocol: l.protocol, relayProtocol,
       localAddress: l.address || l.ip, remoteAddress: r.address || r.ip,
     };
   }
@@ -366,6 +593,7 @@ export class Peer {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.restartTimer);
+    clearTimeout(this.restartWatch);
     clearInterval(this.pathTimer);
     this.pc.onnegotiationneeded = null;
     this.pc.onicecandidate = null;

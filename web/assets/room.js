@@ -100,6 +100,11 @@ function toast(text, ms = 2500) {
 
 function audioTrack() { return state.local.getAudioTracks()[0] || null; }
 function videoTrack() { return state.local.getVideoTracks()[0] || null; }
+/** The camera track to send: none while the camera is off (and released). */
+function sendableVideo() {
+  const v = videoTrack();
+  return v && state.camOn && v.readyState === 'live' ? v : null;
+}
 
 /** @returns {MediaState} */
 function mediaState() {
@@ -211,6 +216,15 @@ async function openLocalMedia(ids = {}) {
   const v = videoTrack();
   if (v) state.camDeviceId = v.getSettings().deviceId || '';
   applyTrackEnabled();
+  if (state.inCall) {
+    // Joined before the devices opened: the tracks go on every connection now
+    // (renegotiating where a slot was receive-only), and the others learn of them.
+    for (const p of state.peers.values()) p.syncLocal();
+    renderSelf();
+    renderControls();
+    sendMedia();
+    startMeter();
+  }
   await fillDeviceLists();
   updatePreview();
 }
@@ -463,8 +477,20 @@ function playVideo(video) {
 }
 
 const STATE_TEXT = {
-  connecting: 'stConnecting', direct: 'stDirect', relay: 'stRelay', reconnecting: 'stReconnecting', failed: 'stFailed',
+  connecting: 'stConnecting', connected: 'stConnected', direct: 'stDirect', relay: 'stRelay',
+  reconnecting: 'stReconnecting', failed: 'stFailed',
 };
+
+/** The tile's status line: the state, and for a relayed path the relay protocol. @param {Peer} p */
+function stateText(p) {
+  if (p.state === 'relay' && p.path) {
+    // Our own leg to a relay (a relay candidate's relayProtocol), else the protocol of
+    // our candidate that reaches the other side's relay.
+    const proto = (p.path.relayProtocol || p.path.protocol || '').toUpperCase();
+    if (proto) return t('stRelayVia', { proto });
+  }
+  return t(STATE_TEXT[p.state]);
+}
 
 function renderSelf() {
   if (!state.inCall) return;
@@ -486,17 +512,18 @@ function renderPeer(p) {
   const media = p.media;
   const vTrack = p.mainStream ? p.mainStream.getVideoTracks()[0] : null;
   const videoOn = !!vTrack && !vTrack.muted && (media ? media.video : true);
-  const connected = p.state === 'direct' || p.state === 'relay';
+  const connected = p.state === 'direct' || p.state === 'relay' || p.state === 'connected';
   fillTile(el, {
     name: p.name || 'Guest',
     stream: p.mainStream,
     videoOn,
     audioOn: media ? media.audio : null,
-    state: t(STATE_TEXT[p.state]),
+    state: stateText(p),
     stateClass: `st-${p.state}${connected ? ' fade' : ''}`,
     idForHue: p.id,
   });
   el.dataset.state = p.state;
+  el.dataset.relayProtocol = p.state === 'relay' && p.path ? p.path.relayProtocol || p.path.protocol : '';
   el.dataset.audio = media ? String(media.audio) : '';
   el.dataset.video = media ? String(media.video) : '';
   el.dataset.screen = media ? String(media.screen) : '';
@@ -676,6 +703,9 @@ function renderUnread() {
   document.title = `${state.unread ? `(${state.unread}) ` : ''}${state.room} · meshmeet`;
 }
 
+/** Chat lines kept (in the list and in `chatLog`); older ones are dropped. */
+const MAX_CHAT_LINES = 500;
+
 /** @param {ChatIn} m */
 function addChat(m) {
   // Lines are shown in the order the server sent them (the same for everyone).
@@ -696,6 +726,9 @@ function addChat(m) {
   li.append(head, body);
   const list = $('chat-list');
   list.appendChild(li);
+  // A long call keeps only the latest lines (memory stays bounded); the oldest go.
+  while (state.chatLog.length > MAX_CHAT_LINES) state.chatLog.shift();
+  while (list.childElementCount > MAX_CHAT_LINES) list.firstElementChild?.remove();
   $('chat-empty').hidden = true;
   list.scrollTop = list.scrollHeight;
   if (!state.chatOpen && m.from !== state.myId) {
@@ -741,9 +774,19 @@ function limits() {
   return { video: { maxBitrate: video, scale }, screen: { maxBitrate: screen } };
 }
 
-/** @param {{iceServers?: RTCIceServer[], iceTransportPolicy?: RTCIceTransportPolicy}} ice */
+/**
+ * @param {{iceServers?: RTCIceServer[], iceTransportPolicy?: RTCIceTransportPolicy}} ice
+ * @returns {RTCConfiguration}
+ */
 function rtcConfig(ice) {
-  return { iceServers: ice.iceServers || [], iceTransportPolicy: ice.iceTransportPolicy || 'all' };
+  return {
+    iceServers: ice.iceServers || [],
+    iceTransportPolicy: ice.iceTransportPolicy || 'all',
+    // All media of a connection on one transport: one ICE agent, one allocation per
+    // TURN URL (not one per media line), RTP and RTCP on one port.
+    bundlePolicy: 'max-bundle',
+    rtcpMuxPolicy: 'require',
+  };
 }
 
 /**
@@ -760,7 +803,7 @@ function addPeer(id, name) {
     send: (m) => signaling.send(m),
     onState: (peer) => renderPeer(peer),
     onTracks: (peer) => renderPeer(peer),
-    local: () => ({ stream: state.local, audio: audioTrack(), video: videoTrack(), screen: state.screen }),
+    local: () => ({ stream: state.local, audio: audioTrack(), video: sendableVideo(), screen: state.screen }),
     limits,
   });
   state.peers.set(id, p);
@@ -1072,10 +1115,12 @@ async function stats() {
         else framesDecoded += s.framesDecoded || 0;
       }
     });
-    const path = await p.selectedPath().catch(() => null);
+    const path = (await p.selectedPath().catch(() => null)) || null;
     out[p.id] = {
       id: p.id, name: p.name, serial: p.serial, state: p.state, connectionState: p.pc.connectionState,
       framesDecoded, audioPackets, screenFrames, path, media: p.media,
+      tilePath: p.path, restarts: p.restarts, offers: p.offers, roleFixes: p.roleFixes, blips: p.blips.slice(),
+      disconnectedFor: p.disconnectedSince ? Date.now() - p.disconnectedSince : 0,
     };
   }
   return out;
@@ -1095,7 +1140,7 @@ const testHandle = {
   dropSocket(/** @type {number} */ holdMs) { signaling.drop(holdMs); },
   toggleMic, toggleCam, toggleShare, leave, renewIce,
   /** @param {string} id */
-  restartIce(id) { state.peers.get(id)?.restartIce(); },
+  restartIce(id) { return state.peers.get(id)?.restartIce() ?? false; },
   /** @param {string} text */
   chat(text) { signaling.send({ type: 'chat', text }); },
 };

@@ -49,6 +49,7 @@ fn config() -> RelayRules {
             "192.0.2.0/24".parse().unwrap(),
             "2001:db8::/32".parse().unwrap(),
         ]),
+        own: OwnAddrs::default(),
         relay_v4: true,
         relay_v6: true,
     }
@@ -472,7 +473,7 @@ fn channels_bind_rules_and_expiry() {
         code(&a.call(&mut h, METHOD_CHANNEL_BIND, &[&x3], ms(0))),
         Some(400)
     );
-    let [c4, x4] = bind(0x7FFF, p2);
+    let [c4, x4] = bind(0x4FFF, p2);
     ok(&a.call(&mut h, METHOD_CHANNEL_BIND, &[&c4, &x4], ms(0)));
     // Unknown channel numbers go nowhere.
     assert_eq!(h.core.channel_data(&a.five, 0x4002, 8, t0), None);
@@ -1136,4 +1137,195 @@ fn garbage_and_responses_are_dropped_quietly() {
     // Unknown methods get 400.
     let r = h.answer(&client::request(METHOD_SEND, &[]), f, ms(0));
     assert_eq!(code(&r), Some(400));
+}
+
+#[test]
+fn channel_numbers_beyond_0x4fff_get_400_and_their_data_is_dropped() {
+    let mut h = Harness::new();
+    let a = alice(&mut h, 1);
+    ok(&a.allocate(&mut h, ms(0)));
+    let (p1, p2) = (peer("192.0.2.1:1000"), peer("192.0.2.2:2000"));
+    for (n, x) in [(0x5000, p1), (0x6ABC, p1), (0x7FFF, p2)] {
+        let r = a.call(
+            &mut h,
+            METHOD_CHANNEL_BIND,
+            &[&Attr::Channel(n), &Attr::Peer(x)],
+            ms(0),
+        );
+        assert_eq!(code(&r), Some(400), "{n:#x}");
+        assert_eq!(h.core.channel_data(&a.five, n, 8, h.at(ms(1))), None);
+    }
+    // The RFC 8656 range still works, up to its last number.
+    ok(&a.call(
+        &mut h,
+        METHOD_CHANNEL_BIND,
+        &[&Attr::Channel(0x4FFF), &Attr::Peer(p1)],
+        ms(0),
+    ));
+    assert_eq!(
+        h.core.channel_data(&a.five, 0x4FFF, 8, h.at(ms(1))),
+        Some((1, p1))
+    );
+}
+
+/// A harness whose server listens on 192.0.2.10 (UDP/TCP 3478, TLS 5349) and on
+/// every address for HTTPS (443): the relay addresses share that host.
+fn own_harness() -> Harness {
+    Harness::with(|c| {
+        c.own = OwnAddrs::new(
+            &[
+                peer("192.0.2.10:3478"),
+                peer("192.0.2.10:5349"),
+                peer("0.0.0.0:443"),
+                peer("[::]:8080"),
+            ],
+            [
+                "192.0.2.10".parse().unwrap(),
+                "2001:db8::10".parse().unwrap(),
+            ],
+        )
+    })
+}
+
+#[test]
+fn the_server_itself_is_never_a_peer() {
+    let mut h = own_harness();
+    let a = alice(&mut h, 1);
+    let relay_a = client::relayed_address(&a.allocate(&mut h, ms(0))).unwrap();
+    let (u, pw) = rest("bob", UNIX0 + 3600);
+    let b = Client::new(&mut h, 2, &u, &pw, ms(0));
+    let relay_b = client::relayed_address(&b.allocate(&mut h, ms(0))).unwrap();
+    assert_eq!(relay_a.ip(), relay_b.ip());
+    for target in [
+        "192.0.2.10:3478",
+        "192.0.2.10:5349",
+        "192.0.2.10:443",
+        "192.0.2.10:8080",
+    ] {
+        let r = a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(peer(target))], ms(1));
+        assert_eq!(code(&r), Some(403), "permission to {target}");
+        let r = a.call(
+            &mut h,
+            METHOD_CHANNEL_BIND,
+            &[&Attr::Channel(0x4000), &p(peer(target))],
+            ms(1),
+        );
+        assert_eq!(code(&r), Some(403), "channel to {target}");
+    }
+    // Its own relay address: a loop.
+    let r = a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(relay_a)], ms(1));
+    assert_eq!(code(&r), Some(403));
+    let r = a.call(
+        &mut h,
+        METHOD_CHANNEL_BIND,
+        &[&Attr::Channel(0x4001), &p(relay_a)],
+        ms(1),
+    );
+    assert_eq!(code(&r), Some(403));
+    // Another allocation's relay address is an ordinary peer.
+    ok(&a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(relay_b)], ms(2)));
+    ok(&a.call(
+        &mut h,
+        METHOD_CHANNEL_BIND,
+        &[&Attr::Channel(0x4002), &p(relay_b)],
+        ms(2),
+    ));
+    assert_eq!(
+        h.core.channel_data(&a.five, 0x4002, 8, h.at(ms(3))),
+        Some((1, relay_b))
+    );
+    // The permission for the host's address covers every port, so Send
+    // indications are checked by port: the listeners and the own relay get nothing.
+    for target in [peer("192.0.2.10:3478"), peer("192.0.2.10:443"), relay_a] {
+        let out = h.input(&client::send_indication(target, b"x"), a.five, ms(3));
+        assert!(out.is_empty());
+    }
+    let out = h.input(&client::send_indication(relay_b, b"to-b"), a.five, ms(3));
+    assert!(out.is_empty());
+    let sent: Vec<SocketAddr> = h.to_peers.iter().map(|(_, to, _)| *to).collect();
+    assert_eq!(sent, vec![relay_b]);
+}
+
+#[test]
+fn an_allowed_ipv4_peer_does_not_open_its_ipv6_translations() {
+    let mut h =
+        Harness::with(|c| c.policy = PeerPolicy::new(vec!["127.0.0.1/32".parse().unwrap()]));
+    let a = alice(&mut h, 1);
+    let r = a.call(
+        &mut h,
+        METHOD_ALLOCATE,
+        &[&Attr::UDP, &Attr::Family(2)],
+        ms(0),
+    );
+    assert!(client::relayed_address(&r).unwrap().is_ipv6());
+    for target in [
+        "[::127.0.0.1]:5000",
+        "[64:ff9b::127.0.0.1]:5000",
+        "[2002:7f00:1::1]:5000",
+        "[2001:0:4136:e378:8000:63bf:80ff:fffe]:5000",
+    ] {
+        let r = a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(peer(target))], ms(1));
+        assert_eq!(code(&r), Some(403), "permission to {target}");
+        let r = a.call(
+            &mut h,
+            METHOD_CHANNEL_BIND,
+            &[&Attr::Channel(0x4000), &p(peer(target))],
+            ms(1),
+        );
+        assert_eq!(code(&r), Some(403), "channel to {target}");
+    }
+    // The mapped form is the allowed host itself.
+    ok(&a.call(
+        &mut h,
+        METHOD_CREATE_PERMISSION,
+        &[&p(peer("[::ffff:127.0.0.1]:5000"))],
+        ms(2),
+    ));
+}
+
+#[test]
+fn additional_address_family_errors_and_partial_success() {
+    let aaf = |v: u8| Attr::Raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, vec![v, 0, 0, 0]);
+    let address_error = |m: &Message| m.get(ATTR_ADDRESS_ERROR_CODE).ok();
+    // Both families configured: the IPv4 address, and the IPv6 one reported as not
+    // allocated (508).
+    let mut h = Harness::new();
+    let a = alice(&mut h, 1);
+    let r = a.call(&mut h, METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)], ms(0));
+    ok(&r);
+    assert!(client::relayed_address(&r).unwrap().is_ipv4());
+    let e = address_error(&r).expect("ADDRESS-ERROR-CODE");
+    assert_eq!(&e[..4], &[0x02, 0, 5, 8]);
+    // With REQUESTED-ADDRESS-FAMILY: 400. Any value but IPv6: 400.
+    let b = alice(&mut h, 2);
+    for attrs in [
+        vec![Attr::UDP, aaf(2), Attr::Family(1)],
+        vec![Attr::UDP, aaf(2), Attr::Family(2)],
+        vec![Attr::UDP, aaf(1)],
+        vec![
+            Attr::UDP,
+            Attr::Raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, vec![2]),
+        ],
+    ] {
+        let refs: Vec<&dyn Setter> = attrs.iter().map(|x| x as &dyn Setter).collect();
+        let r = b.call(&mut h, METHOD_ALLOCATE, &refs, ms(1));
+        assert_eq!(code(&r), Some(400), "{attrs:?}");
+    }
+    // No IPv6 relay: the IPv4 allocation with ADDRESS-ERROR-CODE 440 for IPv6.
+    let mut h = Harness::with(|c| c.relay_v6 = false);
+    let a = alice(&mut h, 1);
+    let r = a.call(&mut h, METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)], ms(0));
+    ok(&r);
+    assert!(client::relayed_address(&r).unwrap().is_ipv4());
+    assert_eq!(&address_error(&r).unwrap()[..4], &[0x02, 0, 4, 40]);
+    // No IPv4 relay: the allocation fails with 440.
+    let mut h = Harness::with(|c| c.relay_v4 = false);
+    let a = alice(&mut h, 1);
+    let r = a.call(&mut h, METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)], ms(0));
+    assert_eq!(code(&r), Some(440));
+    // Without the attribute, no ADDRESS-ERROR-CODE.
+    let mut h = Harness::new();
+    let a = alice(&mut h, 1);
+    let r = a.allocate(&mut h, ms(0));
+    assert!(address_error(&r).is_none());
 }

@@ -25,9 +25,10 @@ use tokio_util::task::TaskTracker;
 
 use super::auth::Credentials;
 use super::core::{Command, Core, Family, FiveTuple, RelayRules, Transport};
-use super::policy::PeerPolicy;
+use super::policy::{OwnAddrs, PeerPolicy};
 use super::RelayMetrics;
 use crate::config::Config;
+use crate::limits::{Caps, ConnLimiter, LimitMetrics};
 use crate::tls::Tls;
 
 use sockets::RelayPorts;
@@ -142,6 +143,11 @@ struct Ctx {
     ports: RelayPorts,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Caps on TURN over TCP and TLS connections (together).
+    streams: Arc<ConnLimiter>,
+    stream_metrics: LimitMetrics,
+    /// For the TLS handshake, the first message and each later one.
+    message_timeout: Duration,
 }
 
 impl Ctx {
@@ -286,6 +292,9 @@ pub struct RelayAddrs {
 pub struct Relay {
     shared: Arc<CoreCell>,
     ports: RelayPorts,
+    streams: Arc<ConnLimiter>,
+    stream_metrics: LimitMetrics,
+    message_timeout: Duration,
     udp: Arc<UdpSocket>,
     extra_udp: Vec<Arc<UdpSocket>>,
     tcp: TcpListener,
@@ -295,11 +304,14 @@ pub struct Relay {
 
 impl Relay {
     /// Binds the listeners (UDP and TCP on `turn.listen`, TLS on `turn.tls_listen`)
-    /// and builds the core from `[turn]`.
+    /// and builds the core from `[turn]`. `other_listeners` are the server's other
+    /// bound addresses (HTTPS, the redirect), which the relay refuses as peers like
+    /// its own listeners.
     pub async fn bind(
         cfg: &Config,
         secret: String,
         metrics: RelayMetrics,
+        other_listeners: &[SocketAddr],
     ) -> anyhow::Result<Relay> {
         let listen = cfg.turn.listen;
         let (udp, udp_addr, tcp) = sockets::bind_udp_and_tcp(listen)?;
@@ -326,7 +338,17 @@ impl Relay {
                 .collect::<Result<_, _>>()?,
         };
         let range = cfg.turn.relay_ports.first()..=cfg.turn.relay_ports.last();
-        let ports = RelayPorts::new(&sockets::relay_addresses(cfg, listen), range);
+        let relay_ips = sockets::relay_addresses(cfg, listen);
+        let ports = RelayPorts::new(&relay_ips, range);
+        let mut listeners = vec![addrs.udp, addrs.tcp];
+        listeners.extend(addrs.tls);
+        listeners.extend(addrs.extra_udp.iter().copied());
+        listeners.extend_from_slice(other_listeners);
+        let host_ips = crate::net::local_ips()
+            .into_iter()
+            .chain(relay_ips.iter().flat_map(|(bind, adv)| [*bind, *adv]))
+            .chain(cfg.turn.external_ips.iter().copied());
+        let own = OwnAddrs::new(&listeners, host_ips);
         let users: HashMap<String, String> = cfg
             .turn
             .users
@@ -336,13 +358,25 @@ impl Relay {
         let creds = Credentials::new(secret, cfg.turn.realm.clone(), users);
         let core_cfg = RelayRules {
             max_lifetime: Duration::from_secs(cfg.turn.max_allocation_lifetime_s),
-            user_quota: cfg.turn.user_allocation_quota,
+            user_quota: cfg.user_allocation_quota(),
             total_quota: cfg.turn.total_allocation_quota,
             max_bps: cfg.turn.max_bps,
             policy: PeerPolicy::new(cfg.turn.allowed_peer_ranges.clone()),
+            own,
             relay_v4: ports.has(Family::V4),
             relay_v6: ports.has(Family::V6),
         };
+        let stream_metrics = metrics.streams.clone();
+        let streams = ConnLimiter::new(
+            "TURN over TCP/TLS",
+            Caps {
+                total: cfg.turn.max_stream_connections,
+                per_ip: cfg.turn.max_stream_connections_per_ip,
+                total_key: "turn.max_stream_connections",
+                per_ip_key: "turn.max_stream_connections_per_ip",
+            },
+            stream_metrics.clone(),
+        );
         let core = Core::new(
             core_cfg,
             creds,
@@ -353,6 +387,9 @@ impl Relay {
         Ok(Relay {
             shared: Arc::new(CoreCell::new(core)),
             ports,
+            streams,
+            stream_metrics,
+            message_timeout: Duration::from_secs(cfg.turn.stream_message_timeout_s),
             udp: Arc::new(udp),
             extra_udp: extra_udp.into_iter().map(Arc::new).collect(),
             tcp,
@@ -386,6 +423,9 @@ impl Relay {
             ports: self.ports,
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
+            streams: self.streams,
+            stream_metrics: self.stream_metrics,
+            message_timeout: self.message_timeout,
         });
         // Two receive loops on the UDP socket let both cores work on client traffic.
         for _ in 0..2 {
@@ -412,12 +452,17 @@ pub struct StreamEntry {
 }
 
 impl StreamEntry {
-    /// Serves the connection until it closes, as the relay's own TCP/TLS listeners do.
+    /// Serves the connection until it closes, as the relay's own TCP/TLS listeners do,
+    /// under the same stream caps (a connection beyond them is closed at once).
     /// `client` and `local` are the TCP connection's addresses.
     pub async fn serve<T>(&self, stream: T, client: SocketAddr, local: SocketAddr, tls: bool)
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
+        let Ok(_permit) = self.ctx.streams.try_acquire(client.ip()) else {
+            // Closed at once; the limiter counts and logs the refusal.
+            return;
+        };
         let five = FiveTuple {
             client,
             server: local,
@@ -440,6 +485,7 @@ mod tests {
             total_quota: 10,
             max_bps: 0,
             policy: PeerPolicy::default(),
+            own: OwnAddrs::default(),
             relay_v4: true,
             relay_v6: false,
         };

@@ -1,6 +1,15 @@
 //! TURN over TCP and TLS: one task per connection reads frames (RFC 8656 section 12),
 //! routes runs of ChannelData under one lock, and hands STUN messages to the core;
 //! a writer task drains the connection's bounded queue.
+//!
+//! What one connection may hold: a place under the connection caps
+//! ([`crate::limits`]); a read buffer that grows with the bytes actually received (a
+//! few KiB at a time, so a partial 64 KiB message pins about its own size) and is
+//! released whenever the connection is idle; and time: the TLS handshake, the first
+//! message and every later message (from its first byte) must each complete within
+//! `turn.stream_message_timeout_s`, however slowly bytes trickle in. Between messages
+//! a connection holding an allocation may stay idle; one without closes after
+//! [`STREAM_IDLE`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -11,6 +20,7 @@ use tokio::sync::mpsc;
 
 use super::udp::{flush, Forwards};
 use super::{free_sockets, ClientSink, Commands, CoreCell, Ctx};
+use crate::limits::AcceptBackoff;
 use crate::relay::batch;
 use crate::relay::core::{FiveTuple, Transport};
 use crate::relay::wire::{self, Frame};
@@ -18,11 +28,12 @@ use crate::tls::Tls;
 
 /// Frames queued towards one TCP/TLS client before relayed data is dropped.
 const STREAM_QUEUE: usize = 512;
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle TCP connections without an allocation are closed after this long.
-const STREAM_IDLE: Duration = Duration::from_secs(120);
-/// Bytes read from a stream at once.
-const READ_CHUNK: usize = 65_536;
+pub(super) const STREAM_IDLE: Duration = Duration::from_secs(120);
+/// The read buffer grows by at most this much per read.
+const READ_STEP: usize = 4096;
+/// An empty read buffer larger than this is released between messages.
+const KEEP_IDLE_BUFFER: usize = 8192;
 
 /// Accepts connections until shutdown; `tls` makes them TURN over TLS.
 pub(super) async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, tls: Option<Arc<Tls>>) {
@@ -33,18 +44,34 @@ pub(super) async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, tls: Optio
             return;
         }
     };
+    let what = if tls.is_some() {
+        "TURN over TLS"
+    } else {
+        "TURN over TCP"
+    };
+    let mut backoff = AcceptBackoff::new(what, ctx.stream_metrics.clone());
     loop {
         let (stream, from) = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // Out of file descriptors and the like: pause rather than spin.
-                    tracing::debug!(error = %e, "turn accept");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
+                    // Out of file descriptors and the like: close what waits, pause
+                    // rather than spin.
+                    let pause = backoff.failed(&e);
+                    backoff.shed(&e, &listener);
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => continue,
+                    }
                 }
             },
+        };
+        backoff.accepted();
+        let Ok(permit) = ctx.streams.try_acquire(from.ip()) else {
+            // Closed at once; the limiter counts and logs the refusal.
+            drop(stream);
+            continue;
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
@@ -61,6 +88,7 @@ pub(super) async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, tls: Optio
         let ctx = ctx.clone();
         let tls = tls.clone();
         ctx.tasks.clone().spawn(async move {
+            let _permit = permit;
             match tls {
                 Some(tls) => {
                     // A fresh clone per connection: a certificate reloaded on SIGHUP
@@ -69,8 +97,7 @@ pub(super) async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, tls: Optio
                     let mut cfg = (*tls.server_config()).clone();
                     cfg.alpn_protocols.clear();
                     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
+                    match tokio::time::timeout(ctx.message_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => serve_stream(s, five, ctx).await,
                         _ => tracing::debug!(client = %from, "turn tls handshake failed"),
                     }
@@ -139,18 +166,28 @@ where
         let _ = wr.shutdown().await;
     });
     let sink = ClientSink::Stream(tx);
-    let mut buf: Vec<u8> = Vec::with_capacity(8192);
-    let mut chunk = vec![0u8; READ_CHUNK];
+    let mut buf: Vec<u8> = Vec::new();
     let mut fwd: Forwards = Vec::with_capacity(batch::BATCH);
     let mut cmds = Commands::new();
+    // The first message is due from the start; later ones from their first byte.
+    let mut message_due = Some(tokio::time::Instant::now() + ctx.message_timeout);
     'conn: loop {
+        if buf.capacity() - buf.len() < READ_STEP / 2 {
+            // Grows with what arrives, never by a fixed large chunk up front.
+            buf.reserve_exact(READ_STEP);
+        }
+        let deadline = message_due.unwrap_or_else(|| tokio::time::Instant::now() + STREAM_IDLE);
         let read = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            r = tokio::time::timeout(STREAM_IDLE, rd.read(&mut chunk)) => r,
+            r = tokio::time::timeout_at(deadline, rd.read_buf(&mut buf)) => r,
         };
-        let n = match read {
+        match read {
             Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => n,
+            Ok(Ok(_)) => {}
+            Err(_) if message_due.is_some() => {
+                tracing::debug!(client = %five.client, "turn stream message not complete in time; closed");
+                break;
+            }
             Err(_) => {
                 // Idle: keep connections that hold an allocation.
                 if ctx.shared.lock().core.allocation_of(&five).is_some() {
@@ -158,8 +195,7 @@ where
                 }
                 break;
             }
-        };
-        buf.extend_from_slice(&chunk[..n]);
+        }
         let mut off = 0;
         loop {
             match forward_frames(&ctx.shared, &five, &buf, &mut off, &mut fwd) {
@@ -182,6 +218,18 @@ where
         }
         flush(&mut fwd, &buf);
         buf.drain(..off);
+        if buf.is_empty() {
+            // Between messages: nothing is due, and a large buffer is given back.
+            message_due = None;
+            if buf.capacity() > KEEP_IDLE_BUFFER {
+                buf = Vec::new();
+            }
+        } else if off > 0 || message_due.is_none() {
+            // A new partial message starts now; its whole must arrive in time. (The
+            // same message still incomplete keeps its deadline, the first message
+            // included: trickling bytes does not extend it.)
+            message_due = Some(tokio::time::Instant::now() + ctx.message_timeout);
+        }
     }
     ctx.shared.with(&mut cmds, |core| core.client_gone(&five));
     free_sockets(&mut cmds);

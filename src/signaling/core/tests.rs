@@ -2,6 +2,7 @@
 
 use super::*;
 use serde_json::json;
+use std::collections::HashSet;
 
 const GRACE: Duration = Duration::from_secs(20);
 
@@ -701,4 +702,275 @@ fn window_counter_slides() {
     assert_eq!(w.add(t0 + Duration::from_secs(9)), 3);
     assert_eq!(w.add(t0 + Duration::from_secs(10)), 3);
     assert_eq!(w.add(t0 + Duration::from_secs(100)), 1);
+}
+
+#[test]
+fn peer_ids_never_repeat_and_leave_nothing_behind() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let mut seen = HashSet::new();
+    for conn in 0..50_000u64 {
+        let (id, _) = join(&mut r, conn, "r", now);
+        assert_eq!(id.len(), 16);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        assert!(seen.insert(id), "an id was issued twice");
+        r.leave(conn, &conn);
+    }
+    // No table keeps anything per id ever issued.
+    assert_eq!(r.table_sizes(), [0; 5]);
+}
+
+#[test]
+fn id_generator_continues_where_it_stopped() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut a = IdGen::new(&mut rng);
+    let first: HashSet<Arc<str>> = (0..1000).map(|_| a.next_id(&mut rng)).collect();
+    assert_eq!(first.len(), 1000);
+    let (key, next) = a.parts();
+    assert_eq!(next, 1000);
+    let mut b = IdGen::from_parts(key, next);
+    for _ in 0..1000 {
+        assert!(!first.contains(&b.next_id(&mut rng)));
+    }
+    // Another key orders ids differently.
+    let mut c = IdGen::new(&mut StdRng::seed_from_u64(2));
+    let mut d = IdGen::from_parts(key, 0);
+    assert_ne!(c.next_id(&mut rng), d.next_id(&mut rng));
+}
+
+#[test]
+fn id_generator_rekeys_instead_of_overflowing() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut g = IdGen::from_parts([1, 2, 3, 4], u64::MAX);
+    let last = g.next_id(&mut rng);
+    let (key, next) = g.parts();
+    assert_eq!(next, 0);
+    assert_ne!(key, [1, 2, 3, 4]);
+    assert_ne!(g.next_id(&mut rng), last);
+}
+
+#[test]
+fn resume_tokens_are_kept_only_as_hashes() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let (_, token) = join(&mut r, 1, "r", now);
+    assert!(r.tokens.contains_key(&token_hash(&token)));
+    assert!(r.peers.values().all(|p| p.token == token_hash(&token)));
+}
+
+fn resume_req(room: &str, token: &str) -> JoinReq {
+    JoinReq {
+        room: room.into(),
+        resume: Some(token.into()),
+        ..Default::default()
+    }
+}
+
+const UNIX_MS: u64 = 1_800_000_000_000;
+
+#[test]
+fn snapshot_round_trip_resumes_everyone_with_their_ids() {
+    let t0 = Instant::now();
+    let mut r = core(6, "");
+    let (a, ta) = join(&mut r, 1, "r", t0);
+    let (b, tb) = join(&mut r, 2, "r", t0);
+    let (c, _) = join(&mut r, 3, "s", t0);
+    let media = Media {
+        audio: true,
+        video: false,
+        screen: true,
+    };
+    r.media(2, &2, media);
+    let snap = r.snapshot(UNIX_MS);
+    // Tokens are stored only as hashes.
+    let text = serde_json::to_string(&snap).unwrap();
+    assert!(!text.contains(&ta) && !text.contains(&tb));
+    assert!(text.contains(&hex::encode(token_hash(&ta))));
+
+    // The new process: another RNG, the same snapshot read back a few seconds later.
+    let t1 = t0 + Duration::from_secs(100);
+    let mut r2 = Rooms::new(r.cfg.clone(), StdRng::seed_from_u64(99));
+    let fx = r2
+        .restore(snap.clone(), t1, UNIX_MS + 3_000)
+        .expect("restored");
+    assert!(fx.is_empty());
+    assert_eq!(r2.poll_timeout(), Some(t1 + GRACE));
+    assert_eq!((r2.peer_count(), r2.room_count()), (3, 2));
+    let again = r2.snapshot(UNIX_MS);
+    assert_eq!(again.peers, snap.peers);
+    assert_eq!(again.id_next, snap.id_next + RESTORE_ID_GAP);
+
+    // a resumes on a new connection: same id, b listed with its media, nobody told.
+    let fx = r2.join(10, 10, resume_req("r", &ta), t1);
+    let s = sends(&fx);
+    assert_eq!(s.len(), 1, "{fx:?}");
+    match &s[0] {
+        (
+            to,
+            ServerMsg::Joined {
+                id, peers, resumed, ..
+            },
+        ) => {
+            assert_eq!(to, &vec![10]);
+            assert_eq!(id, &a);
+            assert!(resumed);
+            assert_eq!(peers.len(), 1);
+            assert_eq!(peers[0].id, b);
+            assert_eq!(peers[0].media, Some(media));
+        }
+        other => panic!("{other:?}"),
+    }
+    // b resumes too, and a new peer gets an id never issued before.
+    let fx = r2.join(11, 11, resume_req("R", &tb), t1);
+    assert!(matches!(&sends(&fx)[0].1, ServerMsg::Joined { id, resumed: true, .. } if *id == b));
+    let (d, _) = join(&mut r2, 12, "r", t1);
+    assert!(d != a && d != b && d != c);
+    // Ids issued after the snapshot was taken (then a crash) are not issued again.
+    let (after, _) = join(&mut r, 20, "t", t0);
+    assert_ne!(d, after);
+
+    // c never comes back: it leaves when the grace ends, announced to nobody (alone).
+    assert!(r2
+        .handle_timeout(t1 + GRACE - Duration::from_millis(1))
+        .is_empty());
+    let fx = r2.handle_timeout(t1 + GRACE);
+    assert_eq!(fx, vec![Effect::PeerGone(c)]);
+    assert_eq!(r2.room_count(), 1);
+}
+
+#[test]
+fn restored_peers_that_do_not_return_leave_and_are_announced_once() {
+    let t0 = Instant::now();
+    let mut r = core(6, "");
+    let (_, ta) = join(&mut r, 1, "r", t0);
+    let (b, _) = join(&mut r, 2, "r", t0);
+    let snap = r.snapshot(UNIX_MS);
+    let mut r2 = Rooms::new(r.cfg.clone(), StdRng::seed_from_u64(5));
+    r2.restore(snap, t0, UNIX_MS).unwrap();
+    r2.join(7, 7, resume_req("r", &ta), t0);
+    let fx = r2.handle_timeout(t0 + GRACE);
+    assert_eq!(
+        sends(&fx),
+        vec![(vec![7], ServerMsg::PeerLeft { id: b.clone() })]
+    );
+    assert!(fx.contains(&Effect::PeerGone(b)));
+    assert!(r2.handle_timeout(t0 + GRACE * 3).is_empty());
+    assert_eq!(r2.peer_count(), 1);
+}
+
+#[test]
+fn stale_or_invalid_snapshots_are_refused_and_change_nothing() {
+    let t0 = Instant::now();
+    let mut r = core(6, "");
+    join(&mut r, 1, "r", t0);
+    let snap = r.snapshot(UNIX_MS);
+    let fresh = || Rooms::<u64>::new(r.cfg.clone(), StdRng::seed_from_u64(5));
+    let limit = (GRACE + STALE_MARGIN).as_millis() as u64;
+
+    // Just within the bound, either way (a clock stepped back counts too).
+    assert!(fresh().restore(snap.clone(), t0, UNIX_MS + limit).is_ok());
+    assert!(fresh().restore(snap.clone(), t0, UNIX_MS - limit).is_ok());
+    for now in [UNIX_MS + limit + 1, UNIX_MS - limit - 1, 0, u64::MAX] {
+        let mut c = fresh();
+        let e = c.restore(snap.clone(), t0, now).unwrap_err();
+        assert!(matches!(e, RestoreError::Stale { .. }), "{e}");
+        assert_eq!(c.table_sizes(), [0; 5]);
+    }
+
+    let bad = |edit: &dyn Fn(&mut Snapshot)| {
+        let mut s = snap.clone();
+        edit(&mut s);
+        let mut c = fresh();
+        let e = c.restore(s, t0, UNIX_MS).unwrap_err();
+        assert_eq!(c.table_sizes(), [0; 5]);
+        e
+    };
+    assert_eq!(bad(&|s| s.format = 2), RestoreError::Format(2));
+    assert_eq!(
+        bad(&|s| s.peers[0].id = "xyz".into()),
+        RestoreError::Invalid("peer id")
+    );
+    assert_eq!(
+        bad(&|s| s.peers[0].room = "Upper".into()),
+        RestoreError::Invalid("room name")
+    );
+    assert_eq!(
+        bad(&|s| s.peers[0].room = "ws".into()),
+        RestoreError::Invalid("room name")
+    );
+    assert_eq!(
+        bad(&|s| s.peers[0].name = "a\u{7}".into()),
+        RestoreError::Invalid("peer name")
+    );
+    assert_eq!(
+        bad(&|s| s.peers[0].token_sha256 = "abc".into()),
+        RestoreError::Invalid("token hash")
+    );
+    assert_eq!(
+        bad(&|s| {
+            let mut p = s.peers[0].clone();
+            p.token_sha256 = "11".repeat(32);
+            s.peers.push(p);
+        }),
+        RestoreError::Invalid("duplicate peer id")
+    );
+    assert_eq!(
+        bad(&|s| {
+            let mut p = s.peers[0].clone();
+            p.id = "ffffffffffffffff".into();
+            s.peers.push(p);
+        }),
+        RestoreError::Invalid("duplicate token")
+    );
+
+    // Resume off: nothing to restore into.
+    let mut off = Rooms::<u64>::new(
+        RoomRules {
+            resume_grace: Duration::ZERO,
+            ..r.cfg.clone()
+        },
+        StdRng::seed_from_u64(1),
+    );
+    assert_eq!(
+        off.restore(snap.clone(), t0, UNIX_MS),
+        Err(RestoreError::ResumeOff)
+    );
+    // A core with peers is not overwritten.
+    assert_eq!(r.restore(snap, t0, UNIX_MS), Err(RestoreError::NotEmpty));
+}
+
+#[test]
+fn generation_moves_with_what_a_snapshot_records() {
+    let t0 = Instant::now();
+    let mut r = core(6, "");
+    let g0 = r.generation();
+    let (_, ta) = join(&mut r, 1, "r", t0);
+    let g1 = r.generation();
+    assert!(g1 > g0);
+    r.relay(
+        1,
+        &1,
+        RelayKind::Offer,
+        "nobody",
+        RelayPayload::Sdp("x".into()),
+    );
+    r.disconnect(1, t0);
+    assert_eq!(
+        r.generation(),
+        g1,
+        "relaying and dropping change no snapshot"
+    );
+    r.join(2, 2, resume_req("r", &ta), t0);
+    let g2 = r.generation();
+    assert!(g2 > g1, "a resume changes the token");
+    r.media(
+        2,
+        &2,
+        Media {
+            audio: false,
+            video: false,
+            screen: false,
+        },
+    );
+    assert!(r.generation() > g2);
 }

@@ -8,6 +8,7 @@
 // fake camera and microphone.
 
 import { spawn } from 'node:child_process';
+import { request } from 'node:https';
 import { mkdtempSync, writeFileSync, rmSync, mkdirSync } from 'node:fs';
 import { networkInterfaces, tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
@@ -81,6 +82,7 @@ export class Server {
 [http]
 listen = "${HOST_IP}:8443"
 public_host = "${HOST_IP}"
+metrics_allow = ["10.213.0.0/24"]
 [log]
 level = "info"
 [rooms]
@@ -127,6 +129,58 @@ force_relay = ${o.forceRelay ? 'true' : 'false'}
     });
     this.url = /** @type {string} */ (await ready);
     return this;
+  }
+
+  /**
+   * Restarts the server as an upgrade or `systemctl restart` would: SIGTERM, wait for
+   * the exit, start again with the same config and data directory (same ports).
+   */
+  async restart() {
+    const p = this.proc;
+    if (p && p.exitCode === null && p.signalCode === null) {
+      const exited = new Promise((r) => p.once('exit', r));
+      p.kill('SIGTERM');
+      await exited;
+    }
+    this.stderr = '';
+    return this.start();
+  }
+
+  /**
+   * The server's /metrics, as a map from series (name and labels, as printed) to value.
+   * @returns {Promise<Map<string, number>>}
+   */
+  metrics() {
+    return new Promise((resolve, reject) => {
+      const req = request(`${this.url}/metrics`, { rejectUnauthorized: false, timeout: 10000 }, (res) => {
+        let body = '';
+        res.setEncoding('utf8');
+        res.on('data', (c) => { body += c; });
+        res.on('end', () => {
+          if (res.statusCode !== 200) return reject(new Error(`/metrics: ${res.statusCode}`));
+          /** @type {Map<string, number>} */
+          const out = new Map();
+          for (const line of body.split('\n')) {
+            const m = line.match(/^([a-z_]+(?:\{[^}]*\})?) (\S+)$/);
+            if (m) out.set(m[1], Number(m[2]));
+          }
+          resolve(out);
+        });
+      });
+      req.on('timeout', () => req.destroy(new Error('/metrics: no answer')));
+      req.on('error', reject);
+      req.end();
+    });
+  }
+
+  /**
+   * The sum of every series of a metric (all label values).
+   * @param {Map<string, number>} metrics @param {string} name
+   */
+  static total(metrics, name) {
+    let sum = 0;
+    for (const [k, v] of metrics) if (k === name || k.startsWith(`${name}{`)) sum += v;
+    return sum;
   }
 
   async stop() {
@@ -308,21 +362,92 @@ export async function newPage(browsers, kind, opts = {}) {
 }
 
 /**
- * Opens a room page in a fresh context and joins as `name`.
+ * Runs in every room page before its scripts: records each change of a tile's
+ * connection state with the connection's own state at that moment, in
+ * `window.__tileLog` ({key, state, cs}), for {@link tileLog}.
+ */
+function recordTileStates() {
+  const w = /** @type {any} */ (window);
+  w.__tileLog = [];
+  new MutationObserver((records) => {
+    for (const r of records) {
+      const el = /** @type {HTMLElement} */ (r.target);
+      if (!el.classList || !el.classList.contains('tile')) continue;
+      const key = el.dataset.key || '';
+      const peer = w.meshmeet && w.meshmeet.peers.get(key);
+      const st = el.dataset.state || '';
+      // Skip repeats (the attribute is rewritten on every render).
+      const last = w.__tileLog.findLast((/** @type {any} */ x) => x.key === key);
+      if (last && last.state === st) continue;
+      if (w.__tileLog.length < 2000) {
+        w.__tileLog.push({ key, state: st, cs: peer ? peer.pc.connectionState : '', at: Date.now() });
+      }
+    }
+  }).observe(document, { subtree: true, attributes: true, attributeFilter: ['data-state'] });
+}
+
+/**
+ * Opens a room page in a fresh context and joins as `name`. With `early`, Join is
+ * pressed as soon as the page has loaded, before the camera and microphone have
+ * opened; `holdDevices` keeps getUserMedia from answering until
+ * `window.__releaseDevices()` is called (a slow device, made certain).
  * @param {Browsers} browsers
  * @param {Kind} kind
  * @param {string} url room URL
  * @param {string} name
- * @param {{join?: boolean, viewport?: {width: number, height: number}}} [opts]
+ * @param {{join?: boolean, early?: boolean, holdDevices?: boolean, viewport?: {width: number, height: number}}} [opts]
  * @returns {Promise<Participant>}
  */
 export async function participant(browsers, kind, url, name, opts = {}) {
   const { page, context, errors } = await newPage(browsers, kind, opts);
+  await page.evaluateOnNewDocument(recordTileStates);
+  if (opts.holdDevices) await page.evaluateOnNewDocument(holdDevices);
   await page.goto(url);
-  await page.waitForFunction(() => document.body.dataset.ready === 'true', { timeout: 40000 });
+  if (!opts.early) await page.waitForFunction(() => document.body.dataset.ready === 'true', { timeout: 40000 });
   await fill(page, '#name', name);
   if (opts.join !== false) await page.click('#join-btn');
   return { page, context, name, kind, errors };
+}
+
+/** Holds every getUserMedia answer until `window.__releaseDevices()`. */
+function holdDevices() {
+  const w = /** @type {any} */ (window);
+  const md = navigator.mediaDevices;
+  // Also runs in documents that have no devices (the first about:blank).
+  if (!md || !md.getUserMedia) return;
+  const real = md.getUserMedia.bind(md);
+  /** @type {(v?: unknown) => void} */
+  let release = () => {};
+  const gate = new Promise((r) => { release = r; });
+  w.__devicesAsked = 0;
+  w.__releaseDevices = () => release();
+  md.getUserMedia = async (/** @type {MediaStreamConstraints} */ c) => {
+    w.__devicesAsked += 1;
+    await gate;
+    return real(c);
+  };
+}
+
+/**
+ * The tile state changes a page recorded, each with the connection's state then.
+ * @param {Page} page
+ * @returns {Promise<{key: string, state: string, cs: string, at: number}[]>}
+ */
+export function tileLog(page) {
+  return page.evaluate(() => /** @type {any} */ (window).__tileLog || []);
+}
+
+/**
+ * Tile states that claimed what the connection was not: a path (direct, relay,
+ * connected) while the connection was not connected, "reconnecting" while it was,
+ * or one of `forbidden` (e.g. "direct" in a relay-forced call).
+ * @param {Page} page @param {string[]} [forbidden]
+ */
+export async function dishonestTiles(page, forbidden = []) {
+  return (await tileLog(page)).filter((x) =>
+    (['direct', 'relay', 'connected'].includes(x.state) && x.cs !== 'connected') ||
+    (x.state === 'reconnecting' && x.cs === 'connected') ||
+    forbidden.includes(x.state));
 }
 
 /**
@@ -417,7 +542,7 @@ export async function describeCall(page) {
         const s = st[p.id] || {};
         lines.push(`  peer ${p.id} (${p.name}): ${p.pc.connectionState}/${p.pc.iceConnectionState}/` +
           `${p.pc.signalingState}, tile ${s.state}, frames ${s.framesDecoded}, audio packets ${s.audioPackets}, ` +
-          `path ${JSON.stringify(s.path)}`);
+          `path ${JSON.stringify(s.path)}, offers sent ${s.offers}, restarts ${s.restarts}`);
         // Incoming video per m-line: packets, frames received and decoded, key frames, PLIs.
         const r = await p.pc.getStats();
         r.forEach((/** @type {any} */ x) => {

@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import {
   Server, Browsers, startXvfb, rooms, participant, waitForMedia, waitFor, ensureArtifacts, text, attr, fill,
+  dishonestTiles,
 } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
@@ -95,6 +96,8 @@ for (const room of rooms()) {
         }, null, { timeout: UI, interval: 250, what: 'connections up, tiles matching the selected pair' });
         await waitFor(page, () => document.querySelectorAll('.tile').length === 4, null, { what: 'four tiles' });
       }
+      // No tile claimed a path before its connection was connected.
+      for (const page of all) assert.deepEqual(await dishonestTiles(page), []);
       const names = await all[0].$$eval('.tile .tile-name', (els) => els.map((e) => e.textContent));
       for (const n of NAMES.slice(1)) assert.ok(names.includes(n), `${n} in ${names}`);
       assert.ok(names.some((n) => n?.startsWith('Ada Lovelace')));
@@ -132,12 +135,28 @@ for (const room of rooms()) {
       const bId = await myId(b);
       const ufrag = (/** @type {string} */ sdp) => (sdp.match(/a=ice-ufrag:(\S+)/) || [])[1];
       const sdpBefore = await a.evaluate((id) => /** @type {any} */ (window).meshmeet.peers.get(id).pc.localDescription.sdp, bId);
-      await a.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), bId);
+      // One restart at a time: a second request while the first is under way is refused.
+      const started = await a.evaluate((id) => {
+        const mm = /** @type {any} */ (window).meshmeet;
+        return [mm.restartIce(id), mm.restartIce(id)];
+      }, bId);
+      assert.deepEqual(started, [true, false]);
       await waitFor(a, ([id, old]) => {
         const pc = /** @type {any} */ (window).meshmeet.peers.get(id).pc;
         const m = pc.localDescription.sdp.match(/a=ice-ufrag:(\S+)/);
-        return pc.signalingState === 'stable' && m && m[1] !== old && pc.connectionState === 'connected';
+        return pc.signalingState === 'stable' && m && m[1] !== old && pc.connectionState === 'connected' &&
+          !/** @type {any} */ (window).meshmeet.peers.get(id).restarting;
       }, [bId, ufrag(sdpBefore)], { timeout: MEDIA, what: 'the ICE restart to complete' });
+      // A restart offered by the side that answered first (B answered C's offer): in
+      // the mixed room Chromium offers to Firefox, whose answer names the other DTLS
+      // role; the connection must still complete its negotiation.
+      const c = pages()[2];
+      const cId = await myId(c);
+      assert.equal(await b.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), cId), true);
+      await waitFor(b, (id) => {
+        const p = /** @type {any} */ (window).meshmeet.peers.get(id);
+        return p.pc.signalingState === 'stable' && p.pc.connectionState === 'connected' && !p.restarting;
+      }, cId, { timeout: MEDIA, what: 'the restart offered by the first answerer to complete' });
       await waitForMedia(pages(), 4, MEDIA);
     });
 
@@ -376,6 +395,41 @@ for (const room of rooms()) {
         document.querySelector(`.tile[data-key="${id}"]`) === null && !/** @type {any} */ (window).meshmeet.peers.has(id),
       cId, { timeout: 15_000, interval: 50, what: 'the closed tab gone (before the 20 s resume grace)' })));
       await waitForMedia([a, b], 2, MEDIA);
+    });
+
+    // The newcomer's kind: Firefox in the mixed room (it offers to Firefox and Chromium).
+    const lateKind = room.kinds[2];
+    test(`Join pressed before the camera opened (${lateKind}): every peer still gets its video and audio`, T, async () => {
+      const [a, b] = pages();
+      // Join at once on page load, with getUserMedia held back until the newcomer is
+      // connected: its connections to A and B are set up (it offers) with no tracks.
+      const late = await participant(browsers, lateKind, roomUrl, 'Late Camera', { early: true, holdDevices: true });
+      extras.push(late);
+      const connectedTo = (/** @type {number} */ n) => waitFor(late.page, (k) => {
+        const mm = /** @type {any} */ (window).meshmeet;
+        return mm && mm.inCall && mm.peers.size === k &&
+          Array.from(mm.peers.values()).every((/** @type {any} */ p) => p.pc.connectionState === 'connected');
+      }, n, { timeout: MEDIA, interval: 250, what: `the newcomer connected to ${n} peers` });
+      await connectedTo(2);
+      // One more joins and offers to the newcomer, which answers, still without tracks.
+      const next = await participant(browsers, room.kinds[3], roomUrl, 'Next One');
+      extras.push(next);
+      await connectedTo(3);
+      const held = await late.page.evaluate(() => ({
+        asked: /** @type {any} */ (window).__devicesAsked, video: /** @type {any} */ (window).meshmeet.localVideoState,
+      }));
+      assert.ok(held.asked > 0 && held.video === 'none', `devices asked for and not open yet: ${JSON.stringify(held)}`);
+      await late.page.evaluate(() => /** @type {any} */ (window).__releaseDevices());
+      // Everyone decodes the newcomer's video and receives its audio (and it theirs).
+      await waitForMedia([a, b, late.page, next.page], 4, MEDIA);
+      const lateId = await myId(late.page);
+      for (const page of [a, b, next.page]) {
+        await waitFor(page, (id) => {
+          const el = document.querySelector(`.tile[data-key="${id}"]`);
+          return !!el && !el.classList.contains('no-video') && !el.classList.contains('is-muted');
+        }, lateId, { timeout: UI, what: 'the newcomer shown with camera and microphone on' });
+      }
+      for (const page of [a, b, late.page, next.page]) assert.deepEqual(await dishonestTiles(page), []);
     });
   });
 }
