@@ -3,7 +3,6 @@
 //! independent clients (coturn's `turnutils_uclient`, curl) and the project's own.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 
 use meshmeet::relay::client::{self, Attr, Session};
@@ -24,6 +23,7 @@ fn shared(c: &mut Config) {
 /// One STUN request/answer over a stream (RFC 8656 section 12 framing).
 async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &[u8]) -> Message {
     s.write_all(req).await.unwrap();
+    s.flush().await.unwrap();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 2048];
     loop {
@@ -171,13 +171,15 @@ async fn curl_with_and_without_alpn() {
     let port = server.https_addr().port();
     let cert = server.cert_path();
     for (flag, want) in [("--no-alpn", "1.1"), ("--http1.1", "1.1"), ("--http2", "2")] {
-        let out = Command::new("curl")
+        // Asynchronously: the server runs on this test's runtime.
+        let out = tokio::process::Command::new("curl")
             .args(["-sS", "--max-time", "20", flag, "--cacert"])
             .arg(&cert)
             .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
             .args(["-w", "%{http_version} %{http_code}", "-o", "/dev/null"])
             .arg(format!("https://localhost:{port}/healthz"))
             .output()
+            .await
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -198,8 +200,8 @@ async fn coturn_uclient_over_tls_and_tcp_on_the_https_port() {
     let peer = echo_peer().await;
     let port = server.https_addr().port();
     tokio::task::spawn_blocking(move || {
-        uclient(&["-t", "-S"], port, peer);
-        uclient(&["-t"], port, peer);
+        uclient(&["-s", "-t", "-S"], port, peer);
+        uclient(&["-s", "-t"], port, peer);
     })
     .await
     .unwrap();
@@ -242,33 +244,61 @@ async fn plain_http_gets_400_and_silence_is_closed_and_counted() {
     );
 }
 
+/// Connects to the server's HTTPS port from `from` (another loopback address than
+/// the flood's, so the per-address cap that holds the flood does not hold it).
+async fn connect_from(server: &TestServer, from: &str) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    sock.connect(server.https_addr()).await.unwrap()
+}
+
 #[tokio::test]
 async fn half_open_connections_do_not_stop_others() {
     let server = TestServer::start_with(shared).await;
+    // More half-open connections from one address than its cap allows
+    // (`http.max_connections_per_ip`); none of them sends a byte.
     let mut idle = Vec::new();
     for _ in 0..300 {
         idle.push(TcpStream::connect(server.https_addr()).await.unwrap());
     }
-    // A TLS ClientHello trickled one byte per write is still classified and served.
-    let mut tls = tls_to_trickled(&server).await;
+    // Meanwhile, from another address: a TLS ClientHello trickled one byte per write
+    // is still classified and served as TURN over TLS ...
+    let tcp = connect_from(&server, "127.0.0.2").await;
+    let mut tls = tls_over(&server, tcp).await;
     allocate(&mut tls, "trickled").await;
-    // A normal HTTPS client and a TURN client are served meanwhile.
-    let res = server
-        .http_client()
-        .get(format!("{}healthz", server.base_url()))
+    // ... a normal HTTPS client is served ...
+    let client = support::https_client(&[&server.cert_pem()], server.https_addr())
+        .local_address(std::net::IpAddr::from([127, 0, 0, 3]))
+        .build()
+        .unwrap();
+    let res = client
+        .get(format!("{}/healthz", server.base_url()))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let mut tcp = TcpStream::connect(server.https_addr()).await.unwrap();
+    // ... and so is a TURN client over plain TCP.
+    let mut tcp = connect_from(&server, "127.0.0.4").await;
     allocate(&mut tcp, "beside-the-flood").await;
+    // The flood's surplus was refused, not queued.
+    let metrics = client
+        .get(format!("{}/metrics", server.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("meshmeet_https_connections_refused_total{reason=\"per_ip\"}"),
+        "{metrics}"
+    );
     drop(idle);
 }
 
 /// TLS whose client bytes reach the server one byte per TCP write.
-async fn tls_to_trickled(server: &TestServer) -> tokio_rustls::client::TlsStream<Trickle> {
+async fn tls_over(server: &TestServer, tcp: TcpStream) -> tokio_rustls::client::TlsStream<Trickle> {
     let cfg = server.rustls_client_config();
-    let tcp = TcpStream::connect(server.https_addr()).await.unwrap();
     tcp.set_nodelay(true).unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     tokio_rustls::TlsConnector::from(cfg)
@@ -359,4 +389,7 @@ async fn the_ice_config_points_turns_at_the_https_port() {
         .unwrap();
     let m = client::parse(&buf[..n]).unwrap();
     assert!(client::answers(&req, &m) && m.typ.method == METHOD_BINDING);
+    // And relays: the `turn` crate's client allocates there and relays both ways.
+    let turn = crate::relay::turn_crate_relays(extra[0]).await;
+    turn.close().await.unwrap();
 }
