@@ -1,19 +1,25 @@
 //! Relay load generator: meshmeet (release binary, separate process) against coturn
 //! (`turnserver` from Debian) configured alike on loopback, in the same run.
 //!
-//! Measures relayed packets/s (raw ChannelData client -> peer over UDP and over TCP,
+//! Measures relayed packets/s (raw ChannelData client -> peer over UDP, TCP and TLS,
 //! 100 and 1200 byte payloads, 1 and 100 allocations) with the loss at that offered
 //! rate and the server's CPU time per relayed packet, allocations per second, and STUN
 //! Binding answers per second, and prints a table with both servers and their ratio.
 //! CPU time per packet is the figure to compare on a busy machine: the rates depend on
 //! how much CPU the servers get, the cost of a packet much less.
 //!
+//! TLS rows: meshmeet's TURN over TLS on its shared HTTPS port (no ALPN offered, as
+//! browsers do, so each connection is classified by its first decrypted bytes) against
+//! coturn's `tls-listening-port`, both with the same self-signed certificate.
+//!
 //! `cargo bench --bench relay` (needs `turnserver` on PATH; `MESHMEET_BENCH_SECS`
-//! sets the length of each measurement, default 2).
+//! sets the length of each measurement, default 2; `MESHMEET_BENCH_ONLY=udp|tcp|tls|rates`
+//! one group of rows).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,7 +41,30 @@ struct Server {
     name: &'static str,
     child: Child,
     addr: SocketAddr,
+    /// TURN over TLS: meshmeet's HTTPS port, coturn's `tls-listening-port`.
+    tls: SocketAddr,
 }
+
+/// How a client reaches the relay.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Via {
+    fn label(self) -> &'static str {
+        match self {
+            Via::Udp => "UDP",
+            Via::Tcp => "TCP",
+            Via::Tls => "TLS (meshmeet: shared HTTPS port)",
+        }
+    }
+}
+
+/// What TLS clients trust: the self-signed certificate both servers use.
+static TLS_CLIENT: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -58,10 +87,11 @@ fn free_port() -> Result<u16> {
 
 fn start_meshmeet(dir: &Path) -> Result<Server> {
     let port = free_port()?;
+    let https = free_port()?;
     let cfg = format!(
         r#"data_dir = "{dir}"
 [http]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{https}"
 [log]
 level = "warn"
 [turn]
@@ -72,6 +102,7 @@ relay_ports = "40000-49999"
 secret = "{SECRET}"
 realm = "{REALM}"
 allowed_peer_ranges = ["127.0.0.1/32"]
+share_https_port = true
 user_allocation_quota = 100000
 total_allocation_quota = 100000
 max_allocation_lifetime_s = 3600
@@ -82,11 +113,24 @@ max_allocation_lifetime_s = 3600
     std::fs::write(&path, cfg)?;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshmeet"));
     cmd.arg("--config").arg(&path);
-    launch("meshmeet", &mut cmd, port).context("start meshmeet")
+    let s = launch("meshmeet", &mut cmd, port, https).context("start meshmeet")?;
+    let cert = std::fs::read(dir.join("selfsigned-cert.pem"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &cert[..]) {
+        roots.add(c?)?;
+    }
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let _ = TLS_CLIENT.set(Arc::new(cfg));
+    Ok(s)
 }
 
-fn start_coturn(dir: &Path) -> Result<Server> {
+/// coturn with meshmeet's self-signed certificate and key (in `cert_dir`).
+fn start_coturn(dir: &Path, cert_dir: &Path) -> Result<Server> {
     let port = free_port()?;
+    let tls = free_port()?;
+    let pem = |f: &str| -> PathBuf { cert_dir.join(f) };
     let mut cmd = Command::new("turnserver");
     cmd.args([
         "-n",
@@ -98,7 +142,7 @@ fn start_coturn(dir: &Path) -> Result<Server> {
         "--use-auth-secret",
         &format!("--static-auth-secret={SECRET}"),
         &format!("--realm={REALM}"),
-        "--no-tls",
+        &format!("--tls-listening-port={tls}"),
         "--no-dtls",
         "--no-tcp-relay",
         "--no-cli",
@@ -109,19 +153,22 @@ fn start_coturn(dir: &Path) -> Result<Server> {
         "--simple-log",
         "--max-allocate-lifetime=3600",
     ])
+    .arg(format!("--cert={}", pem("selfsigned-cert.pem").display()))
+    .arg(format!("--pkey={}", pem("selfsigned-key.pem").display()))
     .arg(format!("--log-file={}", dir.join("coturn.log").display()))
     .arg(format!("--pidfile={}", dir.join("coturn.pid").display()))
     .arg(format!("--db={}", dir.join("turndb").display()));
-    launch("coturn", &mut cmd, port).context("start turnserver (apt install coturn)")
+    launch("coturn", &mut cmd, port, tls).context("start turnserver (apt install coturn)")
 }
 
 /// Starts a server on loopback `port` (output discarded) and waits until it answers.
-fn launch(name: &'static str, cmd: &mut Command, port: u16) -> Result<Server> {
+fn launch(name: &'static str, cmd: &mut Command, port: u16, tls: u16) -> Result<Server> {
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let s = Server {
         name,
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        tls: SocketAddr::from(([127, 0, 0, 1], tls)),
     };
     wait_ready(s.addr)?;
     Ok(s)
@@ -168,26 +215,41 @@ fn transact(
     bail!("challenge loop")
 }
 
-/// A client connection to the server: a connected UDP socket or a TCP stream.
+/// A byte stream to the server: TCP, or TLS over TCP.
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// A client connection to the server: a connected UDP socket or a stream.
 enum Link {
     Udp(UdpSocket),
-    Tcp(TcpStream, Vec<u8>),
+    Tcp(Box<dyn Stream>, Vec<u8>),
 }
 
 impl Link {
-    fn open(server: SocketAddr, tcp: bool) -> Result<Link> {
-        if tcp {
-            let s = TcpStream::connect(server)?;
-            s.set_nodelay(true)?;
-            // A server may still be relaying the previous run's backlog.
-            s.set_read_timeout(Some(Duration::from_secs(20)))?;
-            Ok(Link::Tcp(s, Vec::new()))
-        } else {
+    /// `to` is the server's STUN/TURN address, or for TLS its TLS address.
+    fn open(to: SocketAddr, via: Via) -> Result<Link> {
+        if via == Via::Udp {
             let s = UdpSocket::bind("127.0.0.1:0")?;
-            s.connect(server)?;
+            s.connect(to)?;
             s.set_read_timeout(Some(Duration::from_millis(500)))?;
-            Ok(Link::Udp(s))
+            return Ok(Link::Udp(s));
         }
+        let s = TcpStream::connect(to)?;
+        s.set_nodelay(true)?;
+        // A server may still be relaying the previous run's backlog.
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        if via == Via::Tcp {
+            return Ok(Link::Tcp(Box::new(s), Vec::new()));
+        }
+        // No ALPN, as browsers' `turns:` connections.
+        let cfg = TLS_CLIENT.get().context("no TLS client config")?.clone();
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let conn = rustls::ClientConnection::new(cfg, name)?;
+        let mut tls = rustls::StreamOwned::new(conn, s);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock)?;
+        }
+        Ok(Link::Tcp(Box::new(tls), Vec::new()))
     }
 
     fn roundtrip(&mut self, req: &[u8]) -> Result<Message> {
@@ -207,6 +269,7 @@ impl Link {
             }
             Link::Tcp(s, pending) => {
                 s.write_all(req)?;
+                s.flush()?;
                 loop {
                     loop {
                         let total = match wire::stream_frame(pending) {
@@ -332,11 +395,17 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// Relayed ChannelData rate client -> peer: (packets/s delivered, loss fraction,
 /// server CPU microseconds per delivered packet).
-fn relay_rate(server: &Server, tcp: bool, allocs: usize, size: usize) -> Result<(f64, f64, f64)> {
+fn relay_rate(server: &Server, via: Via, allocs: usize, size: usize) -> Result<(f64, f64, f64)> {
+    let tcp = via != Via::Udp;
     let sink = Sink::new()?;
     let mut links = Vec::new();
     for i in 0..allocs {
-        let mut link = Link::open(server.addr, tcp)?;
+        let to = if via == Via::Tls {
+            server.tls
+        } else {
+            server.addr
+        };
+        let mut link = Link::open(to, via)?;
         let mut session = session(&format!("bench{i}"))?;
         allocate(&mut link, &mut session)?;
         channel_bind(&mut link, &mut session, 0x4000, sink.addr)?;
@@ -439,6 +508,7 @@ fn send_frames(link: &mut Link, frame: &[u8], n: usize) -> Result<u64> {
                 buf.extend_from_slice(frame);
             }
             s.write_all(&buf)?;
+            s.flush()?;
             Ok(n as u64)
         }
     }
@@ -454,7 +524,7 @@ fn allocation_rate(server: &Server) -> Result<f64> {
             std::thread::spawn(move || -> Result<u64> {
                 let mut n = 0u64;
                 while start.elapsed() < dur {
-                    let mut link = Link::open(addr, false)?;
+                    let mut link = Link::open(addr, Via::Udp)?;
                     let mut session = session(&format!("alloc{t}"))?;
                     // A fresh socket may reuse the port of a 5-tuple the server still
                     // remembers (437); only completed allocations count.
@@ -540,11 +610,13 @@ fn main() -> Result<()> {
     let cdir = dir.path().join("coturn");
     std::fs::create_dir_all(&mdir)?;
     std::fs::create_dir_all(&cdir)?;
-    let servers = [start_meshmeet(&mdir)?, start_coturn(&cdir)?];
+    let meshmeet = start_meshmeet(&mdir)?;
+    let servers = [meshmeet, start_coturn(&cdir, &mdir)?];
     let mut rows: Vec<Row> = Vec::new();
-    // MESHMEET_BENCH_ONLY=udp|tcp|rates limits the run to one group of rows.
+    // MESHMEET_BENCH_ONLY=udp|tcp|tls|rates limits the run to one group of rows.
     let only = std::env::var("MESHMEET_BENCH_ONLY").unwrap_or_default();
-    for (tcp, label) in [(false, "UDP"), (true, "TCP")] {
+    for via in [Via::Udp, Via::Tcp, Via::Tls] {
+        let label = via.label();
         if !only.is_empty() && !only.eq_ignore_ascii_case(label) {
             continue;
         }
@@ -558,7 +630,7 @@ fn main() -> Result<()> {
                 for _ in 0..REPEATS {
                     for (i, s) in servers.iter().enumerate() {
                         runs[i].push(
-                            relay_rate(s, tcp, allocs, size).with_context(|| {
+                            relay_rate(s, via, allocs, size).with_context(|| {
                                 format!("{} {label} {size} B x{allocs}", s.name)
                             })?,
                         );

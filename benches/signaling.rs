@@ -9,7 +9,12 @@
 //!   room peers as fast as the server takes them, for T seconds (default 10). Prints
 //!   relayed messages/s, p50/p99/max relay latency and the server's RSS.
 //! - `rate`: the same rooms at a fixed offered rate (default 20,000 msgs/s): latency.
-//! - `idle`: C joined, idle connections (default 10,000) on a fresh server: its RSS.
+//! - `idle`: C joined, idle connections (default 10,000) on a fresh server: its RSS,
+//!   and how fast they were opened (TCP, TLS, WebSocket upgrade, join).
+//!
+//! Each mode runs twice in the same command: with the HTTPS port serving HTTPS only
+//! (`turn.share_https_port = false`), then shared with TURN (the default), whose
+//! listener first tells TURN from TLS by the first bytes of each connection.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -99,7 +104,7 @@ impl Drop for Server {
 }
 
 impl Server {
-    async fn start() -> Server {
+    async fn start(shared: bool) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
@@ -111,7 +116,7 @@ impl Server {
             format!(
                 "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n\
                  [rooms]\nrate_per_s = 10000000\nrate_burst = 10000000\n\
-                 [turn]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"\"\n",
+                 [turn]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"\"\nshare_https_port = {shared}\n",
                 dir.path().display().to_string()
             ),
         )
@@ -391,9 +396,10 @@ fn report(label: &str, per_s: f64, mut lat: Vec<u32>, rss_kb: u64) {
     );
 }
 
-async fn idle(conns: usize) {
-    let server = Arc::new(Server::start().await);
+async fn idle(conns: usize, shared: bool, port: &str) {
+    let server = Arc::new(Server::start(shared).await);
     let base = server.rss_kb();
+    let opened = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::new();
     for i in 0..conns {
@@ -411,11 +417,12 @@ async fn idle(conns: usize) {
     for t in tasks {
         all.push(t.await.expect("client"));
     }
+    let per_s = all.len() as f64 / opened.elapsed().as_secs_f64();
     // Let the server settle (joined messages written, buffers released).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = server.rss_kb();
     println!(
-        "idle: {} joined connections; server RSS {:.1} MB (fresh server {:.1} MB)",
+        "{port}: idle: {} joined connections, opened at {per_s:.0}/s (64 at a time); server RSS {:.1} MB (fresh server {:.1} MB)",
         all.len(),
         rss as f64 / 1024.0,
         base as f64 / 1024.0
@@ -445,32 +452,42 @@ fn main() {
     }
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        if matches!(args.mode.as_str(), "throughput" | "all") {
-            let server = Arc::new(Server::start().await);
-            let (per_s, lat) = run_load(&server, args.rooms, args.secs, None).await;
-            assert!(per_s > 0.0 && !lat.is_empty(), "nothing was relayed");
-            report(
-                &format!("throughput ({} rooms of 4, {} s)", args.rooms, args.secs),
-                per_s,
-                lat,
-                server.rss_kb(),
-            );
-        }
-        if matches!(args.mode.as_str(), "rate" | "all") {
-            let server = Arc::new(Server::start().await);
-            let (per_s, lat) = run_load(&server, args.rooms, args.secs, Some(args.rate)).await;
-            report(
-                &format!(
-                    "fixed rate {} msgs/s ({} rooms of 4)",
-                    args.rate, args.rooms
-                ),
-                per_s,
-                lat,
-                server.rss_kb(),
-            );
-        }
-        if matches!(args.mode.as_str(), "idle" | "all") {
-            idle(args.conns).await;
+        for shared in [false, true] {
+            let port = if shared {
+                "HTTPS port shared with TURN"
+            } else {
+                "HTTPS port alone"
+            };
+            if matches!(args.mode.as_str(), "throughput" | "all") {
+                let server = Arc::new(Server::start(shared).await);
+                let (per_s, lat) = run_load(&server, args.rooms, args.secs, None).await;
+                assert!(per_s > 0.0 && !lat.is_empty(), "nothing was relayed");
+                report(
+                    &format!(
+                        "{port}: throughput ({} rooms of 4, {} s)",
+                        args.rooms, args.secs
+                    ),
+                    per_s,
+                    lat,
+                    server.rss_kb(),
+                );
+            }
+            if matches!(args.mode.as_str(), "rate" | "all") {
+                let server = Arc::new(Server::start(shared).await);
+                let (per_s, lat) = run_load(&server, args.rooms, args.secs, Some(args.rate)).await;
+                report(
+                    &format!(
+                        "{port}: fixed rate {} msgs/s ({} rooms of 4)",
+                        args.rate, args.rooms
+                    ),
+                    per_s,
+                    lat,
+                    server.rss_kb(),
+                );
+            }
+            if matches!(args.mode.as_str(), "idle" | "all") {
+                idle(args.conns, shared, port).await;
+            }
         }
     });
 }

@@ -184,6 +184,10 @@ else
   fi
   set_key turn secret "\"$SECRET\""
   set_key turn relay_ports "\"$RELAY_PORTS\""
+  # TURN over UDP on the HTTPS port number too (HTTPS uses only TCP there), for
+  # networks that let out nothing but port 443; TURN over TCP and TLS share the
+  # HTTPS listener itself (turn.share_https_port, on by default).
+  set_key turn extra_udp_listen "[\"0.0.0.0:$HTTPS_PORT\"]"
   if [ -n "$EXTERNAL_IP" ]; then
     set_key turn external_ips "[\"$EXTERNAL_IP\"]"
   fi
@@ -219,16 +223,16 @@ meshmeet is installed.
   Logs:   journalctl -u meshmeet -f
 
 Open these ports in the firewall (and in the cloud provider's security group):
-  TCP $HTTPS_PORT (HTTPS)$( [ "$HTTP_PORT" != 0 ] && echo ", TCP $HTTP_PORT (redirect)")
-  UDP 3478 and TCP 3478 (STUN/TURN), TCP 5349 (TURN over TLS)
+  TCP $HTTPS_PORT (HTTPS, and TURN over TLS/TCP on the same port)$( [ "$HTTP_PORT" != 0 ] && echo ", TCP $HTTP_PORT (redirect)")
+  UDP $HTTPS_PORT and UDP 3478 (STUN/TURN over UDP)
   UDP $RELAY_PORTS (TURN relays)
+  optional: TCP 3478 (TURN over TCP), TCP 5349 (TURN over TLS for clients set up by hand)
 DONE
 if command -v ufw >/dev/null 2>&1; then
   cat <<UFW
 ufw is installed; run:
-  ufw allow $HTTPS_PORT/tcp$( [ "$HTTP_PORT" != 0 ] && printf '\n  ufw allow %s/tcp' "$HTTP_PORT")
+  ufw allow $HTTPS_PORT$( [ "$HTTP_PORT" != 0 ] && printf '\n  ufw allow %s/tcp' "$HTTP_PORT")
   ufw allow 3478
-  ufw allow 5349/tcp
   ufw allow $RELAY_UFW/udp
 UFW
 fi

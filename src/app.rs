@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::http::HttpState;
-use crate::ice::{IceProvider, NoPeerEvents, PeerEvents};
+use crate::ice::{IceProvider, NoPeerEvents, PeerEvents, TurnPorts};
 use crate::metrics::{HttpMetrics, Metrics};
 use crate::signaling::ws::{Signaling, SignalingConfig, SignalingMetrics};
 use crate::sys::notify_systemd;
@@ -92,19 +92,24 @@ impl Server {
         let addrs = BoundAddrs {
             https: https.local_addr()?,
             redirect: redirect.as_ref().map(|l| l.local_addr()).transpose()?,
-            turn_udp: relay_addrs.map(|a| a.udp),
-            turn_tcp: relay_addrs.map(|a| a.tcp),
-            turn_tls: relay_addrs.and_then(|a| a.tls),
+            turn_udp: relay_addrs.as_ref().map(|a| a.udp),
+            turn_tcp: relay_addrs.as_ref().map(|a| a.tcp),
+            turn_tls: relay_addrs.as_ref().and_then(|a| a.tls),
         };
         // Clients are told the ports actually bound.
-        let (turn_port, turns_port) = match relay_addrs {
-            Some(a) => (a.udp.port(), a.tls.map(|t| t.port())),
-            None => (
-                config.turn.listen.port(),
-                config.turn.tls_listen.map(|a| a.port()),
-            ),
+        let turn_ports = match &relay_addrs {
+            Some(a) => TurnPorts {
+                main: a.udp.port(),
+                extra_udp: a.extra_udp.iter().map(|u| u.port()).collect(),
+                tls: if config.turn.share_https_port {
+                    Some(addrs.https.port())
+                } else {
+                    a.tls.map(|t| t.port())
+                },
+            },
+            None => TurnPorts::default(),
         };
-        let ice = Arc::new(IceProvider::new(&config, secret, turn_port, turns_port));
+        let ice = Arc::new(IceProvider::new(&config, secret, turn_ports));
         let peer_events: Arc<dyn PeerEvents> = match &relay {
             Some(r) => Arc::new(r.handle()),
             None => Arc::new(NoPeerEvents),
@@ -197,6 +202,15 @@ impl Server {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let state = self.state.clone();
         let app = crate::http::router(self.http);
+        // The relay first: the HTTPS listener hands it TURN connections on its port.
+        let turn_entry = self.relay.map(|relay| {
+            relay.spawn(
+                state.shutdown.clone(),
+                state.tasks.clone(),
+                state.tls.clone(),
+            )
+        });
+        let turn_entry = turn_entry.filter(|_| self.config.turn.share_https_port);
         let https = tokio::spawn(crate::http::serve_https(
             self.https,
             state.tls.clone(),
@@ -204,6 +218,7 @@ impl Server {
             state.shutdown.clone(),
             app,
             self.https_limits,
+            turn_entry,
         ));
         let redirect = self.redirect.map(|listener| {
             let router = crate::http::redirect_router(
@@ -219,13 +234,6 @@ impl Server {
                 }
             })
         });
-        if let Some(relay) = self.relay {
-            relay.spawn(
-                state.shutdown.clone(),
-                state.tasks.clone(),
-                state.tls.clone(),
-            );
-        }
         state.signaling.spawn_saver();
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         tokio::select! {

@@ -107,6 +107,13 @@ pub struct TurnConfig {
     /// TURN over TLS; `None` (empty in TOML) = off.
     #[serde(with = "opt_addr")]
     pub tls_listen: Option<SocketAddr>,
+    /// Serve TURN over TCP and over TLS on the HTTPS listener too (`http.listen`),
+    /// told apart from HTTPS per connection.
+    pub share_https_port: bool,
+    /// More UDP listeners for STUN and TURN (e.g. the HTTPS port number, for networks
+    /// that let out only port 443).
+    #[serde(with = "addrs")]
+    pub extra_udp_listen: Vec<SocketAddr>,
     /// At most one IPv4 and one IPv6 address (checked by [`Config::validate`]).
     #[serde(with = "ips")]
     pub relay_ips: Vec<IpAddr>,
@@ -194,12 +201,17 @@ impl Default for RoomsConfig {
     }
 }
 
+/// Most extra UDP listeners `turn.extra_udp_listen` may name.
+pub const MAX_EXTRA_UDP_LISTEN: usize = 8;
+
 impl Default for TurnConfig {
     fn default() -> Self {
         TurnConfig {
             enabled: true,
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 3478)),
             tls_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 5349))),
+            share_https_port: true,
+            extra_udp_listen: Vec::new(),
             relay_ips: Vec::new(),
             external_ips: Vec::new(),
             relay_ports: PortRange {
@@ -335,6 +347,20 @@ impl Config {
                 },
                 "tls.cert and tls.key must be set together (or both empty for a self-signed certificate)",
             ));
+        }
+        if self.turn.extra_udp_listen.len() > MAX_EXTRA_UDP_LISTEN {
+            return Err(invalid(
+                "turn.extra_udp_listen",
+                format!("at most {MAX_EXTRA_UDP_LISTEN} addresses"),
+            ));
+        }
+        for (i, a) in self.turn.extra_udp_listen.iter().enumerate() {
+            if *a == self.turn.listen || self.turn.extra_udp_listen[..i].contains(a) {
+                return Err(invalid(
+                    "turn.extra_udp_listen",
+                    format!("`{a}` is listed twice (or is turn.listen)"),
+                ));
+            }
         }
         for name in &self.tls.self_signed_names {
             if !valid_host(name) {
@@ -598,6 +624,23 @@ mod opt_addr {
             return Ok(None);
         }
         parse_addr(&s).map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A list of socket addresses as strings.
+mod addrs {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &[SocketAddr], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(ToString::to_string))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        v.iter()
+            .map(|a| parse_addr(a))
+            .collect::<Result<_, _>>()
+            .map_err(serde::de::Error::custom)
     }
 }
 

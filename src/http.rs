@@ -23,16 +23,19 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use ipnet::IpNet;
 use rust_embed::RustEmbed;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 
-use crate::limits::{AcceptBackoff, Caps, ConnLimiter, LimitMetrics};
+use crate::demux::{self, Kind, Prefixed};
+use crate::limits::{AcceptBackoff, Caps, ConnLimiter, ConnPermit, LimitMetrics};
 use crate::linger::LingeringTcp;
 use crate::metrics::{HttpLabels, HttpMetrics, Metrics};
 use crate::net::{canonical_ip, client_host, host_part};
+use crate::relay::StreamEntry;
 use crate::signaling::room::normalize_room;
 use crate::signaling::ws::Signaling;
 use crate::tls::{CertKind, Tls};
@@ -336,6 +339,10 @@ impl HttpsLimits {
 /// connection gets the certificate current when it is accepted. Connections beyond
 /// the caps in `limits` are closed at once; accept errors (out of file descriptors)
 /// pause the loop, doubling up to a second, and are logged once a minute at most.
+///
+/// With `turn` set, the port is shared with the relay ([`crate::demux`]): TURN over
+/// plain TCP and TURN over TLS are told from HTTPS per connection and handed to it
+/// (under the relay's own stream caps from then on).
 pub async fn serve_https(
     listener: TcpListener,
     tls: Arc<Tls>,
@@ -343,6 +350,7 @@ pub async fn serve_https(
     shutdown: CancellationToken,
     app: Router,
     limits: HttpsLimits,
+    turn: Option<StreamEntry>,
 ) {
     let graceful = GracefulShutdown::new();
     let handshake_timeout = limits.handshake_timeout;
@@ -359,6 +367,13 @@ pub async fn serve_https(
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "HTTPS listener has no address; not accepting");
+            return;
+        }
+    };
     loop {
         let (tcp, peer) = tokio::select! {
             res = listener.accept() => match res {
@@ -383,45 +398,18 @@ pub async fn serve_https(
         };
         let _ = tcp.set_nodelay(true);
         metrics.connections.inc();
-        let config = tls.server_config();
-        let app = app.clone();
-        let builder = builder.clone();
-        let metrics = metrics.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            // Held until the connection (or its WebSocket) ends.
-            let _permit = permit;
-            let stream = match tokio::time::timeout(
-                handshake_timeout,
-                ServerTlsStream::accept(LingeringTcp::new(tcp), config),
-            )
-            .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    metrics.tls_handshake_failures.inc();
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    metrics.tls_handshake_failures.inc();
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let svc = app.map_request(move |mut req: Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req
-            });
-            let conn = builder.serve_connection_with_upgrades(
-                TokioIo::new(stream),
-                TowerToHyperService::new(svc),
-            );
-            let conn = watcher.watch(conn.into_owned());
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        let conn = Connection {
+            config: tls.server_config(),
+            app: app.clone(),
+            builder: builder.clone(),
+            metrics: metrics.clone(),
+            watcher: graceful.watcher(),
+            turn: turn.clone(),
+            handshake_timeout,
+            peer,
+            local,
+        };
+        tokio::spawn(conn.serve(tcp, permit));
     }
     drop(listener);
     if tokio::time::timeout(GRACEFUL_TIMEOUT, graceful.shutdown())
@@ -429,6 +417,119 @@ pub async fn serve_https(
         .is_err()
     {
         tracing::warn!("some HTTPS connections did not finish in time");
+    }
+}
+
+/// One accepted connection on the HTTPS port and what serving it needs.
+struct Connection {
+    config: Arc<rustls::ServerConfig>,
+    app: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    metrics: HttpMetrics,
+    watcher: hyper_util::server::graceful::Watcher,
+    turn: Option<StreamEntry>,
+    handshake_timeout: Duration,
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+impl Connection {
+    /// Classifies the connection (plain TURN, TLS, or neither), completes TLS, then
+    /// classifies again (TURN over TLS or HTTP) and serves it.
+    async fn serve(self, tcp: TcpStream, permit: ConnPermit) {
+        let peer = self.peer;
+        let kind = match demux::sniff_tcp(&tcp, demux::CLASSIFY_TIMEOUT).await {
+            Ok(k) => k,
+            Err(e) => return self.unclassified(e),
+        };
+        match kind {
+            Kind::Tls => {}
+            Kind::Turn => {
+                if let Some(turn) = &self.turn {
+                    self.metrics.classified("turn-tcp");
+                    // From here on the relay's stream caps hold it, not HTTPS's.
+                    drop(permit);
+                    turn.serve(tcp, peer, self.local, false).await;
+                } else {
+                    self.metrics.classified("rejected");
+                    tracing::debug!(%peer, "TURN on the HTTPS port while the relay is off; closed");
+                }
+                return;
+            }
+            Kind::Other => {
+                self.metrics.classified("rejected");
+                tracing::debug!(%peer, "neither TLS nor TURN on the HTTPS port; answered 400");
+                let mut tcp = LingeringTcp::new(tcp);
+                let answer = demux::not_tls_answer();
+                let _ = tokio::time::timeout(self.handshake_timeout, tcp.write_all(&answer)).await;
+                return;
+            }
+        }
+        let stream = match tokio::time::timeout(
+            self.handshake_timeout,
+            ServerTlsStream::accept(LingeringTcp::new(tcp), self.config.clone()),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.metrics.tls_handshake_failures.inc();
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.tls_handshake_failures.inc();
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let (kind, stream) = match demux::by_alpn(stream.alpn_protocol()) {
+            Some(k) => (k, Prefixed::plain(stream)),
+            // No ALPN: browsers' `turns:` connections, and `curl --no-alpn`.
+            None => match demux::sniff_stream(stream, demux::CLASSIFY_TIMEOUT).await {
+                Ok(x) => x,
+                Err(e) => return self.unclassified(e),
+            },
+        };
+        if kind == Kind::Turn {
+            if let Some(turn) = &self.turn {
+                self.metrics.classified("turn-tls");
+                drop(permit);
+                turn.serve(stream, peer, self.local, true).await;
+            } else {
+                self.metrics.classified("rejected");
+                tracing::debug!(%peer, "TURN over TLS on the HTTPS port while the relay is off; closed");
+            }
+            return;
+        }
+        self.metrics.classified("http");
+        // Held until the connection (or its WebSocket) ends.
+        let _permit = permit;
+        let svc = self
+            .app
+            .map_request(move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            });
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc));
+        let conn = self.watcher.watch(conn.into_owned());
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+
+    fn unclassified(&self, e: demux::SniffError) {
+        let peer = self.peer;
+        match e {
+            demux::SniffError::TimedOut => {
+                self.metrics.classified("timed-out");
+                tracing::debug!(%peer, "too few bytes to tell HTTPS from TURN in time; closed");
+            }
+            demux::SniffError::Closed => {}
+            demux::SniffError::Io(e) => tracing::debug!(%peer, error = %e, "connection failed"),
+        }
     }
 }
 

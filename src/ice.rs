@@ -44,22 +44,31 @@ pub struct IceProvider {
     turn_enabled: bool,
     secret: Secret,
     public_host: String,
-    turn_port: u16,
-    turns_port: Option<u16>,
+    ports: TurnPorts,
     force_relay: bool,
     credential_ttl_s: u64,
 }
 
+/// The ports clients are told to use: those actually bound (they differ from the
+/// config only when it asks for port 0, as tests do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TurnPorts {
+    /// `turn.listen`: STUN, TURN over UDP and over TCP.
+    pub main: u16,
+    /// `turn.extra_udp_listen`: more TURN over UDP.
+    pub extra_udp: Vec<u16>,
+    /// TURN over TLS: the HTTPS port when `turn.share_https_port` is on, else
+    /// `turn.tls_listen` (if set).
+    pub tls: Option<u16>,
+}
+
 impl IceProvider {
-    /// `turn_port`/`turns_port` are the ports actually bound (they differ from the
-    /// config only when it asks for port 0, as tests do).
-    pub fn new(cfg: &Config, secret: Secret, turn_port: u16, turns_port: Option<u16>) -> Self {
+    pub fn new(cfg: &Config, secret: Secret, ports: TurnPorts) -> Self {
         IceProvider {
             turn_enabled: cfg.turn.enabled,
             secret,
             public_host: cfg.http.public_host.clone(),
-            turn_port,
-            turns_port,
+            ports,
             force_relay: cfg.ice.force_relay,
             credential_ttl_s: cfg.turn.credential_ttl_s,
         }
@@ -95,17 +104,21 @@ impl IceProvider {
         let host = client_host(&self.public_host, host_header);
         let username = format!("{expires_at}:{peer_id}");
         let credential = rest_password(self.secret.expose(), &username);
-        let mut turn_urls = vec![
-            format!("turn:{host}:{}?transport=udp", self.turn_port),
-            format!("turn:{host}:{}?transport=tcp", self.turn_port),
-        ];
-        if let Some(p) = self.turns_port {
+        // One URL per way in, no more: every URL costs each connection an
+        // allocation and a little gathering time.
+        let main = self.ports.main;
+        let mut turn_urls = vec![format!("turn:{host}:{main}?transport=udp")];
+        for p in self.ports.extra_udp.iter().filter(|p| **p != main) {
+            turn_urls.push(format!("turn:{host}:{p}?transport=udp"));
+        }
+        turn_urls.push(format!("turn:{host}:{main}?transport=tcp"));
+        if let Some(p) = self.ports.tls {
             turn_urls.push(format!("turns:{host}:{p}?transport=tcp"));
         }
         RtcConfiguration {
             ice_servers: vec![
                 IceServer {
-                    urls: vec![format!("stun:{host}:{}", self.turn_port)],
+                    urls: vec![format!("stun:{host}:{main}")],
                     username: None,
                     credential: None,
                 },
@@ -243,14 +256,26 @@ mod tests {
     fn rtc_configuration_shape() {
         let mut cfg = Config::default();
         cfg.ice.force_relay = true;
-        let p = IceProvider::new(&cfg, "0123456789abcdef".into(), 3478, Some(5349));
+        let ports = TurnPorts {
+            main: 3478,
+            extra_udp: vec![443],
+            tls: Some(443),
+        };
+        let p = IceProvider::new(&cfg, "0123456789abcdef".into(), ports);
         let ice = p.for_peer("p1", Some("meet.example.org:8443"), 1000);
         assert_eq!(ice.expires_at, 1000 + 3600);
         assert_eq!(ice.ice_transport_policy, "relay");
         assert_eq!(ice.ice_servers[0].urls, vec!["stun:meet.example.org:3478"]);
         let turn = &ice.ice_servers[1];
-        assert_eq!(turn.urls.len(), 3);
-        assert_eq!(turn.urls[2], "turns:meet.example.org:5349?transport=tcp");
+        assert_eq!(
+            turn.urls,
+            vec![
+                "turn:meet.example.org:3478?transport=udp",
+                "turn:meet.example.org:443?transport=udp",
+                "turn:meet.example.org:3478?transport=tcp",
+                "turns:meet.example.org:443?transport=tcp",
+            ]
+        );
         assert_eq!(turn.username.as_deref(), Some("4600:p1"));
         assert_eq!(
             turn.credential.as_deref(),
@@ -260,7 +285,7 @@ mod tests {
         assert!(json.get("iceServers").is_some());
         assert!(json.get("expiresAt").is_some());
         cfg.turn.enabled = false;
-        let p = IceProvider::new(&cfg, Secret::default(), 3478, None);
+        let p = IceProvider::new(&cfg, Secret::default(), TurnPorts::default());
         assert!(p.for_peer("p1", None, 0).ice_servers.is_empty());
     }
 

@@ -32,6 +32,7 @@
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod demux;
 pub mod http;
 pub mod ice;
 pub mod limits;

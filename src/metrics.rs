@@ -122,15 +122,29 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+/// What a connection on the HTTPS port turned out to be.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    /// `http`, `turn-tcp`, `turn-tls`, `rejected` (not TLS, STUN or ChannelData; or
+    /// TURN while the relay is off) or `timed-out` (too few bytes to decide in time).
+    pub kind: &'static str,
+}
+
 /// HTTP request counters.
 #[derive(Clone, Default)]
 pub struct HttpMetrics {
     pub requests: Family<HttpLabels, Counter>,
     pub tls_handshake_failures: Counter,
     pub connections: Counter,
+    pub classified: Family<PortLabels, Counter>,
 }
 
 impl HttpMetrics {
+    /// Counts one connection on the HTTPS port as `kind`.
+    pub fn classified(&self, kind: &'static str) {
+        self.classified.get_or_create(&PortLabels { kind }).inc();
+    }
+
     pub fn register(registry: &mut Registry) -> HttpMetrics {
         let m = HttpMetrics::default();
         registry.register(
@@ -147,6 +161,11 @@ impl HttpMetrics {
             "meshmeet_http_connections",
             "Accepted HTTPS connections",
             m.connections.clone(),
+        );
+        registry.register(
+            "meshmeet_https_port_connections",
+            "Connections on the HTTPS port by what they speak (http, turn-tcp, turn-tls, rejected, timed-out)",
+            m.classified.clone(),
         );
         m
     }

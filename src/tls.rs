@@ -136,7 +136,19 @@ pub fn load_pem(cert: &Path, key: &Path, kind: CertKind) -> Result<LoadedCert, T
             key: key.to_path_buf(),
             reason: e.to_string(),
         })?;
-    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // The TURN ids (RFC 7443) first: rustls picks the first of these the client
+    // offers, and a client that offers `stun.turn` is a TURN client even when it
+    // offers `http/1.1` too (coturn's does). Browsers offer only h2 and http/1.1 for
+    // pages, and no ALPN at all on `turns:` connections (see `demux`).
+    sc.alpn_protocols = [
+        crate::demux::ALPN_TURN,
+        crate::demux::ALPN_STUN,
+        crate::demux::ALPN_H2,
+        crate::demux::ALPN_HTTP11,
+    ]
+    .iter()
+    .map(|id| id.to_vec())
+    .collect();
     Ok(LoadedCert {
         kind,
         fingerprint,

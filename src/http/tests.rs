@@ -21,8 +21,11 @@ fn state(cert_kind: CertKind) -> HttpState {
     let ice = Arc::new(IceProvider::new(
         &cfg,
         Secret::from("0123456789abcdef"),
-        3478,
-        Some(5349),
+        crate::ice::TurnPorts {
+            main: 3478,
+            extra_udp: Vec::new(),
+            tls: Some(8443),
+        },
     ));
     let signaling = Arc::new(Signaling::new(
         SignalingConfig::from_config(&cfg),

@@ -20,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 pub use self::core::{FiveTuple, Transport};
-pub use self::io::{Relay, RelayAddrs, RelayHandle};
+pub use self::io::{Relay, RelayAddrs, RelayHandle, StreamEntry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabels {

@@ -10,6 +10,8 @@
 //!   peers resume with their ids, nobody is left behind.
 //! - [`relay`]: STUN/TURN against independent clients (the `turn` crate, coturn's
 //!   tools, raw STUN).
+//! - [`oneport`]: TURN over TLS and TCP on the HTTPS port, beside HTTP/1.1, HTTP/2
+//!   and WebSockets (coturn's `turnutils_uclient`, curl, the project's client).
 //! - [`support`]: the test server, the WebSocket client, TLS client configs, and the
 //!   check for external tools (tests needing coturn's tools or systemd skip with a
 //!   printed reason without them, and fail instead under `MESHMEET_REQUIRE_TOOLS=1`).
@@ -20,6 +22,7 @@ mod deploy;
 mod http;
 mod lifecycle;
 mod limits;
+mod oneport;
 mod relay;
 mod restart;
 mod signaling;

@@ -17,7 +17,7 @@ use turn::proto::PROTO_UDP;
 
 use crate::support::{self, ws, TestServer};
 
-const SECRET: &str = "relay-test-secret-0123456789";
+pub const SECRET: &str = "relay-test-secret-0123456789";
 
 fn relay_config(c: &mut Config) {
     c.turn.secret = SECRET.into();
@@ -28,7 +28,7 @@ fn relay_config(c: &mut Config) {
     c.turn.relay_ports = "20000-20999".parse().unwrap();
 }
 
-fn loopback_peers(c: &mut Config) {
+pub fn loopback_peers(c: &mut Config) {
     relay_config(c);
     c.turn.allowed_peer_ranges = vec!["127.0.0.0/8".parse().unwrap()];
 }
@@ -44,7 +44,7 @@ fn future() -> u64 {
 }
 
 /// A UDP echo peer on 127.0.0.1; returns its address.
-async fn echo_peer() -> SocketAddr {
+pub async fn echo_peer() -> SocketAddr {
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = sock.local_addr().unwrap();
     tokio::spawn(async move {
@@ -159,13 +159,31 @@ fn turn_udp(s: &TestServer) -> SocketAddr {
 #[tokio::test]
 async fn turn_crate_client_relays_over_udp() {
     let server = TestServer::start_with(loopback_peers).await;
+    let client = turn_crate_relays(turn_udp(&server)).await;
+    let metrics = server.state.metrics.encode().unwrap();
+    assert!(
+        metrics.contains("meshmeet_turn_allocations_active 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "meshmeet_turn_relayed_packets_total{transport=\"udp\",direction=\"to_peer\"} 5"
+        ),
+        "{metrics}"
+    );
+    client.close().await.unwrap();
+}
+
+/// The `turn` crate's client allocates on `turn` (UDP), relays five datagrams to a
+/// peer and five back; returns the client, its allocation still open.
+pub async fn turn_crate_relays(turn: SocketAddr) -> turn::client::Client {
     let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let peer_addr = peer.local_addr().unwrap();
     let (user, pass) = rest_user("alice", future());
     let conn = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let cfg = turn::client::ClientConfig {
-        stun_serv_addr: turn_udp(&server).to_string(),
-        turn_serv_addr: turn_udp(&server).to_string(),
+        stun_serv_addr: turn.to_string(),
+        turn_serv_addr: turn.to_string(),
         username: user,
         password: pass,
         realm: "meshmeet".into(),
@@ -201,22 +219,11 @@ async fn turn_crate_client_relays_over_udp() {
         assert_eq!(from, peer_addr);
         assert_eq!(&buf[..n], &[i + 100; 60]);
     }
-    let metrics = server.state.metrics.encode().unwrap();
-    assert!(
-        metrics.contains("meshmeet_turn_allocations_active 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(
-            "meshmeet_turn_relayed_packets_total{transport=\"udp\",direction=\"to_peer\"} 5"
-        ),
-        "{metrics}"
-    );
-    client.close().await.unwrap();
+    client
 }
 
 /// Runs turnutils_uclient and returns its output; asserts zero loss.
-fn uclient(args: &[&str], port: u16, peer: SocketAddr) -> String {
+pub fn uclient(args: &[&str], port: u16, peer: SocketAddr) -> String {
     let out = Command::new("turnutils_uclient")
         .args(args)
         .args(["-u", "uclient", "-W", SECRET, "-e"])

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::auth::Credentials;
-use super::core::{Command, Core, Family, FiveTuple, RelayRules};
+use super::core::{Command, Core, Family, FiveTuple, RelayRules, Transport};
 use super::policy::{OwnAddrs, PeerPolicy};
 use super::RelayMetrics;
 use crate::config::Config;
@@ -279,11 +279,13 @@ impl RelayHandle {
 }
 
 /// The addresses the relay listens on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RelayAddrs {
     pub udp: SocketAddr,
     pub tcp: SocketAddr,
     pub tls: Option<SocketAddr>,
+    /// `turn.extra_udp_listen`, as bound.
+    pub extra_udp: Vec<SocketAddr>,
 }
 
 /// The bound relay, ready to run.
@@ -294,6 +296,7 @@ pub struct Relay {
     stream_metrics: LimitMetrics,
     message_timeout: Duration,
     udp: Arc<UdpSocket>,
+    extra_udp: Vec<Arc<UdpSocket>>,
     tcp: TcpListener,
     tls: Option<TcpListener>,
     addrs: RelayAddrs,
@@ -319,16 +322,27 @@ impl Relay {
             ),
             None => None,
         };
+        let mut extra_udp = Vec::new();
+        for a in &cfg.turn.extra_udp_listen {
+            let sock = sockets::bind_udp(*a)
+                .with_context(|| format!("cannot listen on {a} (UDP, turn.extra_udp_listen)"))?;
+            extra_udp.push(sock);
+        }
         let addrs = RelayAddrs {
             udp: udp_addr,
             tcp: tcp.local_addr()?,
             tls: tls.as_ref().map(|l| l.local_addr()).transpose()?,
+            extra_udp: extra_udp
+                .iter()
+                .map(|s| s.local_addr())
+                .collect::<Result<_, _>>()?,
         };
         let range = cfg.turn.relay_ports.first()..=cfg.turn.relay_ports.last();
         let relay_ips = sockets::relay_addresses(cfg, listen);
         let ports = RelayPorts::new(&relay_ips, range);
         let mut listeners = vec![addrs.udp, addrs.tcp];
         listeners.extend(addrs.tls);
+        listeners.extend(addrs.extra_udp.iter().copied());
         listeners.extend_from_slice(other_listeners);
         let host_ips = crate::net::local_ips()
             .into_iter()
@@ -377,6 +391,7 @@ impl Relay {
             stream_metrics,
             message_timeout: Duration::from_secs(cfg.turn.stream_message_timeout_s),
             udp: Arc::new(udp),
+            extra_udp: extra_udp.into_iter().map(Arc::new).collect(),
             tcp,
             tls,
             addrs,
@@ -384,7 +399,7 @@ impl Relay {
     }
 
     pub fn addrs(&self) -> RelayAddrs {
-        self.addrs
+        self.addrs.clone()
     }
 
     pub fn handle(&self) -> RelayHandle {
@@ -396,7 +411,13 @@ impl Relay {
     /// Starts the listener, relay and timer tasks on `tasks`; they end when
     /// `shutdown` is cancelled (relay sockets' tokens are its children). TURN over
     /// TLS uses `tls`'s current certificate for each new connection.
-    pub fn spawn(self, shutdown: CancellationToken, tasks: TaskTracker, tls: Arc<Tls>) {
+    /// Returns the entry for TURN streams accepted elsewhere (the HTTPS listener).
+    pub fn spawn(
+        self,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+        tls: Arc<Tls>,
+    ) -> StreamEntry {
         let ctx = Arc::new(Ctx {
             shared: self.shared.clone(),
             ports: self.ports,
@@ -410,11 +431,44 @@ impl Relay {
         for _ in 0..2 {
             tasks.spawn(udp::udp_loop(ctx.clone(), self.udp.clone(), self.addrs.udp));
         }
+        for (sock, addr) in self.extra_udp.iter().zip(&self.addrs.extra_udp) {
+            tasks.spawn(udp::udp_loop(ctx.clone(), sock.clone(), *addr));
+        }
         tasks.spawn(stream::accept_loop(self.tcp, ctx.clone(), None));
         if let Some(listener) = self.tls {
             tasks.spawn(stream::accept_loop(listener, ctx.clone(), Some(tls)));
         }
         tasks.spawn(timer_loop(self.shared, shutdown));
+        StreamEntry { ctx }
+    }
+}
+
+/// Serves TURN on a stream that another listener accepted and classified: the HTTPS
+/// listener hands over connections that speak STUN or ChannelData (TURN over TCP)
+/// or negotiated `stun.turn` or sent STUN after TLS (TURN over TLS).
+#[derive(Clone)]
+pub struct StreamEntry {
+    ctx: Arc<Ctx>,
+}
+
+impl StreamEntry {
+    /// Serves the connection until it closes, as the relay's own TCP/TLS listeners do,
+    /// under the same stream caps (a connection beyond them is closed at once).
+    /// `client` and `local` are the TCP connection's addresses.
+    pub async fn serve<T>(&self, stream: T, client: SocketAddr, local: SocketAddr, tls: bool)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let Ok(_permit) = self.ctx.streams.try_acquire(client.ip()) else {
+            // Closed at once; the limiter counts and logs the refusal.
+            return;
+        };
+        let five = FiveTuple {
+            client,
+            server: local,
+            transport: if tls { Transport::Tls } else { Transport::Tcp },
+        };
+        stream::serve_stream(stream, five, self.ctx.clone()).await;
     }
 }
 
@@ -422,7 +476,6 @@ impl Relay {
 mod tests {
     use super::*;
     use crate::relay::client::{self, Attr, Session};
-    use crate::relay::core::Transport;
     use stun::message::METHOD_ALLOCATE;
 
     fn core(max_lifetime: Duration) -> RelayCore {

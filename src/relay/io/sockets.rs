@@ -185,7 +185,7 @@ pub fn relay_addresses(cfg: &Config, listen: SocketAddr) -> Vec<(IpAddr, IpAddr)
         .collect()
 }
 
-fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // Dual stack where the system allows it; IPv6-only otherwise.

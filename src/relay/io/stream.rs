@@ -150,7 +150,7 @@ fn forward_frames(
     }
 }
 
-async fn serve_stream<T>(stream: T, five: FiveTuple, ctx: Arc<Ctx>)
+pub(super) async fn serve_stream<T>(stream: T, five: FiveTuple, ctx: Arc<Ctx>)
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
