@@ -125,6 +125,7 @@ impl Model {
             name: Some(format!("n{conn}")),
             password: None,
             resume,
+            room_password: None,
         };
         (conn, self.core.join(conn, conn, req, self.now))
     }
@@ -313,6 +314,6 @@ proptest! {
             let _ = conn;
         }
         m.step(Op::Wait(GRACE.as_millis() as u64 + 1))?;
-        prop_assert_eq!(m.core.table_sizes(), [0; 5]);
+        prop_assert_eq!(m.core.table_sizes(), [0; 7]);
     }
 }

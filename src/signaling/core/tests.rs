@@ -43,14 +43,38 @@ fn error_of(fx: &[Effect<u64>]) -> ErrorCode {
     }
 }
 
-/// (targets, message) of every Send effect.
+/// (targets, message) of every Send effect but `room_state` (protocol 1.1, checked by
+/// the room-control tests with [`all_sends`]).
 fn sends(fx: &[Effect<u64>]) -> Vec<(Vec<u64>, ServerMsg)> {
+    all_sends(fx)
+        .into_iter()
+        .filter(|(_, m)| !matches!(m, ServerMsg::RoomState { .. }))
+        .collect()
+}
+
+/// (targets, message) of every Send effect.
+fn all_sends(fx: &[Effect<u64>]) -> Vec<(Vec<u64>, ServerMsg)> {
     fx.iter()
         .filter_map(|e| match e {
             Effect::Send(t, m) => Some((t.clone(), m.clone())),
             _ => None,
         })
         .collect()
+}
+
+/// The `room_state` a room's only remaining participant (connection `to`, now its
+/// host) gets when the host before it leaves.
+fn handed_over(to: u64, host: &Arc<str>) -> Effect<u64> {
+    Effect::Send(
+        vec![to],
+        ServerMsg::RoomState {
+            hosts: vec![host.clone()],
+            locked: false,
+            password: false,
+            lobby: false,
+            waiting: Some(Vec::new()),
+        },
+    )
 }
 
 fn offer(r: &mut Rooms<u64>, conn: u64, to: &str, sdp: &str) -> Vec<Effect<u64>> {
@@ -378,13 +402,14 @@ fn leave_tells_others_at_once_and_allows_rejoin() {
     let now = Instant::now();
     let mut r = core(6, "");
     let (a, _) = join(&mut r, 1, "r", now);
-    join(&mut r, 2, "r", now);
+    let (b, _) = join(&mut r, 2, "r", now);
     let fx = r.leave(1, &1);
     assert_eq!(
         fx,
         vec![
             Effect::Send(vec![2], ServerMsg::PeerLeft { id: a.clone() }),
-            Effect::PeerGone(a.clone())
+            Effect::PeerGone(a.clone()),
+            handed_over(2, &b),
         ]
     );
     assert_eq!(error_of(&r.leave(1, &1)), ErrorCode::NotJoined);
@@ -402,7 +427,7 @@ fn disconnect_grace_then_peer_left() {
     let now = Instant::now();
     let mut r = core(6, "");
     let (a, _) = join(&mut r, 1, "r", now);
-    join(&mut r, 2, "r", now);
+    let (b, _) = join(&mut r, 2, "r", now);
     assert_eq!(r.poll_timeout(), None);
     assert!(r.disconnect(1, now).is_empty());
     assert_eq!(r.poll_timeout(), Some(now + GRACE));
@@ -417,7 +442,8 @@ fn disconnect_grace_then_peer_left() {
         fx,
         vec![
             Effect::Send(vec![2], ServerMsg::PeerLeft { id: a.clone() }),
-            Effect::PeerGone(a)
+            Effect::PeerGone(a),
+            handed_over(2, &b),
         ]
     );
     assert_eq!(r.poll_timeout(), None, "no grace left to wait for");
@@ -430,12 +456,13 @@ fn zero_grace_removes_at_once() {
     let mut r = core(6, "");
     r.cfg.resume_grace = Duration::ZERO;
     let (a, _) = join(&mut r, 1, "r", now);
-    join(&mut r, 2, "r", now);
+    let (b, _) = join(&mut r, 2, "r", now);
     assert_eq!(
         r.disconnect(1, now),
         vec![
             Effect::Send(vec![2], ServerMsg::PeerLeft { id: a.clone() }),
-            Effect::PeerGone(a)
+            Effect::PeerGone(a),
+            handed_over(2, &b),
         ]
     );
 }
@@ -717,7 +744,7 @@ fn peer_ids_never_repeat_and_leave_nothing_behind() {
         r.leave(conn, &conn);
     }
     // No table keeps anything per id ever issued.
-    assert_eq!(r.table_sizes(), [0; 5]);
+    assert_eq!(r.table_sizes(), [0; 7]);
 }
 
 #[test]
@@ -874,7 +901,7 @@ fn stale_or_invalid_snapshots_are_refused_and_change_nothing() {
         let mut c = fresh();
         let e = c.restore(snap.clone(), t0, now).unwrap_err();
         assert!(matches!(e, RestoreError::Stale { .. }), "{e}");
-        assert_eq!(c.table_sizes(), [0; 5]);
+        assert_eq!(c.table_sizes(), [0; 7]);
     }
 
     let bad = |edit: &dyn Fn(&mut Snapshot)| {
@@ -882,7 +909,7 @@ fn stale_or_invalid_snapshots_are_refused_and_change_nothing() {
         edit(&mut s);
         let mut c = fresh();
         let e = c.restore(s, t0, UNIX_MS).unwrap_err();
-        assert_eq!(c.table_sizes(), [0; 5]);
+        assert_eq!(c.table_sizes(), [0; 7]);
         e
     };
     assert_eq!(bad(&|s| s.format = 2), RestoreError::Format(2));
