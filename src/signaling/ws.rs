@@ -662,6 +662,8 @@ fn close_reason(code: u16) -> &'static str {
         CLOSE_TOO_BIG => "message too big",
         CLOSE_TRY_LATER => "too slow to read messages",
         CLOSE_TAKEN_OVER => "resumed on another connection",
+        CLOSE_KICKED => "removed by a host",
+        CLOSE_DENIED => "not admitted",
         _ => "closing",
     }
 }
