@@ -214,6 +214,11 @@ fn load_or_create_secret(dir: &Path) -> Result<Secret, TlsError> {
 /// relay can drop the allocations made with that peer's credentials.
 pub trait PeerEvents: Send + Sync {
     fn peer_gone(&self, peer_id: &str);
+    /// A host removed the peer: its allocations go, and the TURN credentials it was
+    /// given are refused from now on (until they would have expired anyway).
+    fn peer_revoked(&self, peer_id: &str) {
+        self.peer_gone(peer_id);
+    }
 }
 
 /// A [`PeerEvents`] that does nothing (relay disabled, tests).

@@ -257,7 +257,16 @@ pub struct Core<H> {
     cache_order: VecDeque<(Instant, FiveTuple, [u8; 12])>,
     deadlines: Deadlines,
     commands: VecDeque<Command<H>>,
+    /// Peer ids whose REST credentials are refused (a host removed the peer), oldest
+    /// first, each with when it may be forgotten.
+    revoked: VecDeque<(Instant, String)>,
 }
+
+/// How long a revoked peer id is remembered: the longest credential lifetime
+/// `turn.credential_ttl_s` allows, after which its credentials have expired anyway.
+pub const REVOKED_KEEP: Duration = Duration::from_secs(7 * 86_400);
+/// Revoked peer ids remembered at most; beyond, the oldest are forgotten.
+pub const MAX_REVOKED: usize = 10_000;
 
 fn peer_family_ok(relay: SocketAddr, peer: SocketAddr) -> bool {
     Family::of(relay.ip()) == Family::of(peer.ip())
@@ -315,6 +324,7 @@ impl<H: Clone> Core<H> {
             cache_order: VecDeque::new(),
             deadlines: Deadlines::default(),
             commands: VecDeque::new(),
+            revoked: VecDeque::new(),
         }
     }
 
@@ -635,6 +645,12 @@ impl<H: Clone> Core<H> {
                 }
             },
         };
+        if let Some(p) = peer_id.as_deref() {
+            if self.revoked.iter().any(|(_, r)| r == p) {
+                self.metrics.auth_failure("revoked");
+                return Err(self.challenge(m, five, 401, "Unauthorized", now));
+            }
+        }
         if MessageIntegrity(key.clone()).check(m).is_err() {
             self.metrics.auth_failure("bad_integrity");
             return Err(self.challenge(m, five, 401, "Unauthorized", now));
@@ -1266,6 +1282,19 @@ impl<H: Clone> Core<H> {
         if let Some(token) = self.pending_by_five.get(five).copied() {
             self.cancel_pending(token);
         }
+    }
+
+    /// Like [`Core::peer_gone`], and from now on refuses (401) REST credentials that
+    /// carry `peer_id`: a host removed the peer.
+    pub fn peer_revoked(&mut self, peer_id: &str, now: Instant) -> usize {
+        while self.revoked.front().is_some_and(|(until, _)| *until <= now)
+            || self.revoked.len() >= MAX_REVOKED
+        {
+            self.revoked.pop_front();
+        }
+        self.revoked
+            .push_back((now + REVOKED_KEEP, peer_id.to_owned()));
+        self.peer_gone(peer_id)
     }
 
     /// Removes every allocation (and pending Allocate) made with a REST username

@@ -14,10 +14,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
+use super::persist::SavedRoom;
 use super::persist::{SavedPeer, Snapshot, FORMAT, STALE_MARGIN};
 use super::proto::{
-    normalize_name, ErrorCode, JoinReq, Media, PeerInfo, RelayKind, RelayPayload, ServerMsg,
-    MAX_CHAT_CHARS, PROTOCOL_VERSION,
+    normalize_name, Control, ErrorCode, JoinReq, Media, PeerInfo, RelayKind, RelayPayload,
+    ServerMsg, Waiter, MAX_CHAT_CHARS, PROTOCOL_MINOR, PROTOCOL_VERSION,
 };
 use super::room::normalize_room;
 use crate::secret::Secret;
@@ -29,6 +30,16 @@ pub type ConnId = u64;
 pub const MAX_QUEUED: usize = 256;
 /// Close code sent to a socket whose peer was resumed by another socket.
 pub const CLOSE_TAKEN_OVER: u16 = 4001;
+/// Close code sent to a participant a host removed.
+pub const CLOSE_KICKED: u16 = 4002;
+/// Close code sent to a joiner turned away from the lobby (denied, timed out).
+pub const CLOSE_DENIED: u16 = 4003;
+/// Joiners a room's lobby holds at once; more get `lobby_full`.
+pub const MAX_WAITING: usize = 20;
+/// How long a joiner waits in the lobby before it is turned away.
+pub const LOBBY_WAIT: Duration = Duration::from_secs(300);
+/// Host actions one participant may take within 10 s; more get `rate_limited`.
+pub const MAX_HOST_ACTIONS: u32 = 30;
 
 /// The rules every room follows (from the `[rooms]` config section).
 #[derive(Debug, Clone)]
@@ -60,6 +71,9 @@ pub enum Effect<H> {
     Close(H, u16),
     /// The peer left its room for good (leave, or grace over).
     PeerGone(Arc<str>),
+    /// A host removed this peer: besides [`Effect::PeerGone`], the credentials it was
+    /// given must stop working.
+    Revoke(Arc<str>),
 }
 
 /// SHA-256 of a resume token: the core keeps (and persists) only this, so a snapshot
@@ -142,15 +156,86 @@ struct Peer<H> {
     token: TokenHash,
     grace_until: Option<Instant>,
     queue: VecDeque<ServerMsg>,
+    host: bool,
+    /// Host actions in the last 10 s.
+    actions: WindowCounter,
+}
+
+/// A room password as kept: salted SHA-256 (the password itself is not kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomPassword {
+    pub salt: [u8; 16],
+    pub hash: [u8; 32],
+}
+
+impl RoomPassword {
+    fn new(password: &str, rng: &mut StdRng) -> RoomPassword {
+        let salt: [u8; 16] = rng.gen();
+        RoomPassword {
+            salt,
+            hash: Self::digest(&salt, password),
+        }
+    }
+
+    fn digest(salt: &[u8; 16], password: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(salt);
+        h.update(password.as_bytes());
+        h.finalize().into()
+    }
+
+    /// Compares in constant time.
+    fn matches(&self, given: Option<&str>) -> bool {
+        let d = Self::digest(&self.salt, given.unwrap_or(""));
+        d.iter()
+            .zip(self.hash.iter())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0
+    }
+}
+
+/// A joiner held in a room's lobby.
+struct Waiting<H> {
+    id: Arc<str>,
+    name: Arc<str>,
+    conn: ConnId,
+    handle: H,
+    until: Instant,
+}
+
+/// One room: its peers in join order and its control state.
+struct Room<H> {
+    peers: Vec<Arc<str>>,
+    locked: bool,
+    lobby: bool,
+    password: Option<RoomPassword>,
+    waiting: Vec<Waiting<H>>,
+}
+
+impl<H> Room<H> {
+    fn new() -> Self {
+        Room {
+            peers: Vec::new(),
+            locked: false,
+            lobby: false,
+            password: None,
+            waiting: Vec::new(),
+        }
+    }
 }
 
 /// All rooms and peers.
 pub struct Rooms<H> {
     cfg: RoomRules,
     peers: HashMap<Arc<str>, Peer<H>>,
-    /// Room name -> its peers in join order.
-    rooms: HashMap<Arc<str>, Vec<Arc<str>>>,
+    /// Room name -> its peers in join order and its control state.
+    rooms: HashMap<Arc<str>, Room<H>>,
     conns: HashMap<ConnId, Arc<str>>,
+    /// Connections waiting in a lobby -> (room, the id they are known by).
+    waiting: HashMap<ConnId, (Arc<str>, Arc<str>)>,
+    lobby_deadlines: VecDeque<(Instant, Arc<str>, ConnId)>,
+    /// Participants removed by hosts, for the metric.
+    kicks: u64,
     tokens: HashMap<TokenHash, Arc<str>>,
     ids: IdGen,
     graces: VecDeque<(Instant, Arc<str>)>,
@@ -166,6 +251,9 @@ impl<H: Clone> Rooms<H> {
             peers: HashMap::new(),
             rooms: HashMap::new(),
             conns: HashMap::new(),
+            waiting: HashMap::new(),
+            lobby_deadlines: VecDeque::new(),
+            kicks: 0,
             tokens: HashMap::new(),
             ids: IdGen::new(&mut rng),
             graces: VecDeque::new(),
@@ -185,6 +273,21 @@ impl<H: Clone> Rooms<H> {
 
     pub fn peer_count(&self) -> usize {
         self.peers.len()
+    }
+
+    /// Rooms that are locked now.
+    pub fn locked_rooms(&self) -> usize {
+        self.rooms.values().filter(|r| r.locked).count()
+    }
+
+    /// Joiners waiting in lobbies now.
+    pub fn waiting_count(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Participants removed by hosts so far.
+    pub fn kicks(&self) -> u64 {
+        self.kicks
     }
 
     /// The peer this connection is joined as.
@@ -216,14 +319,17 @@ impl<H: Clone> Rooms<H> {
     }
 
     /// Sizes of every table the core keeps (peers, rooms, connections, tokens, grace
-    /// entries): all zero once everyone has left and every grace has run out.
-    pub fn table_sizes(&self) -> [usize; 5] {
+    /// entries, waiting joiners, lobby deadlines): all zero once everyone has left and
+    /// every grace and lobby wait has run out.
+    pub fn table_sizes(&self) -> [usize; 7] {
         [
             self.peers.len(),
             self.rooms.len(),
             self.conns.len(),
             self.tokens.len(),
             self.graces.len(),
+            self.waiting.len(),
+            self.lobby_deadlines.len(),
         ]
     }
 
@@ -238,7 +344,7 @@ impl<H: Clone> Rooms<H> {
 
     pub fn join(&mut self, conn: ConnId, handle: H, req: JoinReq, now: Instant) -> Vec<Effect<H>> {
         let err = |code| vec![Effect::Send(vec![handle.clone()], ServerMsg::error(code))];
-        if self.conns.contains_key(&conn) {
+        if self.conns.contains_key(&conn) || self.waiting.contains_key(&conn) {
             return err(ErrorCode::AlreadyJoined);
         }
         let Ok(room) = normalize_room(&req.room) else {
@@ -257,35 +363,65 @@ impl<H: Clone> Rooms<H> {
                 }
             }
         }
-        let room: Arc<str> = room.into();
-        let present = self.rooms.get(&room).map_or(0, Vec::len);
-        if present >= self.cfg.capacity {
-            return vec![Effect::Send(
-                vec![handle],
-                ServerMsg::RoomFull {
-                    room,
-                    capacity: self.cfg.capacity,
-                },
-            )];
+        let room: Arc<str> = match self.rooms.get_key_value(room.as_str()) {
+            Some((r, _)) => r.clone(),
+            None => room.into(),
+        };
+        let name: Arc<str> = name.into();
+        let full = ServerMsg::RoomFull {
+            room: room.clone(),
+            capacity: self.cfg.capacity,
+        };
+        if let Some(r) = self.rooms.get(&room) {
+            // The room's own rules, in this order: its password, its capacity, then
+            // its lobby (which also holds joiners to a locked room), then the lock.
+            if r.password
+                .is_some_and(|p| !p.matches(req.room_password.as_deref()))
+            {
+                return vec![Effect::Send(vec![handle], ServerMsg::bad_room_password())];
+            }
+            if r.peers.len() >= self.cfg.capacity {
+                return vec![Effect::Send(vec![handle], full)];
+            }
+            if r.lobby {
+                if r.waiting.len() >= MAX_WAITING {
+                    return err(ErrorCode::LobbyFull);
+                }
+                return self.knock(conn, handle, room, name, now);
+            }
+            if r.locked {
+                return err(ErrorCode::RoomLocked);
+            }
+        } else if self.cfg.capacity == 0 {
+            return vec![Effect::Send(vec![handle], full)];
         }
         let id = self.new_id();
+        let mut effects = Vec::new();
+        self.enter(conn, handle, room, id, name, now, &mut effects);
+        effects
+    }
+
+    /// Puts a new peer into `room` (which has room for it): `joined` and `room_state`
+    /// to it, `peer_joined` to the others. The first into an empty room is its host.
+    #[allow(clippy::too_many_arguments)]
+    fn enter(
+        &mut self,
+        conn: ConnId,
+        handle: H,
+        room: Arc<str>,
+        id: Arc<str>,
+        name: Arc<str>,
+        now: Instant,
+        effects: &mut Vec<Effect<H>>,
+    ) {
         let token = self.new_token();
-        let name: Arc<str> = name.into();
-        let others = self.rooms.get(&room).cloned().unwrap_or_default();
+        let others = self
+            .rooms
+            .get(&room)
+            .map(|r| r.peers.clone())
+            .unwrap_or_default();
+        let host = others.is_empty();
         let peers = self.peer_infos(&others);
-        let mut effects = vec![Effect::Send(
-            vec![handle.clone()],
-            ServerMsg::Joined {
-                protocol: PROTOCOL_VERSION,
-                id: id.clone(),
-                room: room.clone(),
-                capacity: self.cfg.capacity,
-                peers,
-                ice: None,
-                resume: token.clone(),
-                resumed: false,
-            },
-        )];
         self.generation += 1;
         self.tokens.insert(token_hash(&token), id.clone());
         self.conns.insert(conn, id.clone());
@@ -296,15 +432,129 @@ impl<H: Clone> Rooms<H> {
                 name: name.clone(),
                 room: room.clone(),
                 media: None,
-                conn: Some((conn, handle)),
+                conn: Some((conn, handle.clone())),
                 token: token_hash(&token),
                 grace_until: None,
                 queue: VecDeque::new(),
+                host,
+                actions: WindowCounter::new(now),
             },
         );
-        self.rooms.entry(room).or_default().push(id.clone());
-        self.deliver(&others, ServerMsg::PeerJoined { id, name }, &mut effects);
+        self.rooms
+            .entry(room.clone())
+            .or_insert_with(Room::new)
+            .peers
+            .push(id.clone());
+        effects.push(Effect::Send(
+            vec![handle.clone()],
+            ServerMsg::Joined {
+                protocol: PROTOCOL_VERSION,
+                id: id.clone(),
+                room: room.clone(),
+                capacity: self.cfg.capacity,
+                peers,
+                ice: None,
+                resume: token,
+                resumed: false,
+                minor: PROTOCOL_MINOR,
+                hosts: self.hosts_of(&room),
+            },
+        ));
+        if let Some(state) = self.room_state(&room, host) {
+            effects.push(Effect::Send(vec![handle], state));
+        }
+        self.deliver(&others, ServerMsg::PeerJoined { id, name }, effects);
+    }
+
+    /// Holds a joiner in the room's lobby: `waiting` to it, a `knock` to every host.
+    fn knock(
+        &mut self,
+        conn: ConnId,
+        handle: H,
+        room: Arc<str>,
+        name: Arc<str>,
+        now: Instant,
+    ) -> Vec<Effect<H>> {
+        let id = self.new_id();
+        let until = now + LOBBY_WAIT;
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return Vec::new();
+        };
+        r.waiting.push(Waiting {
+            id: id.clone(),
+            name: name.clone(),
+            conn,
+            handle: handle.clone(),
+            until,
+        });
+        self.waiting.insert(conn, (room.clone(), id.clone()));
+        self.lobby_deadlines.push_back((until, id.clone(), conn));
+        let mut effects = vec![Effect::Send(
+            vec![handle],
+            ServerMsg::Waiting {
+                room: room.clone(),
+                id: id.clone(),
+            },
+        )];
+        let hosts = self.hosts_of(&room);
+        self.deliver(&hosts, ServerMsg::Knock { id, name }, &mut effects);
+        self.broadcast_state(&room, true, &mut effects);
         effects
+    }
+
+    /// The room's hosts, in join order.
+    fn hosts_of(&self, room: &Arc<str>) -> Vec<Arc<str>> {
+        self.rooms
+            .get(room)
+            .map(|r| {
+                r.peers
+                    .iter()
+                    .filter(|id| self.peers.get(*id).is_some_and(|p| p.host))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The room's `room_state`; with the lobby's waiting list for a host.
+    fn room_state(&self, room: &Arc<str>, for_host: bool) -> Option<ServerMsg> {
+        let r = self.rooms.get(room)?;
+        Some(ServerMsg::RoomState {
+            hosts: self.hosts_of(room),
+            locked: r.locked,
+            password: r.password.is_some(),
+            lobby: r.lobby,
+            waiting: for_host.then(|| {
+                r.waiting
+                    .iter()
+                    .map(|w| Waiter {
+                        id: w.id.clone(),
+                        name: w.name.clone(),
+                    })
+                    .collect()
+            }),
+        })
+    }
+
+    /// Sends the room's state to its hosts (with the waiting list) and, unless
+    /// `hosts_only`, to everyone else.
+    fn broadcast_state(&mut self, room: &Arc<str>, hosts_only: bool, effects: &mut Vec<Effect<H>>) {
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        let (hosts, others): (Vec<Arc<str>>, Vec<Arc<str>>) = r
+            .peers
+            .iter()
+            .cloned()
+            .partition(|id| self.peers.get(id).is_some_and(|p| p.host));
+        if let Some(m) = self.room_state(room, true) {
+            self.deliver(&hosts, m, effects);
+        }
+        if !hosts_only {
+            if let Some(m) = self.room_state(room, false) {
+                self.deliver(&others, m, effects);
+            }
+        }
     }
 
     fn peer_infos(&self, ids: &[Arc<str>]) -> Vec<PeerInfo> {
@@ -335,13 +585,15 @@ impl<H: Clone> Rooms<H> {
         peer.conn = Some((conn, handle.clone()));
         let queued: Vec<ServerMsg> = peer.queue.drain(..).collect();
         let room = peer.room.clone();
+        let room_name = room.clone();
+        let id_kept = id.clone();
         self.tokens.insert(token_hash(&token), id.clone());
         self.conns.insert(conn, id.clone());
         self.generation += 1;
         let others: Vec<Arc<str>> = self
             .rooms
             .get(&room)
-            .map(|r| r.iter().filter(|p| **p != id).cloned().collect())
+            .map(|r| r.peers.iter().filter(|p| **p != id).cloned().collect())
             .unwrap_or_default();
         effects.push(Effect::Send(
             vec![handle.clone()],
@@ -354,10 +606,17 @@ impl<H: Clone> Rooms<H> {
                 ice: None,
                 resume: token,
                 resumed: true,
+                minor: PROTOCOL_MINOR,
+                hosts: self.hosts_of(&room_name),
             },
         ));
         for m in queued {
             effects.push(Effect::Send(vec![handle.clone()], m));
+        }
+        // The current state last: it supersedes any queued one.
+        let host = self.peers.get(&id_kept).is_some_and(|p| p.host);
+        if let Some(state) = self.room_state(&room_name, host) {
+            effects.push(Effect::Send(vec![handle], state));
         }
         effects
     }
@@ -450,7 +709,7 @@ impl<H: Clone> Rooms<H> {
         self.peers
             .get(id)
             .and_then(|p| self.rooms.get(&p.room))
-            .map(|r| r.iter().filter(|p| *p != id).cloned().collect())
+            .map(|r| r.peers.iter().filter(|p| *p != id).cloned().collect())
             .unwrap_or_default()
     }
 
@@ -490,7 +749,11 @@ impl<H: Clone> Rooms<H> {
         let Some(p) = self.peers.get(&from) else {
             return Vec::new();
         };
-        let everyone = self.rooms.get(&p.room).cloned().unwrap_or_default();
+        let everyone = self
+            .rooms
+            .get(&p.room)
+            .map(|r| r.peers.clone())
+            .unwrap_or_default();
         let msg = ServerMsg::Chat {
             from: from.clone(),
             name: p.name.clone(),
@@ -504,6 +767,10 @@ impl<H: Clone> Rooms<H> {
 
     /// `leave`: out of the room at once, the others told now.
     pub fn leave(&mut self, conn: ConnId, handle: &H) -> Vec<Effect<H>> {
+        if self.waiting.contains_key(&conn) {
+            // Gave up waiting in a lobby.
+            return self.unwait(conn);
+        }
         let id = match self.sender(conn, handle) {
             Ok(f) => f,
             Err(e) => return e,
@@ -514,6 +781,9 @@ impl<H: Clone> Rooms<H> {
 
     /// The socket closed or timed out: its peer (if any) enters the resume grace.
     pub fn disconnect(&mut self, conn: ConnId, now: Instant) -> Vec<Effect<H>> {
+        if self.waiting.contains_key(&conn) {
+            return self.unwait(conn);
+        }
         let Some(id) = self.conns.remove(&conn) else {
             return Vec::new();
         };
@@ -532,16 +802,54 @@ impl<H: Clone> Rooms<H> {
         }
     }
 
-    /// The earliest instant at which [`Rooms::handle_timeout`] has work (a resume
-    /// grace ends), or `None` while nobody is in a grace. May be a grace that a
-    /// resume has since ended: acting on it then does nothing.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.graces.front().map(|(at, _)| *at)
+    /// Takes a waiting connection out of its lobby (it left or dropped); hosts get
+    /// the new waiting list.
+    fn unwait(&mut self, conn: ConnId) -> Vec<Effect<H>> {
+        let mut effects = Vec::new();
+        if let Some((room, _)) = self.take_waiter(conn) {
+            self.broadcast_state(&room, true, &mut effects);
+        }
+        effects
     }
 
-    /// Removes every peer whose grace has ended by `now`.
+    /// Removes a waiting joiner from every table; returns its room and entry.
+    fn take_waiter(&mut self, conn: ConnId) -> Option<(Arc<str>, Waiting<H>)> {
+        let (room, _) = self.waiting.remove(&conn)?;
+        let r = self.rooms.get_mut(&room)?;
+        let i = r.waiting.iter().position(|w| w.conn == conn)?;
+        Some((room, r.waiting.remove(i)))
+    }
+
+    /// The earliest instant at which [`Rooms::handle_timeout`] has work (a resume
+    /// grace or a lobby wait ends), or `None` while there is none. May be one that
+    /// has since ended otherwise: acting on it then does nothing.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let grace = self.graces.front().map(|(at, _)| *at);
+        let lobby = self.lobby_deadlines.front().map(|(at, _, _)| *at);
+        match (grace, lobby) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Removes every peer whose grace has ended by `now`, and turns away every joiner
+    /// whose lobby wait has.
     pub fn handle_timeout(&mut self, now: Instant) -> Vec<Effect<H>> {
         let mut effects = Vec::new();
+        while let Some((deadline, _, _)) = self.lobby_deadlines.front() {
+            if *deadline > now {
+                break;
+            }
+            let Some((_, id, conn)) = self.lobby_deadlines.pop_front() else {
+                break;
+            };
+            if self.waiting.get(&conn).is_some_and(|(_, w)| *w == id) {
+                if let Some((room, w)) = self.take_waiter(conn) {
+                    self.turn_away(&room, w, "timeout", &mut effects);
+                    self.broadcast_state(&room, true, &mut effects);
+                }
+            }
+        }
         while let Some((deadline, _)) = self.graces.front() {
             if *deadline > now {
                 break;
@@ -560,6 +868,186 @@ impl<H: Clone> Rooms<H> {
         effects
     }
 
+    /// Sends a turned-away joiner its `denied` and closes it (4003).
+    fn turn_away(
+        &mut self,
+        room: &Arc<str>,
+        w: Waiting<H>,
+        reason: &'static str,
+        effects: &mut Vec<Effect<H>>,
+    ) {
+        effects.push(Effect::Send(
+            vec![w.handle.clone()],
+            ServerMsg::Denied {
+                room: room.clone(),
+                reason,
+            },
+        ));
+        effects.push(Effect::Close(w.handle, CLOSE_DENIED));
+    }
+
+    /// Admits a waiting joiner: a normal join if the room still has a place.
+    fn admit_waiter(&mut self, room: &Arc<str>, w: Waiting<H>, effects: &mut Vec<Effect<H>>) {
+        let full = self
+            .rooms
+            .get(room)
+            .is_some_and(|r| r.peers.len() >= self.cfg.capacity);
+        if full {
+            effects.push(Effect::Send(
+                vec![w.handle],
+                ServerMsg::RoomFull {
+                    room: room.clone(),
+                    capacity: self.cfg.capacity,
+                },
+            ));
+            return;
+        }
+        let now = w.until - LOBBY_WAIT;
+        self.enter(w.conn, w.handle, room.clone(), w.id, w.name, now, effects);
+    }
+
+    /// A host action (protocol 1.1): checked (joined, a host, within the rate, ids of
+    /// this room only), then done; every change of the room's state is sent to all.
+    pub fn control(
+        &mut self,
+        conn: ConnId,
+        handle: &H,
+        c: Control,
+        now: Instant,
+    ) -> Vec<Effect<H>> {
+        let from = match self.sender(conn, handle) {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        let err = |code| vec![Effect::Send(vec![handle.clone()], ServerMsg::error(code))];
+        let Some(me) = self.peers.get_mut(&from) else {
+            return Vec::new();
+        };
+        if !me.host {
+            return err(ErrorCode::NotHost);
+        }
+        if me.actions.add(now) > MAX_HOST_ACTIONS {
+            return err(ErrorCode::RateLimited);
+        }
+        let room = me.room.clone();
+        let my_name = me.name.clone();
+        // A participant of this room other than the sender.
+        let member = |rooms: &Self, id: &str| -> Option<Arc<str>> {
+            rooms
+                .peers
+                .get(id)
+                .filter(|p| p.room == room && p.id != from)
+                .map(|p| p.id.clone())
+        };
+        // A joiner waiting in this room's lobby.
+        let waiter = |rooms: &Self, id: &str| -> Option<ConnId> {
+            rooms
+                .rooms
+                .get(&room)?
+                .waiting
+                .iter()
+                .find(|w| &*w.id == id)
+                .map(|w| w.conn)
+        };
+        let mut effects = Vec::new();
+        match c {
+            Control::MakeHost { id } => {
+                let Some(id) = member(self, &id) else {
+                    return err(ErrorCode::UnknownPeer);
+                };
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.host = true;
+                }
+                self.generation += 1;
+                self.broadcast_state(&room, false, &mut effects);
+            }
+            Control::Lock { locked } => {
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.locked = locked;
+                }
+                self.generation += 1;
+                self.broadcast_state(&room, false, &mut effects);
+            }
+            Control::RoomPassword { password } => {
+                let new =
+                    (!password.is_empty()).then(|| RoomPassword::new(&password, &mut self.rng));
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.password = new;
+                }
+                self.generation += 1;
+                self.broadcast_state(&room, false, &mut effects);
+            }
+            Control::Lobby { on } => {
+                let mut released = Vec::new();
+                let mut locked = false;
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.lobby = on;
+                    locked = r.locked;
+                    if !on {
+                        released = std::mem::take(&mut r.waiting);
+                    }
+                }
+                self.generation += 1;
+                // Turned off: who waited comes in, unless the room is locked.
+                for w in released {
+                    self.waiting.remove(&w.conn);
+                    if locked {
+                        self.turn_away(&room, w, "locked", &mut effects);
+                    } else {
+                        self.admit_waiter(&room, w, &mut effects);
+                    }
+                }
+                self.broadcast_state(&room, false, &mut effects);
+            }
+            Control::Admit { id } => {
+                let Some((_, w)) = waiter(self, &id).and_then(|c| self.take_waiter(c)) else {
+                    return err(ErrorCode::UnknownPeer);
+                };
+                self.admit_waiter(&room, w, &mut effects);
+                self.broadcast_state(&room, true, &mut effects);
+            }
+            Control::Deny { id } => {
+                let Some((_, w)) = waiter(self, &id).and_then(|c| self.take_waiter(c)) else {
+                    return err(ErrorCode::UnknownPeer);
+                };
+                self.turn_away(&room, w, "denied", &mut effects);
+                self.broadcast_state(&room, true, &mut effects);
+            }
+            Control::Kick { id } => {
+                let Some(id) = member(self, &id) else {
+                    return err(ErrorCode::UnknownPeer);
+                };
+                self.kicks += 1;
+                if let Some((c, h)) = self.peers.get_mut(&id).and_then(|p| p.conn.take()) {
+                    self.conns.remove(&c);
+                    effects.push(Effect::Send(
+                        vec![h.clone()],
+                        ServerMsg::Kicked {
+                            by: from.clone(),
+                            name: my_name,
+                        },
+                    ));
+                    effects.push(Effect::Close(h, CLOSE_KICKED));
+                }
+                effects.extend(self.remove_peer(&id));
+                effects.push(Effect::Revoke(id));
+            }
+            Control::MuteRequest { id, audio, video } => {
+                let Some(id) = member(self, &id) else {
+                    return err(ErrorCode::UnknownPeer);
+                };
+                let msg = ServerMsg::MuteRequest {
+                    from: from.clone(),
+                    name: my_name,
+                    audio,
+                    video,
+                };
+                self.deliver(&[id], msg, &mut effects);
+            }
+        }
+        effects
+    }
+
     fn remove_peer(&mut self, id: &Arc<str>) -> Vec<Effect<H>> {
         let mut effects = Vec::new();
         let Some(peer) = self.peers.remove(id) else {
@@ -571,11 +1059,14 @@ impl<H: Clone> Rooms<H> {
             self.conns.remove(c);
         }
         let mut others = Vec::new();
+        let mut orphans = Vec::new();
         if let Some(r) = self.rooms.get_mut(&peer.room) {
-            r.retain(|p| p != id);
-            others = r.clone();
-            if r.is_empty() {
-                self.rooms.remove(&peer.room);
+            r.peers.retain(|p| p != id);
+            others = r.peers.clone();
+            if r.peers.is_empty() {
+                if let Some(r) = self.rooms.remove(&peer.room) {
+                    orphans = r.waiting;
+                }
             }
         }
         self.deliver(
@@ -584,6 +1075,37 @@ impl<H: Clone> Rooms<H> {
             &mut effects,
         );
         effects.push(Effect::PeerGone(id.clone()));
+        if peer.host && !others.is_empty() {
+            // A room is never left without a host: the longest present takes over.
+            if self.hosts_of(&peer.room).is_empty() {
+                if let Some(p) = others.first().and_then(|o| self.peers.get_mut(o)) {
+                    p.host = true;
+                }
+            }
+            self.broadcast_state(&peer.room, false, &mut effects);
+        }
+        // Joiners still waiting for a room that emptied: nobody is left to admit
+        // them, and the room's rules went with it, so they come in as to a new room.
+        for w in orphans {
+            self.waiting.remove(&w.conn);
+            let room = peer.room.clone();
+            let full = self
+                .rooms
+                .get(&room)
+                .is_some_and(|r| r.peers.len() >= self.cfg.capacity);
+            if full {
+                effects.push(Effect::Send(
+                    vec![w.handle],
+                    ServerMsg::RoomFull {
+                        room,
+                        capacity: self.cfg.capacity,
+                    },
+                ));
+                continue;
+            }
+            let now = w.until - LOBBY_WAIT;
+            self.enter(w.conn, w.handle, room, w.id, w.name, now, &mut effects);
+        }
         effects
     }
 }
@@ -614,9 +1136,9 @@ impl<H: Clone> Rooms<H> {
         let mut rooms: Vec<&Arc<str>> = self.rooms.keys().collect();
         rooms.sort();
         let peers = rooms
-            .into_iter()
-            .filter_map(|r| self.rooms.get(r))
-            .flatten()
+            .iter()
+            .filter_map(|r| self.rooms.get(*r))
+            .flat_map(|r| r.peers.iter())
             .filter_map(|id| self.peers.get(id))
             .map(|p| SavedPeer {
                 id: p.id.to_string(),
@@ -624,6 +1146,20 @@ impl<H: Clone> Rooms<H> {
                 name: p.name.to_string(),
                 media: p.media,
                 token_sha256: hex::encode(p.token),
+                host: p.host,
+            })
+            .collect();
+        let saved_rooms = rooms
+            .iter()
+            .filter_map(|name| self.rooms.get(*name).map(|r| (name, r)))
+            .filter(|(_, r)| r.locked || r.lobby || r.password.is_some())
+            .map(|(name, r)| SavedRoom {
+                name: name.to_string(),
+                locked: r.locked,
+                lobby: r.lobby,
+                password: r
+                    .password
+                    .map(|p| (hex::encode(p.salt), hex::encode(p.hash))),
             })
             .collect();
         let (id_key, id_next) = self.ids.parts();
@@ -633,6 +1169,7 @@ impl<H: Clone> Rooms<H> {
             id_key,
             id_next,
             peers,
+            rooms: saved_rooms,
         }
     }
 
@@ -662,7 +1199,7 @@ impl<H: Clone> Rooms<H> {
             });
         }
         let mut peers: HashMap<Arc<str>, Peer<H>> = HashMap::with_capacity(snap.peers.len());
-        let mut rooms: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+        let mut rooms: HashMap<Arc<str>, Room<H>> = HashMap::new();
         let mut tokens = HashMap::with_capacity(snap.peers.len());
         let grace_until = now + self.cfg.resume_grace;
         for p in snap.peers {
@@ -688,7 +1225,11 @@ impl<H: Clone> Rooms<H> {
             if tokens.insert(token, id.clone()).is_some() {
                 return Err(RestoreError::Invalid("duplicate token"));
             }
-            rooms.entry(room.clone()).or_default().push(id.clone());
+            rooms
+                .entry(room.clone())
+                .or_insert_with(Room::new)
+                .peers
+                .push(id.clone());
             let peer = Peer {
                 id: id.clone(),
                 name: p.name.into(),
@@ -698,9 +1239,40 @@ impl<H: Clone> Rooms<H> {
                 token,
                 grace_until: Some(grace_until),
                 queue: VecDeque::new(),
+                host: p.host,
+                actions: WindowCounter::new(now),
             };
             if peers.insert(id, peer).is_some() {
                 return Err(RestoreError::Invalid("duplicate peer id"));
+            }
+        }
+        for saved in snap.rooms {
+            let Some(r) = rooms.get_mut(saved.name.as_str()) else {
+                continue;
+            };
+            r.locked = saved.locked;
+            r.lobby = saved.lobby;
+            if let Some((salt_hex, hash_hex)) = saved.password {
+                let mut salt = [0u8; 16];
+                let mut hash = [0u8; 32];
+                if hex::decode_to_slice(&salt_hex, &mut salt).is_err()
+                    || hex::decode_to_slice(&hash_hex, &mut hash).is_err()
+                {
+                    return Err(RestoreError::Invalid("room password"));
+                }
+                r.password = Some(RoomPassword { salt, hash });
+            }
+        }
+        // A room saved without a host (an older file) gets its longest present.
+        for r in rooms.values() {
+            if !r
+                .peers
+                .iter()
+                .any(|id| peers.get(id).is_some_and(|p| p.host))
+            {
+                if let Some(p) = r.peers.first().and_then(|id| peers.get_mut(id)) {
+                    p.host = true;
+                }
             }
         }
         self.graces = peers.keys().map(|id| (grace_until, id.clone())).collect();

@@ -40,6 +40,20 @@ pub struct Snapshot {
     pub id_next: u64,
     /// Every peer, grouped by room in each room's join order.
     pub peers: Vec<SavedPeer>,
+    /// Each room's control state (protocol 1.1; absent in older files).
+    #[serde(default)]
+    pub rooms: Vec<SavedRoom>,
+}
+
+/// A room's control state as saved (lobby waiters are not: their sockets close with
+/// the process, and they knock again).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedRoom {
+    pub name: String,
+    pub locked: bool,
+    pub lobby: bool,
+    /// Hex salt and hex salted SHA-256 of the room password, if one is set.
+    pub password: Option<(String, String)>,
 }
 
 /// One peer as saved.
@@ -51,6 +65,9 @@ pub struct SavedPeer {
     pub media: Option<Media>,
     /// Hex SHA-256 of the current resume token (the token itself is never stored).
     pub token_sha256: String,
+    /// A host of its room (protocol 1.1; absent in older files).
+    #[serde(default)]
+    pub host: bool,
 }
 
 /// Why a snapshot file could not be read.
@@ -128,6 +145,13 @@ mod tests {
                     screen: false,
                 }),
                 token_sha256: "00".repeat(32),
+                host: true,
+            }],
+            rooms: vec![SavedRoom {
+                name: "r".into(),
+                locked: true,
+                lobby: false,
+                password: None,
             }],
         }
     }

@@ -10,6 +10,11 @@ use serde_json::Value;
 use crate::ice::RtcConfiguration;
 
 pub const PROTOCOL_VERSION: u32 = 1;
+/// The minor version (`joined.minor`): 1 adds room control (hosts, lock, room
+/// password, lobby, kick, mute request).
+pub const PROTOCOL_MINOR: u32 = 1;
+/// Longest room password, in characters.
+pub const MAX_ROOM_PASSWORD_CHARS: usize = 128;
 pub const MAX_CHAT_CHARS: usize = 2000;
 pub const MAX_NAME_CHARS: usize = 64;
 
@@ -31,6 +36,43 @@ pub enum ClientMsg {
     IceRequest {
         password: Option<String>,
     },
+    /// A host action (protocol 1.1).
+    Control(Control),
+}
+
+/// What a host asks for (protocol 1.1). Every one needs the sender to be a host of
+/// its room; ids name peers (or waiting joiners) of that room only.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    /// Make another participant a host too.
+    MakeHost {
+        id: String,
+    },
+    Lock {
+        locked: bool,
+    },
+    /// Empty clears it.
+    RoomPassword {
+        password: String,
+    },
+    Lobby {
+        on: bool,
+    },
+    Admit {
+        id: String,
+    },
+    Deny {
+        id: String,
+    },
+    Kick {
+        id: String,
+    },
+    /// Ask `id` to turn these off (at least one true).
+    MuteRequest {
+        id: String,
+        audio: bool,
+        video: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -39,6 +81,8 @@ pub struct JoinReq {
     pub name: Option<String>,
     pub password: Option<String>,
     pub resume: Option<String>,
+    /// The room's own password, when a host has set one (protocol 1.1).
+    pub room_password: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -90,6 +134,10 @@ struct Incoming {
     video: Option<bool>,
     screen: Option<bool>,
     text: Option<String>,
+    room_password: Option<String>,
+    id: Option<String>,
+    locked: Option<bool>,
+    on: Option<bool>,
 }
 
 /// Distinguishes `"candidate": null` (Some(Null)) from a missing field (None).
@@ -131,6 +179,7 @@ impl ClientMsg {
                 name: m.name,
                 password: m.password,
                 resume: m.resume,
+                room_password: m.room_password,
             })),
             "offer" => relay(RelayKind::Offer, m),
             "answer" => relay(RelayKind::Answer, m),
@@ -148,6 +197,38 @@ impl ClientMsg {
             "ice_request" => Ok(ClientMsg::IceRequest {
                 password: m.password,
             }),
+            "host" | "admit" | "deny" | "kick" | "mute_request" => {
+                let id = m.id.ok_or(ParseError::Field("id"))?;
+                Ok(ClientMsg::Control(match m.kind.as_str() {
+                    "host" => Control::MakeHost { id },
+                    "admit" => Control::Admit { id },
+                    "deny" => Control::Deny { id },
+                    "kick" => Control::Kick { id },
+                    _ => {
+                        let audio = m.audio.unwrap_or(false);
+                        let video = m.video.unwrap_or(false);
+                        if !audio && !video {
+                            return Err(ParseError::Field("audio"));
+                        }
+                        Control::MuteRequest { id, audio, video }
+                    }
+                }))
+            }
+            "lock" => Ok(ClientMsg::Control(Control::Lock {
+                locked: m.locked.ok_or(ParseError::Field("locked"))?,
+            })),
+            "lobby" => Ok(ClientMsg::Control(Control::Lobby {
+                on: m.on.ok_or(ParseError::Field("on"))?,
+            })),
+            "room_password" => {
+                let password = m.password.ok_or(ParseError::Field("password"))?;
+                if password.chars().count() > MAX_ROOM_PASSWORD_CHARS
+                    || password.chars().any(char::is_control)
+                {
+                    return Err(ParseError::Field("password"));
+                }
+                Ok(ClientMsg::Control(Control::RoomPassword { password }))
+            }
             _ => Err(ParseError::UnknownType),
         }
     }
@@ -165,6 +246,12 @@ pub enum ErrorCode {
     UnknownPeer,
     BadPassword,
     RateLimited,
+    /// Protocol 1.1: a host action from a participant who is not a host.
+    NotHost,
+    /// Protocol 1.1: the room is locked (and its lobby is off).
+    RoomLocked,
+    /// Protocol 1.1: the room's lobby holds as many joiners as it may.
+    LobbyFull,
 }
 
 impl ErrorCode {
@@ -178,6 +265,9 @@ impl ErrorCode {
             ErrorCode::UnknownPeer => "unknown_peer",
             ErrorCode::BadPassword => "bad_password",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotHost => "not_host",
+            ErrorCode::RoomLocked => "room_locked",
+            ErrorCode::LobbyFull => "lobby_full",
         }
     }
 }
@@ -187,6 +277,13 @@ pub struct PeerInfo {
     pub id: Arc<str>,
     pub name: Arc<str>,
     pub media: Option<Media>,
+}
+
+/// A joiner waiting in a room's lobby, as hosts see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Waiter {
+    pub id: Arc<str>,
+    pub name: Arc<str>,
 }
 
 /// A server message. Cheap to clone (shared strings), serialized once per send.
@@ -203,6 +300,50 @@ pub enum ServerMsg {
         ice: Option<RtcConfiguration>,
         resume: String,
         resumed: bool,
+        /// Protocol 1.1.
+        minor: u32,
+        /// Protocol 1.1: the room's hosts.
+        hosts: Vec<Arc<str>>,
+    },
+    /// Protocol 1.1: the room's control state, after `joined` and on every change.
+    RoomState {
+        hosts: Vec<Arc<str>>,
+        locked: bool,
+        /// Whether joins need a room password (never the password itself).
+        password: bool,
+        lobby: bool,
+        /// Joiners in the lobby, oldest first: in hosts' copies only.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        waiting: Option<Vec<Waiter>>,
+    },
+    /// Protocol 1.1: to a joiner held in the lobby.
+    Waiting {
+        room: Arc<str>,
+        id: Arc<str>,
+    },
+    /// Protocol 1.1: to hosts, a joiner in the lobby.
+    Knock {
+        id: Arc<str>,
+        name: Arc<str>,
+    },
+    /// Protocol 1.1: to a joiner turned away from the lobby (then closed with 4003).
+    Denied {
+        room: Arc<str>,
+        /// `denied` (a host said no), `timeout`, or `locked` (the lobby was turned
+        /// off while the room is locked).
+        reason: &'static str,
+    },
+    /// Protocol 1.1: to a participant removed by a host (then closed with 4002).
+    Kicked {
+        by: Arc<str>,
+        name: Arc<str>,
+    },
+    /// Protocol 1.1: a host asks this participant to turn its microphone and/or camera off.
+    MuteRequest {
+        from: Arc<str>,
+        name: Arc<str>,
+        audio: bool,
+        video: bool,
     },
     PeerJoined {
         id: Arc<str>,
@@ -246,6 +387,10 @@ pub enum ServerMsg {
     Error {
         code: ErrorCode,
         message: &'static str,
+        /// Protocol 1.1: `room` on a `bad_password` about the room's own password
+        /// (absent when the server's password is meant).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        scope: Option<&'static str>,
     },
 }
 
@@ -264,8 +409,24 @@ impl ServerMsg {
             ErrorCode::UnknownPeer => "no such peer in your room",
             ErrorCode::BadPassword => "wrong room password",
             ErrorCode::RateLimited => "too many messages; slow down",
+            ErrorCode::NotHost => "only a host of this room may do that",
+            ErrorCode::RoomLocked => "the room is locked",
+            ErrorCode::LobbyFull => "too many people are waiting to join this room",
         };
-        ServerMsg::Error { code, message }
+        ServerMsg::Error {
+            code,
+            message,
+            scope: None,
+        }
+    }
+
+    /// `bad_password` about the room's own password.
+    pub fn bad_room_password() -> ServerMsg {
+        ServerMsg::Error {
+            code: ErrorCode::BadPassword,
+            message: "wrong or missing room password",
+            scope: Some("room"),
+        }
     }
 
     /// The JSON text of this message. Serializing these types does not fail as
@@ -289,6 +450,12 @@ impl ServerMsg {
             ServerMsg::Chat { .. } => "chat",
             ServerMsg::RoomFull { .. } => "room_full",
             ServerMsg::Pong => "pong",
+            ServerMsg::RoomState { .. } => "room_state",
+            ServerMsg::Waiting { .. } => "waiting",
+            ServerMsg::Knock { .. } => "knock",
+            ServerMsg::Denied { .. } => "denied",
+            ServerMsg::Kicked { .. } => "kicked",
+            ServerMsg::MuteRequest { .. } => "mute_request",
             ServerMsg::Error { .. } => "error",
         }
     }
@@ -321,6 +488,7 @@ mod tests {
                 name: Some("N".into()),
                 password: None,
                 resume: Some("t".into()),
+                room_password: None,
             })
         );
         assert_eq!(
@@ -452,6 +620,8 @@ mod tests {
                 ice: None,
                 resume: "t".into(),
                 resumed: false,
+                minor: PROTOCOL_MINOR,
+                hosts: vec!["a".into()],
             },
             ServerMsg::PeerJoined {
                 id: "a".into(),

@@ -43,8 +43,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::core::{
-    Beat, ConnId, Effect, Heartbeat, IceFor, RateLimiter, RoomRules, Rooms, Verdict,
-    CLOSE_TAKEN_OVER,
+    Beat, ConnId, Effect, Heartbeat, IceFor, RateLimiter, RoomRules, Rooms, Verdict, CLOSE_DENIED,
+    CLOSE_KICKED, CLOSE_TAKEN_OVER,
 };
 use super::persist;
 use super::proto::{ClientMsg, ErrorCode, ServerMsg};
@@ -108,6 +108,9 @@ pub struct SignalingMetrics {
     pub relayed: Family<TypeLabel, Counter>,
     pub errors: Family<CodeLabel, Counter>,
     pub disconnects: Family<ReasonLabel, Counter>,
+    pub locked_rooms: Gauge,
+    pub lobby_waiting: Gauge,
+    pub kicks: Counter,
     /// The `relayed` counters of [`RELAYED_TYPES`], fetched once (hot path).
     relayed_by_type: Vec<Counter>,
 }
@@ -148,6 +151,21 @@ impl SignalingMetrics {
             "Closed signaling WebSockets, by reason",
             m.disconnects.clone(),
         );
+        registry.register(
+            "meshmeet_rooms_locked",
+            "Rooms a host has locked",
+            m.locked_rooms.clone(),
+        );
+        registry.register(
+            "meshmeet_lobby_waiting",
+            "Joiners waiting in rooms' lobbies",
+            m.lobby_waiting.clone(),
+        );
+        registry.register(
+            "meshmeet_kicks",
+            "Participants removed from their room by a host",
+            m.kicks.clone(),
+        );
         m
     }
 }
@@ -165,6 +183,10 @@ pub enum Reason {
     Policy,
     /// Another socket resumed its peer (4001).
     Replaced,
+    /// A host removed its peer (4002).
+    Kicked,
+    /// Turned away from a lobby (4003).
+    Denied,
     /// Server shutdown (1001).
     Shutdown,
 }
@@ -177,6 +199,8 @@ impl Reason {
             Reason::SlowReader => "slow_reader",
             Reason::Policy => "policy",
             Reason::Replaced => "replaced",
+            Reason::Kicked => "kicked",
+            Reason::Denied => "denied",
             Reason::Shutdown => "shutdown",
         }
     }
@@ -185,6 +209,8 @@ impl Reason {
         match code {
             CLOSE_TRY_LATER => Reason::SlowReader,
             CLOSE_TAKEN_OVER => Reason::Replaced,
+            CLOSE_KICKED => Reason::Kicked,
+            CLOSE_DENIED => Reason::Denied,
             CLOSE_GOING_AWAY => Reason::Shutdown,
             _ => Reason::Policy,
         }
@@ -215,6 +241,8 @@ struct Outgoing {
 #[derive(Clone)]
 pub struct ConnHandle {
     outbox: Arc<Outbox>,
+    /// The upgrade request's Host header, for the ICE servers in its `joined`.
+    host: Option<Arc<str>>,
 }
 
 impl ConnHandle {
@@ -412,6 +440,13 @@ impl Signaling {
         let out = f(&mut core);
         self.metrics.rooms.set(core.room_count() as i64);
         self.metrics.peers.set(core.peer_count() as i64);
+        self.metrics.locked_rooms.set(core.locked_rooms() as i64);
+        self.metrics.lobby_waiting.set(core.waiting_count() as i64);
+        let kicks = core.kicks();
+        let counted = self.metrics.kicks.get();
+        if kicks > counted {
+            self.metrics.kicks.inc_by(kicks - counted);
+        }
         out
     }
 }
@@ -627,6 +662,8 @@ fn close_reason(code: u16) -> &'static str {
         CLOSE_TOO_BIG => "message too big",
         CLOSE_TRY_LATER => "too slow to read messages",
         CLOSE_TAKEN_OVER => "resumed on another connection",
+        CLOSE_KICKED => "removed by a host",
+        CLOSE_DENIED => "not admitted",
         _ => "closing",
     }
 }
@@ -635,7 +672,6 @@ fn close_reason(code: u16) -> &'static str {
 struct Conn {
     id: ConnId,
     handle: ConnHandle,
-    host: Option<String>,
     limiter: RateLimiter,
 }
 
@@ -656,8 +692,8 @@ fn connection(
             id: sig.next_conn.fetch_add(1, Ordering::Relaxed),
             handle: ConnHandle {
                 outbox: outbox.clone(),
+                host: host.map(Arc::from),
             },
-            host,
             limiter: RateLimiter::new(sig.rate_per_s, sig.rate_burst, now),
         };
         let mut heartbeat = Heartbeat::new(timings.ping_interval, timings.timeout, now);
@@ -837,7 +873,7 @@ fn on_text(sig: &Arc<Signaling>, conn: &mut Conn, text: &str) -> Option<Ending> 
     };
     let id = conn.id;
     let h = &conn.handle;
-    let host = conn.host.as_deref();
+    let host = conn.handle.host.as_deref();
     let bad = match msg {
         ClientMsg::Ping => {
             reply(sig, conn, &ServerMsg::Pong);
@@ -873,6 +909,7 @@ fn on_text(sig: &Arc<Signaling>, conn: &mut Conn, text: &str) -> Option<Ending> 
         ClientMsg::Media(m) => ordered(sig, host, |c| c.media(id, h, m)),
         ClientMsg::Chat { text } => ordered(sig, host, |c| c.chat(id, h, &text, unix_millis())),
         ClientMsg::Leave => ordered(sig, host, |c| c.leave(id, h)),
+        ClientMsg::Control(c) => ordered(sig, host, |core| core.control(id, h, c, now)),
     };
     if bad && conn.limiter.bad_message(now) {
         return Some(Ending::Close(CLOSE_POLICY, Reason::Policy));
@@ -978,27 +1015,38 @@ fn ordered(
     bad
 }
 
+/// A peer the relay must hear about.
+enum Gone {
+    /// Gone for good: its allocations go.
+    Left(Arc<str>),
+    /// Removed by a host: its credentials stop working too.
+    Revoked(Arc<str>),
+}
+
 /// Tells the relay about peers gone for good (outside the rooms lock).
-fn finish(sig: &Signaling, gone: Vec<Arc<str>>) {
-    for id in gone {
-        sig.peer_events.peer_gone(&id);
+fn finish(sig: &Signaling, gone: Vec<Gone>) {
+    for g in gone {
+        match g {
+            Gone::Left(id) => sig.peer_events.peer_gone(&id),
+            Gone::Revoked(id) => sig.peer_events.peer_revoked(&id),
+        }
     }
 }
 
 /// Carries out the core's effects: serializes each message once and queues it for its
 /// recipients. `host` is the Host header of the connection that caused them, for the
 /// ICE config in `joined`. Returns the peers gone for good, for [`finish`].
-fn apply(
-    sig: &Arc<Signaling>,
-    host: Option<&str>,
-    effects: Vec<Effect<ConnHandle>>,
-) -> Vec<Arc<str>> {
+fn apply(sig: &Arc<Signaling>, host: Option<&str>, effects: Vec<Effect<ConnHandle>>) -> Vec<Gone> {
     let mut gone = Vec::new();
     for effect in effects {
         match effect {
             Effect::Send(targets, mut msg) => {
                 count(sig, &msg);
                 if let ServerMsg::Joined { id, ice, .. } = &mut msg {
+                    // The joiner's own Host header (a lobby admission is caused by a
+                    // host's message, from a connection that may name the server
+                    // otherwise).
+                    let host = targets.first().and_then(|t| t.host.as_deref()).or(host);
                     *ice = Some(sig.ice.for_peer(id, host, unix_secs()));
                 }
                 let Some(text) = encode(&msg) else {
@@ -1009,7 +1057,8 @@ fn apply(
                 }
             }
             Effect::Close(h, code) => h.close(code),
-            Effect::PeerGone(id) => gone.push(id),
+            Effect::PeerGone(id) => gone.push(Gone::Left(id)),
+            Effect::Revoke(id) => gone.push(Gone::Revoked(id)),
         }
     }
     gone

@@ -7,14 +7,17 @@
 //! - nothing is delivered to a socket whose peer has left (or been taken over);
 //! - when a peer leaves, every peer of its room that is connected is told in the same
 //!   step, and nobody is ever told twice;
-//! - a resume with the current token keeps the id.
+//! - a resume with the current token keeps the id;
+//! - with host actions mixed in (lock, lobby, admit, deny, kick, make host): every room
+//!   with participants has a host, and a kicked or denied socket gets nothing more.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshmeet::signaling::core::LOBBY_WAIT;
 use meshmeet::signaling::core::{Effect, RoomRules, Rooms};
-use meshmeet::signaling::proto::{JoinReq, Media, RelayKind, RelayPayload, ServerMsg};
+use meshmeet::signaling::proto::{Control, JoinReq, Media, RelayKind, RelayPayload, ServerMsg};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -35,6 +38,8 @@ pub enum Op {
     Leave(usize),
     Drop(usize),
     Wait(u64),
+    /// A host action by the a-th socket (kind k) naming the b-th known id.
+    Control(usize, u8, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -47,6 +52,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Leave),
         2 => any::<usize>().prop_map(Op::Drop),
         1 => (0u64..30_000).prop_map(Op::Wait),
+        3 => (any::<usize>(), 0u8..8, any::<usize>()).prop_map(|(a, k, b)| Op::Control(a, k, b)),
     ]
 }
 
@@ -65,6 +71,10 @@ struct Model {
     /// The room of every peer ever seen (ids are never reused): messages queued for a
     /// peer in its grace may be about peers gone since.
     ever: HashMap<Arc<str>, String>,
+    /// Sockets waiting in a lobby, with the id they knocked as.
+    waiting: BTreeMap<u64, Arc<str>>,
+    /// Sockets closed by the server (kicked, denied, taken over): nothing more for them.
+    closed: std::collections::HashSet<u64>,
 }
 
 /// Peer id -> room, from a snapshot.
@@ -107,6 +117,8 @@ impl Model {
             current: HashMap::new(),
             told_left: HashMap::new(),
             ever: HashMap::new(),
+            waiting: BTreeMap::new(),
+            closed: std::collections::HashSet::new(),
         }
     }
 
@@ -125,6 +137,7 @@ impl Model {
             name: Some(format!("n{conn}")),
             password: None,
             resume,
+            room_password: None,
         };
         (conn, self.core.join(conn, conn, req, self.now))
     }
@@ -198,9 +211,45 @@ impl Model {
                 self.now += Duration::from_millis(ms);
                 self.core.handle_timeout(self.now)
             }
+            Op::Control(a, k, b) => {
+                let Some(conn) = self.pick(a) else {
+                    return Ok(());
+                };
+                // Any id seen: peers of this room or others, gone ones, waiting joiners.
+                let mut ids: Vec<Arc<str>> = self.ever.keys().cloned().collect();
+                ids.extend(self.waiting.values().cloned());
+                ids.sort();
+                let id = if ids.is_empty() {
+                    "nobody".to_string()
+                } else {
+                    ids[b % ids.len()].to_string()
+                };
+                let c = match k {
+                    0 => Control::Lock { locked: b % 2 == 0 },
+                    1 => Control::Lobby { on: b % 3 != 0 },
+                    2 => Control::Admit { id },
+                    3 => Control::Deny { id },
+                    4 => Control::Kick { id },
+                    5 => Control::MakeHost { id },
+                    6 => Control::RoomPassword {
+                        password: if b % 2 == 0 {
+                            String::new()
+                        } else {
+                            "pw".into()
+                        },
+                    },
+                    _ => Control::MuteRequest {
+                        id,
+                        audio: true,
+                        video: false,
+                    },
+                };
+                self.core.control(conn, &conn, c, self.now)
+            }
         };
         let after = rooms_of(&self.core);
 
+        let closed_before = self.closed.clone();
         // Sockets first: joins, takeovers.
         for e in &fx {
             match e {
@@ -225,10 +274,48 @@ impl Model {
                 }
                 Effect::Close(h, _) => {
                     self.attached.remove(h);
+                    self.waiting.remove(h);
+                    self.closed.insert(*h);
+                }
+                Effect::Send(to, ServerMsg::Waiting { id, .. }) => {
+                    self.waiting.insert(to[0], id.clone());
                 }
                 _ => {}
             }
         }
+        // An admitted (or re-joined) socket is no longer waiting.
+        for conn in self.attached.keys() {
+            self.waiting.remove(conn);
+        }
+        // Nothing reaches a socket the server closed, after its close.
+        let mut closing = std::collections::HashSet::new();
+        for e in &fx {
+            match e {
+                Effect::Close(h, _) => {
+                    closing.insert(*h);
+                }
+                Effect::Send(to, m) => {
+                    for t in to {
+                        prop_assert!(
+                            !closed_before.contains(t),
+                            "{m:?} sent to closed socket {t}"
+                        );
+                        prop_assert!(!closing.contains(t), "{m:?} sent to {t} after its close");
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Every room with participants has a host.
+        let snap = self.core.snapshot(0);
+        let mut hosted: HashMap<String, bool> = HashMap::new();
+        for p in &snap.peers {
+            *hosted.entry(p.room.clone()).or_default() |= p.host;
+        }
+        prop_assert!(
+            hosted.values().all(|h| *h),
+            "a room without a host: {hosted:?}"
+        );
         if let Some(want) = &resumed_as {
             prop_assert!(self.attached.values().any(|v| v == want), "resume answered");
         }
@@ -312,7 +399,11 @@ proptest! {
             m.step(Op::Drop(0))?;
             let _ = conn;
         }
+        for conn in m.waiting.keys().copied().collect::<Vec<_>>() {
+            m.core.disconnect(conn, m.now);
+        }
         m.step(Op::Wait(GRACE.as_millis() as u64 + 1))?;
-        prop_assert_eq!(m.core.table_sizes(), [0; 5]);
+        m.step(Op::Wait(LOBBY_WAIT.as_millis() as u64 + 1))?;
+        prop_assert_eq!(m.core.table_sizes(), [0; 7]);
     }
 }

@@ -52,6 +52,9 @@ fn frame(
             let _ = core.ice_request(conn, password.as_deref());
         }
         ClientMsg::Ping => {}
+        ClientMsg::Control(c) => {
+            core.control(conn, &conn, c, now);
+        }
     }
     true
 }

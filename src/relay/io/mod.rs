@@ -269,6 +269,19 @@ impl crate::ice::PeerEvents for RelayHandle {
             tracing::debug!(allocations = n, "peer left; allocations removed");
         }
     }
+
+    fn peer_revoked(&self, peer_id: &str) {
+        let mut cmds = Commands::new();
+        let now = Instant::now();
+        let n = self
+            .shared
+            .with(&mut cmds, |core| core.peer_revoked(peer_id, now));
+        free_sockets(&mut cmds);
+        tracing::debug!(
+            allocations = n,
+            "peer removed by a host; credentials revoked"
+        );
+    }
 }
 
 impl RelayHandle {

@@ -43,14 +43,38 @@ fn error_of(fx: &[Effect<u64>]) -> ErrorCode {
     }
 }
 
-/// (targets, message) of every Send effect.
+/// (targets, message) of every Send effect but `room_state` (protocol 1.1, checked by
+/// the room-control tests with [`all_sends`]).
 fn sends(fx: &[Effect<u64>]) -> Vec<(Vec<u64>, ServerMsg)> {
+    all_sends(fx)
+        .into_iter()
+        .filter(|(_, m)| !matches!(m, ServerMsg::RoomState { .. }))
+        .collect()
+}
+
+/// (targets, message) of every Send effect.
+fn all_sends(fx: &[Effect<u64>]) -> Vec<(Vec<u64>, ServerMsg)> {
     fx.iter()
         .filter_map(|e| match e {
             Effect::Send(t, m) => Some((t.clone(), m.clone())),
             _ => None,
         })
         .collect()
+}
+
+/// The `room_state` a room's only remaining participant (connection `to`, now its
+/// host) gets when the host before it leaves.
+fn handed_over(to: u64, host: &Arc<str>) -> Effect<u64> {
+    Effect::Send(
+        vec![to],
+        ServerMsg::RoomState {
+            hosts: vec![host.clone()],
+            locked: false,
+            password: false,
+            lobby: false,
+            waiting: Some(Vec::new()),
+        },
+    )
 }
 
 fn offer(r: &mut Rooms<u64>, conn: u64, to: &str, sdp: &str) -> Vec<Effect<u64>> {
@@ -378,13 +402,14 @@ fn leave_tells_others_at_once_and_allows_rejoin() {
     let now = Instant::now();
     let mut r = core(6, "");
     let (a, _) = join(&mut r, 1, "r", now);
-    join(&mut r, 2, "r", now);
+    let (b, _) = join(&mut r, 2, "r", now);
     let fx = r.leave(1, &1);
     assert_eq!(
         fx,
         vec![
             Effect::Send(vec![2], ServerMsg::PeerLeft { id: a.clone() }),
-            Effect::PeerGone(a.clone())
+            Effect::PeerGone(a.clone()),
+            handed_over(2, &b),
         ]
     );
     assert_eq!(error_of(&r.leave(1, &1)), ErrorCode::NotJoined);
@@ -402,7 +427,7 @@ fn disconnect_grace_then_peer_left() {
     let now = Instant::now();
     let mut r = core(6, "");
     let (a, _) = join(&mut r, 1, "r", now);
-    join(&mut r, 2, "r", now);
+    let (b, _) = join(&mut r, 2, "r", now);
     assert_eq!(r.poll_timeout(), None);
     assert!(r.disconnect(1, now).is_empty());
     assert_eq!(r.poll_timeout(), Some(now + GRACE));
@@ -417,7 +442,8 @@ fn disconnect_grace_then_peer_left() {
         fx,
         vec![
             Effect::Send(vec![2], ServerMsg::PeerLeft { id: a.clone() }),
-            Effect::PeerGone(a)
+            Effect::PeerGone(a),
+            handed_over(2, &b),
         ]
     );
     assert_eq!(r.poll_timeout(), None, "no grace left to wait for");
@@ -430,12 +456,13 @@ fn zero_grace_removes_at_once() {
     let mut r = core(6, "");
     r.cfg.resume_grace = Duration::ZERO;
     let (a, _) = join(&mut r, 1, "r", now);
-    join(&mut r, 2, "r", now);
+    let (b, _) = join(&mut r, 2, "r", now);
     assert_eq!(
         r.disconnect(1, now),
         vec![
             Effect::Send(vec![2], ServerMsg::PeerLeft { id: a.clone() }),
-            Effect::PeerGone(a)
+            Effect::PeerGone(a),
+            handed_over(2, &b),
         ]
     );
 }
@@ -717,7 +744,7 @@ fn peer_ids_never_repeat_and_leave_nothing_behind() {
         r.leave(conn, &conn);
     }
     // No table keeps anything per id ever issued.
-    assert_eq!(r.table_sizes(), [0; 5]);
+    assert_eq!(r.table_sizes(), [0; 7]);
 }
 
 #[test]
@@ -874,7 +901,7 @@ fn stale_or_invalid_snapshots_are_refused_and_change_nothing() {
         let mut c = fresh();
         let e = c.restore(snap.clone(), t0, now).unwrap_err();
         assert!(matches!(e, RestoreError::Stale { .. }), "{e}");
-        assert_eq!(c.table_sizes(), [0; 5]);
+        assert_eq!(c.table_sizes(), [0; 7]);
     }
 
     let bad = |edit: &dyn Fn(&mut Snapshot)| {
@@ -882,7 +909,7 @@ fn stale_or_invalid_snapshots_are_refused_and_change_nothing() {
         edit(&mut s);
         let mut c = fresh();
         let e = c.restore(s, t0, UNIX_MS).unwrap_err();
-        assert_eq!(c.table_sizes(), [0; 5]);
+        assert_eq!(c.table_sizes(), [0; 7]);
         e
     };
     assert_eq!(bad(&|s| s.format = 2), RestoreError::Format(2));
@@ -973,4 +1000,721 @@ fn generation_moves_with_what_a_snapshot_records() {
         },
     );
     assert!(r.generation() > g2);
+}
+
+// Room control (protocol 1.1).
+
+fn ctl(r: &mut Rooms<u64>, conn: u64, c: Control, now: Instant) -> Vec<Effect<u64>> {
+    r.control(conn, &conn, c, now)
+}
+
+/// The latest `room_state` sent to `conn` in `fx`.
+fn state_for(fx: &[Effect<u64>], conn: u64) -> Option<ServerMsg> {
+    all_sends(fx)
+        .into_iter()
+        .filter(|(t, m)| t.contains(&conn) && matches!(m, ServerMsg::RoomState { .. }))
+        .map(|(_, m)| m)
+        .next_back()
+}
+
+fn hosts_in(m: &ServerMsg) -> Vec<Arc<str>> {
+    match m {
+        ServerMsg::RoomState { hosts, .. } => hosts.clone(),
+        other => panic!("not a room_state: {other:?}"),
+    }
+}
+
+/// Joins with a room password; returns the effects.
+fn join_with(
+    r: &mut Rooms<u64>,
+    conn: u64,
+    room: &str,
+    pw: Option<&str>,
+    now: Instant,
+) -> Vec<Effect<u64>> {
+    r.join(
+        conn,
+        conn,
+        JoinReq {
+            room: room.into(),
+            room_password: pw.map(str::to_owned),
+            ..Default::default()
+        },
+        now,
+    )
+}
+
+#[test]
+fn first_in_is_host_and_everyone_is_told() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let fx = r.join(1, 1, req("r"), now);
+    let ServerMsg::Joined {
+        hosts, minor, id, ..
+    } = &all_sends(&fx)[0].1
+    else {
+        panic!("{fx:?}")
+    };
+    assert_eq!(*minor, PROTOCOL_MINOR);
+    assert_eq!(hosts, &vec![id.clone()]);
+    let a = id.clone();
+    assert_eq!(
+        state_for(&fx, 1),
+        Some(ServerMsg::RoomState {
+            hosts: vec![a.clone()],
+            locked: false,
+            password: false,
+            lobby: false,
+            waiting: Some(Vec::new()),
+        })
+    );
+    // A second participant is not a host, and its room_state has no waiting list.
+    let fx = r.join(2, 2, req("r"), now);
+    let ServerMsg::Joined { hosts, .. } = &all_sends(&fx)[0].1 else {
+        panic!()
+    };
+    assert_eq!(hosts, &vec![a.clone()]);
+    assert!(matches!(
+        state_for(&fx, 2),
+        Some(ServerMsg::RoomState { waiting: None, .. })
+    ));
+}
+
+#[test]
+fn non_hosts_get_not_host_for_every_action() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let (a, _) = join(&mut r, 1, "r", now);
+    join(&mut r, 2, "r", now);
+    let id = a.to_string();
+    for c in [
+        Control::MakeHost { id: id.clone() },
+        Control::Lock { locked: true },
+        Control::RoomPassword {
+            password: "x".into(),
+        },
+        Control::Lobby { on: true },
+        Control::Admit { id: id.clone() },
+        Control::Deny { id: id.clone() },
+        Control::Kick { id: id.clone() },
+        Control::MuteRequest {
+            id: id.clone(),
+            audio: true,
+            video: false,
+        },
+    ] {
+        assert_eq!(error_of(&ctl(&mut r, 2, c, now)), ErrorCode::NotHost);
+    }
+    // Not joined at all.
+    assert_eq!(
+        error_of(&ctl(&mut r, 9, Control::Lock { locked: true }, now)),
+        ErrorCode::NotJoined
+    );
+    assert_eq!(r.locked_rooms(), 0);
+}
+
+#[test]
+fn ids_of_other_rooms_and_unknown_ids_are_unknown_peer() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let (a, _) = join(&mut r, 1, "r", now);
+    let (x, _) = join(&mut r, 2, "other", now);
+    for id in [x.to_string(), "nobody".to_string(), a.to_string()] {
+        for c in [
+            Control::MakeHost { id: id.clone() },
+            Control::Kick { id: id.clone() },
+            Control::MuteRequest {
+                id: id.clone(),
+                audio: false,
+                video: true,
+            },
+            Control::Admit { id: id.clone() },
+            Control::Deny { id: id.clone() },
+        ] {
+            assert_eq!(error_of(&ctl(&mut r, 1, c, now)), ErrorCode::UnknownPeer);
+        }
+    }
+    // The other room's participant is untouched.
+    assert_eq!(r.peer_count(), 2);
+}
+
+#[test]
+fn lock_refuses_joins_but_not_resume() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let (a, _) = join(&mut r, 1, "r", now);
+    let (_, tok) = join(&mut r, 2, "r", now);
+    let fx = ctl(&mut r, 1, Control::Lock { locked: true }, now);
+    for conn in [1, 2] {
+        assert!(matches!(
+            state_for(&fx, conn),
+            Some(ServerMsg::RoomState { locked: true, .. })
+        ));
+    }
+    assert_eq!(r.locked_rooms(), 1);
+    assert_eq!(
+        error_of(&r.join(3, 3, req("r"), now)),
+        ErrorCode::RoomLocked
+    );
+    // A participant who dropped comes back in.
+    r.disconnect(2, now);
+    let fx = r.join(
+        4,
+        4,
+        JoinReq {
+            room: "r".into(),
+            resume: Some(tok),
+            ..Default::default()
+        },
+        now,
+    );
+    assert!(matches!(
+        &all_sends(&fx)[0].1,
+        ServerMsg::Joined { resumed: true, .. }
+    ));
+    ctl(&mut r, 1, Control::Lock { locked: false }, now);
+    assert!(matches!(
+        &all_sends(&r.join(5, 5, req("r"), now))[0].1,
+        ServerMsg::Joined { .. }
+    ));
+    let _ = a;
+}
+
+#[test]
+fn room_password_is_checked_after_the_server_password() {
+    let now = Instant::now();
+    let mut r = core(6, "server-pw");
+    let j = |r: &mut Rooms<u64>, conn: u64, server: &str, room: Option<&str>| {
+        r.join(
+            conn,
+            conn,
+            JoinReq {
+                room: "r".into(),
+                password: Some(server.into()),
+                room_password: room.map(str::to_owned),
+                ..Default::default()
+            },
+            now,
+        )
+    };
+    assert!(matches!(
+        &all_sends(&j(&mut r, 1, "server-pw", None))[0].1,
+        ServerMsg::Joined { .. }
+    ));
+    let fx = ctl(
+        &mut r,
+        1,
+        Control::RoomPassword {
+            password: "room-pw".into(),
+        },
+        now,
+    );
+    assert!(matches!(
+        state_for(&fx, 1),
+        Some(ServerMsg::RoomState { password: true, .. })
+    ));
+    // The server's password still comes first, without scope.
+    let fx = j(&mut r, 2, "wrong", Some("room-pw"));
+    assert_eq!(
+        all_sends(&fx)[0].1,
+        ServerMsg::error(ErrorCode::BadPassword)
+    );
+    for wrong in [None, Some(""), Some("room-p"), Some("room-pw ")] {
+        let fx = j(&mut r, 2, "server-pw", wrong);
+        assert_eq!(all_sends(&fx)[0].1, ServerMsg::bad_room_password());
+    }
+    assert!(matches!(
+        &all_sends(&j(&mut r, 2, "server-pw", Some("room-pw")))[0].1,
+        ServerMsg::Joined { .. }
+    ));
+    // Cleared: joins need none again.
+    ctl(
+        &mut r,
+        1,
+        Control::RoomPassword {
+            password: String::new(),
+        },
+        now,
+    );
+    assert!(matches!(
+        &all_sends(&j(&mut r, 3, "server-pw", None))[0].1,
+        ServerMsg::Joined { .. }
+    ));
+}
+
+#[test]
+fn lobby_knock_admit_and_deny() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let (a, _) = join(&mut r, 1, "r", now);
+    let (b, _) = join(&mut r, 2, "r", now);
+    ctl(&mut r, 1, Control::MakeHost { id: b.to_string() }, now);
+    ctl(&mut r, 1, Control::Lobby { on: true }, now);
+    // A knock: the joiner waits, both hosts hear it.
+    let fx = r.join(
+        3,
+        3,
+        JoinReq {
+            room: "r".into(),
+            name: Some("Cat".into()),
+            ..Default::default()
+        },
+        now,
+    );
+    let s = all_sends(&fx);
+    let ServerMsg::Waiting { id: c, room } = &s[0].1 else {
+        panic!("{s:?}")
+    };
+    assert_eq!(&**room, "r");
+    let c = c.clone();
+    assert!(s.iter().any(|(t, m)| t.contains(&1)
+        && t.contains(&2)
+        && *m
+            == ServerMsg::Knock {
+                id: c.clone(),
+                name: "Cat".into()
+            }));
+    assert_eq!(r.waiting_count(), 1);
+    assert_eq!(r.peer_count(), 2, "a waiting joiner is not in the room");
+    // It receives nothing from the room meanwhile, and cannot act in it.
+    let fx = r.chat(1, &1, "hi", 0);
+    assert!(all_sends(&fx).iter().all(|(t, _)| !t.contains(&3)));
+    assert_eq!(error_of(&r.chat(3, &3, "hi", 0)), ErrorCode::NotJoined);
+    assert_eq!(
+        error_of(&r.join(3, 3, req("r"), now)),
+        ErrorCode::AlreadyJoined
+    );
+    // Admitted by the second host: a normal join under the id it knocked with.
+    let fx = ctl(&mut r, 2, Control::Admit { id: c.to_string() }, now);
+    let s = all_sends(&fx);
+    assert!(s
+        .iter()
+        .any(|(t, m)| *t == vec![3] && matches!(m, ServerMsg::Joined { id, .. } if *id == c)));
+    assert!(s.iter().any(|(t, m)| t.contains(&1)
+        && *m
+            == ServerMsg::PeerJoined {
+                id: c.clone(),
+                name: "Cat".into()
+            }));
+    assert_eq!(r.waiting_count(), 0);
+    assert_eq!(r.peer_count(), 3);
+    // Denied: told, then closed with 4003.
+    let fx = r.join(4, 4, req("r"), now);
+    let ServerMsg::Waiting { id: d, .. } = &all_sends(&fx)[0].1 else {
+        panic!()
+    };
+    let d = d.clone();
+    let fx = ctl(&mut r, 1, Control::Deny { id: d.to_string() }, now);
+    assert!(fx.contains(&Effect::Send(
+        vec![4],
+        ServerMsg::Denied {
+            room: "r".into(),
+            reason: "denied"
+        }
+    )));
+    assert!(fx.contains(&Effect::Close(4, CLOSE_DENIED)));
+    assert_eq!(r.waiting_count(), 0);
+    // Admitting it afterwards: unknown.
+    assert_eq!(
+        error_of(&ctl(&mut r, 1, Control::Admit { id: d.to_string() }, now)),
+        ErrorCode::UnknownPeer
+    );
+    let _ = a;
+}
+
+#[test]
+fn lobby_times_out_is_bounded_and_drops_leavers() {
+    let now = Instant::now();
+    let mut r = core(64, "");
+    join(&mut r, 1, "r", now);
+    ctl(&mut r, 1, Control::Lobby { on: true }, now);
+    for conn in 10..10 + MAX_WAITING as u64 {
+        assert!(matches!(
+            &all_sends(&r.join(conn, conn, req("r"), now))[0].1,
+            ServerMsg::Waiting { .. }
+        ));
+    }
+    assert_eq!(
+        error_of(&r.join(99, 99, req("r"), now)),
+        ErrorCode::LobbyFull
+    );
+    // One gives up (its socket drops), one leaves: hosts get the shorter list.
+    let fx = r.disconnect(10, now);
+    match state_for(&fx, 1) {
+        Some(ServerMsg::RoomState {
+            waiting: Some(w), ..
+        }) => assert_eq!(w.len(), MAX_WAITING - 1),
+        other => panic!("{other:?}"),
+    }
+    r.leave(11, &11);
+    assert_eq!(r.waiting_count(), MAX_WAITING - 2);
+    // The rest time out at once, when their wait ends.
+    assert_eq!(r.poll_timeout(), Some(now + LOBBY_WAIT));
+    assert!(r
+        .handle_timeout(now + LOBBY_WAIT - Duration::from_millis(1))
+        .is_empty());
+    let fx = r.handle_timeout(now + LOBBY_WAIT);
+    for conn in 12..10 + MAX_WAITING as u64 {
+        assert!(fx.contains(&Effect::Send(
+            vec![conn],
+            ServerMsg::Denied {
+                room: "r".into(),
+                reason: "timeout"
+            }
+        )));
+        assert!(fx.contains(&Effect::Close(conn, CLOSE_DENIED)));
+    }
+    assert_eq!(r.waiting_count(), 0);
+    assert_eq!(r.poll_timeout(), None);
+}
+
+#[test]
+fn lobby_off_lets_waiters_in_or_turns_them_away_when_locked() {
+    let now = Instant::now();
+    let mut r = core(3, "");
+    join(&mut r, 1, "r", now);
+    ctl(&mut r, 1, Control::Lobby { on: true }, now);
+    for conn in [2, 3, 4] {
+        r.join(conn, conn, req("r"), now);
+    }
+    // Off: the first two come in, the third finds the room full.
+    let fx = ctl(&mut r, 1, Control::Lobby { on: false }, now);
+    let s = all_sends(&fx);
+    assert!(s
+        .iter()
+        .any(|(t, m)| *t == vec![2] && matches!(m, ServerMsg::Joined { .. })));
+    assert!(s
+        .iter()
+        .any(|(t, m)| *t == vec![3] && matches!(m, ServerMsg::Joined { .. })));
+    assert!(s
+        .iter()
+        .any(|(t, m)| *t == vec![4] && matches!(m, ServerMsg::RoomFull { .. })));
+    assert_eq!(r.peer_count(), 3);
+    assert_eq!(r.waiting_count(), 0);
+    // Locked with the lobby on, then the lobby off: the waiting are turned away.
+    let mut r = core(6, "");
+    join(&mut r, 1, "r", now);
+    ctl(&mut r, 1, Control::Lock { locked: true }, now);
+    ctl(&mut r, 1, Control::Lobby { on: true }, now);
+    assert!(matches!(
+        &all_sends(&r.join(2, 2, req("r"), now))[0].1,
+        ServerMsg::Waiting { .. }
+    ));
+    let fx = ctl(&mut r, 1, Control::Lobby { on: false }, now);
+    assert!(fx.contains(&Effect::Send(
+        vec![2],
+        ServerMsg::Denied {
+            room: "r".into(),
+            reason: "locked"
+        }
+    )));
+}
+
+#[test]
+fn capacity_holds_through_the_lobby() {
+    let now = Instant::now();
+    let mut r = core(2, "");
+    join(&mut r, 1, "r", now);
+    ctl(&mut r, 1, Control::Lobby { on: true }, now);
+    let w1 = match &all_sends(&r.join(2, 2, req("r"), now))[0].1 {
+        ServerMsg::Waiting { id, .. } => id.clone(),
+        m => panic!("{m:?}"),
+    };
+    let w2 = match &all_sends(&r.join(3, 3, req("r"), now))[0].1 {
+        ServerMsg::Waiting { id, .. } => id.clone(),
+        m => panic!("{m:?}"),
+    };
+    ctl(&mut r, 1, Control::Admit { id: w1.to_string() }, now);
+    let fx = ctl(&mut r, 1, Control::Admit { id: w2.to_string() }, now);
+    assert!(all_sends(&fx)
+        .iter()
+        .any(|(t, m)| *t == vec![3] && matches!(m, ServerMsg::RoomFull { .. })));
+    assert_eq!(r.peer_count(), 2);
+    // A full room does not even queue a knock.
+    assert!(matches!(
+        &all_sends(&r.join(4, 4, req("r"), now))[0].1,
+        ServerMsg::RoomFull { .. }
+    ));
+}
+
+#[test]
+fn kick_closes_announces_voids_the_token_and_revokes() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let (a, _) = join(&mut r, 1, "r", now);
+    let (b, tok) = join(&mut r, 2, "r", now);
+    join(&mut r, 3, "r", now);
+    let fx = ctl(&mut r, 1, Control::Kick { id: b.to_string() }, now);
+    assert!(fx.contains(&Effect::Send(
+        vec![2],
+        ServerMsg::Kicked {
+            by: a.clone(),
+            name: "Guest".into()
+        }
+    )));
+    assert!(fx.contains(&Effect::Close(2, CLOSE_KICKED)));
+    assert!(fx.contains(&Effect::PeerGone(b.clone())));
+    assert!(fx.contains(&Effect::Revoke(b.clone())));
+    let left: Vec<_> = all_sends(&fx)
+        .into_iter()
+        .filter(|(_, m)| *m == ServerMsg::PeerLeft { id: b.clone() })
+        .collect();
+    assert_eq!(
+        left,
+        vec![(vec![1, 3], ServerMsg::PeerLeft { id: b.clone() })],
+        "announced once, to the others"
+    );
+    assert_eq!(r.kicks(), 1);
+    // The kicked socket's close changes nothing; its token is void.
+    assert!(r.disconnect(2, now).is_empty());
+    let fx = r.join(
+        4,
+        4,
+        JoinReq {
+            room: "r".into(),
+            resume: Some(tok),
+            ..Default::default()
+        },
+        now,
+    );
+    match &all_sends(&fx)[0].1 {
+        ServerMsg::Joined { id, resumed, .. } => {
+            assert!(!resumed);
+            assert_ne!(*id, b);
+        }
+        m => panic!("{m:?}"),
+    }
+    // A host cannot kick itself.
+    assert_eq!(
+        error_of(&ctl(&mut r, 1, Control::Kick { id: a.to_string() }, now)),
+        ErrorCode::UnknownPeer
+    );
+}
+
+#[test]
+fn kick_during_resume_grace_removes_at_once() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    join(&mut r, 1, "r", now);
+    let (b, tok) = join(&mut r, 2, "r", now);
+    r.disconnect(2, now);
+    let fx = ctl(&mut r, 1, Control::Kick { id: b.to_string() }, now);
+    assert!(
+        !fx.iter().any(|e| matches!(e, Effect::Close(..))),
+        "no socket to close"
+    );
+    assert!(fx.contains(&Effect::Send(
+        vec![1],
+        ServerMsg::PeerLeft { id: b.clone() }
+    )));
+    assert!(fx.contains(&Effect::Revoke(b.clone())));
+    assert_eq!(r.peer_count(), 1);
+    // Its grace ending later does nothing.
+    assert!(r.handle_timeout(now + GRACE).is_empty());
+    let fx = r.join(
+        3,
+        3,
+        JoinReq {
+            room: "r".into(),
+            resume: Some(tok),
+            ..Default::default()
+        },
+        now,
+    );
+    assert!(matches!(
+        &all_sends(&fx)[0].1,
+        ServerMsg::Joined { resumed: false, .. }
+    ));
+}
+
+#[test]
+fn host_survives_resume_and_hands_over_only_after_the_grace() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let (a, tok) = join(&mut r, 1, "r", now);
+    let (b, _) = join(&mut r, 2, "r", now);
+    let (c, _) = join(&mut r, 3, "r", now);
+    // Resumed: still the host.
+    r.disconnect(1, now);
+    let fx = r.join(
+        4,
+        4,
+        JoinReq {
+            room: "r".into(),
+            resume: Some(tok),
+            ..Default::default()
+        },
+        now,
+    );
+    assert!(
+        matches!(&all_sends(&fx)[0].1, ServerMsg::Joined { hosts, .. } if *hosts == vec![a.clone()])
+    );
+    assert!(ctl(&mut r, 4, Control::Lock { locked: false }, now)
+        .iter()
+        .all(|e| !matches!(e, Effect::Send(_, ServerMsg::Error { .. }))));
+    // Dropped: during the grace nobody else is host.
+    r.disconnect(4, now);
+    assert_eq!(
+        error_of(&ctl(&mut r, 2, Control::Lock { locked: true }, now)),
+        ErrorCode::NotHost
+    );
+    // After it: the longest present (b) takes over, and everyone is told.
+    let fx = r.handle_timeout(now + GRACE);
+    for conn in [2, 3] {
+        assert_eq!(
+            hosts_in(&state_for(&fx, conn).expect("room_state")),
+            vec![b.clone()]
+        );
+    }
+    assert!(ctl(&mut r, 2, Control::Lock { locked: true }, now + GRACE)
+        .iter()
+        .all(|e| !matches!(e, Effect::Send(_, ServerMsg::Error { .. }))));
+    // Made host by a host: two hosts; the first leaving hands nothing over.
+    ctl(
+        &mut r,
+        2,
+        Control::MakeHost { id: c.to_string() },
+        now + GRACE,
+    );
+    let fx = r.leave(2, &2);
+    assert_eq!(
+        hosts_in(&state_for(&fx, 3).expect("room_state")),
+        vec![c.clone()]
+    );
+}
+
+#[test]
+fn mute_request_reaches_only_its_target() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let (a, _) = join(&mut r, 1, "r", now);
+    let (b, _) = join(&mut r, 2, "r", now);
+    join(&mut r, 3, "r", now);
+    let fx = ctl(
+        &mut r,
+        1,
+        Control::MuteRequest {
+            id: b.to_string(),
+            audio: true,
+            video: false,
+        },
+        now,
+    );
+    assert_eq!(
+        all_sends(&fx),
+        vec![(
+            vec![2],
+            ServerMsg::MuteRequest {
+                from: a,
+                name: "Guest".into(),
+                audio: true,
+                video: false
+            }
+        )]
+    );
+}
+
+#[test]
+fn host_actions_are_rate_limited() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    join(&mut r, 1, "r", now);
+    for _ in 0..MAX_HOST_ACTIONS {
+        assert!(!matches!(
+            &all_sends(&ctl(&mut r, 1, Control::Lock { locked: true }, now))[..],
+            [(_, ServerMsg::Error { .. })]
+        ));
+    }
+    assert_eq!(
+        error_of(&ctl(&mut r, 1, Control::Lock { locked: false }, now)),
+        ErrorCode::RateLimited
+    );
+    // Ten seconds on, allowed again.
+    assert!(!matches!(
+        &all_sends(&ctl(
+            &mut r,
+            1,
+            Control::Lock { locked: false },
+            now + Duration::from_secs(11)
+        ))[..],
+        [(_, ServerMsg::Error { .. })]
+    ));
+}
+
+#[test]
+fn waiters_of_a_room_that_empties_come_in_as_to_a_new_room() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    join(&mut r, 1, "r", now);
+    ctl(&mut r, 1, Control::Lobby { on: true }, now);
+    ctl(&mut r, 1, Control::Lock { locked: true }, now);
+    r.join(2, 2, req("r"), now);
+    let fx = r.leave(1, &1);
+    let s = all_sends(&fx);
+    let Some(ServerMsg::Joined { id, hosts, .. }) =
+        s.iter().find(|(t, _)| *t == vec![2]).map(|(_, m)| m)
+    else {
+        panic!("{s:?}")
+    };
+    assert_eq!(hosts, &vec![id.clone()], "the first in is the host");
+    assert_eq!(r.locked_rooms(), 0, "the room's rules went with it");
+    assert_eq!(r.waiting_count(), 0);
+}
+
+#[test]
+fn room_control_state_survives_a_snapshot() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let (a, ta) = join(&mut r, 1, "r", now);
+    let (b, _) = join(&mut r, 2, "r", now);
+    ctl(&mut r, 1, Control::Lock { locked: true }, now);
+    ctl(
+        &mut r,
+        1,
+        Control::RoomPassword {
+            password: "pw".into(),
+        },
+        now,
+    );
+    ctl(&mut r, 1, Control::MakeHost { id: b.to_string() }, now);
+    let snap = r.snapshot(1_000);
+    let mut back = core(6, "");
+    back.restore(snap, now, 1_000).expect("restored");
+    assert_eq!(back.locked_rooms(), 1);
+    let fx = back.join(
+        5,
+        5,
+        JoinReq {
+            room: "r".into(),
+            resume: Some(ta),
+            ..Default::default()
+        },
+        now,
+    );
+    let s = all_sends(&fx);
+    assert!(
+        matches!(&s[0].1, ServerMsg::Joined { hosts, .. } if *hosts == vec![a.clone(), b.clone()])
+    );
+    assert!(matches!(
+        state_for(&fx, 5),
+        Some(ServerMsg::RoomState {
+            locked: true,
+            password: true,
+            ..
+        })
+    ));
+    // The password still holds (and is not in the file in clear).
+    let fx = join_with(&mut back, 6, "r", Some("pw"), now);
+    assert_eq!(error_of(&fx), ErrorCode::RoomLocked);
+    ctl(&mut back, 5, Control::Lock { locked: false }, now);
+    assert_eq!(
+        all_sends(&join_with(&mut back, 7, "r", Some("nope"), now))[0].1,
+        ServerMsg::bad_room_password()
+    );
+    assert!(matches!(
+        &all_sends(&join_with(&mut back, 8, "r", Some("pw"), now))[0].1,
+        ServerMsg::Joined { .. }
+    ));
+    let text = serde_json::to_string(&back.snapshot(2_000)).unwrap();
+    assert!(!text.contains("\"pw\""));
 }
