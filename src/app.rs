@@ -77,9 +77,10 @@ impl Server {
         let mut registry = Registry::default();
         let relay = if config.turn.enabled {
             let metrics = crate::relay::RelayMetrics::register(&mut registry);
-            let mut others = vec![https.local_addr()?];
+            use crate::relay::policy::Listener;
+            let mut others = vec![Listener::Tcp(https.local_addr()?)];
             if let Some(r) = &redirect {
-                others.push(r.local_addr()?);
+                others.push(Listener::Tcp(r.local_addr()?));
             }
             Some(
                 crate::relay::Relay::bind(&config, secret.expose().to_owned(), metrics, &others)

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use meshmeet::relay::auth::Credentials;
 use meshmeet::relay::client::{self, Attr, Session};
 use meshmeet::relay::core::{AllocationId, BindError, Command, Core, Family, RelayRules};
-use meshmeet::relay::policy::{OwnAddrs, PeerPolicy};
+use meshmeet::relay::policy::{Listener, OwnAddrs, PeerPolicy};
 use meshmeet::relay::wire::{self, Frame, MAX_FRAME};
 use meshmeet::relay::{FiveTuple, RelayMetrics, Transport};
 use proptest::prelude::*;
@@ -55,7 +55,7 @@ impl Harness {
             ]),
             relay_v4: true,
             relay_v6: true,
-            own: OwnAddrs::new(&["198.51.100.1:3478".parse().unwrap()], []),
+            own: OwnAddrs::new(&[Listener::Udp("198.51.100.1:3478".parse().unwrap())], []),
         };
         let mut users = HashMap::new();
         users.insert("static".to_string(), "static-pw".to_string());

@@ -22,9 +22,9 @@ const SECRET: &str = "relay-test-secret-0123456789";
 fn relay_config(c: &mut Config) {
     c.turn.secret = SECRET.into();
     c.turn.relay_ips = vec!["127.0.0.1".parse().unwrap()];
-    // Below the kernel's ephemeral range (32768-60999), where the test's listeners get
-    // their port-0 ports: a relay port never shares a number with a listener, which
-    // the relay refuses as a peer whatever the protocol.
+    // Below the kernel's ephemeral range (32768-60999), where the test's UDP listener
+    // gets its port-0 port: a relay port never shares a number with it (the relay
+    // refuses the UDP listener's port as a peer).
     c.turn.relay_ports = "20000-20999".parse().unwrap();
 }
 
@@ -653,19 +653,14 @@ async fn the_relay_refuses_the_server_itself_and_reaches_other_allocations() {
     let relay_a = a.relayed().await;
     let relay_b = b.relayed().await;
     let addrs = server.addrs;
-    let mut own = vec![
-        addrs.https,
-        addrs.redirect.unwrap(),
+    // The UDP listener (TURN over TCP shares its port number), on any loopback
+    // address, and A's own relay address.
+    let own = [
         addrs.turn_udp.unwrap(),
         addrs.turn_tcp.unwrap(),
-        addrs.turn_tls.unwrap(),
+        SocketAddr::new("127.0.0.2".parse().unwrap(), addrs.turn_udp.unwrap().port()),
         relay_a,
     ];
-    // The same listeners on another loopback address reach the same sockets.
-    own.push(SocketAddr::new(
-        "127.0.0.2".parse().unwrap(),
-        addrs.https.port(),
-    ));
     for (i, target) in own.iter().enumerate() {
         let resp = a.permission(&[*target]).await;
         assert_eq!(error_code(&resp), Some(403), "permission to {target}");
@@ -676,6 +671,35 @@ async fn the_relay_refuses_the_server_itself_and_reaches_other_allocations() {
             )
             .await;
         assert_eq!(error_code(&resp), Some(403), "channel to {target}");
+    }
+    // Ports the server listens on with TCP alone get no datagram from the relay:
+    // ordinary peers.
+    let tcp_only = [
+        addrs.https,
+        addrs.redirect.unwrap(),
+        addrs.turn_tls.unwrap(),
+        SocketAddr::new("127.0.0.2".parse().unwrap(), addrs.https.port()),
+    ];
+    for (i, target) in tcp_only.iter().enumerate() {
+        let resp = a.permission(&[*target]).await;
+        assert_eq!(
+            resp.typ.class,
+            CLASS_SUCCESS_RESPONSE,
+            "permission to {target}: {:?}",
+            error_code(&resp)
+        );
+        let resp = a
+            .request(
+                METHOD_CHANNEL_BIND,
+                &[&Attr::Channel(0x4200 + i as u16), &Attr::Peer(*target)],
+            )
+            .await;
+        assert_eq!(
+            resp.typ.class,
+            CLASS_SUCCESS_RESPONSE,
+            "channel to {target}: {:?}",
+            error_code(&resp)
+        );
     }
     // A permission for the server's IP (through B's relay address) covers every
     // port; a Send indication carrying a Binding request to the STUN listener is

@@ -1189,16 +1189,19 @@ fn channel_numbers_beyond_0x4fff_get_400_and_their_data_is_dropped() {
     );
 }
 
-/// A harness whose server listens on 192.0.2.10 (UDP/TCP 3478, TLS 5349) and on
-/// every address for HTTPS (443): the relay addresses share that host.
+/// A harness whose server listens on 192.0.2.10 (UDP and TCP 3478, TLS 5349) and on
+/// every address for HTTPS (443) and the redirect (8080): the relay addresses share
+/// that host.
 fn own_harness() -> Harness {
     Harness::with(|c| {
+        use crate::relay::policy::Listener::{Tcp, Udp};
         c.own = OwnAddrs::new(
             &[
-                peer("192.0.2.10:3478"),
-                peer("192.0.2.10:5349"),
-                peer("0.0.0.0:443"),
-                peer("[::]:8080"),
+                Udp(peer("192.0.2.10:3478")),
+                Tcp(peer("192.0.2.10:3478")),
+                Tcp(peer("192.0.2.10:5349")),
+                Tcp(peer("0.0.0.0:443")),
+                Tcp(peer("[::]:8080")),
             ],
             [
                 "192.0.2.10".parse().unwrap(),
@@ -1217,21 +1220,30 @@ fn the_server_itself_is_never_a_peer() {
     let b = Client::new(&mut h, 2, &u, &pw, ms(0));
     let relay_b = client::relayed_address(&b.allocate(&mut h, ms(0))).unwrap();
     assert_eq!(relay_a.ip(), relay_b.ip());
-    for target in [
-        "192.0.2.10:3478",
-        "192.0.2.10:5349",
-        "192.0.2.10:443",
-        "192.0.2.10:8080",
-    ] {
-        let r = a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(peer(target))], ms(1));
-        assert_eq!(code(&r), Some(403), "permission to {target}");
-        let r = a.call(
+    // The UDP listener.
+    let listener = peer("192.0.2.10:3478");
+    let r = a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(listener)], ms(1));
+    assert_eq!(code(&r), Some(403));
+    let r = a.call(
+        &mut h,
+        METHOD_CHANNEL_BIND,
+        &[&Attr::Channel(0x4000), &p(listener)],
+        ms(1),
+    );
+    assert_eq!(code(&r), Some(403));
+    // Ports the server listens on with TCP only get no datagram from it: ordinary
+    // peer ports.
+    for (i, target) in ["192.0.2.10:5349", "192.0.2.10:443", "192.0.2.10:8080"]
+        .into_iter()
+        .enumerate()
+    {
+        ok(&a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(peer(target))], ms(1)));
+        ok(&a.call(
             &mut h,
             METHOD_CHANNEL_BIND,
-            &[&Attr::Channel(0x4000), &p(peer(target))],
+            &[&Attr::Channel(0x4010 + i as u16), &p(peer(target))],
             ms(1),
-        );
-        assert_eq!(code(&r), Some(403), "channel to {target}");
+        ));
     }
     // Its own relay address: a loop.
     let r = a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(relay_a)], ms(1));
@@ -1256,15 +1268,18 @@ fn the_server_itself_is_never_a_peer() {
         Some((1, relay_b))
     );
     // The permission for the host's address covers every port, so Send
-    // indications are checked by port: the listeners and the own relay get nothing.
-    for target in [peer("192.0.2.10:3478"), peer("192.0.2.10:443"), relay_a] {
+    // indications are checked by port: the UDP listener and the own relay get
+    // nothing, a TCP-only port and another relay do.
+    for target in [peer("192.0.2.10:3478"), relay_a] {
         let out = h.input(&client::send_indication(target, b"x"), a.five, ms(3));
         assert!(out.is_empty());
     }
-    let out = h.input(&client::send_indication(relay_b, b"to-b"), a.five, ms(3));
-    assert!(out.is_empty());
+    for target in [peer("192.0.2.10:443"), relay_b] {
+        let out = h.input(&client::send_indication(target, b"y"), a.five, ms(3));
+        assert!(out.is_empty());
+    }
     let sent: Vec<SocketAddr> = h.to_peers.iter().map(|(_, to, _)| *to).collect();
-    assert_eq!(sent, vec![relay_b]);
+    assert_eq!(sent, vec![peer("192.0.2.10:443"), relay_b]);
 }
 
 #[test]
