@@ -57,6 +57,7 @@ pub struct Server {
     http: HttpState,
     http_metrics: HttpMetrics,
     https_limits: crate::http::HttpsLimits,
+    redirect_limits: crate::http::HttpsLimits,
     https: TcpListener,
     redirect: Option<TcpListener>,
     relay: Option<crate::relay::Relay>,
@@ -117,6 +118,10 @@ impl Server {
             &config.http,
             crate::limits::LimitMetrics::register(&mut registry, "https"),
         );
+        let redirect_limits = crate::http::redirect_limits(
+            &config.http,
+            crate::limits::LimitMetrics::register(&mut registry, "http_redirect"),
+        );
         let signaling = Arc::new(Signaling::new(
             SignalingConfig::from_config(&config),
             ice,
@@ -149,6 +154,7 @@ impl Server {
             http,
             http_metrics,
             https_limits,
+            redirect_limits,
             https,
             redirect,
             relay,
@@ -211,14 +217,12 @@ impl Server {
                 self.config.http.public_host.clone(),
                 self.addrs.https.port(),
             );
-            let token = state.shutdown.clone();
-            tokio::spawn(async move {
-                let serve = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { token.cancelled().await });
-                if let Err(e) = serve.await {
-                    tracing::warn!(error = %e, "redirect listener failed");
-                }
-            })
+            tokio::spawn(crate::http::serve_redirect(
+                listener,
+                router,
+                state.shutdown.clone(),
+                self.redirect_limits,
+            ))
         });
         if let Some(relay) = self.relay {
             relay.spawn(
