@@ -86,7 +86,13 @@ fn free_port() -> Result<u16> {
 }
 
 fn start_meshmeet(dir: &Path) -> Result<Server> {
-    let port = free_port()?;
+    // Outside the relay port range below, which may not hold the listener's port.
+    let port = loop {
+        let p = free_port()?;
+        if !(40000..=49999).contains(&p) {
+            break p;
+        }
+    };
     let https = free_port()?;
     let cfg = format!(
         r#"data_dir = "{dir}"

@@ -57,6 +57,7 @@ pub struct Server {
     http: HttpState,
     http_metrics: HttpMetrics,
     https_limits: crate::http::HttpsLimits,
+    redirect_limits: crate::http::HttpsLimits,
     https: TcpListener,
     redirect: Option<TcpListener>,
     relay: Option<crate::relay::Relay>,
@@ -77,9 +78,10 @@ impl Server {
         let mut registry = Registry::default();
         let relay = if config.turn.enabled {
             let metrics = crate::relay::RelayMetrics::register(&mut registry);
-            let mut others = vec![https.local_addr()?];
+            use crate::relay::policy::Listener;
+            let mut others = vec![Listener::Tcp(https.local_addr()?)];
             if let Some(r) = &redirect {
-                others.push(r.local_addr()?);
+                others.push(Listener::Tcp(r.local_addr()?));
             }
             Some(
                 crate::relay::Relay::bind(&config, secret.expose().to_owned(), metrics, &others)
@@ -121,6 +123,10 @@ impl Server {
             &config.http,
             crate::limits::LimitMetrics::register(&mut registry, "https"),
         );
+        let redirect_limits = crate::http::redirect_limits(
+            &config.http,
+            crate::limits::LimitMetrics::register(&mut registry, "http_redirect"),
+        );
         let signaling = Arc::new(Signaling::new(
             SignalingConfig::from_config(&config),
             ice,
@@ -153,6 +159,7 @@ impl Server {
             http,
             http_metrics,
             https_limits,
+            redirect_limits,
             https,
             redirect,
             relay,
@@ -225,14 +232,12 @@ impl Server {
                 self.config.http.public_host.clone(),
                 self.addrs.https.port(),
             );
-            let token = state.shutdown.clone();
-            tokio::spawn(async move {
-                let serve = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { token.cancelled().await });
-                if let Err(e) = serve.await {
-                    tracing::warn!(error = %e, "redirect listener failed");
-                }
-            })
+            tokio::spawn(crate::http::serve_redirect(
+                listener,
+                router,
+                state.shutdown.clone(),
+                self.redirect_limits,
+            ))
         });
         state.signaling.spawn_saver();
         notify_systemd(&[sd_notify::NotifyState::Ready]);

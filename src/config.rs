@@ -431,6 +431,19 @@ impl Config {
                 "must be between 600 and 86400",
             ));
         }
+        let udp_port = t.listen.port();
+        if t.enabled && udp_port != 0 && t.relay_ports.range().contains(&udp_port) {
+            return Err(invalid(
+                "turn.relay_ports",
+                format!(
+                    "{} includes {udp_port}, the UDP port of turn.listen: the relay refuses \
+                     its own UDP listener's port as a peer, so a relay address with that \
+                     port could not be reached by other relayed clients; choose a range \
+                     without it",
+                    t.relay_ports
+                ),
+            ));
+        }
         if t.total_allocation_quota == 0 {
             return Err(invalid("turn.total_allocation_quota", "must be at least 1"));
         }

@@ -1,6 +1,7 @@
 //! HTTPS: the axum router (embedded web client, `/healthz`, `/metrics`, and the
 //! signaling route `/ws`), security headers, the TLS accept loop with graceful
-//! shutdown, and the optional plain-HTTP listener that redirects to HTTPS.
+//! shutdown, and the optional plain-HTTP listener that redirects to HTTPS
+//! ([`serve_redirect`], capped like HTTPS).
 //!
 //! [`router`] needs only an [`HttpState`], no socket, so it is tested request by
 //! request (`tower::ServiceExt::oneshot`, in `http/tests.rs`).
@@ -569,6 +570,9 @@ fn redirect_to_https(
     *res.status_mut() = StatusCode::MOVED_PERMANENTLY;
     res
 }
+
+mod redirect;
+pub use redirect::{redirect_limits, serve_redirect};
 
 #[cfg(test)]
 mod tests;

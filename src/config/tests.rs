@@ -321,6 +321,31 @@ fn invalid_values_are_named() {
 }
 
 #[test]
+fn relay_ports_must_not_include_the_udp_listener() {
+    let err = load_text("[turn]\nlisten = \"0.0.0.0:50000\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("turn.relay_ports"), "{err}");
+    assert!(err.contains("49152-65535 includes 50000"), "{err}");
+    assert!(err.contains("turn.listen"), "{err}");
+    // The range's ends count; TCP-only listeners and a disabled relay do not.
+    let err = load_text("[turn]\nlisten = \"[::]:4000\"\nrelay_ports = \"3000-4000\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("turn.relay_ports"), "{err}");
+    for ok in [
+        "[turn]\nlisten = \"0.0.0.0:4001\"\nrelay_ports = \"3000-4000\"\n",
+        "[turn]\nlisten = \"0.0.0.0:2999\"\nrelay_ports = \"3000-4000\"\n",
+        "[turn]\nrelay_ports = \"4000-6000\"\ntls_listen = \"0.0.0.0:5349\"\n\
+         [http]\nlisten = \"0.0.0.0:4443\"\nredirect_listen = \"0.0.0.0:5080\"\n",
+        "[turn]\nenabled = false\nlisten = \"0.0.0.0:50000\"\n",
+        "[turn]\nlisten = \"127.0.0.1:0\"\n",
+    ] {
+        assert!(load_text(ok).is_ok(), "{ok}: {:?}", load_text(ok).err());
+    }
+}
+
+#[test]
 fn user_allocation_quota_is_derived_unless_set() {
     // Default: six per room, three TURN URLs (UDP, TCP, TLS): 5 x 3 x 3.
     let c = Config::default();

@@ -229,6 +229,29 @@ pub fn relayed_address(m: &Message) -> Option<SocketAddr> {
     xor_address(m, ATTR_XOR_RELAYED_ADDRESS)
 }
 
+/// Every XOR-RELAYED-ADDRESS of an Allocate success, in order: two for a dual
+/// allocation (RFC 8656 section 7.2, the IPv4 one first from this server).
+pub fn relayed_addresses(m: &Message) -> Vec<SocketAddr> {
+    m.attributes
+        .0
+        .iter()
+        .filter(|a| a.typ == ATTR_XOR_RELAYED_ADDRESS)
+        .filter_map(|a| super::wire::decode_xor_address(&a.value, &m.transaction_id.0))
+        .collect()
+}
+
+/// ADDRESS-ERROR-CODE of an Allocate success (RFC 8656 section 18.13): the address
+/// family not allocated (1 = IPv4, 2 = IPv6) and the error code (440, 508).
+pub fn address_error(m: &Message) -> Option<(u8, u16)> {
+    let v = m.get(AttrType(0x8001)).ok()?;
+    match v[..] {
+        [family, _, class, number, ..] => {
+            Some((family, u16::from(class & 0x07) * 100 + u16::from(number)))
+        }
+        _ => None,
+    }
+}
+
 /// XOR-MAPPED-ADDRESS: the client's address as the server sees it.
 pub fn mapped_address(m: &Message) -> Option<SocketAddr> {
     xor_address(m, ATTR_XORMAPPED_ADDRESS)

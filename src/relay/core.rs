@@ -92,7 +92,7 @@ pub struct FiveTuple {
     pub transport: Transport,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Family {
     V4,
     V6,
@@ -103,6 +103,14 @@ impl Family {
         match ip {
             IpAddr::V4(_) => Family::V4,
             IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The index of this family's relay in [`Allocation::relays`].
+    fn index(self) -> usize {
+        match self {
+            Family::V4 => 0,
+            Family::V6 => 1,
         }
     }
 }
@@ -116,8 +124,10 @@ pub struct AllocationId(u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BindToken(u64);
 
-/// Why the IO layer could not bind a relay socket. The client gets 508 either way;
-/// the IO logs which limit was hit.
+/// Why the IO layer could not bind a relay socket; the IO logs which limit was hit.
+/// An Allocate gets 508 whatever the reason. For the IPv6 socket of a dual
+/// allocation the IPv4 allocation stands and ADDRESS-ERROR-CODE says 508 for a full
+/// range or the descriptor limit, 440 when the IPv6 relay address cannot be bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BindError {
     /// Every port tried in the relay port range was taken.
@@ -142,7 +152,7 @@ pub enum Command<H> {
     },
     /// The relay socket `handle` now serves allocation `id` of `client`: receive
     /// from peers on it and pass each datagram through [`Core::from_peer`]. Queued
-    /// before the Allocate answer.
+    /// before the Allocate answer; a dual allocation has two, one per family.
     StartRelaying {
         id: AllocationId,
         client: FiveTuple,
@@ -155,7 +165,8 @@ pub enum Command<H> {
         peer: SocketAddr,
         data: Vec<u8>,
     },
-    /// The allocation using `handle` is gone: close the relay socket.
+    /// The allocation using `handle` is gone (or, in a dual allocation, the part of
+    /// its family): close the relay socket.
     FreeRelaySocket { handle: H },
 }
 
@@ -189,31 +200,58 @@ struct Bucket {
     last: Instant,
 }
 
+/// One relay socket of an allocation, with its own lifetime: a dual allocation
+/// (RFC 8656 section 7.2) has an IPv4 and an IPv6 one, refreshed together or, with
+/// REQUESTED-ADDRESS-FAMILY, one at a time.
+struct RelayPart<H> {
+    addr: SocketAddr,
+    handle: H,
+    expires: Instant,
+}
+
 struct Allocation<H> {
     five: FiveTuple,
     username: String,
     peer_id: Option<String>,
     key: Vec<u8>,
-    relay: SocketAddr,
-    handle: H,
-    expires: Instant,
+    /// By [`Family::index`]: IPv4, IPv6. At least one is present while the
+    /// allocation exists.
+    relays: [Option<RelayPart<H>>; 2],
     perms: HashMap<IpAddr, Instant>,
     channels: HashMap<u16, (SocketAddr, Instant)>,
     peer_channels: HashMap<SocketAddr, u16>,
     bucket: Bucket,
 }
 
+impl<H> Allocation<H> {
+    fn relay(&self, family: Family) -> Option<&RelayPart<H>> {
+        self.relays[family.index()].as_ref()
+    }
+
+    /// The relay addresses, IPv4 first.
+    fn relay_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.relays.iter().flatten().map(|r| r.addr)
+    }
+}
+
 /// An authenticated Allocate waiting for its relay socket. It counts against the
-/// quotas like an allocation.
-struct Pending {
+/// quotas like an allocation. A dual allocation binds its IPv4 socket, then its
+/// IPv6 one; `first` holds the IPv4 socket meanwhile.
+struct Pending<H> {
     five: FiveTuple,
     txid: [u8; 12],
     username: String,
     peer_id: Option<String>,
     key: Vec<u8>,
+    /// The family of the socket being bound now.
     family: Family,
+    even_port: bool,
     lifetime: Duration,
     deadline: Instant,
+    /// ADDITIONAL-ADDRESS-FAMILY: an IPv6 socket is to be bound after this one.
+    then_v6: bool,
+    /// The IPv4 relay socket of a dual allocation, bound while the IPv6 one is.
+    first: Option<(SocketAddr, H)>,
     /// ADDRESS-ERROR-CODE for the success answer: the additional family (RFC 8656
     /// section 7.2) that could not be allocated, and why.
     address_error: Option<(Family, u16, &'static str)>,
@@ -249,7 +287,7 @@ pub struct Core<H> {
     next_token: u64,
     allocs: HashMap<AllocationId, Allocation<H>>,
     by_five: HashMap<FiveTuple, AllocationId>,
-    pending: HashMap<BindToken, Pending>,
+    pending: HashMap<BindToken, Pending<H>>,
     pending_by_five: HashMap<FiveTuple, BindToken>,
     /// Allocations and pending Allocates per username.
     per_user: HashMap<String, usize>,
@@ -267,10 +305,6 @@ pub struct Core<H> {
 pub const REVOKED_KEEP: Duration = Duration::from_secs(7 * 86_400);
 /// Revoked peer ids remembered at most; beyond, the oldest are forgotten.
 pub const MAX_REVOKED: usize = 10_000;
-
-fn peer_family_ok(relay: SocketAddr, peer: SocketAddr) -> bool {
-    Family::of(relay.ip()) == Family::of(peer.ip())
-}
 
 /// Whether a REST username's expiry (Unix seconds) has passed at wall-clock `wall`.
 fn rest_expired(expiry: u64, wall: SystemTime) -> bool {
@@ -332,10 +366,12 @@ impl<H: Clone> Core<H> {
         self.allocs.len()
     }
 
-    /// The allocation made from `five`, if any: its id and relayed address.
+    /// The allocation made from `five`, if any: its id and relayed address (the
+    /// IPv4 one of a dual allocation).
     pub fn allocation_of(&self, five: &FiveTuple) -> Option<(AllocationId, SocketAddr)> {
         let id = *self.by_five.get(five)?;
-        self.allocs.get(&id).map(|a| (id, a.relay))
+        let a = self.allocs.get(&id)?;
+        a.relay_addrs().next().map(|addr| (id, addr))
     }
 
     /// Whether allocation `id` still exists.
@@ -365,7 +401,7 @@ impl<H: Clone> Core<H> {
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(timer) = self.deadlines.pop_due(now) {
             match timer {
-                Timer::Allocation(id) => self.remove(id),
+                Timer::Relay(id, family) => self.remove_relay(id, family),
                 Timer::Permission(id, ip) => {
                     if let Some(a) = self.allocs.get_mut(&id) {
                         a.perms.remove(&ip);
@@ -386,6 +422,7 @@ impl<H: Clone> Core<H> {
                         );
                         self.pending_by_five.remove(&p.five);
                         self.release_user(&p.username);
+                        self.free_first(p);
                     }
                 }
             }
@@ -809,15 +846,12 @@ impl<H: Clone> Core<H> {
         if !self.has_family(family) {
             return Err(fail(440, "Address Family not Supported"));
         }
-        // The IPv4 address is allocated; the IPv6 one is reported as not allocated
-        // (a dual allocation with two relay sockets is not implemented).
-        let address_error = additional.then(|| {
-            if self.has_family(Family::V6) {
-                (Family::V6, 508, "Dual allocation not available")
-            } else {
-                (Family::V6, 440, "Address Family not Supported")
-            }
-        });
+        // A dual allocation: the IPv4 socket first, then the IPv6 one. Without an
+        // IPv6 relay address the IPv4 allocation alone succeeds, and the answer says
+        // why there is no IPv6 one.
+        let then_v6 = additional && self.has_family(Family::V6);
+        let address_error =
+            (additional && !then_v6).then_some((Family::V6, 440, "Address Family not Supported"));
         let lifetime = self.granted_lifetime(Self::requested_lifetime(m)?);
         let used = self.per_user.get(&auth.username).copied().unwrap_or(0);
         if used >= self.cfg.user_quota {
@@ -826,45 +860,37 @@ impl<H: Clone> Core<H> {
         if self.allocs.len() + self.pending.len() >= self.cfg.total_quota {
             return Err(fail(508, "Insufficient Capacity"));
         }
-        let token = BindToken(self.next_token);
-        self.next_token += 1;
-        let deadline = now + BIND_TIMEOUT;
-        self.pending.insert(
-            token,
-            Pending {
-                five,
-                txid: m.transaction_id.0,
-                username: auth.username.clone(),
-                peer_id: auth.peer_id.clone(),
-                key: auth.key.clone(),
-                family,
-                lifetime,
-                deadline,
-                address_error,
-            },
-        );
-        self.pending_by_five.insert(five, token);
-        self.deadlines.set(None, deadline, Timer::Bind(token));
         *self.per_user.entry(auth.username.clone()).or_insert(0) += 1;
-        self.commands.push_back(Command::BindRelaySocket {
-            token,
+        let p = Pending {
+            five,
+            txid: m.transaction_id.0,
+            username: auth.username.clone(),
+            peer_id: auth.peer_id.clone(),
+            key: auth.key.clone(),
             family,
             even_port,
-        });
+            lifetime,
+            deadline: now,
+            then_v6,
+            first: None,
+            address_error,
+        };
+        self.await_bind(p, now);
         Ok(())
     }
 
     /// The IO layer's answer to [`Command::BindRelaySocket`]: the relayed address to
     /// advertise and the socket's handle, or why there is none. Queues the Allocate
-    /// answer (after [`Command::StartRelaying`] on success; 508 on failure). A socket
-    /// nobody waits for any more (the client left meanwhile) is freed at once.
+    /// answer (after [`Command::StartRelaying`] on success; 508 or 440 on failure),
+    /// or, for the IPv4 socket of a dual allocation, the bind of its IPv6 socket. A
+    /// socket nobody waits for any more (the client left meanwhile) is freed at once.
     pub fn relay_bound(
         &mut self,
         token: BindToken,
         result: Result<(SocketAddr, H), BindError>,
         now: Instant,
     ) {
-        let Some(p) = self.pending.remove(&token) else {
+        let Some(mut p) = self.pending.remove(&token) else {
             if let Ok((_, handle)) = result {
                 self.commands.push_back(Command::FreeRelaySocket { handle });
             }
@@ -872,22 +898,84 @@ impl<H: Clone> Core<H> {
         };
         self.pending_by_five.remove(&p.five);
         self.deadlines.clear(p.deadline, Timer::Bind(token));
-        let (relay, handle) = match result {
-            Ok((relay, handle)) if Family::of(relay.ip()) == p.family => (relay, handle),
+        let result = match result {
+            Ok((relay, handle)) if Family::of(relay.ip()) == p.family => Ok((relay, handle)),
             Ok((relay, handle)) => {
                 tracing::error!(%relay, family = ?p.family, "relay socket of the wrong address family; refused");
                 self.commands.push_back(Command::FreeRelaySocket { handle });
-                return self.refuse_pending(p, now);
+                Err(BindError::Other)
             }
             Err(e) => {
-                tracing::debug!(client = %p.five.client, error = ?e, "no relay socket");
-                return self.refuse_pending(p, now);
+                tracing::debug!(client = %p.five.client, family = ?p.family, error = ?e, "no relay socket");
+                Err(e)
             }
         };
+        let mut parts = Vec::with_capacity(2);
+        parts.extend(p.first.take());
+        match result {
+            Ok(part) if p.then_v6 => {
+                // The IPv4 socket of a dual allocation: now the IPv6 one.
+                p.first = Some(part);
+                p.then_v6 = false;
+                p.family = Family::V6;
+                return self.await_bind(p, now);
+            }
+            Ok(part) => parts.push(part),
+            Err(_) if parts.is_empty() => return self.refuse_pending(p, now),
+            // The IPv6 socket of a dual allocation: the IPv4 one stands alone, and the
+            // answer says why (RFC 8656 sections 7.2, 18.13).
+            Err(BindError::Other) => {
+                p.address_error = Some((Family::V6, 440, "Address Family not Supported"))
+            }
+            Err(BindError::NoFreePort | BindError::FileLimit) => {
+                p.address_error = Some((Family::V6, 508, "Insufficient Capacity"))
+            }
+        }
+        self.create_allocation(p, parts, now);
+    }
+
+    /// Queues the bind of `p`'s relay socket and waits for its answer.
+    fn await_bind(&mut self, mut p: Pending<H>, now: Instant) {
+        let token = BindToken(self.next_token);
+        self.next_token += 1;
+        p.deadline = now + BIND_TIMEOUT;
+        self.deadlines.set(None, p.deadline, Timer::Bind(token));
+        self.pending_by_five.insert(p.five, token);
+        self.commands.push_back(Command::BindRelaySocket {
+            token,
+            family: p.family,
+            even_port: p.even_port,
+        });
+        self.pending.insert(token, p);
+    }
+
+    /// Makes the allocation of `p` with its bound relay sockets `parts` (one or one
+    /// per family) and queues the success answer.
+    fn create_allocation(&mut self, p: Pending<H>, parts: Vec<(SocketAddr, H)>, now: Instant) {
         let id = AllocationId(self.next_id);
         self.next_id += 1;
         let expires = now + p.lifetime;
-        self.deadlines.set(None, expires, Timer::Allocation(id));
+        let mut relays: [Option<RelayPart<H>>; 2] = [None, None];
+        for (addr, handle) in parts {
+            let family = Family::of(addr.ip());
+            self.deadlines.set(None, expires, Timer::Relay(id, family));
+            self.commands.push_back(Command::StartRelaying {
+                id,
+                client: p.five,
+                relay: addr,
+                handle: handle.clone(),
+            });
+            relays[family.index()] = Some(RelayPart {
+                addr,
+                handle,
+                expires,
+            });
+        }
+        let relayed: Vec<XorAddress> = relays
+            .iter()
+            .flatten()
+            .map(|r| XorAddress(ATTR_XOR_RELAYED_ADDRESS, r.addr))
+            .collect();
         self.allocs.insert(
             id,
             Allocation {
@@ -895,9 +983,7 @@ impl<H: Clone> Core<H> {
                 username: p.username,
                 peer_id: p.peer_id,
                 key: p.key,
-                relay,
-                handle: handle.clone(),
-                expires,
+                relays,
                 perms: HashMap::new(),
                 channels: HashMap::new(),
                 peer_channels: HashMap::new(),
@@ -910,7 +996,6 @@ impl<H: Clone> Core<H> {
         self.by_five.insert(p.five, id);
         self.metrics.allocation_created(p.five.transport);
         self.metrics.set_active(self.allocs.len());
-        let relayed = XorAddress(ATTR_XOR_RELAYED_ADDRESS, relay);
         let mapped = XorMappedAddress {
             ip: p.five.client.ip(),
             port: p.five.client.port(),
@@ -918,23 +1003,19 @@ impl<H: Clone> Core<H> {
         let lifetime = turn::proto::lifetime::Lifetime(p.lifetime);
         let key = self.allocs.get(&id).map(|a| a.key.as_slice());
         let address_error = p.address_error.map(|(f, c, r)| AddressError(f, c, r));
-        let mut attrs: Vec<&dyn Setter> = vec![&relayed, &lifetime, &mapped];
+        let mut attrs: Vec<&dyn Setter> = relayed.iter().map(|r| r as &dyn Setter).collect();
+        attrs.push(&lifetime);
+        attrs.push(&mapped);
         if let Some(e) = &address_error {
             attrs.push(e);
         }
         let reply = encode(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE, p.txid, &attrs, key);
-        self.commands.push_back(Command::StartRelaying {
-            id,
-            client: p.five,
-            relay,
-            handle,
-        });
         self.remember(p.five, p.txid, &reply, now);
         self.send(p.five, reply);
     }
 
     /// Answers a pending Allocate with 508 and gives its quota back.
-    fn refuse_pending(&mut self, p: Pending, now: Instant) {
+    fn refuse_pending(&mut self, p: Pending<H>, now: Instant) {
         self.release_user(&p.username);
         self.metrics.refused(508);
         let reply = error_answer(
@@ -956,6 +1037,10 @@ impl<H: Clone> Core<H> {
         }
     }
 
+    /// Refresh (RFC 8656 section 8): every relay of the allocation, or with
+    /// REQUESTED-ADDRESS-FAMILY the one of that family (443 if it has none); a
+    /// LIFETIME of 0 deletes what it names, and the allocation goes with its last
+    /// relay.
     fn refresh(
         &mut self,
         m: &Message,
@@ -965,23 +1050,37 @@ impl<H: Clone> Core<H> {
     ) -> Result<Vec<u8>, Fail> {
         let id = self.allocation_mut(&five, auth)?;
         Self::check_unknown(m)?;
-        if let Some(fam) = Self::requested_family(m)? {
-            let relay = self.allocs.get(&id).map(|a| a.relay);
-            if relay.map(|r| Family::of(r.ip())) != Some(fam) {
-                return Err(fail(443, "Peer Address Family Mismatch"));
+        let families: Vec<Family> = {
+            let a = self
+                .allocs
+                .get(&id)
+                .ok_or(fail(437, "Allocation Mismatch"))?;
+            match Self::requested_family(m)? {
+                Some(f) if a.relay(f).is_some() => vec![f],
+                Some(_) => return Err(fail(443, "Peer Address Family Mismatch")),
+                None => [Family::V4, Family::V6]
+                    .into_iter()
+                    .filter(|f| a.relay(*f).is_some())
+                    .collect(),
             }
-        }
+        };
         let requested = Self::requested_lifetime(m)?;
         let lifetime = if requested == Some(Duration::ZERO) {
-            self.remove(id);
+            for f in families {
+                self.remove_relay(id, f);
+            }
             Duration::ZERO
         } else {
             let lifetime = self.granted_lifetime(requested);
+            let expires = now + lifetime;
             if let Some(a) = self.allocs.get_mut(&id) {
-                let expires = now + lifetime;
-                self.deadlines
-                    .set(Some(a.expires), expires, Timer::Allocation(id));
-                a.expires = expires;
+                for f in families {
+                    if let Some(r) = a.relays[f.index()].as_mut() {
+                        self.deadlines
+                            .set(Some(r.expires), expires, Timer::Relay(id, f));
+                        r.expires = expires;
+                    }
+                }
             }
             lifetime
         };
@@ -1014,26 +1113,35 @@ impl<H: Clone> Core<H> {
         Ok(out)
     }
 
-    fn check_peer(&self, relay: SocketAddr, peer: SocketAddr) -> Result<(), Fail> {
-        if !peer_family_ok(relay, peer) {
+    /// Whether allocation `id` may have `peer`: 443 when it has no relay of the
+    /// peer's address family, 403 when the policy denies the peer or it is the
+    /// server itself.
+    fn check_peer(&self, id: AllocationId, peer: SocketAddr) -> Result<(), Fail> {
+        let a = self
+            .allocs
+            .get(&id)
+            .ok_or(fail(437, "Allocation Mismatch"))?;
+        if a.relay(Family::of(peer.ip())).is_none() {
             return Err(fail(443, "Peer Address Family Mismatch"));
         }
-        if !self.cfg.policy.permits(peer.ip()) || self.is_own(relay, peer) {
+        if !self.cfg.policy.permits(peer.ip()) || self.is_own(a, peer) {
             self.metrics.peer_denied();
             return Err(fail(403, "Forbidden"));
         }
         Ok(())
     }
 
-    /// Whether `peer` is the server itself: one of its listeners, or the relay
-    /// address `relay` of the allocation asking (a loop). Another allocation's relay
-    /// address is a peer like any other: that is how two relayed clients of this
-    /// server reach each other.
-    fn is_own(&self, relay: SocketAddr, peer: SocketAddr) -> bool {
+    /// Whether `peer` is the server itself: one of its UDP listeners, or a relay
+    /// address of the allocation `a` asking (a loop; either family's of a dual
+    /// allocation). Another allocation's relay address is a peer like any other:
+    /// that is how two relayed clients of this server reach each other.
+    fn is_own(&self, a: &Allocation<H>, peer: SocketAddr) -> bool {
         self.cfg.own.is_listener(peer)
-            || (peer.port() == relay.port()
-                && (crate::net::canonical_ip(peer.ip()) == relay.ip()
-                    || self.cfg.own.is_host(peer.ip())))
+            || a.relay_addrs().any(|relay| {
+                peer.port() == relay.port()
+                    && (crate::net::canonical_ip(peer.ip()) == relay.ip()
+                        || self.cfg.own.is_host(peer.ip()))
+            })
     }
 
     fn create_permission(
@@ -1046,14 +1154,9 @@ impl<H: Clone> Core<H> {
         let id = self.allocation_mut(&five, auth)?;
         Self::check_unknown(m)?;
         let peers = Self::peers(m)?;
-        let relay = self
-            .allocs
-            .get(&id)
-            .map(|a| a.relay)
-            .ok_or(fail(437, "Allocation Mismatch"))?;
         // All or nothing: any refused peer refuses the request.
         for p in &peers {
-            self.check_peer(relay, *p)?;
+            self.check_peer(id, *p)?;
         }
         let a = self
             .allocs
@@ -1107,12 +1210,7 @@ impl<H: Clone> Core<H> {
         let &[peer] = peers.as_slice() else {
             return Err(fail(400, "One XOR-PEER-ADDRESS expected"));
         };
-        let relay = self
-            .allocs
-            .get(&id)
-            .map(|a| a.relay)
-            .ok_or(fail(437, "Allocation Mismatch"))?;
-        self.check_peer(relay, peer)?;
+        self.check_peer(id, peer)?;
         let a = self
             .allocs
             .get_mut(&id)
@@ -1169,16 +1267,17 @@ impl<H: Clone> Core<H> {
             return;
         };
         // Permissions are per IP address; the port is checked here.
-        let own = self
-            .allocs
-            .get(&id)
-            .is_some_and(|a| self.is_own(a.relay, peer));
+        let own = self.allocs.get(&id).is_some_and(|a| self.is_own(a, peer));
         if own {
             self.metrics.peer_denied();
             return;
         }
         let max_bps = self.cfg.max_bps;
         let Some(a) = self.allocs.get_mut(&id) else {
+            return;
+        };
+        // Out through the relay of the peer's family (a permission implies one).
+        let Some(handle) = a.relay(Family::of(peer.ip())).map(|r| r.handle.clone()) else {
             return;
         };
         if !permitted(a, peer.ip(), now) || !take(&mut a.bucket, max_bps, data.len(), now) {
@@ -1188,7 +1287,7 @@ impl<H: Clone> Core<H> {
         }
         self.metrics.to_peer(five.transport, data.len());
         self.commands.push_back(Command::SendToPeer {
-            handle: a.handle.clone(),
+            handle,
             peer,
             data: data.to_vec(),
         });
@@ -1215,8 +1314,11 @@ impl<H: Clone> Core<H> {
                 .dropped(five.transport, "no_permission_or_rate");
             return None;
         }
+        // Out through the relay of the peer's family; a channel exists only while
+        // that relay does.
+        let handle = a.relay(Family::of(peer.ip()))?.handle.clone();
         self.metrics.to_peer(five.transport, len);
-        Some((a.handle.clone(), peer))
+        Some((handle, peer))
     }
 
     /// A datagram of `len` bytes from `peer` arrived on allocation `id`'s relay
@@ -1246,23 +1348,75 @@ impl<H: Clone> Core<H> {
         Some(via)
     }
 
-    /// Removes allocation `id` with its deadlines; queues the freeing of its socket.
+    /// Removes allocation `id` with its deadlines; queues the freeing of its
+    /// sockets.
     fn remove(&mut self, id: AllocationId) {
         let Some(a) = self.allocs.remove(&id) else {
             return;
         };
         self.by_five.remove(&a.five);
         self.release_user(&a.username);
-        self.deadlines.clear(a.expires, Timer::Allocation(id));
+        for (i, r) in a.relays.into_iter().enumerate() {
+            let Some(r) = r else { continue };
+            let family = if i == 0 { Family::V4 } else { Family::V6 };
+            self.deadlines.clear(r.expires, Timer::Relay(id, family));
+            self.commands
+                .push_back(Command::FreeRelaySocket { handle: r.handle });
+        }
         for (ip, at) in &a.perms {
             self.deadlines.clear(*at, Timer::Permission(id, *ip));
         }
         for (number, (_, at)) in &a.channels {
             self.deadlines.clear(*at, Timer::Channel(id, *number));
         }
-        self.commands
-            .push_back(Command::FreeRelaySocket { handle: a.handle });
         self.metrics.set_active(self.allocs.len());
+    }
+
+    /// Removes the relay of `family` from allocation `id` (expired, or deleted by a
+    /// Refresh naming its family), with the permissions and channels only it could
+    /// serve; the allocation goes with its last relay.
+    fn remove_relay(&mut self, id: AllocationId, family: Family) {
+        let Some(a) = self.allocs.get_mut(&id) else {
+            return;
+        };
+        let others = a
+            .relays
+            .iter()
+            .enumerate()
+            .any(|(i, r)| i != family.index() && r.is_some());
+        if !others {
+            return self.remove(id);
+        }
+        let Some(r) = a.relays[family.index()].take() else {
+            return;
+        };
+        self.deadlines.clear(r.expires, Timer::Relay(id, family));
+        self.commands
+            .push_back(Command::FreeRelaySocket { handle: r.handle });
+        let deadlines = &mut self.deadlines;
+        a.perms.retain(|ip, at| {
+            let keep = Family::of(*ip) != family;
+            if !keep {
+                deadlines.clear(*at, Timer::Permission(id, *ip));
+            }
+            keep
+        });
+        a.channels.retain(|number, (peer, at)| {
+            let keep = Family::of(peer.ip()) != family;
+            if !keep {
+                deadlines.clear(*at, Timer::Channel(id, *number));
+            }
+            keep
+        });
+        a.peer_channels
+            .retain(|peer, _| Family::of(peer.ip()) != family);
+    }
+
+    /// Frees the relay socket a pending dual allocation had bound already.
+    fn free_first(&mut self, p: Pending<H>) {
+        if let Some((_, handle)) = p.first {
+            self.commands.push_back(Command::FreeRelaySocket { handle });
+        }
     }
 
     fn cancel_pending(&mut self, token: BindToken) {
@@ -1270,6 +1424,7 @@ impl<H: Clone> Core<H> {
             self.pending_by_five.remove(&p.five);
             self.deadlines.clear(p.deadline, Timer::Bind(token));
             self.release_user(&p.username);
+            self.free_first(p);
         }
     }
 
@@ -1332,7 +1487,10 @@ impl<H: Clone> Core<H> {
         }
         self.allocs.clear();
         self.by_five.clear();
-        self.pending.clear();
+        let pending: Vec<Pending<H>> = self.pending.drain().map(|(_, p)| p).collect();
+        for p in pending {
+            self.free_first(p);
+        }
         self.pending_by_five.clear();
         self.per_user.clear();
         self.cache.clear();

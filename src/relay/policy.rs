@@ -4,8 +4,8 @@
 //! the IPv4 rule; other IPv6 encodings that embed an IPv4 address (compatible, NAT64,
 //! 6to4, Teredo) name a different host (a gateway): they are refused when the
 //! embedded address is, and an allowed IPv4 range does not open them (only an IPv6
-//! range does). [`OwnAddrs`] names the server's own listeners, which the relay never
-//! sends to.
+//! range does). [`OwnAddrs`] names the server's own UDP listeners, which the relay
+//! never sends to.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -53,33 +53,59 @@ impl PeerPolicy {
     }
 }
 
-/// The server's own addresses: every listener (STUN/TURN over UDP, TCP and TLS,
-/// HTTPS, the HTTP redirect) and the host addresses they can be reached on. A peer
-/// address naming one of them is refused whatever the policy allows, so the relay
-/// cannot be pointed at the server itself.
+/// A bound listening socket of the server, by protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// STUN/TURN over UDP.
+    Udp(SocketAddr),
+    /// HTTPS, the HTTP redirect, TURN over TCP and TLS.
+    Tcp(SocketAddr),
+}
+
+impl Listener {
+    fn addr(self) -> SocketAddr {
+        match self {
+            Listener::Udp(a) | Listener::Tcp(a) => a,
+        }
+    }
+}
+
+/// The server's own addresses: its UDP listeners (STUN/TURN) and the host addresses
+/// they can be reached on. A peer address naming one of them is refused whatever the
+/// policy allows, so the relay cannot be pointed at the server itself. The relay
+/// sends only UDP datagrams, from its relay sockets, so a port the server listens on
+/// with TCP alone (HTTPS, the redirect, TURN over TLS) receives nothing from it and
+/// is not refused; every listener's address counts as a host address.
 #[derive(Debug, Clone, Default)]
 pub struct OwnAddrs {
     /// Host addresses (canonical form); loopback and unspecified are always included.
     ips: Vec<IpAddr>,
-    ports: Vec<u16>,
+    /// The ports of the UDP listeners.
+    udp_ports: Vec<u16>,
 }
 
 impl OwnAddrs {
-    /// `listeners` are the bound listener addresses (a wildcard address listens on
-    /// every host address); `host_ips` the machine's and advertised addresses.
-    pub fn new(listeners: &[SocketAddr], host_ips: impl IntoIterator<Item = IpAddr>) -> Self {
+    /// `listeners` are the bound listeners (a wildcard address listens on every host
+    /// address); `host_ips` the machine's and advertised addresses.
+    pub fn new(listeners: &[Listener], host_ips: impl IntoIterator<Item = IpAddr>) -> Self {
         let mut ips: Vec<IpAddr> = host_ips
             .into_iter()
-            .chain(listeners.iter().map(|l| l.ip()))
+            .chain(listeners.iter().map(|l| l.addr().ip()))
             .map(crate::net::canonical_ip)
             .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
             .collect();
         ips.sort_unstable();
         ips.dedup();
-        let mut ports: Vec<u16> = listeners.iter().map(|l| l.port()).collect();
-        ports.sort_unstable();
-        ports.dedup();
-        OwnAddrs { ips, ports }
+        let mut udp_ports: Vec<u16> = listeners
+            .iter()
+            .filter_map(|l| match l {
+                Listener::Udp(a) => Some(a.port()),
+                Listener::Tcp(_) => None,
+            })
+            .collect();
+        udp_ports.sort_unstable();
+        udp_ports.dedup();
+        OwnAddrs { ips, udp_ports }
     }
 
     /// Whether `ip` reaches this host (loopback, unspecified, or one of its addresses).
@@ -88,9 +114,9 @@ impl OwnAddrs {
         ip.is_loopback() || ip.is_unspecified() || self.ips.contains(&ip)
     }
 
-    /// Whether `addr` is one of the server's listeners.
+    /// Whether `addr` is one of the server's UDP listeners (on any host address).
     pub fn is_listener(&self, addr: SocketAddr) -> bool {
-        self.ports.contains(&addr.port()) && self.is_host(addr.ip())
+        self.udp_ports.contains(&addr.port()) && self.is_host(addr.ip())
     }
 }
 
@@ -308,37 +334,49 @@ mod tests {
     }
 
     #[test]
-    fn own_addresses_cover_listeners_on_every_host_address() {
+    fn own_udp_listeners_on_every_host_address() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
         let own = OwnAddrs::new(
             &[
-                "0.0.0.0:3478".parse().unwrap(),
-                "127.0.0.1:443".parse().unwrap(),
-                "[::]:5349".parse().unwrap(),
+                Listener::Udp(a("0.0.0.0:3478")),
+                Listener::Tcp(a("0.0.0.0:3478")),
+                Listener::Udp(a("[::]:3479")),
+                Listener::Tcp(a("127.0.0.1:443")),
+                Listener::Tcp(a("[::]:5349")),
+                // A TCP listener's address is a host address.
+                Listener::Tcp(a("203.0.113.4:80")),
             ],
             [
                 "198.51.100.7".parse().unwrap(),
                 "2001:db8::7".parse().unwrap(),
             ],
         );
-        for a in [
+        for s in [
             "127.0.0.1:3478",
-            "127.0.0.2:443",
-            "0.0.0.0:5349",
+            "127.0.0.2:3478",
+            "0.0.0.0:3479",
             "198.51.100.7:3478",
-            "[::ffff:198.51.100.7]:443",
-            "[2001:db8::7]:5349",
+            "[::ffff:198.51.100.7]:3478",
+            "[2001:db8::7]:3479",
             "[::1]:3478",
+            "203.0.113.4:3478",
         ] {
-            assert!(own.is_listener(a.parse().unwrap()), "{a}");
+            assert!(own.is_listener(a(s)), "{s}");
         }
-        for a in [
+        // Ports the server listens on with TCP only receive no datagram from the
+        // relay; other hosts' addresses are not the server's.
+        for s in [
+            "127.0.0.1:443",
+            "198.51.100.7:5349",
+            "[2001:db8::7]:80",
             "198.51.100.8:3478",
-            "198.51.100.7:3479",
-            "[2001:db8::8]:443",
+            "198.51.100.7:3480",
+            "[2001:db8::8]:3479",
         ] {
-            assert!(!own.is_listener(a.parse().unwrap()), "{a}");
+            assert!(!own.is_listener(a(s)), "{s}");
         }
         assert!(own.is_host("198.51.100.7".parse().unwrap()));
+        assert!(own.is_host("203.0.113.4".parse().unwrap()));
         assert!(!own.is_host("198.51.100.8".parse().unwrap()));
     }
 }

@@ -3,7 +3,7 @@
 //! server's IO and the [`client`](super::client) side; plus the XOR address attribute
 //! both sides write.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use stun::attributes::AttrType;
 use stun::message::{Message, Setter};
@@ -78,6 +78,33 @@ impl Setter for XorAddress {
             port: self.1.port(),
         }
         .add_to_as(m, self.0)
+    }
+}
+
+/// Decodes the value of an XOR address attribute (XOR-PEER-ADDRESS,
+/// XOR-RELAYED-ADDRESS, ...) of a message with transaction id `txid`.
+pub fn decode_xor_address(v: &[u8], txid: &[u8; 12]) -> Option<SocketAddr> {
+    if v.len() < 4 {
+        return None;
+    }
+    let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
+    match v[1] {
+        0x01 if v.len() == 8 => {
+            let mut ip = [0u8; 4];
+            for i in 0..4 {
+                ip[i] = v[4 + i] ^ COOKIE[i];
+            }
+            Some(SocketAddr::new(IpAddr::from(ip), port))
+        }
+        0x02 if v.len() == 20 => {
+            let mut ip = [0u8; 16];
+            for i in 0..16 {
+                let k = if i < 4 { COOKIE[i] } else { txid[i - 4] };
+                ip[i] = v[4 + i] ^ k;
+            }
+            Some(SocketAddr::new(IpAddr::from(ip), port))
+        }
+        _ => None,
     }
 }
 

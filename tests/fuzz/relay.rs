@@ -1,16 +1,17 @@
 //! The STUN/TURN core fed arbitrary and mutated input, without and with valid
 //! credentials, plus the stream framer. Properties: nothing panics; every answer the
-//! core sends is a well-formed STUN message; quotas hold; the framer's verdicts are
-//! consistent with its input.
+//! core sends is a well-formed STUN message; quotas hold; every relay socket the core
+//! was given (dual allocations' two included) is freed once everything expires; the
+//! framer's verdicts are consistent with its input.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshmeet::relay::auth::Credentials;
 use meshmeet::relay::client::{self, Attr, Session};
-use meshmeet::relay::core::{AllocationId, Command, Core, RelayRules};
-use meshmeet::relay::policy::{OwnAddrs, PeerPolicy};
+use meshmeet::relay::core::{AllocationId, BindError, Command, Core, Family, RelayRules};
+use meshmeet::relay::policy::{Listener, OwnAddrs, PeerPolicy};
 use meshmeet::relay::wire::{self, Frame, MAX_FRAME};
 use meshmeet::relay::{FiveTuple, RelayMetrics, Transport};
 use proptest::prelude::*;
@@ -31,6 +32,11 @@ struct Harness {
     at: Duration,
     next_handle: u32,
     allocations: Vec<AllocationId>,
+    /// Relay sockets handed to the core, and those it freed.
+    bound: HashSet<u32>,
+    freed: HashSet<u32>,
+    /// When set, binds of IPv6 sockets fail with this.
+    v6_fails: Option<BindError>,
     /// Answers sent to clients.
     answers: Vec<Vec<u8>>,
 }
@@ -43,10 +49,13 @@ impl Harness {
             user_quota: QUOTA,
             total_quota: TOTAL,
             max_bps: 1_000_000,
-            policy: PeerPolicy::new(vec!["192.0.2.0/24".parse().unwrap()]),
+            policy: PeerPolicy::new(vec![
+                "192.0.2.0/24".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ]),
             relay_v4: true,
-            relay_v6: false,
-            own: OwnAddrs::new(&["198.51.100.1:3478".parse().unwrap()], []),
+            relay_v6: true,
+            own: OwnAddrs::new(&[Listener::Udp("198.51.100.1:3478".parse().unwrap())], []),
         };
         let mut users = HashMap::new();
         users.insert("static".to_string(), "static-pw".to_string());
@@ -62,6 +71,9 @@ impl Harness {
             at: Duration::ZERO,
             next_handle: 0,
             allocations: Vec::new(),
+            bound: HashSet::new(),
+            freed: HashSet::new(),
+            v6_fails: None,
             answers: Vec::new(),
         }
     }
@@ -94,15 +106,26 @@ impl Harness {
                     );
                     self.answers.push(bytes);
                 }
-                Command::BindRelaySocket { token, .. } => {
+                Command::BindRelaySocket { token, family, .. } => {
+                    if let (Family::V6, Some(e)) = (family, self.v6_fails) {
+                        self.core.relay_bound(token, Err(e), now);
+                        continue;
+                    }
                     self.next_handle += 1;
                     let port = 50_000 + (self.next_handle % 10_000) as u16;
-                    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                    let addr = match family {
+                        Family::V4 => SocketAddr::from(([127, 0, 0, 1], port)),
+                        Family::V6 => SocketAddr::new("2001:db8::10".parse().unwrap(), port),
+                    };
+                    self.bound.insert(self.next_handle);
                     self.core
                         .relay_bound(token, Ok((addr, self.next_handle)), now);
                 }
                 Command::StartRelaying { id, .. } => self.allocations.push(id),
-                Command::SendToPeer { .. } | Command::FreeRelaySocket { .. } => {}
+                Command::FreeRelaySocket { handle } => {
+                    assert!(self.freed.insert(handle), "socket {handle} freed twice");
+                }
+                Command::SendToPeer { .. } => {}
             }
         }
         assert!(
@@ -150,7 +173,7 @@ fn five(client: u8, transport: u8) -> FiveTuple {
 }
 
 fn peer_addr(n: u8) -> SocketAddr {
-    // Allowed (192.0.2.0/24), loopback, private and IPv6 peers.
+    // Allowed (192.0.2.0/24, 2001:db8::/32), loopback and private peers.
     match n % 4 {
         0 => SocketAddr::from(([192, 0, 2, n], 5000)),
         1 => SocketAddr::from(([127, 0, 0, 1], 3478)),
@@ -207,6 +230,9 @@ proptest! {
                 RawOp::Wait(ms) => h.advance(ms),
             }
         }
+        h.advance(700_000);
+        prop_assert_eq!(h.core.allocation_count(), 0);
+        prop_assert_eq!(&h.bound, &h.freed);
     }
 }
 
@@ -236,11 +262,13 @@ fn attr() -> impl Strategy<Value = Attr> {
     prop_oneof![
         any::<u8>().prop_map(Attr::Transport),
         Just(Attr::UDP),
-        any::<u32>().prop_map(Attr::Lifetime),
+        prop_oneof![Just(0u32), any::<u32>()].prop_map(Attr::Lifetime),
         prop_oneof![0x3FF0u16..0x5010, any::<u16>()].prop_map(Attr::Channel),
         any::<u8>().prop_map(|p| Attr::Peer(peer_addr(p))),
-        any::<u8>().prop_map(Attr::Family),
+        prop_oneof![Just(1u8), Just(2), any::<u8>()].prop_map(Attr::Family),
         any::<u8>().prop_map(Attr::EvenPort),
+        // ADDITIONAL-ADDRESS-FAMILY IPv6: dual allocations.
+        Just(Attr::Raw(AttrType(0x8000), vec![2, 0, 0, 0])),
         (
             prop_oneof![
                 Just(0x0012u16),
@@ -253,6 +281,7 @@ fn attr() -> impl Strategy<Value = Attr> {
                 Just(0x001A),
                 Just(0x0022),
                 Just(0x8000),
+                Just(0x8001),
                 any::<u16>()
             ],
             prop::collection::vec(any::<u8>(), 0..40)
@@ -262,8 +291,28 @@ fn attr() -> impl Strategy<Value = Attr> {
 }
 
 fn req() -> impl Strategy<Value = Req> {
-    (method(), prop::collection::vec(attr(), 0..6))
-        .prop_map(|(method, attrs)| Req { method, attrs })
+    prop_oneof![
+        4 => (method(), prop::collection::vec(attr(), 0..6))
+            .prop_map(|(method, attrs)| Req { method, attrs }),
+        // Well-formed dual allocations and Refreshes by family, which random
+        // attribute lists rarely put together.
+        1 => Just(Req {
+            method: METHOD_ALLOCATE,
+            attrs: vec![Attr::UDP, Attr::Raw(AttrType(0x8000), vec![2, 0, 0, 0])],
+        }),
+        1 => (prop_oneof![Just(0u32), Just(600), any::<u32>()], 0u8..3).prop_map(
+            |(lifetime, family)| {
+                let mut attrs = vec![Attr::Lifetime(lifetime)];
+                if family > 0 {
+                    attrs.push(Attr::Family(family));
+                }
+                Req {
+                    method: METHOD_REFRESH,
+                    attrs,
+                }
+            }
+        ),
+    ]
 }
 
 #[derive(Debug, Clone)]
@@ -286,6 +335,78 @@ fn auth_op() -> impl Strategy<Value = AuthOp> {
             .prop_map(|(n, p, c)| AuthOp::Channel(n, p, c)),
         1 => (any::<usize>(), any::<u8>(), 0usize..2000).prop_map(|(a, p, l)| AuthOp::Peer(a, p, l)),
         1 => (0u32..400_000).prop_map(AuthOp::Wait),
+    ]
+}
+
+/// Allowed peers of both families.
+fn dual_peer(n: u8) -> SocketAddr {
+    match n % 4 {
+        0 => SocketAddr::from(([192, 0, 2, 7], 5000)),
+        1 => SocketAddr::from(([192, 0, 2, 8], 5001)),
+        2 => "[2001:db8::7]:6000".parse().unwrap(),
+        _ => "[2001:db8::8]:6001".parse().unwrap(),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum DualOp {
+    /// A signed request from one of two clients.
+    Request(Req, u8),
+    /// A Send indication and ChannelData towards a peer.
+    Data(u8, u8),
+    Peer(usize, u8, usize),
+    /// From now on IPv6 binds fail with this (or succeed).
+    V6Binds(Option<BindError>),
+    Wait(u32),
+}
+
+fn dual_req() -> impl Strategy<Value = Req> {
+    let family = prop_oneof![
+        Just(None),
+        Just(Some(1u8)),
+        Just(Some(2)),
+        any::<u8>().prop_map(Some)
+    ];
+    prop_oneof![
+        3 => (family.clone(), any::<bool>()).prop_map(|(f, additional)| {
+            let mut attrs = vec![Attr::UDP];
+            if additional {
+                attrs.push(Attr::Raw(AttrType(0x8000), vec![2, 0, 0, 0]));
+            }
+            attrs.extend(f.map(Attr::Family));
+            Req { method: METHOD_ALLOCATE, attrs }
+        }),
+        3 => (prop_oneof![Just(0u32), Just(600), Just(3000), any::<u32>()], family).prop_map(
+            |(lifetime, f)| {
+                let mut attrs = vec![Attr::Lifetime(lifetime)];
+                attrs.extend(f.map(Attr::Family));
+                Req { method: METHOD_REFRESH, attrs }
+            }
+        ),
+        2 => prop::collection::vec(any::<u8>(), 1..3).prop_map(|peers| Req {
+            method: METHOD_CREATE_PERMISSION,
+            attrs: peers.into_iter().map(|p| Attr::Peer(dual_peer(p))).collect(),
+        }),
+        2 => (0u16..4, any::<u8>()).prop_map(|(n, p)| Req {
+            method: METHOD_CHANNEL_BIND,
+            attrs: vec![Attr::Channel(0x4000 + n), Attr::Peer(dual_peer(p))],
+        }),
+    ]
+}
+
+fn dual_op() -> impl Strategy<Value = DualOp> {
+    prop_oneof![
+        8 => (dual_req(), any::<u8>()).prop_map(|(r, c)| DualOp::Request(r, c)),
+        2 => (any::<u8>(), any::<u8>()).prop_map(|(p, c)| DualOp::Data(p, c)),
+        2 => (any::<usize>(), any::<u8>(), 0usize..2000).prop_map(|(a, p, l)| DualOp::Peer(a, p, l)),
+        1 => prop_oneof![
+            Just(None),
+            Just(Some(BindError::Other)),
+            Just(Some(BindError::NoFreePort)),
+            Just(Some(BindError::FileLimit)),
+        ]
+        .prop_map(DualOp::V6Binds),
+        2 => prop_oneof![0u32..2000, 100_000u32..700_000].prop_map(DualOp::Wait),
     ]
 }
 
@@ -354,9 +475,50 @@ proptest! {
                 }
             }
         }
-        // Allocations end with their lifetimes.
+        // Allocations end with their lifetimes, and every socket is freed.
         h.advance(700_000);
         prop_assert_eq!(h.core.allocation_count(), 0);
+        prop_assert_eq!(&h.bound, &h.freed);
+    }
+
+    /// Dual allocations (and single ones) from one client, refreshed and deleted by
+    /// family, with permissions, channels and data of both families and IPv6 binds
+    /// that fail: the sockets the core holds never outnumber two per allocation, and
+    /// every one is freed once everything expires.
+    #[test]
+    fn dual_allocations_free_every_socket(ops in prop::collection::vec(dual_op(), 1..40)) {
+        let mut h = Harness::new();
+        let mut s = Session::rest(SECRET, "dual", UNIX0 + 3600);
+        let clients = [five(0, 0), five(1, 1)];
+        challenge(&mut h, &mut s, clients[0]);
+        for op in ops {
+            match op {
+                DualOp::Request(r, c) => {
+                    let five = clients[usize::from(c % 2)];
+                    h.input(&build(&s, &r), five);
+                    if let Some(m) = h.answers.last().and_then(|b| client::parse(b)) {
+                        if client::error_code(&m) == Some(438) {
+                            s.learn(&m);
+                            h.input(&build(&s, &r), five);
+                        }
+                    }
+                }
+                DualOp::Data(peer, c) => {
+                    let five = clients[usize::from(c % 2)];
+                    h.input(&client::send_indication(dual_peer(peer), b"data"), five);
+                    h.input(&client::channel_data(0x4000 + u16::from(peer % 4), b"cd", false), five);
+                }
+                DualOp::Peer(a, p, l) => h.peer_datagram(a, dual_peer(p), l),
+                DualOp::V6Binds(e) => h.v6_fails = e,
+                DualOp::Wait(ms) => h.advance(ms),
+            }
+            let live = h.bound.difference(&h.freed).count();
+            prop_assert!(live <= 2 * h.core.allocation_count(), "{} sockets for {} allocations", live, h.core.allocation_count());
+            prop_assert!(live >= h.core.allocation_count());
+        }
+        h.advance(4_000_000);
+        prop_assert_eq!(h.core.allocation_count(), 0);
+        prop_assert_eq!(&h.bound, &h.freed);
     }
 
     /// The stream framer: never panics; a complete frame fits the buffer and the

@@ -185,6 +185,22 @@ fn version_and_check_config() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("rooms.capacity"));
 
+    // A relay port range holding the TURN UDP listener's port.
+    let base = write_config(dir.path(), "");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&base)
+        .env("MESHMEET__TURN__LISTEN", "0.0.0.0:3478")
+        .env("MESHMEET__TURN__RELAY_PORTS", "3000-4000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("turn.relay_ports") && err.contains("3000-4000 includes 3478"),
+        "{err}"
+    );
+
     let out = Command::new(BIN)
         .args(["check-config", "--config", "/nonexistent/meshmeet.toml"])
         .output()

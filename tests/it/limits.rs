@@ -293,3 +293,126 @@ async fn turn_stream_messages_must_complete_in_time() {
     // Normal clients are served meanwhile.
     assert!(stun_over_tcp("127.0.0.4", tcp).await);
 }
+
+/// Waits until the server counts `n` open connections on the redirect listener.
+async fn redirect_open_reaches(s: &TestServer, n: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while metric(s, "meshmeet_http_redirect_connections_open") != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "open redirect connections never reached {n} (now {})",
+            metric(s, "meshmeet_http_redirect_connections_open")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A plain-HTTP request from `local` to the redirect listener: its status.
+async fn redirect_from(local: &str, to: SocketAddr) -> Option<u16> {
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(local.parse::<IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let res = c.get(format!("http://{to}/room")).send().await.ok()?;
+    Some(res.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_connection_caps_per_address_and_in_total() {
+    let s = TestServer::start_with(|c| {
+        c.http.redirect_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.http.max_connections = 3;
+        c.http.max_connections_per_ip = 2;
+        // Long enough that the idle connections below outlive the checks.
+        c.http.handshake_timeout_s = 30;
+    })
+    .await;
+    let addr = s.addrs.redirect.unwrap();
+    // Two idle connections from 127.0.0.2 fill its share.
+    let a1 = connect_from("127.0.0.2", addr).await;
+    redirect_open_reaches(&s, 1.0).await;
+    let _a2 = connect_from("127.0.0.2", addr).await;
+    redirect_open_reaches(&s, 2.0).await;
+    let mut a3 = connect_from("127.0.0.2", addr).await;
+    assert!(closed_within(&mut a3, Duration::from_secs(5)).await);
+    assert_eq!(
+        metric(
+            &s,
+            "meshmeet_http_redirect_connections_refused_total{reason=\"per_ip\"}"
+        ),
+        1.0
+    );
+    // Another address is served meanwhile, and its connection closes after the
+    // answer (one request per connection), so its place comes back.
+    assert_eq!(redirect_from("127.0.0.3", addr).await, Some(301));
+    redirect_open_reaches(&s, 2.0).await;
+    // A third connection fills the total; a fourth address is refused.
+    let _b = connect_from("127.0.0.4", addr).await;
+    redirect_open_reaches(&s, 3.0).await;
+    let mut c = connect_from("127.0.0.5", addr).await;
+    assert!(closed_within(&mut c, Duration::from_secs(5)).await);
+    assert_eq!(
+        metric(
+            &s,
+            "meshmeet_http_redirect_connections_refused_total{reason=\"total\"}"
+        ),
+        1.0
+    );
+    // HTTPS has caps of its own: it is served while the redirect listener is full.
+    assert!(healthz_from(&s, "127.0.0.5").await);
+    // A place freed is used again.
+    drop(a1);
+    redirect_open_reaches(&s, 2.0).await;
+    assert_eq!(redirect_from("127.0.0.5", addr).await, Some(301));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_idle_and_trickled_requests_are_cut_off() {
+    let s = TestServer::start_with(|c| {
+        c.http.redirect_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.http.handshake_timeout_s = 1;
+    })
+    .await;
+    let addr = s.addrs.redirect.unwrap();
+    // Silence after connecting: closed by the header deadline.
+    let mut idle = connect_from("127.0.0.2", addr).await;
+    redirect_open_reaches(&s, 1.0).await;
+    assert!(closed_within(&mut idle, Duration::from_secs(5)).await);
+    redirect_open_reaches(&s, 0.0).await;
+    // Headers trickled a byte at a time: the deadline is for the whole headers.
+    let request = b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut slow = connect_from("127.0.0.2", addr).await;
+    let started = tokio::time::Instant::now();
+    let mut cut_off = false;
+    for byte in request.iter().take(request.len() - 2) {
+        if slow.write_all(&[*byte]).await.is_err() {
+            cut_off = true;
+            break;
+        }
+        let mut b = [0u8; 256];
+        // Each wait is also the pause between two bytes; an answer (408) or a close
+        // both end it.
+        if tokio::time::timeout(Duration::from_millis(100), slow.read(&mut b))
+            .await
+            .is_ok()
+        {
+            cut_off = true;
+            break;
+        }
+    }
+    assert!(cut_off, "the trickled request was never cut off");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    // A whole request is answered, and the connection is then closed, not kept
+    // open idle.
+    let mut one = connect_from("127.0.0.3", addr).await;
+    one.write_all(b"GET /x HTTP/1.1\r\nHost: meet.example.org\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), one.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection stayed open after the answer");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 301"), "{text}");
+    assert!(text.contains("https://meet.example.org:"), "{text}");
+}

@@ -22,9 +22,9 @@ pub const SECRET: &str = "relay-test-secret-0123456789";
 fn relay_config(c: &mut Config) {
     c.turn.secret = SECRET.into();
     c.turn.relay_ips = vec!["127.0.0.1".parse().unwrap()];
-    // Below the kernel's ephemeral range (32768-60999), where the test's listeners get
-    // their port-0 ports: a relay port never shares a number with a listener, which
-    // the relay refuses as a peer whatever the protocol.
+    // Below the kernel's ephemeral range (32768-60999), where the test's UDP listener
+    // gets its port-0 port: a relay port never shares a number with it (the relay
+    // refuses the UDP listener's port as a peer).
     c.turn.relay_ports = "20000-20999".parse().unwrap();
 }
 
@@ -660,19 +660,14 @@ async fn the_relay_refuses_the_server_itself_and_reaches_other_allocations() {
     let relay_a = a.relayed().await;
     let relay_b = b.relayed().await;
     let addrs = server.addrs;
-    let mut own = vec![
-        addrs.https,
-        addrs.redirect.unwrap(),
+    // The UDP listener (TURN over TCP shares its port number), on any loopback
+    // address, and A's own relay address.
+    let own = [
         addrs.turn_udp.unwrap(),
         addrs.turn_tcp.unwrap(),
-        addrs.turn_tls.unwrap(),
+        SocketAddr::new("127.0.0.2".parse().unwrap(), addrs.turn_udp.unwrap().port()),
         relay_a,
     ];
-    // The same listeners on another loopback address reach the same sockets.
-    own.push(SocketAddr::new(
-        "127.0.0.2".parse().unwrap(),
-        addrs.https.port(),
-    ));
     for (i, target) in own.iter().enumerate() {
         let resp = a.permission(&[*target]).await;
         assert_eq!(error_code(&resp), Some(403), "permission to {target}");
@@ -683,6 +678,35 @@ async fn the_relay_refuses_the_server_itself_and_reaches_other_allocations() {
             )
             .await;
         assert_eq!(error_code(&resp), Some(403), "channel to {target}");
+    }
+    // Ports the server listens on with TCP alone get no datagram from the relay:
+    // ordinary peers.
+    let tcp_only = [
+        addrs.https,
+        addrs.redirect.unwrap(),
+        addrs.turn_tls.unwrap(),
+        SocketAddr::new("127.0.0.2".parse().unwrap(), addrs.https.port()),
+    ];
+    for (i, target) in tcp_only.iter().enumerate() {
+        let resp = a.permission(&[*target]).await;
+        assert_eq!(
+            resp.typ.class,
+            CLASS_SUCCESS_RESPONSE,
+            "permission to {target}: {:?}",
+            error_code(&resp)
+        );
+        let resp = a
+            .request(
+                METHOD_CHANNEL_BIND,
+                &[&Attr::Channel(0x4200 + i as u16), &Attr::Peer(*target)],
+            )
+            .await;
+        assert_eq!(
+            resp.typ.class,
+            CLASS_SUCCESS_RESPONSE,
+            "channel to {target}: {:?}",
+            error_code(&resp)
+        );
     }
     // A permission for the server's IP (through B's relay address) covers every
     // port; a Send indication carrying a Binding request to the STUN listener is
@@ -819,4 +843,152 @@ async fn additional_address_family_over_udp() {
         .get(ATTR_ADDRESS_ERROR_CODE)
         .expect("ADDRESS-ERROR-CODE");
     assert_eq!(&e[..4], &[0x02, 0, 4, 40]);
+}
+
+/// Waits until `addr` can be bound again: its relay socket was closed.
+async fn port_freed(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while std::net::UdpSocket::bind(addr).is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relay socket {addr} still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The next datagram `sock` receives: (payload, sender).
+async fn recv_on(sock: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+    let mut b = vec![0u8; 2048];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut b))
+        .await
+        .expect("a datagram within 5 s")
+        .unwrap();
+    (b[..n].to_vec(), from)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_allocation_over_ipv4_and_ipv6_loopback() {
+    use meshmeet::relay::core::ATTR_ADDITIONAL_ADDRESS_FAMILY;
+    if !support::have_ipv6_loopback() {
+        return;
+    }
+    let server = TestServer::start_with(|c| {
+        relay_config(c);
+        c.turn.relay_ips = vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+        c.turn.allowed_peer_ranges =
+            vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        c.turn.user_allocation_quota = 1;
+    })
+    .await;
+    let peer4 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer6 = UdpSocket::bind("[::1]:0").await.unwrap();
+    let (p4, p6) = (peer4.local_addr().unwrap(), peer6.local_addr().unwrap());
+    let (user, pass) = rest_user("dual", future());
+    let mut c = RawClient::new(turn_udp(&server), &user, &pass).await;
+    let aaf = Attr::Raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, vec![2, 0, 0, 0]);
+    let resp = c.request(METHOD_ALLOCATE, &[&Attr::UDP, &aaf]).await;
+    assert_eq!(
+        resp.typ.class,
+        CLASS_SUCCESS_RESPONSE,
+        "{:?}",
+        error_code(&resp)
+    );
+    assert_eq!(client::address_error(&resp), None);
+    let (r4, r6) = match client::relayed_addresses(&resp)[..] {
+        [a, b] => (a, b),
+        ref other => panic!("two relayed addresses expected: {other:?}"),
+    };
+    assert_eq!(r4.ip(), "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(r6.ip(), "::1".parse::<std::net::IpAddr>().unwrap());
+    // One allocation, and the user's quota of one is used by it.
+    assert_eq!(
+        metric(&server, "meshmeet_turn_allocations_active").await,
+        1.0
+    );
+    let mut other = RawClient::new(turn_udp(&server), &user, &pass).await;
+    assert_eq!(error_code(&other.allocate().await), Some(486));
+    // Permissions for both families; each peer is reached from the relay address of
+    // its own family, and answers the same way.
+    let resp = c.permission(&[p4, p6]).await;
+    assert_eq!(
+        resp.typ.class,
+        CLASS_SUCCESS_RESPONSE,
+        "{:?}",
+        error_code(&resp)
+    );
+    c.send_indication(p4, b"to four").await;
+    assert_eq!(recv_on(&peer4).await, (b"to four".to_vec(), r4));
+    c.send_indication(p6, b"to six").await;
+    assert_eq!(recv_on(&peer6).await, (b"to six".to_vec(), r6));
+    peer6.send_to(b"from six", r6).await.unwrap();
+    assert_eq!(data_indication(&c).await, (p6, b"from six".to_vec()));
+    peer4.send_to(b"from four", r4).await.unwrap();
+    assert_eq!(data_indication(&c).await, (p4, b"from four".to_vec()));
+    // Channels to both.
+    for (n, p) in [(0x4000u16, p4), (0x4001, p6)] {
+        let resp = c
+            .request(METHOD_CHANNEL_BIND, &[&Attr::Channel(n), &Attr::Peer(p)])
+            .await;
+        assert_eq!(
+            resp.typ.class,
+            CLASS_SUCCESS_RESPONSE,
+            "{:?}",
+            error_code(&resp)
+        );
+    }
+    c.sock
+        .send_to(&client::channel_data(0x4001, b"ch six", false), c.server)
+        .await
+        .unwrap();
+    assert_eq!(recv_on(&peer6).await, (b"ch six".to_vec(), r6));
+    c.sock
+        .send_to(&client::channel_data(0x4000, b"ch four", false), c.server)
+        .await
+        .unwrap();
+    assert_eq!(recv_on(&peer4).await, (b"ch four".to_vec(), r4));
+    // Deleting the IPv6 part closes its socket only; IPv4 relays on.
+    let resp = c
+        .request(METHOD_REFRESH, &[&Attr::Lifetime(0), &Attr::Family(2)])
+        .await;
+    assert_eq!(
+        resp.typ.class,
+        CLASS_SUCCESS_RESPONSE,
+        "{:?}",
+        error_code(&resp)
+    );
+    port_freed(r6).await;
+    assert_eq!(error_code(&c.permission(&[p6]).await), Some(443));
+    c.send_indication(p4, b"still four").await;
+    assert_eq!(recv_on(&peer4).await, (b"still four".to_vec(), r4));
+    assert!(
+        std::net::UdpSocket::bind(r4).is_err(),
+        "the IPv4 relay stays"
+    );
+    // A full delete frees the rest and the quota.
+    let resp = c.request(METHOD_REFRESH, &[&Attr::Lifetime(0)]).await;
+    assert_eq!(resp.typ.class, CLASS_SUCCESS_RESPONSE);
+    port_freed(r4).await;
+    assert_eq!(
+        metric(&server, "meshmeet_turn_allocations_active").await,
+        0.0
+    );
+    let resp = other.allocate().await;
+    assert_eq!(
+        resp.typ.class,
+        CLASS_SUCCESS_RESPONSE,
+        "{:?}",
+        error_code(&resp)
+    );
+    // The peer leaving its room frees both sockets of its dual allocation (expiry
+    // is driven by hand in the core's tests).
+    let (user2, pass2) = rest_user("dual2", future());
+    let mut d = RawClient::new(turn_udp(&server), &user2, &pass2).await;
+    let resp = d.request(METHOD_ALLOCATE, &[&Attr::UDP, &aaf]).await;
+    let both = client::relayed_addresses(&resp);
+    assert_eq!(both.len(), 2);
+    server.state.peer_events.peer_gone("dual2");
+    for a in both {
+        port_freed(a).await;
+    }
 }

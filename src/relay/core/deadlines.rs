@@ -9,14 +9,14 @@ use super::{AllocationId, BindToken};
 /// Something that happens at a deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Timer {
-    Allocation(AllocationId),
+    Relay(AllocationId, super::Family),
     Permission(AllocationId, IpAddr),
     Channel(AllocationId, u16),
     Bind(BindToken),
 }
 
 /// Every pending deadline, ordered. Each entry mirrors the deadline stored in the
-/// object it names (an allocation's `expires`, a permission's or channel's expiry, a
+/// object it names (a relay's `expires`, a permission's or channel's expiry, a
 /// pending bind's `deadline`); whoever changes one moves the other, so the set holds
 /// exactly one entry per live object and never grows with refreshes.
 #[derive(Default)]

@@ -1,7 +1,7 @@
 //! STUN messages as the core writes and reads them: encoding answers (SOFTWARE,
 //! MESSAGE-INTEGRITY and FINGERPRINT added), reading attributes, request errors.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use stun::agent::TransactionId;
 use stun::attributes::*;
@@ -30,32 +30,7 @@ pub(super) fn fail(code: u16, reason: &'static str) -> Fail {
     }
 }
 
-/// Decodes one XOR-PEER-ADDRESS (or any XOR address) value.
-pub(super) fn decode_xor_addr(v: &[u8], txid: &[u8; 12]) -> Option<SocketAddr> {
-    if v.len() < 4 {
-        return None;
-    }
-    let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
-    let cookie = MAGIC_COOKIE.to_be_bytes();
-    match v[1] {
-        0x01 if v.len() == 8 => {
-            let mut ip = [0u8; 4];
-            for i in 0..4 {
-                ip[i] = v[4 + i] ^ cookie[i];
-            }
-            Some(SocketAddr::new(IpAddr::from(ip), port))
-        }
-        0x02 if v.len() == 20 => {
-            let mut ip = [0u8; 16];
-            for i in 0..16 {
-                let k = if i < 4 { cookie[i] } else { txid[i - 4] };
-                ip[i] = v[4 + i] ^ k;
-            }
-            Some(SocketAddr::new(IpAddr::from(ip), port))
-        }
-        _ => None,
-    }
-}
+pub(super) use crate::relay::wire::decode_xor_address as decode_xor_addr;
 
 pub(super) fn known_attr(t: AttrType) -> bool {
     t.0 >= 0x8000

@@ -34,6 +34,8 @@ struct Harness {
     next_handle: u32,
     /// When set, every bind fails with this.
     bind_fails: Option<BindError>,
+    /// When set, every bind of an IPv6 socket fails with this.
+    bind_fails_v6: Option<BindError>,
     started: Vec<(AllocationId, u32)>,
     freed: Vec<u32>,
     to_peers: Vec<(u32, SocketAddr, Vec<u8>)>,
@@ -78,6 +80,7 @@ impl Harness {
             wall: None,
             next_handle: 0,
             bind_fails: None,
+            bind_fails_v6: None,
             started: Vec::new(),
             freed: Vec::new(),
             to_peers: Vec::new(),
@@ -121,6 +124,9 @@ impl Harness {
 
     fn bind(&mut self, family: Family, even_port: bool) -> Result<(SocketAddr, u32), BindError> {
         if let Some(e) = self.bind_fails {
+            return Err(e);
+        }
+        if let (Family::V6, Some(e)) = (family, self.bind_fails_v6) {
             return Err(e);
         }
         self.next_handle += 1;
@@ -206,6 +212,21 @@ impl Client {
         at: Duration,
     ) -> Message {
         h.answer(&self.s.request(method, attrs), self.five, at)
+    }
+
+    /// Like [`Client::call`], learning a fresh nonce on 438 and asking again.
+    fn call_fresh(
+        &mut self,
+        h: &mut Harness,
+        method: Method,
+        attrs: &[&dyn Setter],
+        at: Duration,
+    ) -> Message {
+        let r = self.call(h, method, attrs, at);
+        if self.s.learn(&r) {
+            return self.call(h, method, attrs, at);
+        }
+        r
     }
 
     fn allocate(&self, h: &mut Harness, at: Duration) -> Message {
@@ -1168,16 +1189,19 @@ fn channel_numbers_beyond_0x4fff_get_400_and_their_data_is_dropped() {
     );
 }
 
-/// A harness whose server listens on 192.0.2.10 (UDP/TCP 3478, TLS 5349) and on
-/// every address for HTTPS (443): the relay addresses share that host.
+/// A harness whose server listens on 192.0.2.10 (UDP and TCP 3478, TLS 5349) and on
+/// every address for HTTPS (443) and the redirect (8080): the relay addresses share
+/// that host.
 fn own_harness() -> Harness {
     Harness::with(|c| {
+        use crate::relay::policy::Listener::{Tcp, Udp};
         c.own = OwnAddrs::new(
             &[
-                peer("192.0.2.10:3478"),
-                peer("192.0.2.10:5349"),
-                peer("0.0.0.0:443"),
-                peer("[::]:8080"),
+                Udp(peer("192.0.2.10:3478")),
+                Tcp(peer("192.0.2.10:3478")),
+                Tcp(peer("192.0.2.10:5349")),
+                Tcp(peer("0.0.0.0:443")),
+                Tcp(peer("[::]:8080")),
             ],
             [
                 "192.0.2.10".parse().unwrap(),
@@ -1196,21 +1220,30 @@ fn the_server_itself_is_never_a_peer() {
     let b = Client::new(&mut h, 2, &u, &pw, ms(0));
     let relay_b = client::relayed_address(&b.allocate(&mut h, ms(0))).unwrap();
     assert_eq!(relay_a.ip(), relay_b.ip());
-    for target in [
-        "192.0.2.10:3478",
-        "192.0.2.10:5349",
-        "192.0.2.10:443",
-        "192.0.2.10:8080",
-    ] {
-        let r = a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(peer(target))], ms(1));
-        assert_eq!(code(&r), Some(403), "permission to {target}");
-        let r = a.call(
+    // The UDP listener.
+    let listener = peer("192.0.2.10:3478");
+    let r = a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(listener)], ms(1));
+    assert_eq!(code(&r), Some(403));
+    let r = a.call(
+        &mut h,
+        METHOD_CHANNEL_BIND,
+        &[&Attr::Channel(0x4000), &p(listener)],
+        ms(1),
+    );
+    assert_eq!(code(&r), Some(403));
+    // Ports the server listens on with TCP only get no datagram from it: ordinary
+    // peer ports.
+    for (i, target) in ["192.0.2.10:5349", "192.0.2.10:443", "192.0.2.10:8080"]
+        .into_iter()
+        .enumerate()
+    {
+        ok(&a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(peer(target))], ms(1)));
+        ok(&a.call(
             &mut h,
             METHOD_CHANNEL_BIND,
-            &[&Attr::Channel(0x4000), &p(peer(target))],
+            &[&Attr::Channel(0x4010 + i as u16), &p(peer(target))],
             ms(1),
-        );
-        assert_eq!(code(&r), Some(403), "channel to {target}");
+        ));
     }
     // Its own relay address: a loop.
     let r = a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(relay_a)], ms(1));
@@ -1235,15 +1268,18 @@ fn the_server_itself_is_never_a_peer() {
         Some((1, relay_b))
     );
     // The permission for the host's address covers every port, so Send
-    // indications are checked by port: the listeners and the own relay get nothing.
-    for target in [peer("192.0.2.10:3478"), peer("192.0.2.10:443"), relay_a] {
+    // indications are checked by port: the UDP listener and the own relay get
+    // nothing, a TCP-only port and another relay do.
+    for target in [peer("192.0.2.10:3478"), relay_a] {
         let out = h.input(&client::send_indication(target, b"x"), a.five, ms(3));
         assert!(out.is_empty());
     }
-    let out = h.input(&client::send_indication(relay_b, b"to-b"), a.five, ms(3));
-    assert!(out.is_empty());
+    for target in [peer("192.0.2.10:443"), relay_b] {
+        let out = h.input(&client::send_indication(target, b"y"), a.five, ms(3));
+        assert!(out.is_empty());
+    }
     let sent: Vec<SocketAddr> = h.to_peers.iter().map(|(_, to, _)| *to).collect();
-    assert_eq!(sent, vec![relay_b]);
+    assert_eq!(sent, vec![peer("192.0.2.10:443"), relay_b]);
 }
 
 #[test]
@@ -1283,20 +1319,25 @@ fn an_allowed_ipv4_peer_does_not_open_its_ipv6_translations() {
     ));
 }
 
-#[test]
-fn additional_address_family_errors_and_partial_success() {
-    let aaf = |v: u8| Attr::Raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, vec![v, 0, 0, 0]);
-    let address_error = |m: &Message| m.get(ATTR_ADDRESS_ERROR_CODE).ok();
-    // Both families configured: the IPv4 address, and the IPv6 one reported as not
-    // allocated (508).
-    let mut h = Harness::new();
-    let a = alice(&mut h, 1);
-    let r = a.call(&mut h, METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)], ms(0));
+fn aaf(v: u8) -> Attr {
+    Attr::Raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, vec![v, 0, 0, 0])
+}
+
+/// A dual allocation for `c`: its IPv4 and IPv6 relay addresses.
+fn dual(h: &mut Harness, c: &Client, at: Duration) -> (SocketAddr, SocketAddr) {
+    let r = c.call(h, METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)], at);
     ok(&r);
-    assert!(client::relayed_address(&r).unwrap().is_ipv4());
-    let e = address_error(&r).expect("ADDRESS-ERROR-CODE");
-    assert_eq!(&e[..4], &[0x02, 0, 5, 8]);
+    assert_eq!(client::address_error(&r), None);
+    match client::relayed_addresses(&r)[..] {
+        [v4, v6] if v4.is_ipv4() && v6.is_ipv6() => (v4, v6),
+        ref other => panic!("two relayed addresses expected: {other:?}"),
+    }
+}
+
+#[test]
+fn additional_address_family_errors() {
     // With REQUESTED-ADDRESS-FAMILY: 400. Any value but IPv6: 400.
+    let mut h = Harness::new();
     let b = alice(&mut h, 2);
     for attrs in [
         vec![Attr::UDP, aaf(2), Attr::Family(1)],
@@ -1311,21 +1352,365 @@ fn additional_address_family_errors_and_partial_success() {
         let r = b.call(&mut h, METHOD_ALLOCATE, &refs, ms(1));
         assert_eq!(code(&r), Some(400), "{attrs:?}");
     }
-    // No IPv6 relay: the IPv4 allocation with ADDRESS-ERROR-CODE 440 for IPv6.
+    assert_eq!(h.core.allocation_count(), 0);
+    // No IPv6 relay address: the IPv4 allocation with ADDRESS-ERROR-CODE 440 for
+    // IPv6, and no IPv6 socket asked for.
     let mut h = Harness::with(|c| c.relay_v6 = false);
     let a = alice(&mut h, 1);
-    let r = a.call(&mut h, METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)], ms(0));
-    ok(&r);
-    assert!(client::relayed_address(&r).unwrap().is_ipv4());
-    assert_eq!(&address_error(&r).unwrap()[..4], &[0x02, 0, 4, 40]);
+    let req = a.s.request(METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)]);
+    let cmds = h.input_raw(&req, a.five, ms(0));
+    assert!(matches!(
+        cmds[..],
+        [Command::BindRelaySocket {
+            family: Family::V4,
+            ..
+        }]
+    ));
+    let sent = h.run(cmds, ms(0));
+    let r = &sent[0].1;
+    ok(r);
+    assert_eq!(client::relayed_addresses(r).len(), 1);
+    assert!(client::relayed_address(r).unwrap().is_ipv4());
+    assert_eq!(client::address_error(r), Some((2, 440)));
+    let e = r.get(ATTR_ADDRESS_ERROR_CODE).unwrap();
+    assert_eq!(&e[..4], &[0x02, 0, 4, 40]);
     // No IPv4 relay: the allocation fails with 440.
     let mut h = Harness::with(|c| c.relay_v4 = false);
     let a = alice(&mut h, 1);
     let r = a.call(&mut h, METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)], ms(0));
     assert_eq!(code(&r), Some(440));
-    // Without the attribute, no ADDRESS-ERROR-CODE.
+    // Without the attribute, one relay and no ADDRESS-ERROR-CODE.
     let mut h = Harness::new();
     let a = alice(&mut h, 1);
     let r = a.allocate(&mut h, ms(0));
-    assert!(address_error(&r).is_none());
+    assert_eq!(client::relayed_addresses(&r).len(), 1);
+    assert!(client::address_error(&r).is_none());
+}
+
+#[test]
+fn dual_allocation_relays_each_family_through_its_own_socket() {
+    let mut h = Harness::new();
+    let a = alice(&mut h, 1);
+    let (v4, v6) = dual(&mut h, &a, ms(0));
+    // One allocation, two relay sockets, both serving it.
+    assert_eq!(h.core.allocation_count(), 1);
+    let (id, first) = h.core.allocation_of(&a.five).unwrap();
+    assert_eq!(first, v4);
+    assert_eq!(h.started, vec![(id, 1), (id, 2)]);
+    let (p4, p6) = (peer("192.0.2.50:5000"), peer("[2001:db8::50]:5000"));
+    // Permissions for both families in one request.
+    ok(&a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(p4), &p(p6)], ms(1)));
+    // Send indications leave through the socket of the peer's family.
+    h.input(&client::send_indication(p4, b"four"), a.five, ms(2));
+    h.input(&client::send_indication(p6, b"six"), a.five, ms(2));
+    assert_eq!(
+        h.to_peers,
+        vec![(1, p4, b"four".to_vec()), (2, p6, b"six".to_vec())]
+    );
+    // Channels too.
+    ok(&a.call(
+        &mut h,
+        METHOD_CHANNEL_BIND,
+        &[&Attr::Channel(0x4000), &p(p4)],
+        ms(3),
+    ));
+    ok(&a.call(
+        &mut h,
+        METHOD_CHANNEL_BIND,
+        &[&Attr::Channel(0x4001), &p(p6)],
+        ms(3),
+    ));
+    assert_eq!(
+        h.core.channel_data(&a.five, 0x4000, 8, h.at(ms(4))),
+        Some((1, p4))
+    );
+    assert_eq!(
+        h.core.channel_data(&a.five, 0x4001, 8, h.at(ms(4))),
+        Some((2, p6))
+    );
+    // Peers of both families reach the client.
+    assert_eq!(
+        h.core.from_peer(id, p4, 8, h.at(ms(5))),
+        Some(ToClient::Channel(0x4000))
+    );
+    assert_eq!(
+        h.core.from_peer(id, p6, 8, h.at(ms(5))),
+        Some(ToClient::Channel(0x4001))
+    );
+    // Either of its own relay addresses is a loop: 403.
+    for own in [v4, v6] {
+        let r = a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(own)], ms(6));
+        assert_eq!(code(&r), Some(403), "{own}");
+    }
+    // Another client's dual allocation is an ordinary peer in both families.
+    let (ub, pb) = rest("bob", UNIX0 + 3600);
+    let b = Client::new(&mut h, 2, &ub, &pb, ms(7));
+    let (b4, b6) = dual(&mut h, &b, ms(7));
+    ok(&a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(b4), &p(b6)], ms(8)));
+}
+
+#[test]
+fn dual_allocation_counts_once_against_the_quotas() {
+    let mut h = Harness::with(|c| {
+        c.user_quota = 1;
+        c.total_quota = 2;
+    });
+    let a = alice(&mut h, 1);
+    dual(&mut h, &a, ms(0));
+    assert_eq!(h.core.per_user.values().copied().collect::<Vec<_>>(), [1]);
+    // The user's one allocation is used.
+    let a2 = alice(&mut h, 2);
+    assert_eq!(code(&a2.allocate(&mut h, ms(1))), Some(486));
+    // The total counts allocations, not sockets: a second user still gets one.
+    let (ub, pb) = rest("bob", UNIX0 + 3600);
+    let b = Client::new(&mut h, 3, &ub, &pb, ms(2));
+    dual(&mut h, &b, ms(2));
+    let (uc, pc) = rest("carol", UNIX0 + 3600);
+    let c = Client::new(&mut h, 4, &uc, &pc, ms(3));
+    assert_eq!(code(&c.allocate(&mut h, ms(3))), Some(508));
+    // Freeing the dual allocation frees both sockets and the user's place.
+    ok(&a.call(&mut h, METHOD_REFRESH, &[&Attr::Lifetime(0)], ms(4)));
+    assert_eq!(h.freed, vec![1, 2]);
+    ok(&a2.allocate(&mut h, ms(5)));
+}
+
+#[test]
+fn dual_allocation_refresh_by_family_and_expiry() {
+    let mut h = Harness::new();
+    let mut a = alice(&mut h, 1);
+    dual(&mut h, &a, ms(0));
+    let (p4, p6) = (peer("192.0.2.50:5000"), peer("[2001:db8::50]:5000"));
+    ok(&a.call_fresh(&mut h, METHOD_CREATE_PERMISSION, &[&p(p4), &p(p6)], ms(1)));
+    ok(&a.call_fresh(
+        &mut h,
+        METHOD_CHANNEL_BIND,
+        &[&Attr::Channel(0x4001), &p(p6)],
+        ms(1),
+    ));
+    // Without REQUESTED-ADDRESS-FAMILY a Refresh extends both.
+    let r = a.call_fresh(&mut h, METHOD_REFRESH, &[&Attr::Lifetime(1200)], secs(100));
+    assert_eq!(lifetime_of(&r), 1200);
+    // With it, only that family: IPv4 runs to 1300 s, IPv6 to 100 + 1800 s.
+    let r = a.call_fresh(
+        &mut h,
+        METHOD_REFRESH,
+        &[&Attr::Lifetime(1800), &Attr::Family(2)],
+        secs(100),
+    );
+    assert_eq!(lifetime_of(&r), 1800);
+    // Permissions are kept alive meanwhile.
+    for t in [250, 500, 750, 1000, 1250] {
+        ok(&a.call_fresh(&mut h, METHOD_CREATE_PERMISSION, &[&p(p4), &p(p6)], secs(t)));
+        ok(&a.call_fresh(
+            &mut h,
+            METHOD_CHANNEL_BIND,
+            &[&Attr::Channel(0x4001), &p(p6)],
+            secs(t),
+        ));
+    }
+    h.timeout(secs(1300) - ms(1));
+    assert!(h.freed.is_empty());
+    // The IPv4 relay expires alone; the allocation goes on with IPv6.
+    h.timeout(secs(1300));
+    assert_eq!(h.freed, vec![1]);
+    assert_eq!(h.core.allocation_count(), 1);
+    let (id, only) = h.core.allocation_of(&a.five).unwrap();
+    assert!(only.is_ipv6());
+    // IPv4 peers are now a family mismatch; IPv6 ones still work.
+    let r = a.call_fresh(&mut h, METHOD_CREATE_PERMISSION, &[&p(p4)], secs(1301));
+    assert_eq!(code(&r), Some(443));
+    assert_eq!(h.core.from_peer(id, p4, 8, h.at(secs(1301))), None);
+    h.input(&client::send_indication(p4, b"x"), a.five, secs(1301));
+    assert!(h.to_peers.is_empty());
+    assert_eq!(
+        h.core.channel_data(&a.five, 0x4001, 8, h.at(secs(1301))),
+        Some((2, p6))
+    );
+    let r = a.call_fresh(
+        &mut h,
+        METHOD_REFRESH,
+        &[&Attr::Lifetime(600), &Attr::Family(1)],
+        secs(1302),
+    );
+    assert_eq!(code(&r), Some(443));
+    // The last relay's expiry ends the allocation.
+    h.timeout(secs(1900));
+    assert_eq!(h.freed, vec![1, 2]);
+    assert_eq!(h.core.allocation_count(), 0);
+    assert!(h.core.per_user.is_empty());
+    // Nothing of it is left among the deadlines but cached answers.
+    h.timeout(secs(2000));
+    assert_eq!(h.core.deadlines.len(), 0);
+}
+
+#[test]
+fn dual_allocation_deletes_one_family_or_both() {
+    let mut h = Harness::new();
+    let a = alice(&mut h, 1);
+    dual(&mut h, &a, ms(0));
+    let (p4, p6) = (peer("192.0.2.50:5000"), peer("[2001:db8::50]:5000"));
+    ok(&a.call(&mut h, METHOD_CREATE_PERMISSION, &[&p(p4), &p(p6)], ms(1)));
+    ok(&a.call(
+        &mut h,
+        METHOD_CHANNEL_BIND,
+        &[&Attr::Channel(0x4001), &p(p6)],
+        ms(1),
+    ));
+    // Lifetime 0 for IPv6: its socket, permissions and channels go; IPv4 stays.
+    let r = a.call(
+        &mut h,
+        METHOD_REFRESH,
+        &[&Attr::Lifetime(0), &Attr::Family(2)],
+        ms(2),
+    );
+    assert_eq!(lifetime_of(&r), 0);
+    assert_eq!(h.freed, vec![2]);
+    assert_eq!(h.core.allocation_count(), 1);
+    assert_eq!(h.core.channel_data(&a.five, 0x4001, 8, h.at(ms(3))), None);
+    let (id, _) = h.core.allocation_of(&a.five).unwrap();
+    assert_eq!(h.core.from_peer(id, p6, 8, h.at(ms(3))), None);
+    assert!(h.core.from_peer(id, p4, 8, h.at(ms(3))).is_some());
+    // The IPv6 permission's and channel's deadlines went with it: the next
+    // deadlines are the IPv4 permission (300 s), then the allocation (600 s).
+    h.timeout(RETRANSMIT_TTL + ms(10));
+    assert_eq!(h.poll_offset(), Some(ms(1) + PERMISSION_LIFETIME));
+    h.timeout(ms(1) + PERMISSION_LIFETIME);
+    assert_eq!(h.poll_offset(), Some(secs(600)));
+    // Lifetime 0 without a family deletes what is left.
+    let r = a.call(&mut h, METHOD_REFRESH, &[&Attr::Lifetime(0)], secs(400));
+    assert_eq!(lifetime_of(&r), 0);
+    assert_eq!(h.freed, vec![2, 1]);
+    assert_eq!(h.core.allocation_count(), 0);
+    // Both at once, and a dual allocation ended by its client or its peer leaving.
+    let b = alice(&mut h, 2);
+    dual(&mut h, &b, secs(500));
+    ok(&b.call(&mut h, METHOD_REFRESH, &[&Attr::Lifetime(0)], secs(501)));
+    assert_eq!(h.freed, vec![2, 1, 3, 4]);
+    let c = alice(&mut h, 3);
+    dual(&mut h, &c, secs(502));
+    h.core.client_gone(&c.five);
+    let d = alice(&mut h, 4);
+    dual(&mut h, &d, secs(503));
+    assert_eq!(h.core.peer_gone("alice"), 1);
+    let cmds = h.drain();
+    h.run(cmds, secs(503));
+    assert_eq!(h.freed, vec![2, 1, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(h.core.allocation_count(), 0);
+    assert!(h.core.per_user.is_empty());
+}
+
+#[test]
+fn dual_allocation_without_an_ipv6_socket_keeps_the_ipv4_one() {
+    // The IPv6 bind fails: the IPv4 allocation alone, and ADDRESS-ERROR-CODE says
+    // why (440: the address cannot be used; 508: out of ports or descriptors).
+    for (error, expected) in [
+        (BindError::Other, 440),
+        (BindError::NoFreePort, 508),
+        (BindError::FileLimit, 508),
+    ] {
+        let mut h = Harness::new();
+        h.bind_fails_v6 = Some(error);
+        let a = alice(&mut h, 1);
+        let r = a.call(&mut h, METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)], ms(0));
+        ok(&r);
+        let relays = client::relayed_addresses(&r);
+        assert!(matches!(relays[..], [v4] if v4.is_ipv4()), "{relays:?}");
+        assert_eq!(client::address_error(&r), Some((2, expected)), "{error:?}");
+        assert_eq!(h.started.len(), 1);
+        assert_eq!(h.core.allocation_count(), 1);
+        // An IPv6 peer is a family mismatch.
+        let r = a.call(
+            &mut h,
+            METHOD_CREATE_PERMISSION,
+            &[&p(peer("[2001:db8::50]:5000"))],
+            ms(1),
+        );
+        assert_eq!(code(&r), Some(443));
+    }
+    // The IPv4 bind fails: 508 and no IPv6 bind at all.
+    let mut h = Harness::new();
+    let a = alice(&mut h, 1);
+    let req = a.s.request(METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)]);
+    let token = only_bind(&h.input_raw(&req, a.five, ms(0)));
+    h.core
+        .relay_bound(token, Err(BindError::NoFreePort), h.at(ms(1)));
+    let cmds = h.drain();
+    assert!(cmds
+        .iter()
+        .all(|c| !matches!(c, Command::BindRelaySocket { .. })));
+    let sent = h.run(cmds, ms(1));
+    assert_eq!(code(&sent[0].1), Some(508));
+    assert!(h.core.per_user.is_empty());
+}
+
+#[test]
+fn a_pending_dual_allocation_frees_its_first_socket() {
+    let v4 = peer("192.0.2.10:50002");
+    let v6 = peer("[2001:db8::10]:50002");
+    let start = |h: &mut Harness, port: u16| -> (Client, Vec<u8>, BindToken) {
+        let a = alice(h, port);
+        let req = a.s.request(METHOD_ALLOCATE, &[&Attr::UDP, &aaf(2)]);
+        let cmds = h.input_raw(&req, a.five, ms(0));
+        assert!(matches!(
+            cmds[..],
+            [Command::BindRelaySocket {
+                family: Family::V4,
+                ..
+            }]
+        ));
+        let token = only_bind(&cmds);
+        h.core
+            .relay_bound(token, Ok((v4, 10 + port as u32)), h.at(ms(1)));
+        let cmds = h.drain();
+        let token = match cmds[..] {
+            [Command::BindRelaySocket {
+                token,
+                family: Family::V6,
+                ..
+            }] => token,
+            ref other => panic!("the IPv6 bind expected: {other:?}"),
+        };
+        (a, req, token)
+    };
+    // Retransmissions while the IPv6 socket is bound get nothing yet; then one
+    // answer with both addresses.
+    let mut h = Harness::new();
+    let (a, req, token) = start(&mut h, 1);
+    assert!(h.input_raw(&req, a.five, ms(2)).is_empty());
+    h.core.relay_bound(token, Ok((v6, 20)), h.at(ms(3)));
+    let cmds = h.drain();
+    let sent = h.run(cmds, ms(3));
+    assert_eq!(sent.len(), 1);
+    assert_eq!(client::relayed_addresses(&sent[0].1), vec![v4, v6]);
+    assert_eq!(h.started.iter().map(|s| s.1).collect::<Vec<_>>(), [11, 20]);
+    // The client leaves meanwhile: the IPv4 socket is freed, and so is the IPv6 one
+    // when it comes.
+    let mut h = Harness::new();
+    let (a, _, token) = start(&mut h, 2);
+    h.core.client_gone(&a.five);
+    assert!(matches!(
+        h.drain()[..],
+        [Command::FreeRelaySocket { handle: 12 }]
+    ));
+    h.core.relay_bound(token, Ok((v6, 21)), h.at(ms(3)));
+    assert!(matches!(
+        h.drain()[..],
+        [Command::FreeRelaySocket { handle: 21 }]
+    ));
+    assert!(h.core.per_user.is_empty() && h.core.pending.is_empty());
+    // The IPv6 bind is never answered: the IPv4 socket is freed at the deadline.
+    let mut h = Harness::new();
+    let (_, _, _) = start(&mut h, 3);
+    assert_eq!(h.poll_offset(), Some(ms(1) + BIND_TIMEOUT));
+    h.timeout(ms(1) + BIND_TIMEOUT);
+    assert_eq!(h.freed, vec![13]);
+    assert!(h.core.per_user.is_empty() && h.core.pending.is_empty());
+    // A reset frees it too.
+    let mut h = Harness::new();
+    let (_, _, _) = start(&mut h, 4);
+    h.core.reset();
+    assert!(matches!(
+        h.drain()[..],
+        [Command::FreeRelaySocket { handle: 14 }]
+    ));
 }

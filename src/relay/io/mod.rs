@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use super::auth::Credentials;
 use super::core::{Command, Core, Family, FiveTuple, RelayRules, Transport};
-use super::policy::{OwnAddrs, PeerPolicy};
+use super::policy::{Listener, OwnAddrs, PeerPolicy};
 use super::RelayMetrics;
 use crate::config::Config;
 use crate::limits::{Caps, ConnLimiter, LimitMetrics};
@@ -318,13 +318,13 @@ pub struct Relay {
 impl Relay {
     /// Binds the listeners (UDP and TCP on `turn.listen`, TLS on `turn.tls_listen`)
     /// and builds the core from `[turn]`. `other_listeners` are the server's other
-    /// bound addresses (HTTPS, the redirect), which the relay refuses as peers like
-    /// its own listeners.
+    /// listeners (HTTPS, the redirect): their addresses are the host's, and a UDP one
+    /// would be refused as a peer like the relay's own UDP listener.
     pub async fn bind(
         cfg: &Config,
         secret: String,
         metrics: RelayMetrics,
-        other_listeners: &[SocketAddr],
+        other_listeners: &[Listener],
     ) -> anyhow::Result<Relay> {
         let listen = cfg.turn.listen;
         let (udp, udp_addr, tcp) = sockets::bind_udp_and_tcp(listen)?;
@@ -353,9 +353,9 @@ impl Relay {
         let range = cfg.turn.relay_ports.first()..=cfg.turn.relay_ports.last();
         let relay_ips = sockets::relay_addresses(cfg, listen);
         let ports = RelayPorts::new(&relay_ips, range);
-        let mut listeners = vec![addrs.udp, addrs.tcp];
-        listeners.extend(addrs.tls);
-        listeners.extend(addrs.extra_udp.iter().copied());
+        let mut listeners = vec![Listener::Udp(addrs.udp), Listener::Tcp(addrs.tcp)];
+        listeners.extend(addrs.tls.map(Listener::Tcp));
+        listeners.extend(addrs.extra_udp.iter().copied().map(Listener::Udp));
         listeners.extend_from_slice(other_listeners);
         let host_ips = crate::net::local_ips()
             .into_iter()

@@ -47,6 +47,31 @@ fn check_tool(name: &str, package: &str, required: bool, report: &mut dyn Write)
     false
 }
 
+/// Whether this machine has IPv6 loopback (`::1`) to bind. When it has not, the
+/// calling test should return at once: this prints why it is skipped, or panics
+/// when [`REQUIRE_TOOLS_VAR`] is `1`.
+pub fn have_ipv6_loopback() -> bool {
+    let err = match std::net::UdpSocket::bind("[::1]:0") {
+        Ok(_) => return true,
+        Err(e) => e,
+    };
+    let required = std::env::var(REQUIRE_TOOLS_VAR).is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "IPv6 loopback is unavailable ({err}) and {REQUIRE_TOOLS_VAR}=1 requires it"
+    );
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: IPv6 loopback is unavailable ({err}; {REQUIRE_TOOLS_VAR}=1 turns \
+         this into a failure)"
+    );
+    false
+}
+
 fn on_path(name: &str) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let Some(path) = std::env::var_os("PATH") else {
