@@ -439,7 +439,10 @@ impl Connection {
     /// classifies again (TURN over TLS or HTTP) and serves it.
     async fn serve(self, tcp: TcpStream, permit: ConnPermit) {
         let peer = self.peer;
-        let kind = match demux::sniff_tcp(&tcp, demux::CLASSIFY_TIMEOUT).await {
+        // Classification is part of the handshake: `http.handshake_timeout_s` bounds
+        // it too when it is the shorter.
+        let classify = demux::CLASSIFY_TIMEOUT.min(self.handshake_timeout);
+        let kind = match demux::sniff_tcp(&tcp, classify).await {
             Ok(k) => k,
             Err(e) => return self.unclassified(e),
         };
@@ -487,7 +490,7 @@ impl Connection {
         let (kind, stream) = match demux::by_alpn(stream.alpn_protocol()) {
             Some(k) => (k, Prefixed::plain(stream)),
             // No ALPN: browsers' `turns:` connections, and `curl --no-alpn`.
-            None => match demux::sniff_stream(stream, demux::CLASSIFY_TIMEOUT).await {
+            None => match demux::sniff_stream(stream, classify).await {
                 Ok(x) => x,
                 Err(e) => return self.unclassified(e),
             },
