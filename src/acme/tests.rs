@@ -1,0 +1,176 @@
+//! The pure parts of ACME: problem texts, challenge choice, checks of what the CA
+//! issued, `Retry-After`, and the state files. The protocol itself runs against a
+//! real CA (Pebble) in `tests/it/acme.rs`.
+
+use super::*;
+
+use instant_acme::{ChallengeStatus, Subproblem};
+
+fn problem() -> Problem {
+    serde_json::from_value(serde_json::json!({
+        "type": "urn:ietf:params:acme:error:rejectedIdentifier",
+        "detail": "Error creating new order",
+        "status": 400,
+        "subproblems": [{
+            "type": "urn:ietf:params:acme:error:caa",
+            "detail": "CAA record forbids issuance",
+            "identifier": {"type": "dns", "value": "meet.test"}
+        }]
+    }))
+    .unwrap()
+}
+
+#[test]
+fn problems_are_spelled_out_with_subproblems() {
+    let text = describe_problem(&problem());
+    assert_eq!(
+        text,
+        "problem urn:ietf:params:acme:error:rejectedIdentifier (HTTP 400): Error creating new \
+         order; subproblem for meet.test urn:ietf:params:acme:error:caa: CAA record forbids \
+         issuance"
+    );
+    let e = instant_acme::Error::Api(problem());
+    assert_eq!(describe(&e), text);
+    let sub: &Subproblem = &problem().subproblems[0];
+    assert!(sub.identifier.is_some());
+    // Other errors carry their causes.
+    let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+    let e = instant_acme::Error::Other(Box::new(io));
+    assert!(describe(&e).contains("refused"), "{}", describe(&e));
+}
+
+fn offered(types: &[ChallengeType]) -> Vec<Challenge> {
+    types
+        .iter()
+        .map(|t| Challenge {
+            r#type: t.clone(),
+            url: "https://ca.test/chall".into(),
+            token: "tok".into(),
+            status: ChallengeStatus::Pending,
+            error: None,
+        })
+        .collect()
+}
+
+#[test]
+fn challenge_choice_follows_the_setting_and_the_offer() {
+    use ChallengeType::{Dns01, Http01, TlsAlpn01};
+    let all = offered(&[Http01, Dns01, TlsAlpn01]);
+    let auto = AcmeChallenge::Auto;
+    assert_eq!(pick_challenge(auto, true, &all), Some(TlsAlpn01));
+    assert_eq!(pick_challenge(auto, false, &all), Some(TlsAlpn01));
+    let http_only = offered(&[Http01, Dns01]);
+    assert_eq!(pick_challenge(auto, true, &http_only), Some(Http01));
+    assert_eq!(pick_challenge(auto, false, &http_only), None);
+    assert_eq!(
+        pick_challenge(AcmeChallenge::Http01, true, &all),
+        Some(Http01)
+    );
+    assert_eq!(
+        pick_challenge(AcmeChallenge::TlsAlpn01, true, &http_only),
+        None
+    );
+    assert_eq!(pick_challenge(auto, true, &offered(&[Dns01])), None);
+}
+
+fn issued(names: &[&str], days: (u8, u8)) -> (String, String) {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let mut params = rcgen::CertificateParams::new(names).unwrap();
+    params.not_before = rcgen::date_time_ymd(2030, 1, days.0);
+    params.not_after = rcgen::date_time_ymd(2030, 1, days.1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn issued_certificates_are_checked_before_use() {
+    let in_jan_2030 = 1_893_456_000 + 5 * 86400; // 2030-01-06
+    let names = vec!["meet.test".to_string(), "192.0.2.1".to_string()];
+    let (chain, key) = issued(&["meet.test", "192.0.2.1"], (1, 20));
+    let info = check_issued(&chain, &key, &names, in_jan_2030).unwrap();
+    assert_eq!(info.names, names);
+    // A name missing.
+    let (chain2, key2) = issued(&["meet.test"], (1, 20));
+    let err = check_issued(&chain2, &key2, &names, in_jan_2030).unwrap_err();
+    assert!(err.contains("not all of"), "{err}");
+    // Another key.
+    let err = check_issued(&chain, &key2, &names, in_jan_2030).unwrap_err();
+    assert!(err.contains("does not match"), "{err}");
+    // Not valid yet / any more.
+    let err = check_issued(&chain, &key, &names, in_jan_2030 + 30 * 86400).unwrap_err();
+    assert!(err.contains("not valid now"), "{err}");
+    // Not a chain at all.
+    let err = check_issued("", &key, &names, in_jan_2030).unwrap_err();
+    assert!(err.contains("no certificate"), "{err}");
+    let err = check_issued(&chain, "junk", &names, in_jan_2030).unwrap_err();
+    assert!(err.contains("key"), "{err}");
+}
+
+#[test]
+fn retry_after_is_seconds_or_a_date() {
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    assert_eq!(
+        parse_retry_after(" 120 ", now),
+        Some(now + Duration::from_secs(120))
+    );
+    assert_eq!(
+        parse_retry_after("Thu, 01 Jan 1970 00:00:10 GMT", now),
+        Some(SystemTime::UNIX_EPOCH + Duration::from_secs(10))
+    );
+    assert_eq!(parse_retry_after("soon", now), None);
+    // A huge delay is capped at a week.
+    assert_eq!(
+        parse_retry_after("99999999999", now),
+        Some(now + Duration::from_secs(schedule::MAX_RETRY_AFTER_S))
+    );
+}
+
+/// Credentials as instant-acme stores them (a throwaway P-256 key).
+const CREDENTIALS: &str = r#"{"id":"https://ca.test/acct/1","key_pkcs8":"MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgJVWC_QzOTCS5vtsJp2IG-UDc8cdDfeoKtxSZxaznM-mhRANCAAQenCPoGgPFTdPJ7VLLKt56RxPlYT1wNXnHc54PEyBg3LxKaH0-sJkX0mL8LyPEdsfL_Oz4TxHkWLJGrXVtNhfH","directory":"https://ca.test/dir"}"#;
+
+#[test]
+fn state_files_are_private_and_kept_per_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::new(data.path());
+    assert!(store.load_account("https://ca.test/dir").unwrap().is_none());
+    assert!(!store.has_certificate());
+    let creds: instant_acme::AccountCredentials = serde_json::from_str(CREDENTIALS).unwrap();
+    store.save_account("https://ca.test/dir", creds).unwrap();
+    assert!(store.load_account("https://ca.test/dir").unwrap().is_some());
+    // Another CA: another account.
+    assert!(store
+        .load_account("https://other.test/dir")
+        .unwrap()
+        .is_none());
+    let (chain, key) = issued(&["meet.test"], (1, 20));
+    store.save_certificate(&chain, &key).unwrap();
+    assert!(store.has_certificate());
+    assert_eq!(std::fs::read_to_string(store.cert_path()).unwrap(), chain);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(store.dir()), 0o700);
+    for f in ["account.json", "cert.pem", "key.pem"] {
+        assert_eq!(mode(&store.dir().join(f)), 0o600, "{f}");
+    }
+    // No temporary file is left behind.
+    let names: Vec<_> = std::fs::read_dir(store.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    // A damaged account file is reported (without its content), not trusted.
+    std::fs::write(store.dir().join("account.json"), "{\"secret-ish\": ").unwrap();
+    let Err(err) = store.load_account("https://ca.test/dir") else {
+        panic!("a damaged account file loads");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("account.json") && !err.contains("secret-ish"),
+        "{err}"
+    );
+    // A directory made by someone else with looser permissions is tightened.
+    std::fs::set_permissions(store.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    store.save_certificate(&chain, &key).unwrap();
+    assert_eq!(mode(store.dir()), 0o700);
+}
