@@ -703,14 +703,13 @@ impl Acme {
         let status = match order.poll_ready(&POLL).await {
             Ok(s) => s,
             Err(e @ instant_acme::Error::Api(_)) => {
-                let why = self.why_invalid(&mut order).await;
-                return Err(AcmeError::Refused(format!("{}{why}", describe(&e))));
+                return Err(AcmeError::Refused(self.why_invalid(&mut order, &e).await));
             }
             Err(e) => return Err(ca("validation")(e)),
         };
         if status != OrderStatus::Ready {
-            let why = self.why_invalid(&mut order).await;
-            return Err(AcmeError::Refused(format!("order {status:?}{why}")));
+            let e = instant_acme::Error::Other(format!("order {status:?}").into());
+            return Err(AcmeError::Refused(self.why_invalid(&mut order, &e).await));
         }
         let key = rcgen::KeyPair::generate().map_err(|e| AcmeError::Local(e.to_string()))?;
         let mut params = rcgen::CertificateParams::new(self.names.clone())
@@ -794,13 +793,11 @@ impl Acme {
         Ok(())
     }
 
-    /// Why an order failed, in the CA's words: the order's problem and each failed
-    /// challenge's (fetched anew).
-    async fn why_invalid(&self, order: &mut Order) -> String {
+    /// Why an order failed, in the CA's words: each failed challenge's problem
+    /// (fetched anew), the most specific; else the order's problem, or `e`.
+    async fn why_invalid(&self, order: &mut Order, e: &instant_acme::Error) -> String {
+        let order_problem = order.state().error.as_ref().map(describe_problem);
         let mut parts = Vec::new();
-        if let Some(p) = &order.state().error {
-            parts.push(describe_problem(p));
-        }
         let mut authorizations = order.authorizations();
         while let Some(Ok(mut authz)) = authorizations.next().await {
             let Ok(state) = authz.refresh().await else {
@@ -818,9 +815,9 @@ impl Acme {
             }
         }
         if parts.is_empty() {
-            String::new()
+            order_problem.unwrap_or_else(|| describe(e))
         } else {
-            format!(": {}", parts.join("; "))
+            parts.join("; ")
         }
     }
 }
