@@ -423,6 +423,22 @@ async fn tls_alpn_01_from_nothing_to_a_trusted_chain_then_a_restart_reuses_it() 
         m.contains("meshmeet_https_port_connections_total{kind=\"acme-tls\"}"),
         "{m}"
     );
+    // With no challenge pending, a client offering only `acme-tls/1` gets no
+    // certificate at all; one offering it beside another id gets the served one, and
+    // with `acme-tls/1` negotiated the connection is closed: neither HTTP nor TURN.
+    assert!(tls_to(&pebble, addr, &[b"acme-tls/1"]).await.is_err());
+    let mut s = tls_to(&pebble, addr, &[b"x-other", b"acme-tls/1"])
+        .await
+        .expect("the served certificate");
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"acme-tls/1"[..]));
+    let _ = s
+        .write_all(b"GET / HTTP/1.1\r\nHost: meet.test\r\n\r\n")
+        .await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(ws::WAIT, s.read_to_end(&mut rest))
+        .await
+        .expect("closed by the server");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     assert!(
         m.contains("meshmeet_acme_renewals_total{result=\"success\"} 1"),
         "{m}"
@@ -511,6 +527,31 @@ async fn http_01_on_the_redirect_listener() {
         .await
         .unwrap();
     assert_eq!(res.status(), 404);
+}
+
+#[tokio::test]
+async fn ip_address_identifiers() {
+    if !have_pebble() {
+        return;
+    }
+    // RFC 8738: Pebble validates 127.0.0.1 over TLS-ALPN-01 with the reverse-DNS name
+    // 1.0.0.127.in-addr.arpa in SNI.
+    let ports = Ports::pick();
+    let pebble = Pebble::start(ports.http, ports.https, 90 * 86400, &[]).await;
+    let server = TestServer::start_with(|c| {
+        acme(c, &pebble, ports, AcmeChallenge::TlsAlpn01);
+        c.tls.acme_domains = vec![NAME.into(), "127.0.0.1".into()];
+    })
+    .await;
+    let chain = trusted_chain(&pebble, server.https_addr(), None).await;
+    assert_eq!(names_of(&chain[0]), [NAME, "127.0.0.1"]);
+    // A client that names the address itself trusts it too.
+    let tcp = TcpStream::connect(server.https_addr()).await.unwrap();
+    let ip = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    tokio_rustls::TlsConnector::from(trusting_pebble(&pebble))
+        .connect(ip, tcp)
+        .await
+        .expect("a certificate for 127.0.0.1");
 }
 
 /// Allocates over `s`; returns the session (nonce learnt) for later requests.
@@ -615,6 +656,10 @@ async fn renewal_swaps_the_certificate_under_open_calls() {
     let data = next_message(&mut turn).await;
     assert_eq!(client::data(&data).as_deref(), Some(&b"still here"[..]));
     assert_eq!(client::peer_address(&data), Some(peer));
+    // The separate TURN-over-TLS listener hands new connections a renewed one too.
+    let turn_tls = server.addrs.turn_tls.expect("turn.tls_listen bound");
+    let on_5349 = trusted_chain(&pebble, turn_tls, Some(&first[0])).await;
+    assert_eq!(names_of(&on_5349[0]), [NAME]);
     // The first certificate was never taken from the open connections.
     assert_eq!(turn.get_ref().1.peer_certificates().unwrap()[0], first[0]);
 }
