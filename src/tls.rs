@@ -510,4 +510,96 @@ mod tests {
             .to_string();
         assert!(err.contains("do not match"), "{err}");
     }
+
+    /// A chain and key under `data_dir/acme/`, valid from `from` to `to` days from now.
+    fn store_acme(dir: &Path, from: i64, to: i64) -> String {
+        let mut params = rcgen::CertificateParams::new(vec!["meet.test".to_string()]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(from);
+        params.not_after = now + time::Duration::days(to);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Store::new(dir)
+            .save_certificate(&cert.pem(), &key.serialize_pem())
+            .unwrap();
+        fingerprint(cert.der())
+    }
+
+    fn acme_cfg(dir: &Path) -> Config {
+        let mut c = cfg_in(dir);
+        c.tls.acme_domains = vec!["meet.test".into()];
+        c
+    }
+
+    #[test]
+    fn a_valid_stored_acme_certificate_is_served_from_the_start() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing stored yet: the self-signed one, with challenge answers ready.
+        let tls = Tls::load(&acme_cfg(dir.path())).unwrap();
+        assert_eq!(tls.kind(), CertKind::SelfSigned);
+        assert!(tls.challenges().is_some());
+        let alpn = &tls.server_config().alpn_protocols;
+        assert_eq!(
+            alpn.last().map(Vec::as_slice),
+            Some(crate::demux::ALPN_ACME_TLS)
+        );
+        // Stored and valid: served.
+        let fp = store_acme(dir.path(), -1, 60);
+        let tls = Tls::load(&acme_cfg(dir.path())).unwrap();
+        assert_eq!(tls.kind(), CertKind::Acme);
+        assert_eq!(tls.fingerprint(), fp);
+        assert_eq!(tls.cert_path(), Store::new(dir.path()).cert_path());
+        assert!(tls.not_after_gauge().get() > crate::clock::unix_secs() as i64);
+        // Without ACME there are no challenge answers and no acme-tls/1.
+        let plain = Tls::load(&cfg_in(dir.path())).unwrap();
+        assert!(plain.challenges().is_none());
+        assert!(!plain
+            .server_config()
+            .alpn_protocols
+            .iter()
+            .any(|p| p == crate::demux::ALPN_ACME_TLS));
+    }
+
+    #[test]
+    fn an_expired_or_damaged_stored_certificate_is_not_served() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        store_acme(dir.path(), -30, -1);
+        assert_eq!(
+            Tls::load(&acme_cfg(dir.path())).unwrap().kind(),
+            CertKind::SelfSigned
+        );
+        // A chain with another certificate's key (a crash between the two renames).
+        store_acme(dir.path(), -1, 60);
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(Store::new(dir.path()).key_path(), other.serialize_pem()).unwrap();
+        assert_eq!(
+            Tls::load(&acme_cfg(dir.path())).unwrap().kind(),
+            CertKind::SelfSigned
+        );
+    }
+
+    #[test]
+    fn install_swaps_what_new_connections_get() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let tls = Tls::load(&acme_cfg(dir.path())).unwrap();
+        let before = tls.server_config();
+        let fp = store_acme(dir.path(), -1, 60);
+        let store = Store::new(dir.path());
+        assert_eq!(
+            tls.install(&store.cert_path(), &store.key_path(), CertKind::Acme)
+                .unwrap(),
+            fp
+        );
+        assert_eq!(tls.kind(), CertKind::Acme);
+        assert!(!Arc::ptr_eq(&before, &tls.server_config()));
+        // A failed install changes nothing.
+        std::fs::write(store.cert_path(), "junk").unwrap();
+        assert!(tls
+            .install(&store.cert_path(), &store.key_path(), CertKind::Acme)
+            .is_err());
+        assert_eq!(tls.fingerprint(), fp);
+    }
 }

@@ -174,3 +174,112 @@ fn state_files_are_private_and_kept_per_directory() {
     store.save_certificate(&chain, &key).unwrap();
     assert_eq!(mode(store.dir()), 0o700);
 }
+
+/// A one-answer HTTPS server on loopback with a certificate for 127.0.0.1; returns
+/// its address and the certificate's PEM file (to trust as `acme_directory_ca`).
+async fn answering(answer: Vec<u8>) -> (std::net::SocketAddr, tempfile::NamedTempFile) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    crate::tls::install_crypto_provider();
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let pem = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pem.path(), ck.cert.pem()).unwrap();
+    let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let mut cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        // A client that does not trust this certificate ends here.
+        let Ok(mut tls) = acceptor.accept(tcp).await else {
+            return;
+        };
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.ends_with(b"\r\n\r\n") {
+            match tls.read(&mut buf).await {
+                Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+        }
+        let _ = tls.write_all(&answer).await;
+        let _ = tls.shutdown().await;
+    });
+    (addr, pem)
+}
+
+fn get_request(addr: std::net::SocketAddr) -> axum::http::Request<BodyWrapper<Bytes>> {
+    axum::http::Request::get(format!("https://{addr}/dir"))
+        .body(BodyWrapper::default())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_cas_retry_after_is_kept_for_the_next_attempt() {
+    let (addr, ca) = answering(
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3600\r\nContent-Type: \
+          application/problem+json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+            .to_vec(),
+    )
+    .await;
+    let client = CaClient::new(Some(ca.path())).unwrap();
+    let rsp = client.request(get_request(addr)).await.unwrap();
+    assert_eq!(rsp.parts.status, 429);
+    let wait = client.take_retry_after().expect("Retry-After kept");
+    assert!((3590..=3600).contains(&wait), "{wait}");
+    // Taken once: the next failure without one falls back to the backoff.
+    assert_eq!(client.take_retry_after(), None);
+    assert_eq!(
+        retry_delay(1, 120, Some(wait)),
+        wait,
+        "the retry waits for the CA"
+    );
+}
+
+#[tokio::test]
+async fn answers_from_the_ca_are_bounded() {
+    let big = vec![b'x'; MAX_ANSWER_BYTES + 1];
+    let mut answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        big.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(&big);
+    let (addr, ca) = answering(answer).await;
+    let client = CaClient::new(Some(ca.path())).unwrap();
+    let mut rsp = client.request(get_request(addr)).await.unwrap();
+    assert!(
+        rsp.body.into_bytes().await.is_err(),
+        "a 1 MiB + 1 answer read whole"
+    );
+}
+
+#[tokio::test]
+async fn only_trusted_https_reaches_the_ca() {
+    // Without the extra root the test server is not trusted.
+    let (addr, _ca) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec()).await;
+    let client = CaClient::new(None).unwrap();
+    let err = client
+        .request(get_request(addr))
+        .await
+        .err()
+        .expect("refused");
+    let text = describe(&err);
+    assert!(text.to_ascii_lowercase().contains("certificate"), "{text}");
+    // Plain HTTP is refused before any connection.
+    let plain = axum::http::Request::get("http://127.0.0.1:9/dir")
+        .body(BodyWrapper::default())
+        .unwrap();
+    assert!(client.request(plain).await.is_err());
+    // An unreadable extra root is named.
+    let Err(e) = CaClient::new(Some(Path::new("/nonexistent/root.pem"))) else {
+        panic!("an unreadable root file accepted");
+    };
+    assert!(e.to_string().contains("/nonexistent/root.pem"), "{e}");
+}
