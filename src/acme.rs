@@ -63,6 +63,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(300);
 /// One request to the CA, until its answer's headers.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The renewal task plans again at least this often (seconds).
+const MAX_SLEEP_S: i64 = 3600;
 /// Largest answer read from the CA: directories, problems and chains are a few KiB.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// Polling an order while the CA validates or issues.
@@ -395,6 +397,30 @@ pub struct Acme {
     metrics: AcmeMetrics,
     account: Option<Account>,
     failures: u32,
+    /// The served certificate's fingerprint and its random draw for the jitter.
+    jitter: Option<(String, f64)>,
+    /// The CA's last renewal information for the served certificate.
+    ari: Option<AriCache>,
+}
+
+/// Renewal information (ARI) as the CA last gave it, for one certificate.
+struct AriCache {
+    fingerprint: String,
+    window: (i64, i64),
+    /// Unix time to ask again.
+    recheck: i64,
+    id: CertificateIdentifier<'static>,
+}
+
+/// A Unix time as an RFC 3339 date for the log.
+fn date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
 }
 
 fn now_unix() -> i64 {
@@ -456,6 +482,8 @@ impl Acme {
             metrics,
             account: None,
             failures: 0,
+            jitter: None,
+            ari: None,
         }))
     }
 
@@ -482,24 +510,32 @@ impl Acme {
         // No order before this (Unix time): the retry backoff, or the pause after a
         // success that keeps a too-eager renew_before_s from ordering in a loop.
         let mut earliest = 0i64;
+        let mut announced = None;
         loop {
             let plan = self.plan().await;
             let now = now_unix();
             let at = plan.due.max(earliest);
             self.metrics.next.set(at);
             if at > now {
-                if let Some(info) = &plan.current {
+                // Said once per planned time, not at every hourly look.
+                if let Some(info) = plan.current.as_ref().filter(|_| announced != Some(at)) {
+                    announced = Some(at);
                     tracing::info!(
                         names = ?self.names,
-                        not_after = info.not_after,
-                        renew_in_s = at - now,
+                        not_after = %date(info.not_after),
+                        renew_at = %date(at),
                         "ACME certificate valid; renewal planned"
                     );
                 }
-                let wake = plan.recheck.map_or(at, |r| r.clamp(now + 1, at));
+                // Awake at least hourly to plan again: the wall clock may have moved
+                // (a suspended VM, a clock step), and the CA's renewal information
+                // is asked again when it said to.
+                let wake = plan
+                    .recheck
+                    .map_or(at, |r| r.clamp(now + 1, at))
+                    .min(now + MAX_SLEEP_S);
                 sleep_until_unix(wake).await;
                 if wake < at {
-                    // Time to ask the CA's renewal information again.
                     continue;
                 }
             }
@@ -507,7 +543,7 @@ impl Acme {
                 Some(info) => tracing::info!(
                     names = ?self.names,
                     directory = %self.directory,
-                    not_after = info.not_after,
+                    not_after = %date(info.not_after),
                     "renewing the ACME certificate"
                 ),
                 None => tracing::info!(
@@ -531,7 +567,7 @@ impl Acme {
                     tracing::info!(
                         names = ?self.names,
                         sha256 = %fingerprint,
-                        not_after = info.not_after,
+                        not_after = %date(info.not_after),
                         "ACME certificate installed: new connections get it, open ones keep theirs"
                     );
                 }
@@ -586,8 +622,37 @@ impl Acme {
         if !info.covers(&self.names) || !info.valid_at(now) {
             return at_once;
         }
-        let (ari, recheck, replaces) = self.renewal_info(&leaf).await;
-        let due = renewal_due(&info, self.renew_before_s, ari, rand::random::<f64>());
+        let fingerprint = self.tls.fingerprint();
+        // One random draw per certificate: plans made again (hourly, or after the
+        // CA's renewal information changed) keep its place in the window.
+        let unit = match &self.jitter {
+            Some((fp, unit)) if *fp == fingerprint => *unit,
+            _ => {
+                let unit = rand::random::<f64>();
+                self.jitter = Some((fingerprint.clone(), unit));
+                unit
+            }
+        };
+        // The CA's renewal information, asked again only when it said to.
+        let (ari, recheck, replaces) = match &self.ari {
+            Some(c) if c.fingerprint == fingerprint && now < c.recheck => {
+                (Some(c.window), Some(c.recheck), Some(c.id.clone()))
+            }
+            _ => {
+                let (ari, recheck, replaces) = self.renewal_info(&leaf).await;
+                self.ari = match (ari, recheck, &replaces) {
+                    (Some(window), Some(recheck), Some(id)) => Some(AriCache {
+                        fingerprint,
+                        window,
+                        recheck,
+                        id: id.clone(),
+                    }),
+                    _ => None,
+                };
+                (ari, recheck, replaces)
+            }
+        };
+        let due = renewal_due(&info, self.renew_before_s, ari, unit);
         Plan {
             due,
             recheck,
@@ -768,7 +833,7 @@ impl Acme {
                     .map(|c| challenge_name(&c.r#type))
                     .collect();
                 return Err(AcmeError::Refused(format!(
-                    "no challenge for {name} that this server can answer (tls.acme_challenge = {:?}, \
+                    "no challenge for {name} that this server can answer (tls.acme_challenge = {}, \
                      http.redirect_listen {}); the CA offers {offered:?}",
                     self.challenge,
                     if self.http01_available { "on" } else { "off" },

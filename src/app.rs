@@ -219,7 +219,7 @@ impl Server {
             tracing::info!(
                 names = ?acme.names(),
                 directory = %acme.directory(),
-                challenge = ?self.config.tls.acme_challenge,
+                challenge = %self.config.tls.acme_challenge,
                 "ACME certificates on"
             );
         }

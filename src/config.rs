@@ -113,6 +113,16 @@ pub enum AcmeChallenge {
     Http01,
 }
 
+impl fmt::Display for AcmeChallenge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AcmeChallenge::Auto => "auto",
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+            AcmeChallenge::Http01 => "http-01",
+        })
+    }
+}
+
 /// Default of `tls.acme_retry_s`.
 pub const ACME_RETRY_S: u64 = 120;
 /// Most names one ACME certificate may hold (Let's Encrypt's limit).

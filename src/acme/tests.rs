@@ -283,3 +283,10 @@ async fn only_trusted_https_reaches_the_ca() {
     };
     assert!(e.to_string().contains("/nonexistent/root.pem"), "{e}");
 }
+
+#[test]
+fn log_dates_are_rfc3339() {
+    assert_eq!(date(0), "1970-01-01T00:00:00Z");
+    assert_eq!(date(1_893_456_000), "2030-01-01T00:00:00Z");
+    assert_eq!(date(i64::MAX), i64::MAX.to_string());
+}
