@@ -117,8 +117,22 @@ pub fn describe(e: &instant_acme::Error) -> String {
     }
 }
 
-/// An RFC 7807 problem as the CA sent it: type, status, detail, subproblems.
+/// Longest problem text logged: a CA's answer may be up to [`MAX_ANSWER_BYTES`].
+const MAX_PROBLEM_CHARS: usize = 2000;
+
+/// An RFC 7807 problem as the CA sent it: type, status, detail, subproblems (cut
+/// after [`MAX_PROBLEM_CHARS`] characters).
 pub fn describe_problem(p: &Problem) -> String {
+    let full = problem_text(p);
+    if full.chars().count() <= MAX_PROBLEM_CHARS {
+        return full;
+    }
+    let mut cut: String = full.chars().take(MAX_PROBLEM_CHARS).collect();
+    cut.push_str("...");
+    cut
+}
+
+fn problem_text(p: &Problem) -> String {
     let mut s = String::from("problem");
     if let Some(t) = &p.r#type {
         s.push_str(&format!(" {t}"));
@@ -811,6 +825,15 @@ impl Acme {
     /// Puts up the answer to one challenge per pending authorization and tells the
     /// CA to validate it.
     async fn answer_challenges(&self, order: &mut Order) -> Result<(), AcmeError> {
+        // One authorization per name: more would be a CA misbehaving, and each one
+        // would hold a pending answer.
+        let count = order.state().authorizations.len();
+        if count > self.names.len() {
+            return Err(AcmeError::Refused(format!(
+                "the CA asks for {count} authorizations for {} names",
+                self.names.len()
+            )));
+        }
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
             let mut authz = authz.map_err(ca("authorization"))?;

@@ -31,6 +31,11 @@ fn problems_are_spelled_out_with_subproblems() {
     );
     let e = instant_acme::Error::Api(problem());
     assert_eq!(describe(&e), text);
+    // A CA's long detail is cut.
+    let mut long = problem();
+    long.detail = Some("x".repeat(10_000));
+    let text = describe_problem(&long);
+    assert!(text.chars().count() <= MAX_PROBLEM_CHARS + 3 && text.ends_with("..."));
     let sub: &Subproblem = &problem().subproblems[0];
     assert!(sub.identifier.is_some());
     // Other errors carry their causes.
