@@ -3,14 +3,22 @@
 #
 #   deploy/install.sh DOMAIN [options]
 #
+# By default the server obtains and renews a trusted certificate for DOMAIN itself
+# (ACME, Let's Encrypt): DOMAIN's DNS must point at this machine and TCP 443 (or 80)
+# must be open. An IP address or a name without a dot gets a self-signed certificate.
+#
 # Options:
 #   --binary PATH      install this meshmeet binary instead of building one from this
 #                      checkout (cargo build --release)
-#   --cert PATH        PEM certificate chain (e.g. /etc/letsencrypt/live/DOMAIN/fullchain.pem)
-#   --key PATH         PEM private key (e.g. /etc/letsencrypt/live/DOMAIN/privkey.pem);
+#   --email E          contact address for the ACME account (expiry notices)
+#   --acme-directory URL  another ACME CA (default Let's Encrypt production; staging:
+#                      https://acme-staging-v02.api.letsencrypt.org/directory)
+#   --self-signed      no ACME: a self-signed certificate for DOMAIN (browsers warn)
+#   --cert PATH        PEM certificate chain obtained elsewhere, e.g. by certbot
+#                      (/etc/letsencrypt/live/DOMAIN/fullchain.pem); no ACME then
+#   --key PATH         its PEM private key (/etc/letsencrypt/live/DOMAIN/privkey.pem);
 #                      both are copied to /etc/meshmeet/tls/ readable by the service, and
-#                      a certbot deploy hook keeps the copies fresh. Without them the
-#                      server uses a self-signed certificate for DOMAIN.
+#                      a certbot deploy hook keeps the copies fresh.
 #   --https-port N     HTTPS port (default 443)
 #   --http-port N      plain-HTTP redirect port (default 80; 0 = off)
 #   --external-ip IP   public address when the VPS sits behind 1:1 NAT (clouds)
@@ -32,6 +40,9 @@ DOMAIN=""
 BINARY=""
 CERT=""
 KEY=""
+EMAIL=""
+ACME_DIRECTORY=""
+SELF_SIGNED=0
 HTTPS_PORT=443
 HTTP_PORT=80
 EXTERNAL_IP=""
@@ -45,6 +56,9 @@ while [ $# -gt 0 ]; do
     --binary) BINARY="${2:?--binary needs a path}"; shift 2 ;;
     --cert) CERT="${2:?--cert needs a path}"; shift 2 ;;
     --key) KEY="${2:?--key needs a path}"; shift 2 ;;
+    --email) EMAIL="${2:?--email needs an address}"; shift 2 ;;
+    --acme-directory) ACME_DIRECTORY="${2:?--acme-directory needs a URL}"; shift 2 ;;
+    --self-signed) SELF_SIGNED=1; shift ;;
     --https-port) HTTPS_PORT="${2:?}"; shift 2 ;;
     --http-port) HTTP_PORT="${2:?}"; shift 2 ;;
     --external-ip) EXTERNAL_IP="${2:?}"; shift 2 ;;
@@ -53,7 +67,7 @@ while [ $# -gt 0 ]; do
     --no-start) START=0; shift ;;
     --uninstall) UNINSTALL=1; shift ;;
     --purge) PURGE=1; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) [ -z "$DOMAIN" ] || die "unexpected argument $1"; DOMAIN="$1"; shift ;;
   esac
@@ -101,6 +115,29 @@ if [ -n "$CERT$KEY" ] && { [ -z "$CERT" ] || [ -z "$KEY" ]; }; then
 fi
 [ -z "$CERT" ] || [ -r "$CERT" ] || die "cannot read certificate $CERT"
 [ -z "$KEY" ] || [ -r "$KEY" ] || die "cannot read key $KEY"
+case "$EMAIL" in
+  '') ;;
+  *[!A-Za-z0-9.@_+-]*|*@*@*|@*|*@) die "'$EMAIL' is not an e-mail address" ;;
+  *@*.*) ;;
+  *) die "'$EMAIL' is not an e-mail address" ;;
+esac
+case "$ACME_DIRECTORY" in
+  ''|https://*) ;;
+  *) die "--acme-directory must be an https:// URL" ;;
+esac
+# ACME unless a certificate is given, self-signed is asked for, or DOMAIN cannot
+# have one (an IP address, or a name without a dot such as localhost).
+ACME=1
+if [ -n "$CERT" ] || [ "$SELF_SIGNED" = 1 ]; then ACME=0; fi
+case "$DOMAIN" in
+  *:*) ACME=0 ;;       # IPv6 address
+  *[!0-9.]*) ;;        # a name (not all digits and dots)
+  *) ACME=0 ;;         # IPv4 address
+esac
+case "$DOMAIN" in *.*) ;; *) ACME=0 ;; esac
+if [ "$ACME" = 0 ] && [ -n "$EMAIL$ACME_DIRECTORY" ]; then
+  die "--email and --acme-directory go with ACME: a DNS name like meet.example.org, without --cert or --self-signed"
+fi
 
 # 1. The binary.
 if [ -z "$BINARY" ]; then
@@ -119,7 +156,8 @@ if [ "$LIVE" = 1 ] && ! id meshmeet >/dev/null 2>&1; then
     --shell /usr/sbin/nologin meshmeet
 fi
 
-# 3. Certificates: copies the service user can read (ACME keys are root-only).
+# 3. Certificates given with --cert/--key: copies the service user can read
+#    (certbot keeps its keys readable by root only).
 mkdir -p "$ETC"
 chmod 0750 "$ETC"
 TLS_CERT=""
@@ -182,6 +220,16 @@ else
   else
     set_key tls self_signed_names "[\"$DOMAIN\"]"
   fi
+  if [ "$ACME" = 1 ]; then
+    set_key tls acme_domains "[\"$DOMAIN\"]"
+    [ -z "$EMAIL" ] || set_key tls acme_email "\"$EMAIL\""
+    [ -z "$ACME_DIRECTORY" ] || set_key tls acme_directory "\"$ACME_DIRECTORY\""
+    # A CA validates TLS-ALPN-01 on port 443 and HTTP-01 on port 80: off 443, the
+    # redirect listener on 80 answers.
+    if [ "$HTTPS_PORT" != 443 ] && [ "$HTTP_PORT" = 80 ]; then
+      set_key tls acme_challenge '"http-01"'
+    fi
+  fi
   set_key turn secret "\"$SECRET\""
   set_key turn relay_ports "\"$RELAY_PORTS\""
   # TURN over UDP on the HTTPS port number too (HTTPS uses only TCP there), for
@@ -214,16 +262,32 @@ if [ "$LIVE" = 1 ]; then
 fi
 
 PORT_SUFFIX=""; [ "$HTTPS_PORT" = 443 ] || PORT_SUFFIX=":$HTTPS_PORT"
+CERT_NOTE="self-signed (browsers warn; see --help for a trusted one)"
+HTTPS_CHECKS=""
+HTTP_CHECKS=""
+if [ -n "$TLS_CERT" ]; then
+  CERT_NOTE="$TLS_CERT (renewed by certbot's deploy hook)"
+elif grep -q '^acme_domains = \["' "$CONF"; then
+  CERT_NOTE="ACME: obtained for $DOMAIN within a minute of the start, renewed by the server
+          (progress: journalctl -u meshmeet | grep ACME)"
+  [ "$HTTPS_PORT" != 443 ] || HTTPS_CHECKS=", the CA's certificate checks"
+  [ "$HTTP_PORT" != 80 ] || HTTP_CHECKS=", the CA's certificate checks"
+  if [ "$HTTPS_PORT" != 443 ] && [ "$HTTP_PORT" != 80 ]; then
+    CERT_NOTE="$CERT_NOTE
+          note: the CA checks port 443 or 80; forward one of them to this server"
+  fi
+fi
 RELAY_UFW="${RELAY_PORTS/-/:}"
 cat <<DONE
 
 meshmeet is installed.
   Open:   https://$DOMAIN$PORT_SUFFIX/        (diagnostics: https://$DOMAIN$PORT_SUFFIX/check)
   Config: /etc/meshmeet/meshmeet.toml          (then: systemctl restart meshmeet)
+  TLS:    $CERT_NOTE
   Logs:   journalctl -u meshmeet -f
 
 Open these ports in the firewall (and in the cloud provider's security group):
-  TCP $HTTPS_PORT (HTTPS, and TURN over TLS/TCP on the same port)$( [ "$HTTP_PORT" != 0 ] && echo ", TCP $HTTP_PORT (redirect)")
+  TCP $HTTPS_PORT (HTTPS$HTTPS_CHECKS, and TURN over TLS/TCP on the same port)$( [ "$HTTP_PORT" != 0 ] && echo ", TCP $HTTP_PORT (redirect$HTTP_CHECKS)")
   UDP $HTTPS_PORT and UDP 3478 (STUN/TURN over UDP)
   UDP $RELAY_PORTS (TURN relays)
   optional: TCP 3478 (TURN over TCP), TCP 5349 (TURN over TLS for clients set up by hand)

@@ -61,6 +61,7 @@ pub struct Server {
     https: TcpListener,
     redirect: Option<TcpListener>,
     relay: Option<crate::relay::Relay>,
+    acme: Option<crate::acme::Acme>,
     addrs: BoundAddrs,
 }
 
@@ -118,6 +119,17 @@ impl Server {
         };
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        registry.register(
+            "meshmeet_tls_certificate_not_after_seconds",
+            "Expiry of the served TLS certificate (Unix time)",
+            tls.not_after_gauge(),
+        );
+        let acme = crate::acme::Acme::new(
+            &config,
+            tls.clone(),
+            crate::acme::AcmeMetrics::register(&mut registry),
+        )
+        .context("ACME setup failed")?;
         let http_metrics = HttpMetrics::register(&mut registry);
         let https_limits = crate::http::HttpsLimits::from_config(
             &config.http,
@@ -138,7 +150,13 @@ impl Server {
         signaling.restore_saved();
         let metrics = Arc::new(Metrics::new(registry));
         let http = HttpState {
-            cert_kind: tls.kind(),
+            // An ACME server serves a trusted certificate (or, until the first one
+            // arrives, a self-signed one, over which browsers ignore HSTS).
+            cert_kind: if acme.is_some() {
+                crate::tls::CertKind::Acme
+            } else {
+                tls.kind()
+            },
             metrics: metrics.clone(),
             http_metrics: http_metrics.clone(),
             metrics_allow: config.http.metrics_allow.clone(),
@@ -163,6 +181,7 @@ impl Server {
             https,
             redirect,
             relay,
+            acme,
             addrs,
         })
     }
@@ -203,6 +222,14 @@ impl Server {
             path = %s.tls.cert_path().display(),
             "TLS certificate"
         );
+        if let Some(acme) = &self.acme {
+            tracing::info!(
+                names = ?acme.names(),
+                directory = %acme.directory(),
+                challenge = %self.config.tls.acme_challenge,
+                "ACME certificates on"
+            );
+        }
     }
 
     /// Serves until `shutdown` resolves, then stops in order and returns.
@@ -231,6 +258,7 @@ impl Server {
             let router = crate::http::redirect_router(
                 self.config.http.public_host.clone(),
                 self.addrs.https.port(),
+                state.tls.challenges(),
             );
             tokio::spawn(crate::http::serve_redirect(
                 listener,
@@ -240,6 +268,9 @@ impl Server {
             ))
         });
         state.signaling.spawn_saver();
+        if let Some(acme) = self.acme {
+            acme.spawn(state.shutdown.clone(), &state.tasks);
+        }
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         tokio::select! {
             _ = shutdown => {},

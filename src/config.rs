@@ -71,13 +71,86 @@ pub struct HttpConfig {
     pub handshake_timeout_s: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM chain and key; both empty = a self-signed certificate under `data_dir`.
     pub cert: String,
     pub key: String,
     pub self_signed_names: Vec<String>,
+    /// Names (DNS names, or IP addresses where the CA issues for them) to obtain and
+    /// renew a certificate for by ACME; empty = ACME off.
+    pub acme_domains: Vec<String>,
+    /// Contact for the CA account; empty = none.
+    pub acme_email: String,
+    /// The CA's ACME directory URL; empty = Let's Encrypt production.
+    pub acme_directory: String,
+    /// PEM file with an extra root to trust for the directory's own HTTPS.
+    pub acme_directory_ca: String,
+    /// Which challenge proves control of the names.
+    pub acme_challenge: AcmeChallenge,
+    /// Certificate profile to ask the CA for (e.g. `shortlived`); empty = the CA's default.
+    pub acme_profile: String,
+    /// Renew this many seconds before expiry; 0 = per the CA's renewal information,
+    /// else at two thirds of the lifetime.
+    pub acme_renew_before_s: u64,
+    /// Seconds before the first retry after a failed order; doubles on each failure.
+    pub acme_retry_s: u64,
+}
+
+/// How a certificate order proves control of its names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AcmeChallenge {
+    /// TLS-ALPN-01 when the CA offers it, else HTTP-01 when `http.redirect_listen` is on.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// TLS-ALPN-01 (RFC 8737) on the HTTPS listener (the CA connects to port 443).
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// HTTP-01 on `http.redirect_listen` (the CA connects to port 80).
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+impl fmt::Display for AcmeChallenge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AcmeChallenge::Auto => "auto",
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+            AcmeChallenge::Http01 => "http-01",
+        })
+    }
+}
+
+/// Default of `tls.acme_retry_s`.
+pub const ACME_RETRY_S: u64 = 120;
+/// Most names one ACME certificate may hold (Let's Encrypt's limit).
+pub const MAX_ACME_DOMAINS: usize = 100;
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: String::new(),
+            key: String::new(),
+            self_signed_names: Vec::new(),
+            acme_domains: Vec::new(),
+            acme_email: String::new(),
+            acme_directory: String::new(),
+            acme_directory_ca: String::new(),
+            acme_challenge: AcmeChallenge::Auto,
+            acme_profile: String::new(),
+            acme_renew_before_s: 0,
+            acme_retry_s: ACME_RETRY_S,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether certificates come from ACME.
+    pub fn acme_enabled(&self) -> bool {
+        !self.acme_domains.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,6 +312,7 @@ const LIST_KEYS: &[&str] = &[
     "http.allowed_origins",
     "http.metrics_allow",
     "tls.self_signed_names",
+    "tls.acme_domains",
     "turn.relay_ips",
     "turn.external_ips",
     "turn.allowed_peer_ranges",
@@ -370,6 +444,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_acme()?;
         if !valid_log_filter(&self.log.level) {
             return Err(invalid(
                 "log.level",
@@ -482,6 +557,76 @@ impl Config {
                     format!("user `{user}` has an empty password"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The `[tls] acme_*` keys: names a CA can issue for over HTTP-01 or TLS-ALPN-01,
+    /// an HTTPS directory, a readable CA file, and no configured certificate beside.
+    fn validate_acme(&self) -> Result<(), ConfigError> {
+        let t = &self.tls;
+        if t.acme_domains.len() > MAX_ACME_DOMAINS {
+            return Err(invalid(
+                "tls.acme_domains",
+                format!("at most {MAX_ACME_DOMAINS} names"),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for name in &t.acme_domains {
+            let id = acme_identifier(name).map_err(|e| invalid("tls.acme_domains", e))?;
+            if !seen.insert(id) {
+                return Err(invalid(
+                    "tls.acme_domains",
+                    format!("`{name}` is listed twice"),
+                ));
+            }
+        }
+        if t.acme_enabled() && !t.cert.is_empty() {
+            return Err(invalid(
+                "tls.acme_domains",
+                "ACME and a configured certificate (tls.cert, tls.key) exclude each other: \
+                 empty one of them",
+            ));
+        }
+        if !t.acme_email.is_empty() && !valid_email(&t.acme_email) {
+            return Err(invalid(
+                "tls.acme_email",
+                "expected an e-mail address like admin@example.org (without mailto:)",
+            ));
+        }
+        if !t.acme_directory.is_empty() {
+            check_directory_url(&t.acme_directory).map_err(|e| invalid("tls.acme_directory", e))?;
+        }
+        if !t.acme_directory_ca.is_empty() {
+            check_ca_file(Path::new(&t.acme_directory_ca))
+                .map_err(|e| invalid("tls.acme_directory_ca", e))?;
+        }
+        if t.acme_challenge == AcmeChallenge::Http01 && self.http.redirect_listen.is_none() {
+            return Err(invalid(
+                "tls.acme_challenge",
+                "http-01 is answered on http.redirect_listen, which is off: set it (port 80 \
+                 for a public CA) or use tls-alpn-01",
+            ));
+        }
+        if t.acme_profile.len() > 64
+            || !t
+                .acme_profile
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(
+                "tls.acme_profile",
+                "a profile name of at most 64 letters, digits, `-`, `_` or `.`",
+            ));
+        }
+        if t.acme_renew_before_s > 365 * 86400 {
+            return Err(invalid(
+                "tls.acme_renew_before_s",
+                "at most 31536000 (a year)",
+            ));
+        }
+        if !(1..=86400).contains(&t.acme_retry_s) {
+            return Err(invalid("tls.acme_retry_s", "must be between 1 and 86400"));
         }
         Ok(())
     }
@@ -712,6 +857,100 @@ fn check_one_per_family(key: &str, ips: &[IpAddr]) -> Result<(), ConfigError> {
     let v6 = ips.len() - v4;
     if v4 > 1 || v6 > 1 {
         return Err(invalid(key, "at most one IPv4 and one IPv6 address"));
+    }
+    Ok(())
+}
+
+/// One ACME name, checked and in canonical form: an IP address as printed by
+/// [`IpAddr`], a DNS name in lower case. Wildcards need DNS-01, which is not offered.
+pub fn acme_identifier(name: &str) -> Result<String, String> {
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    if name.starts_with("*.") {
+        return Err(format!(
+            "`{name}` is a wildcard, which needs the DNS-01 challenge: meshmeet answers only \
+             HTTP-01 and TLS-ALPN-01, so list each name instead"
+        ));
+    }
+    if !name.is_ascii() {
+        return Err(format!(
+            "`{name}` is not ASCII: write an internationalized name in its xn-- form"
+        ));
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let labels: Vec<&str> = name.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let tld_ok = labels
+        .last()
+        .is_some_and(|l| !l.chars().all(|c| c.is_ascii_digit()));
+    if name.len() > 253 || labels.len() < 2 || !labels.iter().all(label_ok) || !tld_ok {
+        return Err(format!(
+            "`{name}` is not a fully qualified domain name like meet.example.org (or an IP \
+             address)"
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn valid_email(s: &str) -> bool {
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
+    s.len() <= 254
+        && !local.is_empty()
+        && !domain.contains('@')
+        && valid_host(domain)
+        && domain.contains('.')
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ',' | '<' | '>' | ':'))
+}
+
+/// An `https://` URL with a host.
+fn check_directory_url(url: &str) -> Result<(), String> {
+    if url.len() > 2048 {
+        return Err("at most 2048 characters".into());
+    }
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("http://") {
+        return Err(format!(
+            "`{url}` is plain HTTP: ACME directories are served over https:// (RFC 8555)"
+        ));
+    }
+    if !lower.starts_with("https://") {
+        return Err(format!(
+            "`{url}` is not an https:// URL like https://acme-staging-v02.api.letsencrypt.org/directory"
+        ));
+    }
+    let uri: axum::http::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{url}` names no host"));
+    }
+    Ok(())
+}
+
+/// A readable PEM file holding at least one certificate.
+pub fn check_ca_file(path: &Path) -> Result<(), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut found = 0;
+    for cert in rustls_pemfile::certs(&mut bytes.as_slice()) {
+        let der = cert.map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
+        x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| format!("{}: not an X.509 certificate: {e}", path.display()))?;
+        found += 1;
+    }
+    if found == 0 {
+        return Err(format!("{}: no CERTIFICATE block found", path.display()));
     }
     Ok(())
 }

@@ -42,6 +42,9 @@ pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// RFC 7443: TURN and STUN over (D)TLS.
 pub const ALPN_TURN: &[u8] = b"stun.turn";
 pub const ALPN_STUN: &[u8] = b"stun.nat-discovery";
+/// RFC 8737: an ACME CA validating a TLS-ALPN-01 challenge. Neither HTTP nor TURN:
+/// the HTTPS listener closes such a connection right after its handshake.
+pub const ALPN_ACME_TLS: &[u8] = b"acme-tls/1";
 
 /// What the first bytes of a connection (or of its decrypted stream) are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

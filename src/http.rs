@@ -31,6 +31,7 @@ use tower::ServiceExt;
 use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 
+use crate::acme::challenge::Challenges;
 use crate::demux::{self, Kind, Prefixed};
 use crate::limits::{AcceptBackoff, Caps, ConnLimiter, ConnPermit, LimitMetrics};
 use crate::linger::LingeringTcp;
@@ -62,8 +63,8 @@ const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// What the HTTPS routes use.
 pub struct HttpState {
-    /// Where the certificate came from: HSTS is sent only for a configured one (a
-    /// self-signed certificate may change, and HSTS would then lock browsers out).
+    /// Where the certificate came from: HSTS is sent only for a configured or ACME one
+    /// (a self-signed certificate may change, and HSTS would then lock browsers out).
     pub cert_kind: CertKind,
     /// The whole registry, for `/metrics`.
     pub metrics: Arc<Metrics>,
@@ -80,7 +81,7 @@ pub struct HttpState {
 /// (`/metrics`) read it from the request's `ConnectInfo<SocketAddr>` extension, which
 /// [`serve_https`] inserts.
 pub fn router(state: HttpState) -> Router {
-    let hsts = state.cert_kind == CertKind::Configured;
+    let hsts = matches!(state.cert_kind, CertKind::Configured | CertKind::Acme);
     let ws = crate::signaling::ws::routes(state.signaling.clone());
     let state = Arc::new(state);
     Router::new()
@@ -487,6 +488,14 @@ impl Connection {
                 return;
             }
         };
+        if stream.alpn_protocol() == Some(demux::ALPN_ACME_TLS) {
+            // An ACME CA validating TLS-ALPN-01: the handshake was the answer.
+            self.metrics.classified("acme-tls");
+            tracing::debug!(%peer, "TLS-ALPN-01 validation handshake; closed");
+            let mut stream = stream;
+            let _ = tokio::time::timeout(self.handshake_timeout, stream.shutdown()).await;
+            return;
+        }
         let (kind, stream) = match demux::by_alpn(stream.alpn_protocol()) {
             Some(k) => (k, Prefixed::plain(stream)),
             // No ALPN: browsers' `turns:` connections, and `curl --no-alpn`.
@@ -537,12 +546,41 @@ impl Connection {
     }
 }
 
-/// Plain HTTP: every request is redirected (301) to the same path over HTTPS.
-pub fn redirect_router(public_host: String, https_port: u16) -> Router {
-    Router::new().fallback(move |headers: HeaderMap, uri: Uri| {
+/// Plain HTTP: every request is redirected (301) to the same path over HTTPS, except
+/// pending ACME HTTP-01 challenges (`challenges`, with ACME on), which are answered.
+pub fn redirect_router(
+    public_host: String,
+    https_port: u16,
+    challenges: Option<Arc<Challenges>>,
+) -> Router {
+    let redirect = Router::new().fallback(move |headers: HeaderMap, uri: Uri| {
         let public_host = public_host.clone();
         async move { redirect_to_https(&public_host, https_port, &headers, &uri) }
-    })
+    });
+    match challenges {
+        Some(challenges) => redirect.route(
+            "/.well-known/acme-challenge/{token}",
+            get(move |Path(token): Path<String>| async move { http01(&challenges, &token) }),
+        ),
+        None => redirect,
+    }
+}
+
+/// The key authorization for a pending HTTP-01 token (RFC 8555 section 8.3), or 404.
+fn http01(challenges: &Challenges, token: &str) -> Response {
+    match challenges.http01(token) {
+        Some(key_authorization) => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            key_authorization,
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "No such ACME challenge\n",
+        )
+            .into_response(),
+    }
 }
 
 fn redirect_to_https(

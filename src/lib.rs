@@ -20,8 +20,9 @@
 //!   constant time.
 //! - [`ice`]: ICE servers and time-limited TURN REST credentials handed to clients; the
 //!   TURN shared secret; the peer-left events signaling sends the relay.
-//! - [`tls`]: rustls server config from PEM files or a persisted self-signed
-//!   certificate (rcgen); hot reload on SIGHUP. [`tls_stream`]: a server TLS stream on
+//! - [`tls`]: rustls server config from PEM files, an ACME certificate or a persisted
+//!   self-signed certificate (rcgen); hot reload on SIGHUP. [`acme`]: certificates
+//!   obtained and renewed from an ACME CA (TLS-ALPN-01, HTTP-01), swapped in live. [`tls_stream`]: a server TLS stream on
 //!   rustls' unbuffered API that frees its buffers while a connection is idle.
 //!   [`linger`]: lingering close for HTTPS connections. [`limits`]: connection caps
 //!   per listener and the accept loops' backoff at the file-descriptor limit.
@@ -29,6 +30,7 @@
 //! - [`net`] (IP and host-name helpers), [`clock`] (wall-clock Unix time, where the
 //!   protocol needs it), [`sys`] (open-files limit, systemd notifications).
 
+pub mod acme;
 pub mod app;
 pub mod clock;
 pub mod config;

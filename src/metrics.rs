@@ -125,8 +125,9 @@ pub struct HttpLabels {
 /// What a connection on the HTTPS port turned out to be.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PortLabels {
-    /// `http`, `turn-tcp`, `turn-tls`, `rejected` (not TLS, STUN or ChannelData; or
-    /// TURN while the relay is off) or `timed-out` (too few bytes to decide in time).
+    /// `http`, `turn-tcp`, `turn-tls`, `acme-tls` (an ACME CA validating TLS-ALPN-01),
+    /// `rejected` (not TLS, STUN or ChannelData; or TURN while the relay is off) or
+    /// `timed-out` (too few bytes to decide in time).
     pub kind: &'static str,
 }
 
@@ -164,7 +165,7 @@ impl HttpMetrics {
         );
         registry.register(
             "meshmeet_https_port_connections",
-            "Connections on the HTTPS port by what they speak (http, turn-tcp, turn-tls, rejected, timed-out)",
+            "Connections on the HTTPS port by what they speak (http, turn-tcp, turn-tls, acme-tls, rejected, timed-out)",
             m.classified.clone(),
         );
         m

@@ -1,15 +1,28 @@
-//! TLS for HTTPS and TURN over TLS: the configured PEM chain and key, or a self-signed
-//! certificate generated once under `data_dir` and reused. The live server config sits
-//! behind an [`ArcSwap`] so SIGHUP can swap certificates without dropping connections.
+//! TLS for HTTPS and TURN over TLS: the configured PEM chain and key, a certificate
+//! obtained by ACME (`crate::acme`), or a self-signed certificate generated once under
+//! `data_dir` and reused. The live server config sits behind an [`ArcSwap`] so SIGHUP
+//! and ACME renewals swap certificates without dropping connections: each connection
+//! takes the config current when it starts.
+//!
+//! With ACME on, the config's certificate resolver also answers TLS-ALPN-01
+//! validations (RFC 8737): a ClientHello whose ALPN list is exactly `acme-tls/1` gets
+//! the pending challenge certificate for its SNI name, or no certificate (a failed
+//! handshake) when none is pending. Every other client gets the served certificate.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use sha2::{Digest, Sha256};
 
+use crate::acme::challenge::Challenges;
+use crate::acme::schedule::CertInfo;
+use crate::acme::store::Store;
 use crate::config::Config;
 
 const SELF_SIGNED_CERT: &str = "selfsigned-cert.pem";
@@ -38,6 +51,8 @@ pub enum TlsError {
 pub enum CertKind {
     Configured,
     SelfSigned,
+    /// Obtained by ACME and kept under `data_dir/acme/`.
+    Acme,
 }
 
 impl std::fmt::Display for CertKind {
@@ -45,6 +60,7 @@ impl std::fmt::Display for CertKind {
         f.write_str(match self {
             CertKind::Configured => "configured",
             CertKind::SelfSigned => "self-signed",
+            CertKind::Acme => "acme",
         })
     }
 }
@@ -55,45 +71,93 @@ pub struct LoadedCert {
     /// SHA-256 of the leaf certificate (DER), colon-separated hex.
     pub fingerprint: String,
     pub server_config: Arc<ServerConfig>,
+    /// The leaf certificate (DER).
+    pub leaf: CertificateDer<'static>,
+    /// The leaf's expiry (Unix seconds), when it parses.
+    pub not_after: Option<i64>,
+}
+
+/// What is served now, besides the server config.
+struct Served {
+    kind: CertKind,
+    fingerprint: String,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    leaf: CertificateDer<'static>,
 }
 
 /// The live TLS state shared by every TLS listener.
 pub struct Tls {
     current: ArcSwap<ServerConfig>,
-    kind: CertKind,
-    fingerprint: ArcSwap<String>,
-    cert_path: PathBuf,
-    key_path: PathBuf,
+    served: ArcSwap<Served>,
+    /// Pending ACME challenge answers; `None` when ACME is off.
+    challenges: Option<Arc<Challenges>>,
+    /// `meshmeet_tls_certificate_not_after_seconds`.
+    not_after: Gauge,
 }
 
 impl Tls {
-    /// Loads the configured certificate, or creates/reuses the self-signed one.
+    /// Loads the configured certificate; with ACME on, the stored ACME certificate
+    /// while it is valid; else creates or reuses the self-signed one.
     pub fn load(cfg: &Config) -> Result<Tls, TlsError> {
-        let (cert_path, key_path, kind) = if cfg.tls.cert.is_empty() {
-            let (c, k) = ensure_self_signed(cfg)?;
-            (c, k, CertKind::SelfSigned)
+        let challenges = cfg.tls.acme_enabled().then(Challenges::new);
+        let stored = if cfg.tls.cert.is_empty() && cfg.tls.acme_enabled() {
+            stored_acme(&Store::new(&cfg.data_dir), challenges.as_ref())
         } else {
-            (
-                PathBuf::from(&cfg.tls.cert),
-                PathBuf::from(&cfg.tls.key),
-                CertKind::Configured,
-            )
+            None
         };
-        let loaded = load_pem(&cert_path, &key_path, kind)?;
-        Ok(Tls {
-            current: ArcSwap::new(loaded.server_config),
-            kind,
-            fingerprint: ArcSwap::new(Arc::new(loaded.fingerprint)),
-            cert_path,
-            key_path,
-        })
+        let (cert_path, key_path, loaded) = match stored {
+            Some(found) => found,
+            None => {
+                let (cert_path, key_path, kind) = if cfg.tls.cert.is_empty() {
+                    let (c, k) = ensure_self_signed(cfg)?;
+                    (c, k, CertKind::SelfSigned)
+                } else {
+                    (
+                        PathBuf::from(&cfg.tls.cert),
+                        PathBuf::from(&cfg.tls.key),
+                        CertKind::Configured,
+                    )
+                };
+                let loaded = load_pem_with(&cert_path, &key_path, kind, challenges.as_ref())?;
+                (cert_path, key_path, loaded)
+            }
+        };
+        let tls = Tls {
+            current: ArcSwap::new(loaded.server_config.clone()),
+            served: ArcSwap::new(Arc::new(Served {
+                kind: loaded.kind,
+                fingerprint: loaded.fingerprint.clone(),
+                cert_path,
+                key_path,
+                leaf: loaded.leaf.clone(),
+            })),
+            challenges,
+            not_after: Gauge::default(),
+        };
+        tls.not_after.set(loaded.not_after.unwrap_or(0));
+        Ok(tls)
     }
 
-    /// Re-reads the certificate and key from disk; on error the old ones stay.
+    /// Re-reads the served certificate and key from disk; on error the old ones stay.
     pub fn reload(&self) -> Result<String, TlsError> {
-        let loaded = load_pem(&self.cert_path, &self.key_path, self.kind)?;
+        let served = self.served.load_full();
+        self.install(&served.cert_path, &served.key_path, served.kind)
+    }
+
+    /// Loads `cert` and `key` and serves them to new connections from now on;
+    /// returns the new fingerprint. On error nothing changes.
+    pub fn install(&self, cert: &Path, key: &Path, kind: CertKind) -> Result<String, TlsError> {
+        let loaded = load_pem_with(cert, key, kind, self.challenges.as_ref())?;
         self.current.store(loaded.server_config);
-        self.fingerprint.store(Arc::new(loaded.fingerprint.clone()));
+        self.served.store(Arc::new(Served {
+            kind,
+            fingerprint: loaded.fingerprint.clone(),
+            cert_path: cert.to_path_buf(),
+            key_path: key.to_path_buf(),
+            leaf: loaded.leaf,
+        }));
+        self.not_after.set(loaded.not_after.unwrap_or(0));
         Ok(loaded.fingerprint)
     }
 
@@ -102,16 +166,65 @@ impl Tls {
         self.current.load_full()
     }
 
+    /// Where the served certificate came from.
     pub fn kind(&self) -> CertKind {
-        self.kind
+        self.served.load().kind
     }
 
     pub fn fingerprint(&self) -> String {
-        self.fingerprint.load().as_ref().clone()
+        self.served.load().fingerprint.clone()
     }
 
-    pub fn cert_path(&self) -> &Path {
-        &self.cert_path
+    /// The served certificate's file.
+    pub fn cert_path(&self) -> PathBuf {
+        self.served.load().cert_path.clone()
+    }
+
+    /// The served leaf certificate (DER).
+    pub fn leaf(&self) -> CertificateDer<'static> {
+        self.served.load().leaf.clone()
+    }
+
+    /// Pending ACME challenge answers; `None` when ACME is off.
+    pub fn challenges(&self) -> Option<Arc<Challenges>> {
+        self.challenges.clone()
+    }
+
+    /// The served certificate's expiry as a Unix time (0 if unknown), for the registry.
+    pub fn not_after_gauge(&self) -> Gauge {
+        self.not_after.clone()
+    }
+}
+
+/// The stored ACME certificate, when it loads, matches its key and is valid now.
+/// Anything else is logged and left for the order task to replace.
+fn stored_acme(
+    store: &Store,
+    challenges: Option<&Arc<Challenges>>,
+) -> Option<(PathBuf, PathBuf, LoadedCert)> {
+    if !store.has_certificate() {
+        return None;
+    }
+    let (cert, key) = (store.cert_path(), store.key_path());
+    match load_pem_with(&cert, &key, CertKind::Acme, challenges) {
+        Ok(loaded) => {
+            let now = crate::clock::unix_secs() as i64;
+            match CertInfo::from_der(loaded.leaf.as_ref()) {
+                Ok(info) if info.valid_at(now) => Some((cert, key, loaded)),
+                Ok(_) => {
+                    tracing::warn!(path = %cert.display(), "the stored ACME certificate has expired (or is not yet valid); not serving it");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(path = %cert.display(), error = %e, "the stored ACME certificate is unusable");
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the stored ACME certificate is unusable; a new one will be ordered");
+            None
+        }
     }
 }
 
@@ -120,40 +233,88 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Loads a PEM chain and key into a server config with ALPN h2 and http/1.1.
+/// Loads a PEM chain and key into a server config with ALPN h2 and http/1.1 (and the
+/// TURN ids).
 pub fn load_pem(cert: &Path, key: &Path, kind: CertKind) -> Result<LoadedCert, TlsError> {
+    load_pem_with(cert, key, kind, None)
+}
+
+/// [`load_pem`], answering TLS-ALPN-01 validations from `challenges` when given.
+pub fn load_pem_with(
+    cert: &Path,
+    key: &Path,
+    kind: CertKind,
+    challenges: Option<&Arc<Challenges>>,
+) -> Result<LoadedCert, TlsError> {
     let certs = read_certs(cert)?;
     let key_der = read_key(key)?;
-    let fingerprint = fingerprint(&certs[0]);
+    let leaf = certs[0].clone();
+    let fingerprint = fingerprint(&leaf);
+    let not_after = CertInfo::from_der(leaf.as_ref()).ok().map(|i| i.not_after);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mismatch = |e: rustls::Error| TlsError::Mismatch {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let certified = CertifiedKey::from_der(certs, key_der, &provider).map_err(mismatch)?;
+    let resolver = Resolver {
+        cert: Arc::new(certified),
+        challenges: challenges.cloned(),
+    };
     let mut sc = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Generate(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(|e| TlsError::Mismatch {
-            cert: cert.to_path_buf(),
-            key: key.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        .with_cert_resolver(Arc::new(resolver));
     // The TURN ids (RFC 7443) first: rustls picks the first of these the client
     // offers, and a client that offers `stun.turn` is a TURN client even when it
     // offers `http/1.1` too (coturn's does). Browsers offer only h2 and http/1.1 for
-    // pages, and no ALPN at all on `turns:` connections (see `demux`).
-    sc.alpn_protocols = [
+    // pages, and no ALPN at all on `turns:` connections (see `demux`). `acme-tls/1`
+    // last, and only with ACME on: the HTTPS listener closes such a connection after
+    // its handshake.
+    let mut alpn = vec![
         crate::demux::ALPN_TURN,
         crate::demux::ALPN_STUN,
         crate::demux::ALPN_H2,
         crate::demux::ALPN_HTTP11,
-    ]
-    .iter()
-    .map(|id| id.to_vec())
-    .collect();
+    ];
+    if challenges.is_some() {
+        alpn.push(crate::demux::ALPN_ACME_TLS);
+    }
+    sc.alpn_protocols = alpn.iter().map(|id| id.to_vec()).collect();
     Ok(LoadedCert {
         kind,
         fingerprint,
         server_config: Arc::new(sc),
+        leaf,
+        not_after,
     })
+}
+
+/// Picks the certificate for a handshake: the served one, or with ACME on a pending
+/// TLS-ALPN-01 challenge certificate for a client that offers only `acme-tls/1`.
+#[derive(Debug)]
+struct Resolver {
+    cert: Arc<CertifiedKey>,
+    challenges: Option<Arc<Challenges>>,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(challenges) = &self.challenges {
+            if let Some(mut alpn) = hello.alpn() {
+                let only_acme =
+                    alpn.next() == Some(crate::demux::ALPN_ACME_TLS) && alpn.next().is_none();
+                if only_acme {
+                    // No certificate (a failed handshake) unless a challenge for this
+                    // name is pending: RFC 8737 section 3.
+                    return hello.server_name().and_then(|n| challenges.tls_alpn01(n));
+                }
+            }
+        }
+        Some(self.cert.clone())
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -348,5 +509,97 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("do not match"), "{err}");
+    }
+
+    /// A chain and key under `data_dir/acme/`, valid from `from` to `to` days from now.
+    fn store_acme(dir: &Path, from: i64, to: i64) -> String {
+        let mut params = rcgen::CertificateParams::new(vec!["meet.test".to_string()]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(from);
+        params.not_after = now + time::Duration::days(to);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Store::new(dir)
+            .save_certificate(&cert.pem(), &key.serialize_pem())
+            .unwrap();
+        fingerprint(cert.der())
+    }
+
+    fn acme_cfg(dir: &Path) -> Config {
+        let mut c = cfg_in(dir);
+        c.tls.acme_domains = vec!["meet.test".into()];
+        c
+    }
+
+    #[test]
+    fn a_valid_stored_acme_certificate_is_served_from_the_start() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing stored yet: the self-signed one, with challenge answers ready.
+        let tls = Tls::load(&acme_cfg(dir.path())).unwrap();
+        assert_eq!(tls.kind(), CertKind::SelfSigned);
+        assert!(tls.challenges().is_some());
+        let alpn = &tls.server_config().alpn_protocols;
+        assert_eq!(
+            alpn.last().map(Vec::as_slice),
+            Some(crate::demux::ALPN_ACME_TLS)
+        );
+        // Stored and valid: served.
+        let fp = store_acme(dir.path(), -1, 60);
+        let tls = Tls::load(&acme_cfg(dir.path())).unwrap();
+        assert_eq!(tls.kind(), CertKind::Acme);
+        assert_eq!(tls.fingerprint(), fp);
+        assert_eq!(tls.cert_path(), Store::new(dir.path()).cert_path());
+        assert!(tls.not_after_gauge().get() > crate::clock::unix_secs() as i64);
+        // Without ACME there are no challenge answers and no acme-tls/1.
+        let plain = Tls::load(&cfg_in(dir.path())).unwrap();
+        assert!(plain.challenges().is_none());
+        assert!(!plain
+            .server_config()
+            .alpn_protocols
+            .iter()
+            .any(|p| p == crate::demux::ALPN_ACME_TLS));
+    }
+
+    #[test]
+    fn an_expired_or_damaged_stored_certificate_is_not_served() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        store_acme(dir.path(), -30, -1);
+        assert_eq!(
+            Tls::load(&acme_cfg(dir.path())).unwrap().kind(),
+            CertKind::SelfSigned
+        );
+        // A chain with another certificate's key (a crash between the two renames).
+        store_acme(dir.path(), -1, 60);
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(Store::new(dir.path()).key_path(), other.serialize_pem()).unwrap();
+        assert_eq!(
+            Tls::load(&acme_cfg(dir.path())).unwrap().kind(),
+            CertKind::SelfSigned
+        );
+    }
+
+    #[test]
+    fn install_swaps_what_new_connections_get() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let tls = Tls::load(&acme_cfg(dir.path())).unwrap();
+        let before = tls.server_config();
+        let fp = store_acme(dir.path(), -1, 60);
+        let store = Store::new(dir.path());
+        assert_eq!(
+            tls.install(&store.cert_path(), &store.key_path(), CertKind::Acme)
+                .unwrap(),
+            fp
+        );
+        assert_eq!(tls.kind(), CertKind::Acme);
+        assert!(!Arc::ptr_eq(&before, &tls.server_config()));
+        // A failed install changes nothing.
+        std::fs::write(store.cert_path(), "junk").unwrap();
+        assert!(tls
+            .install(&store.cert_path(), &store.key_path(), CertKind::Acme)
+            .is_err());
+        assert_eq!(tls.fingerprint(), fp);
     }
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine (root, Rust toolchain, Node present):
 # installs what the tests need, then runs format and lint checks, the Rust tests
-# (unit, integration, relay interop with coturn's tools) and the browser tests in
-# Chromium and Firefox.
+# (unit, integration, relay interop with coturn's tools, ACME against Pebble) and the
+# browser tests in Chromium and Firefox.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,8 @@ command -v firefox-esr >/dev/null || need_apt+=(firefox-esr)
 command -v Xvfb >/dev/null || need_apt+=(xvfb)
 command -v turnutils_uclient >/dev/null || need_apt+=(coturn)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# The ACME tests run Let's Encrypt's test CA (pebble, pebble-challtestsrv).
+command -v pebble >/dev/null || need_apt+=(pebble)
 # The browser tests run the server and the browsers in a network namespace (ip netns).
 command -v ip >/dev/null || need_apt+=(iproute2)
 # The browser test of a call under CPU load runs a CPU hog beside it.

@@ -419,3 +419,161 @@ fn log_filters() {
     assert!(!valid_log_filter("loud"));
     assert!(!valid_log_filter(""));
 }
+
+#[test]
+fn acme_settings_are_checked_and_named() {
+    let ca = write("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n");
+    let no_cert = write("just text\n");
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            "[tls]\nacme_domains = [\"meet example.org\"]\n".into(),
+            "tls.acme_domains",
+            "not a fully qualified domain name",
+        ),
+        (
+            "[tls]\nacme_domains = [\"localhost\"]\n".into(),
+            "tls.acme_domains",
+            "fully qualified",
+        ),
+        (
+            "[tls]\nacme_domains = [\"-bad.example.org\"]\n".into(),
+            "tls.acme_domains",
+            "fully qualified",
+        ),
+        (
+            "[tls]\nacme_domains = [\"a.b.123\"]\n".into(),
+            "tls.acme_domains",
+            "fully qualified",
+        ),
+        (
+            "[tls]\nacme_domains = [\"*.example.org\"]\n".into(),
+            "tls.acme_domains",
+            "needs the DNS-01 challenge",
+        ),
+        (
+            "[tls]\nacme_domains = [\"bücher.example\"]\n".into(),
+            "tls.acme_domains",
+            "xn--",
+        ),
+        (
+            "[tls]\nacme_domains = [\"meet.example.org\", \"MEET.example.org\"]\n".into(),
+            "tls.acme_domains",
+            "listed twice",
+        ),
+        (
+            "[tls]\nacme_domains = [\"meet.example.org\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\n"
+                .into(),
+            "tls.acme_domains",
+            "exclude each other",
+        ),
+        (
+            "[tls]\nacme_directory = \"http://ca.example.org/dir\"\n".into(),
+            "tls.acme_directory",
+            "plain HTTP",
+        ),
+        (
+            "[tls]\nacme_directory = \"ftp://ca.example.org/dir\"\n".into(),
+            "tls.acme_directory",
+            "not an https:// URL",
+        ),
+        (
+            "[tls]\nacme_directory = \"https:///dir\"\n".into(),
+            "tls.acme_directory",
+            "",
+        ),
+        (
+            "[tls]\nacme_directory_ca = \"/nonexistent/ca.pem\"\n".into(),
+            "tls.acme_directory_ca",
+            "cannot read /nonexistent/ca.pem",
+        ),
+        (
+            format!(
+                "[tls]\nacme_directory_ca = \"{}\"\n",
+                no_cert.path().display()
+            ),
+            "tls.acme_directory_ca",
+            "no CERTIFICATE",
+        ),
+        (
+            format!("[tls]\nacme_directory_ca = \"{}\"\n", ca.path().display()),
+            "tls.acme_directory_ca",
+            "",
+        ),
+        (
+            "[tls]\nacme_email = \"not an address\"\n".into(),
+            "tls.acme_email",
+            "e-mail",
+        ),
+        (
+            "[tls]\nacme_email = \"mailto:admin@example.org\"\n".into(),
+            "tls.acme_email",
+            "without mailto",
+        ),
+        (
+            "[tls]\nacme_challenge = \"dns-01\"\n".into(),
+            "tls.acme_challenge",
+            "",
+        ),
+        (
+            "[tls]\nacme_challenge = \"http-01\"\n".into(),
+            "tls.acme_challenge",
+            "http.redirect_listen",
+        ),
+        (
+            "[tls]\nacme_profile = \"short lived\"\n".into(),
+            "tls.acme_profile",
+            "",
+        ),
+        ("[tls]\nacme_retry_s = 0\n".into(), "tls.acme_retry_s", ""),
+        (
+            "[tls]\nacme_renew_before_s = 99999999999\n".into(),
+            "tls.acme_renew_before_s",
+            "",
+        ),
+    ];
+    for (text, key, why) in &cases {
+        let err = load_text(text).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains(why), "{text}: {err}");
+    }
+    let names: Vec<String> = (0..=MAX_ACME_DOMAINS)
+        .map(|i| format!("\"n{i}.example.org\""))
+        .collect();
+    let err = load_text(&format!("[tls]\nacme_domains = [{}]\n", names.join(",")))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tls.acme_domains") && err.contains("at most"),
+        "{err}"
+    );
+}
+
+#[test]
+fn acme_settings_that_are_fine() {
+    let c = load_text(
+        "[http]\nredirect_listen = \"0.0.0.0:80\"\n[tls]\nacme_domains = [\"Meet.Example.org\", \
+         \"203.0.113.7\", \"[2001:db8::1]\"]\nacme_email = \"admin@example.org\"\n\
+         acme_directory = \"https://acme-staging-v02.api.letsencrypt.org/directory\"\n\
+         acme_challenge = \"http-01\"\nacme_profile = \"shortlived\"\nacme_renew_before_s = 86400\n",
+    )
+    .unwrap();
+    assert!(c.tls.acme_enabled());
+    assert_eq!(c.tls.acme_challenge, AcmeChallenge::Http01);
+    let ids: Vec<String> = c
+        .tls
+        .acme_domains
+        .iter()
+        .map(|n| acme_identifier(n).unwrap())
+        .collect();
+    assert_eq!(ids, ["meet.example.org", "203.0.113.7", "2001:db8::1"]);
+    assert!(!Config::default().tls.acme_enabled());
+    // A list from the environment.
+    let c = Config::load_with_env(
+        None,
+        env(&[(
+            "MESHMEET__TLS__ACME_DOMAINS",
+            "a.example.org, b.example.org",
+        )]),
+    )
+    .unwrap();
+    assert_eq!(c.tls.acme_domains, ["a.example.org", "b.example.org"]);
+}

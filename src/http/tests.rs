@@ -351,3 +351,46 @@ fn content_types() {
     assert_eq!(content_type("a.css"), "text/css; charset=utf-8");
     assert_eq!(content_type("a.png"), "image/png");
 }
+
+#[tokio::test]
+async fn redirect_listener_answers_pending_http01_challenges() {
+    let challenges = crate::acme::challenge::Challenges::new();
+    challenges.add_http01("tok-1", "tok-1.thumbprint");
+    let app = redirect_router("meet.example.org".into(), 443, Some(challenges.clone()));
+    let res = app
+        .clone()
+        .oneshot(get("/.well-known/acme-challenge/tok-1"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()[header::CONTENT_TYPE],
+        "application/octet-stream"
+    );
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"tok-1.thumbprint");
+    // Not pending (or once the order is over): 404, not a redirect.
+    for path in [
+        "/.well-known/acme-challenge/other",
+        "/.well-known/acme-challenge/..%2Fetc",
+    ] {
+        let res = app.clone().oneshot(get(path)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+    challenges.clear();
+    let res = app
+        .clone()
+        .oneshot(get("/.well-known/acme-challenge/tok-1"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    // Everything else is redirected as before; without ACME the path is too.
+    let res = app.oneshot(get("/room")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::MOVED_PERMANENTLY);
+    let plain = redirect_router("meet.example.org".into(), 443, None);
+    let res = plain
+        .oneshot(get("/.well-known/acme-challenge/tok-1"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::MOVED_PERMANENTLY);
+}

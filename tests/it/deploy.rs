@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meshmeet::config::Config;
+use meshmeet::config::{AcmeChallenge, Config};
 use meshmeet::secret::Secret;
 
 use crate::support;
@@ -89,8 +89,11 @@ fn install_into_root_then_upgrade_then_uninstall() {
         BIN,
         "--external-ip",
         "203.0.113.7",
+        "--email",
+        "admin@example.org",
     ]);
     assert!(out.contains("UDP 49152-65535"), "{out}");
+    assert!(out.contains("ACME: obtained for meet.example.org"), "{out}");
     assert!(out.contains("TCP 5349"), "{out}");
     let bin = root.path().join("usr/local/bin/meshmeet");
     let conf = root.path().join("etc/meshmeet/meshmeet.toml");
@@ -113,6 +116,11 @@ fn install_into_root_then_upgrade_then_uninstall() {
     );
     assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/meshmeet"));
     assert_eq!(cfg.tls.self_signed_names, vec!["meet.example.org"]);
+    // A trusted certificate by ACME by default (Let's Encrypt, TLS-ALPN-01 on 443).
+    assert_eq!(cfg.tls.acme_domains, vec!["meet.example.org"]);
+    assert_eq!(cfg.tls.acme_email, "admin@example.org");
+    assert_eq!(cfg.tls.acme_directory, "");
+    assert_eq!(cfg.tls.acme_challenge, AcmeChallenge::Auto);
     assert_eq!(
         cfg.turn.external_ips,
         vec!["203.0.113.7".parse::<std::net::IpAddr>().unwrap()]
@@ -179,6 +187,10 @@ fn install_with_certificate_writes_copies_and_renewal_hook() {
     let conf = root.path().join("etc/meshmeet/meshmeet.toml");
     let cfg = Config::load_with_env(Some(&conf), Vec::new()).unwrap();
     assert_eq!(cfg.tls.cert, "/etc/meshmeet/tls/fullchain.pem");
+    assert!(
+        cfg.tls.acme_domains.is_empty(),
+        "a given certificate: no ACME"
+    );
     assert_eq!(cfg.tls.key, "/etc/meshmeet/tls/privkey.pem");
     assert_eq!(cfg.http.listen, "0.0.0.0:8443".parse().unwrap());
     assert_eq!(cfg.http.redirect_listen, None);
@@ -193,6 +205,54 @@ fn install_with_certificate_writes_copies_and_renewal_hook() {
     .unwrap();
     assert!(hook.contains("systemctl reload meshmeet"), "{hook}");
     assert!(hook.contains(live.path().to_str().unwrap()), "{hook}");
+}
+
+#[test]
+fn install_chooses_the_certificate_source() {
+    let load = |args: &[&str]| {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path().to_str().unwrap();
+        let mut all = args.to_vec();
+        all.extend(["--root", r, "--binary", BIN]);
+        let out = install_ok(&all);
+        let conf = root.path().join("etc/meshmeet/meshmeet.toml");
+        (Config::load_with_env(Some(&conf), Vec::new()).unwrap(), out)
+    };
+    // Asked for a self-signed certificate.
+    let (cfg, out) = load(&["meet.example.org", "--self-signed"]);
+    assert!(cfg.tls.acme_domains.is_empty());
+    assert!(out.contains("TLS:    self-signed"), "{out}");
+    // A name without a dot, or an address: no ACME.
+    for host in ["localhost", "203.0.113.7", "2001:db8::7"] {
+        let (cfg, _) = load(&[host]);
+        assert!(cfg.tls.acme_domains.is_empty(), "{host}");
+    }
+    // HTTPS off 443 with the redirect on 80: the CA checks over HTTP-01 there.
+    let (cfg, out) = load(&[
+        "meet.example.org",
+        "--https-port",
+        "8443",
+        "--acme-directory",
+        "https://acme-staging-v02.api.letsencrypt.org/directory",
+    ]);
+    assert_eq!(cfg.tls.acme_challenge, AcmeChallenge::Http01);
+    assert_eq!(
+        cfg.tls.acme_directory,
+        "https://acme-staging-v02.api.letsencrypt.org/directory"
+    );
+    assert!(
+        out.contains("TCP 80 (redirect, the CA's certificate checks)"),
+        "{out}"
+    );
+    // Neither port a CA checks: said so.
+    let (_, out) = load(&[
+        "meet.example.org",
+        "--https-port",
+        "8443",
+        "--http-port",
+        "0",
+    ]);
+    assert!(out.contains("forward one of them"), "{out}");
 }
 
 #[test]
@@ -218,6 +278,43 @@ fn install_refuses_bad_arguments() {
             r,
             "--binary",
             "/nonexistent/meshmeet",
+        ],
+        vec![
+            "meet.example.org",
+            "--root",
+            r,
+            "--binary",
+            BIN,
+            "--email",
+            "nobody",
+        ],
+        vec![
+            "meet.example.org",
+            "--root",
+            r,
+            "--binary",
+            BIN,
+            "--acme-directory",
+            "http://ca.example.org/directory",
+        ],
+        vec![
+            "localhost",
+            "--root",
+            r,
+            "--binary",
+            BIN,
+            "--email",
+            "a@example.org",
+        ],
+        vec![
+            "meet.example.org",
+            "--root",
+            r,
+            "--binary",
+            BIN,
+            "--self-signed",
+            "--email",
+            "a@example.org",
         ],
     ] {
         let out = install(&args);

@@ -12,12 +12,15 @@
 //!   tools, raw STUN).
 //! - [`oneport`]: TURN over TLS and TCP on the HTTPS port, beside HTTP/1.1, HTTP/2
 //!   and WebSockets (coturn's `turnutils_uclient`, curl, the project's client).
+//! - [`acme`]: certificates from a real ACME CA (Pebble): TLS-ALPN-01 and HTTP-01,
+//!   restart without a new order, renewal under open calls, refusals and outages.
 //! - [`support`]: the test server, the WebSocket client, TLS client configs, and the
 //!   check for external tools (tests needing coturn's tools or systemd skip with a
 //!   printed reason without them, and fail instead under `MESHMEET_REQUIRE_TOOLS=1`).
 //!
 //! Run one module with `cargo test --test it relay::`.
 
+mod acme;
 mod deploy;
 mod http;
 mod lifecycle;

@@ -21,7 +21,7 @@ fn shared(c: &mut Config) {
 }
 
 /// One STUN request/answer over a stream (RFC 8656 section 12 framing).
-async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &[u8]) -> Message {
+pub async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &[u8]) -> Message {
     s.write_all(req).await.unwrap();
     s.flush().await.unwrap();
     let mut buf = Vec::new();

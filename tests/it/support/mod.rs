@@ -136,7 +136,15 @@ impl TestServer {
 
     /// Starts a server after `edit` adjusts the test config.
     pub async fn start_with(edit: impl FnOnce(&mut Config)) -> TestServer {
-        let data_dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), edit).await
+    }
+
+    /// Starts a server with its state in `data_dir` (e.g. one a stopped server left:
+    /// see [`TestServer::stop`]).
+    pub async fn start_in(
+        data_dir: tempfile::TempDir,
+        edit: impl FnOnce(&mut Config),
+    ) -> TestServer {
         let mut cfg = test_config(data_dir.path());
         edit(&mut cfg);
         cfg.validate().expect("test config is valid");
@@ -205,6 +213,20 @@ impl TestServer {
     /// raw TLS clients).
     pub fn rustls_client_config(&self) -> Arc<rustls::ClientConfig> {
         rustls_client_config(&self.cert_pem())
+    }
+
+    /// Stops the server, waits for it to finish, and hands back its state directory.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(done) = self.done.take() {
+            done.await
+                .expect("server task")
+                .expect("server stops cleanly");
+        }
+        let placeholder = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.data_dir, placeholder)
     }
 
     /// Stops the server and waits for it to finish.
