@@ -503,14 +503,18 @@ function fillTile(el, o) {
     icons.appendChild(m);
   }
   el.classList.toggle('is-muted', o.audioOn === false);
-  /** @type {HTMLElement} */ (el.querySelector('.tile-host')).hidden = !o.host;
+  // Tiles are redrawn on every connection-state change: write only what changed.
+  const badge = /** @type {HTMLElement} */ (el.querySelector('.tile-host'));
+  if (badge.hidden !== !o.host) badge.hidden = !o.host;
   el.classList.toggle('is-host', !!o.host);
   const menu = /** @type {HTMLElement|null} */ (el.querySelector('.tile-menu-btn'));
   if (menu) {
-    menu.hidden = !o.menu;
+    if (menu.hidden !== !o.menu) menu.hidden = !o.menu;
     const label = t('tileMenu', { name: o.name });
-    menu.setAttribute('aria-label', label);
-    menu.title = label;
+    if (menu.title !== label) {
+      menu.setAttribute('aria-label', label);
+      menu.title = label;
+    }
   }
   const st = /** @type {HTMLElement} */ (el.querySelector('.tile-state'));
   st.textContent = o.state || '';
