@@ -1,6 +1,7 @@
 // Room control in real browsers (Chromium), one room of three: the first in is host;
 // a host locks the room and a latecomer sees the locked screen; with the waiting room
-// on the latecomer knocks, the host admits it and it decodes everyone; a mute request
+// on the latecomer knocks, is denied (its session ends with 4003), knocks again, and
+// the host admits it and it decodes everyone; a mute request
 // turns a participant's microphone off and names who asked; a host makes another
 // participant host; a host removes a participant, whose tile goes everywhere and
 // whose page shows who did it and does not reconnect; a room password set by a host
@@ -163,24 +164,46 @@ test('a host locks the room: everyone sees the lock, a latecomer sees the locked
   await late.page.screenshot({ path: join(ensureArtifacts(), 'room-locked.png') });
 });
 
-test('waiting room: the latecomer knocks, the host admits it, and it decodes everyone', T, async () => {
+/**
+ * The latecomer asks to join from the screen it is on (primary button) and waits in
+ * the lobby; returns the id it knocks with, once the host's prompt for it is up.
+ * @param {Page} a the host's page @param {Page} c the latecomer's
+ */
+async function knock(a, c) {
+  await c.click('#screen-actions button.primary');
+  await screenTitled(c, 'Waiting to be let in', 'the waiting screen');
+  const id = await c.evaluate(() => /** @type {string} */ (/** @type {any} */ (window).meshmeet.room.waitingId));
+  assert.match(id, /^[0-9a-f]{16}$/);
+  const card = `#knocks .knock[data-id="${id}"]`;
+  await a.waitForSelector(card, { visible: true, timeout: UI });
+  assert.equal(await text(a, `${card} p`), 'Cy Late wants to join');
+  assert.equal(await text(a, '#waiting-badge'), '1');
+  return id;
+}
+
+test('waiting room: the latecomer knocks, is denied, knocks again, is admitted and decodes everyone', T, async () => {
   const { a, b } = pages();
   const c = late.page;
   await panel(a, '#rc-lobby');
   await waitFor(b, () => !document.getElementById('st-lobby')?.hidden, null, { timeout: UI, what: 'the waiting-room icon' });
-  // The room stays locked: the waiting room is the only way in.
-  await c.click('#screen-actions button.primary');
-  await screenTitled(c, 'Waiting to be let in', 'the waiting screen');
-  const cId = await c.evaluate(() => /** @type {string} */ (/** @type {any} */ (window).meshmeet.room.waitingId));
-  assert.match(cId, /^[0-9a-f]{16}$/);
-  // The host gets a prompt with the knocker's name; the guest (not a host) none.
-  const card = `#knocks .knock[data-id="${cId}"]`;
-  await a.waitForSelector(card, { visible: true, timeout: UI });
-  assert.equal(await text(a, `${card} p`), 'Cy Late wants to join');
-  assert.equal(await text(a, '#waiting-badge'), '1');
+  // The room stays locked: the waiting room is the only way in. The host gets a
+  // prompt with the knocker's name; the guest (not a host) none.
+  const first = await knock(a, c);
   assert.equal(await visible(b, '#knocks'), false);
   await a.screenshot({ path: join(ensureArtifacts(), 'room-knock.png') });
   step('knock shown');
+  // Denied: its screen, and the session ends with 4003 (no reconnect).
+  await a.click(`#knocks .knock[data-id="${first}"] .knock-deny`);
+  await screenTitled(c, 'You were not let in', 'the not-let-in screen');
+  await waitFor(c, () => {
+    const sig = /** @type {any} */ (window).meshmeet.signaling;
+    return sig.endCode === 4003 && sig.stopped && sig.ws === null;
+  }, null, { timeout: UI, what: 'the session ended with 4003' });
+  await a.waitForSelector('#knocks', { hidden: true, timeout: UI });
+  // Asking again is a new knock, under a new id.
+  const cId = await knock(a, c);
+  assert.notEqual(cId, first);
+  const card = `#knocks .knock[data-id="${cId}"]`;
   await a.click(`${card} .knock-admit`);
   await inCall(c, 'the admitted latecomer in the call');
   assert.equal(await myId(c), cId, 'admitted under the id it knocked with');
