@@ -6,6 +6,8 @@
 //! - [`deploy`]: the systemd unit and `deploy/install.sh`.
 //! - [`signaling`]: every message, error and close code over real WebSockets.
 //! - [`signaling_scale`]: 1000 clients negotiating at once.
+//! - [`room_control`]: hosts, lock, room password, lobby, kick (TURN credentials
+//!   revoked), mute requests, and their refusals.
 //! - [`restart`]: the binary restarted (SIGTERM, `kill -9`) in the middle of a call:
 //!   peers resume with their ids, nobody is left behind.
 //! - [`relay`]: STUN/TURN against independent clients (the `turn` crate, coturn's
@@ -28,6 +30,7 @@ mod limits;
 mod oneport;
 mod relay;
 mod restart;
+mod room_control;
 mod signaling;
 mod signaling_scale;
 mod support;

@@ -1,9 +1,11 @@
-// The room page: preview, join, the call (grid, controls, chat), and every
-// screen a user can end up on (room full, password, unreachable, left).
+// The room page: preview, join, the call (grid, controls, chat), room control for
+// hosts (lock, room password, waiting room, admit/deny, kick, make host, mute
+// requests), and every screen a user can end up on (room full, password, locked,
+// waiting, denied, removed, unreachable, left).
 
 import { t, translate } from './i18n.js';
 import { icon, setIcon, placeIcons } from './icons.js';
-import { Signaling } from './signaling.js';
+import { Signaling, CLOSE_KICKED } from './signaling.js';
 import { Peer } from './peer.js';
 
 /**
@@ -14,6 +16,14 @@ import { Peer } from './peer.js';
  * @typedef {import('./signaling.js').ChatIn} ChatIn
  * @typedef {import('./signaling.js').ErrorMsg} ErrorMsg
  * @typedef {import('./signaling.js').SignalingState} SignalingState
+ * @typedef {import('./signaling.js').ControlMsg} ControlMsg
+ * @typedef {import('./signaling.js').RoomStateMsg} RoomStateMsg
+ * @typedef {import('./signaling.js').WaitingMsg} WaitingMsg
+ * @typedef {import('./signaling.js').KnockMsg} KnockMsg
+ * @typedef {import('./signaling.js').DeniedMsg} DeniedMsg
+ * @typedef {import('./signaling.js').KickedMsg} KickedMsg
+ * @typedef {import('./signaling.js').MuteRequestIn} MuteRequestIn
+ * @typedef {import('./signaling.js').Waiter} Waiter
  */
 
 const NAME_KEY = 'meshmeet.name';
@@ -23,6 +33,12 @@ const AUDIO_CONSTRAINTS = { echoCancellation: true, noiseSuppression: true, auto
 /** Uplink budget shared by all peer connections, bits per second. */
 const CAMERA_UPLINK_BPS = 2_000_000;
 const SCREEN_UPLINK_BPS = 3_000_000;
+/** Waiting joiners the page lists at most (the server holds 20 per lobby). */
+const MAX_KNOCKS = 50;
+/** Notices kept for the test handle. */
+const MAX_NOTICES = 50;
+/** How long a notice about a host's request stays up. */
+const NOTICE_MS = 8000;
 
 /** @param {string} id @returns {HTMLElement} */
 function $(id) {
@@ -39,7 +55,12 @@ const state = {
   room: roomRaw,
   capacity: 0,
   name: '',
+  /** the server's password (`rooms.password`), if it asked for one */
   password: '',
+  /** this room's own password, if a host set one */
+  roomPassword: '',
+  /** @type {'server'|'room'} which password the prompt asks for */
+  pwScope: 'server',
   micOn: true,
   camOn: true,
   inCall: false,
@@ -65,6 +86,23 @@ const state = {
   camDeviceId: '',
   /** @type {string[]} chat lines as received (for tests) */
   chatLog: [],
+  // Room control (protocol 1.1), from `joined.hosts` and `room_state`.
+  /** @type {Set<string>} */
+  hosts: new Set(),
+  locked: false,
+  /** whether joins need a room password (never the password itself) */
+  hasRoomPassword: false,
+  lobby: false,
+  /** @type {Waiter[]} joiners in the lobby, oldest first (hosts only) */
+  waiting: [],
+  /** a `room_state` arrived since the last fresh join */
+  roomStateSeen: false,
+  /** @type {string|null} the id we knock with while waiting in the lobby */
+  waitingId: null,
+  /** the server removed us (kicked) or turned us away (denied): its screen is up */
+  ended: false,
+  /** @type {string[]} notices about hosts' requests, as shown (for tests) */
+  notices: [],
 };
 
 const signaling = new Signaling(`wss://${location.host}/ws`, {
@@ -393,10 +431,32 @@ function tile(key) {
   icons.className = 'tile-icons';
   const name = document.createElement('span');
   name.className = 'tile-name';
-  foot.append(icons, name);
+  const host = document.createElement('span');
+  host.className = 'tile-host';
+  host.hidden = true;
+  const hostText = document.createElement('span');
+  hostText.textContent = t('host');
+  host.append(icon('crown'), hostText);
+  foot.append(icons, host, name);
   const st = document.createElement('div');
   st.className = 'tile-state';
   el.append(video, avatar, foot, st);
+  if (!key.startsWith('self') && !key.endsWith(':screen')) {
+    // A host's menu for this participant (kick, make host, mute requests).
+    const menu = document.createElement('button');
+    menu.type = 'button';
+    menu.className = 'tile-menu-btn';
+    menu.hidden = true;
+    menu.setAttribute('aria-haspopup', 'menu');
+    menu.setAttribute('aria-expanded', 'false');
+    menu.appendChild(icon('more'));
+    menu.addEventListener('click', (e) => {
+      e.stopPropagation();
+      if (menuFor === key) closeTileMenu();
+      else openTileMenu(key, menu);
+    });
+    el.appendChild(menu);
+  }
   if (key.endsWith(':screen')) el.classList.add('screen');
   if (key === 'self') el.classList.add('self');
   grid.appendChild(el);
@@ -418,7 +478,7 @@ function removeTile(key) {
 /**
  * @param {HTMLElement} el
  * @param {{name: string, stream: MediaStream|null, videoOn: boolean, audioOn: boolean|null,
- *   state?: string, stateClass?: string, idForHue: string}} o
+ *   state?: string, stateClass?: string, idForHue: string, host?: boolean, menu?: boolean}} o
  */
 function fillTile(el, o) {
   const video = /** @type {HTMLVideoElement} */ (el.querySelector('video'));
@@ -443,6 +503,19 @@ function fillTile(el, o) {
     icons.appendChild(m);
   }
   el.classList.toggle('is-muted', o.audioOn === false);
+  // Tiles are redrawn on every connection-state change: write only what changed.
+  const badge = /** @type {HTMLElement} */ (el.querySelector('.tile-host'));
+  if (badge.hidden !== !o.host) badge.hidden = !o.host;
+  el.classList.toggle('is-host', !!o.host);
+  const menu = /** @type {HTMLElement|null} */ (el.querySelector('.tile-menu-btn'));
+  if (menu) {
+    if (menu.hidden !== !o.menu) menu.hidden = !o.menu;
+    const label = t('tileMenu', { name: o.name });
+    if (menu.title !== label) {
+      menu.setAttribute('aria-label', label);
+      menu.title = label;
+    }
+  }
   const st = /** @type {HTMLElement} */ (el.querySelector('.tile-state'));
   st.textContent = o.state || '';
   st.hidden = !o.state;
@@ -498,7 +571,7 @@ function renderSelf() {
   const name = `${state.name} (${t('you')})`;
   fillTile(el, {
     name, stream: state.local, videoOn: !!videoTrack() && state.camOn, audioOn: !!audioTrack() && state.micOn,
-    idForHue: state.myId || 'self',
+    idForHue: state.myId || 'self', host: isHost(),
   });
   if (state.screen) {
     fillTile(tile('self:screen'), { name: t('yourScreen'), stream: state.screen, videoOn: true, audioOn: null, idForHue: 'self' });
@@ -521,6 +594,8 @@ function renderPeer(p) {
     state: stateText(p),
     stateClass: `st-${p.state}${connected ? ' fade' : ''}`,
     idForHue: p.id,
+    host: state.hosts.has(p.id),
+    menu: isHost(),
   });
   el.dataset.state = p.state;
   el.dataset.relayProtocol = p.state === 'relay' && p.path ? p.path.relayProtocol || p.path.protocol : '';
@@ -742,16 +817,25 @@ function leave() {
   state.left = true;
   signaling.leave();
   signaling.close();
-  closeAllPeers();
-  stopShare();
-  for (const tr of state.local.getTracks()) tr.stop();
-  state.inCall = false;
-  clearTimeout(state.iceTimer);
-  $('banner').hidden = true;
+  endCall();
   messageScreen({
     icon: 'leave', title: t('leftTitle'), text: '',
     actions: [[t('rejoin'), () => location.reload(), 'primary'], [t('home'), () => { location.href = '/'; }]],
   });
+}
+
+/** The call is over for us (left or removed): connections, devices, timers, menus. */
+function endCall() {
+  state.inCall = false;
+  closeAllPeers();
+  stopShare();
+  for (const tr of state.local.getTracks()) tr.stop();
+  clearTimeout(state.iceTimer);
+  $('banner').hidden = true;
+  state.hosts = new Set();
+  state.waiting = [];
+  renderRoomControl();
+  renderCount();
 }
 
 function closeAllPeers() {
@@ -761,6 +845,293 @@ function closeAllPeers() {
     const k = /** @type {HTMLElement} */ (el).dataset.key || '';
     if (!k.startsWith('self')) removeTile(k);
   }
+}
+
+// ---------------------------------------------------------------- room control
+
+/** Whether we are a host of the room (the server decides; this only shows it). */
+function isHost() {
+  return state.inCall && !!state.myId && state.hosts.has(state.myId);
+}
+
+/**
+ * Sends a host action. The server checks it; a refusal comes back as an error.
+ * @param {ControlMsg} msg
+ */
+function control(msg) {
+  signaling.send(msg);
+}
+
+/**
+ * A notice that stays up a while (a host's request), kept for the test handle.
+ * @param {string} text
+ */
+function notice(text) {
+  state.notices.push(text);
+  while (state.notices.length > MAX_NOTICES) state.notices.shift();
+  toast(text, NOTICE_MS);
+}
+
+/** Room state everywhere it shows: status icons, host badges, the room menu, knocks. */
+function renderRoomControl() {
+  const inCall = state.inCall;
+  $('st-locked').hidden = !(inCall && state.locked);
+  $('st-password').hidden = !(inCall && state.hasRoomPassword);
+  $('st-lobby').hidden = !(inCall && state.lobby);
+  const host = isHost();
+  document.body.dataset.host = String(host);
+  const btn = $('btn-room');
+  btn.hidden = !host;
+  if (!host) {
+    closeRoomPanel();
+    closeTileMenu();
+  }
+  /** @type {HTMLInputElement} */ ($('rc-lock')).checked = state.locked;
+  /** @type {HTMLInputElement} */ ($('rc-lobby')).checked = state.lobby;
+  $('rc-pw-state').textContent = t(state.hasRoomPassword ? 'roomPasswordIsSet' : 'roomPasswordNone');
+  /** @type {HTMLButtonElement} */ ($('rc-pw-clear')).disabled = !state.hasRoomPassword;
+  const waiting = host ? state.waiting.length : 0;
+  const badge = $('waiting-badge');
+  badge.textContent = String(waiting);
+  badge.hidden = waiting === 0;
+  renderKnocks();
+  renderSelf();
+  for (const p of state.peers.values()) renderPeer(p);
+}
+
+/** Admit/deny prompts, one per joiner in the lobby (the server's list is the truth). */
+function renderKnocks() {
+  const box = $('knocks');
+  const list = isHost() ? state.waiting.slice(0, MAX_KNOCKS) : [];
+  const want = new Set(list.map((w) => w.id));
+  for (const card of Array.from(box.children)) {
+    if (!want.has(/** @type {HTMLElement} */ (card).dataset.id || '')) card.remove();
+  }
+  let prev = null;
+  for (const w of list) {
+    let card = /** @type {HTMLElement|null} */ (box.querySelector(`[data-id="${CSS.escape(w.id)}"]`));
+    if (!card) card = knockCard(w);
+    // Oldest first, as the server lists them.
+    if (prev ? prev.nextElementSibling !== card : box.firstElementChild !== card) {
+      if (prev) prev.after(card); else box.prepend(card);
+    }
+    prev = card;
+  }
+  box.hidden = list.length === 0;
+}
+
+/** @param {Waiter} w */
+function knockCard(w) {
+  const card = document.createElement('div');
+  card.className = 'knock';
+  card.dataset.id = w.id;
+  card.setAttribute('role', 'group');
+  const text = document.createElement('p');
+  text.textContent = t('knockText', { name: w.name });
+  const actions = document.createElement('div');
+  actions.className = 'actions';
+  /** @type {[string, 'admit'|'deny', string][]} */
+  const buttons = [[t('admit'), 'admit', 'primary'], [t('deny'), 'deny', 'secondary']];
+  for (const [label, type, cls] of buttons) {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = `${cls} knock-${type}`;
+    b.textContent = label;
+    b.addEventListener('click', () => {
+      // Until the server's next list takes this joiner out.
+      for (const x of card.querySelectorAll('button')) /** @type {HTMLButtonElement} */ (x).disabled = true;
+      control({ type, id: w.id });
+    });
+    actions.appendChild(b);
+  }
+  card.append(text, actions);
+  card.setAttribute('aria-label', text.textContent);
+  return card;
+}
+
+/** @param {RoomStateMsg} m */
+function onRoomState(m) {
+  const wasHost = isHost();
+  const seen = state.roomStateSeen;
+  state.roomStateSeen = true;
+  state.hosts = new Set(Array.isArray(m.hosts) ? m.hosts.filter((h) => typeof h === 'string') : []);
+  state.locked = m.locked === true;
+  state.hasRoomPassword = m.password === true;
+  state.lobby = m.lobby === true;
+  state.waiting = Array.isArray(m.waiting)
+    ? m.waiting.filter((w) => w && typeof w.id === 'string' && typeof w.name === 'string').slice(0, MAX_KNOCKS)
+    : [];
+  if (seen && !wasHost && isHost()) notice(t('youHost'));
+  renderRoomControl();
+}
+
+/** @param {KnockMsg} m */
+function onKnock(m) {
+  // The `room_state` that follows carries the full list; this keeps the prompt up
+  // even before it arrives.
+  if (!isHost() || typeof m.id !== 'string' || typeof m.name !== 'string') return;
+  if (!state.waiting.some((w) => w.id === m.id) && state.waiting.length < MAX_KNOCKS) {
+    state.waiting.push({ id: m.id, name: m.name });
+  }
+  renderRoomControl();
+}
+
+/** @param {boolean} [open] */
+function toggleRoomPanel(open) {
+  const panel = $('room-panel');
+  const want = open ?? panel.hidden === true;
+  if (want && !isHost()) return;
+  panel.hidden = !want;
+  $('btn-room').setAttribute('aria-expanded', String(want));
+  $('btn-room').classList.toggle('active', want);
+  if (want) closeTileMenu();
+}
+
+function closeRoomPanel() {
+  if (!$('room-panel').hidden) toggleRoomPanel(false);
+}
+
+/** @type {string|null} the peer whose tile menu is open */
+let menuFor = null;
+
+/**
+ * The host's menu for one participant, next to its tile's button.
+ * @param {string} id
+ * @param {HTMLElement} anchor
+ */
+function openTileMenu(id, anchor) {
+  const p = state.peers.get(id);
+  if (!p || !isHost()) return;
+  closeTileMenu();
+  closeRoomPanel();
+  const menu = $('tile-menu');
+  menu.replaceChildren();
+  const name = p.name || 'Guest';
+  /** @param {string} label @param {string} action @param {() => void} fn @param {string} [cls] */
+  const item = (label, action, fn, cls = '') => {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.setAttribute('role', 'menuitem');
+    b.className = `menu-item ${cls}`;
+    b.dataset.action = action;
+    b.textContent = label;
+    b.addEventListener('click', (e) => { e.stopPropagation(); fn(); });
+    menu.appendChild(b);
+    return b;
+  };
+  item(t('askMute'), 'mute-audio', () => {
+    control({ type: 'mute_request', id, audio: true, video: false });
+    toast(t('askedMute', { name }));
+    closeTileMenu();
+  });
+  item(t('askCamOff'), 'mute-video', () => {
+    control({ type: 'mute_request', id, audio: false, video: true });
+    toast(t('askedCamOff', { name }));
+    closeTileMenu();
+  });
+  if (!state.hosts.has(id)) {
+    item(t('makeHost'), 'host', () => { control({ type: 'host', id }); closeTileMenu(); });
+  }
+  item(t('kick'), 'kick', () => {
+    // A second step, in place: removing someone is not undone by a click.
+    menu.replaceChildren();
+    const q = document.createElement('p');
+    q.className = 'menu-question';
+    q.textContent = t('kickConfirm', { name });
+    menu.appendChild(q);
+    item(t('remove'), 'kick-confirm', () => { control({ type: 'kick', id }); closeTileMenu(); }, 'danger').focus();
+    item(t('cancel'), 'kick-cancel', () => closeTileMenu());
+  }, 'danger');
+  menu.setAttribute('aria-label', t('tileMenu', { name }));
+  menu.dataset.for = id;
+  menu.hidden = false;
+  menuFor = id;
+  anchor.setAttribute('aria-expanded', 'true');
+  // Below the button, kept inside the window.
+  const r = anchor.getBoundingClientRect();
+  const w = menu.offsetWidth;
+  const h = menu.offsetHeight;
+  const left = Math.max(8, Math.min(r.right - w, window.innerWidth - w - 8));
+  const top = r.bottom + 4 + h > window.innerHeight - 8 ? Math.max(8, r.top - 4 - h) : r.bottom + 4;
+  menu.style.left = `${Math.round(left)}px`;
+  menu.style.top = `${Math.round(top)}px`;
+  const first = /** @type {HTMLElement|null} */ (menu.querySelector('button'));
+  if (first) first.focus();
+}
+
+function closeTileMenu() {
+  const menu = $('tile-menu');
+  if (menuFor) {
+    const btn = $('grid').querySelector(`[data-key="${CSS.escape(menuFor)}"] .tile-menu-btn`);
+    if (btn) btn.setAttribute('aria-expanded', 'false');
+  }
+  menuFor = null;
+  menu.hidden = true;
+  delete menu.dataset.for;
+  menu.replaceChildren();
+}
+
+/** @param {WaitingMsg} m */
+function onWaiting(m) {
+  state.waitingId = typeof m.id === 'string' ? m.id : '';
+  document.body.dataset.waiting = 'true';
+  messageScreen({
+    icon: 'hourglass', title: t('waitingTitle'), text: t('waitingText'),
+    actions: [[t('cancel'), cancelWaiting]],
+  });
+}
+
+/** Gives up waiting in the lobby: `leave` takes us out; back to the preview. */
+function cancelWaiting() {
+  signaling.leave();
+  state.waitingId = null;
+  delete document.body.dataset.waiting;
+  show('preview');
+  resetJoinButton();
+}
+
+/** @param {DeniedMsg} m */
+function onDenied(m) {
+  state.waitingId = null;
+  state.ended = true;
+  delete document.body.dataset.waiting;
+  const reason = m.reason === 'timeout' || m.reason === 'locked' ? m.reason : 'denied';
+  const [title, text] = reason === 'timeout' ? ['timeoutTitle', 'timeoutText']
+    : reason === 'locked' ? ['lockedTitle', 'lockedWhileWaitingText'] : ['deniedTitle', 'notLetInText'];
+  document.body.dataset.ended = `denied:${reason}`;
+  messageScreen({
+    icon: reason === 'timeout' ? 'hourglass' : reason === 'locked' ? 'lock' : 'cross',
+    title: t(title), text: t(text),
+    actions: [[t('askAgain'), () => { show('preview'); doJoin(); }, 'primary'], [t('home'), () => { location.href = '/'; }]],
+  });
+}
+
+/** @param {KickedMsg} m */
+function onKicked(m) {
+  state.ended = true;
+  endCall();
+  document.body.dataset.ended = 'kicked';
+  const name = typeof m.name === 'string' && m.name ? m.name : '';
+  messageScreen({
+    icon: 'cross', title: t('kickedTitle'), text: name ? t('kickedText', { name }) : t('kickedTextAnon'),
+    actions: [[t('home'), () => { location.href = '/'; }, 'primary'], [t('rejoin'), () => location.reload()]],
+  });
+}
+
+/**
+ * A host asks us to turn the microphone and/or camera off: done at once (never
+ * anything turned on), the others get the usual `media`, and a notice says who asked.
+ * @param {MuteRequestIn} m
+ */
+async function onMuteRequest(m) {
+  if (!state.inCall) return;
+  const audio = m.audio === true;
+  const video = m.video === true;
+  if (!audio && !video) return;
+  const name = typeof m.name === 'string' && m.name ? m.name : t('host');
+  notice(t(audio && video ? 'bothOffBy' : audio ? 'mutedBy' : 'camOffBy', { name }));
+  if (audio && audioTrack() && state.micOn) toggleMic();
+  if (video && videoTrack() && state.camOn) await toggleCam();
 }
 
 // ---------------------------------------------------------------- peers
@@ -817,6 +1188,7 @@ function addPeer(id, name) {
 function removePeer(id) {
   const p = state.peers.get(id);
   if (!p) return;
+  if (menuFor === id) closeTileMenu();
   p.close();
   state.peers.delete(id);
   removeTile(id);
@@ -862,6 +1234,16 @@ function setIce(ice) {
 /** @param {SignalingState} s */
 function onSignalingState(s) {
   if (state.left) return;
+  if (s === 'ended') {
+    // Closed with 4002 or 4003: the `kicked` or `denied` before it put its screen up.
+    // Without one (not expected), the close code alone says which.
+    $('banner').hidden = true;
+    document.body.dataset.signaling = s;
+    if (state.ended) return;
+    if (signaling.endCode === CLOSE_KICKED) onKicked({ type: 'kicked', by: '', name: '' });
+    else onDenied({ type: 'denied', room: state.room, reason: 'denied' });
+    return;
+  }
   $('banner').hidden = !(s === 'reconnecting' && state.inCall);
   document.body.dataset.signaling = s;
   if (s === 'unreachable') {
@@ -927,9 +1309,21 @@ function onMessage(m) {
       return;
     }
     case 'chat': return addChat(m);
+    case 'room_state': return onRoomState(m);
+    case 'knock': return onKnock(m);
+    case 'waiting': return onWaiting(m);
+    case 'denied': return onDenied(m);
+    case 'kicked': return onKicked(m);
+    case 'mute_request': {
+      onMuteRequest(m).catch(() => {});
+      return;
+    }
     case 'room_full': {
       state.inCall = false;
+      state.waitingId = null;
+      delete document.body.dataset.waiting;
       closeAllPeers();
+      renderRoomControl();
       messageScreen({
         icon: 'user', title: t('fullTitle'), text: t('fullText', { n: m.capacity }),
         actions: [[t('tryAgain'), () => location.reload(), 'primary'], [t('newRoomInstead'), newRoom]],
@@ -946,6 +1340,11 @@ function onJoined(m) {
   const fresh = !m.resumed || m.id !== state.myId;
   state.myId = m.id;
   state.capacity = m.capacity;
+  state.waitingId = null;
+  delete document.body.dataset.waiting;
+  // Hosts now; the rest of the room's state comes in the `room_state` that follows.
+  state.hosts = new Set(Array.isArray(m.hosts) ? m.hosts.filter((h) => typeof h === 'string') : []);
+  if (fresh) state.roomStateSeen = false;
   setIce(m.ice);
   /** @type {{id: string, name: string, media: MediaState|null}[]} */
   const peers = Array.isArray(m.peers) ? m.peers : [];
@@ -974,7 +1373,7 @@ function onJoined(m) {
     p.media = info.media || null;
     renderPeer(p);
   }
-  renderSelf();
+  renderRoomControl();
   renderCount();
   sendMedia();
   layout();
@@ -989,12 +1388,32 @@ function onJoined(m) {
 /** @param {ErrorMsg} m */
 function onError(m) {
   if (m.code === 'bad_password') {
-    const hadPassword = !!state.password;
+    // `scope: "room"`: the room's own password (a host set it); else the server's.
+    const scope = m.scope === 'room' ? 'room' : 'server';
+    const hadPassword = !!(scope === 'room' ? state.roomPassword : state.password);
+    state.pwScope = scope;
     state.inCall = false;
+    /** @type {HTMLInputElement} */ ($('pw-input')).value = '';
+    const text = hadPassword ? t('pwWrong') : scope === 'room' ? t('roomPwText') : '';
     messageScreen({
-      icon: 'warn', title: t('pwTitle'), text: hadPassword ? t('pwWrong') : '', password: true,
+      icon: scope === 'room' ? 'key' : 'warn', title: t(scope === 'room' ? 'roomPwTitle' : 'pwTitle'), text, password: true,
       actions: [[t('home'), () => { location.href = '/'; }]],
     });
+    document.body.dataset.pwScope = scope;
+  } else if (m.code === 'room_locked') {
+    messageScreen({
+      icon: 'lock', title: t('lockedTitle'), text: t('lockedText'),
+      actions: [[t('tryAgain'), () => { show('preview'); doJoin(); }, 'primary'], [t('home'), () => { location.href = '/'; }]],
+    });
+  } else if (m.code === 'lobby_full') {
+    messageScreen({
+      icon: 'hourglass', title: t('lobbyFullTitle'), text: t('lobbyFullText'),
+      actions: [[t('tryAgain'), () => { show('preview'); doJoin(); }, 'primary'], [t('home'), () => { location.href = '/'; }]],
+    });
+  } else if (m.code === 'not_host') {
+    // Host rights are the server's to give: show its state again.
+    toast(t('notHost'));
+    renderRoomControl();
   } else if (m.code === 'invalid_room') {
     messageScreen({ icon: 'warn', title: t('invalidRoomTitle'), text: t('invalidRoom'), actions: [[t('newRoomInstead'), newRoom, 'primary']] });
   } else if (m.code === 'invalid_name') {
@@ -1023,7 +1442,13 @@ function doJoin() {
   const b = /** @type {HTMLButtonElement} */ ($('join-btn'));
   b.disabled = true;
   b.textContent = t('joining');
-  signaling.join({ room: state.room, name: state.name, ...(state.password ? { password: state.password } : {}) });
+  state.ended = false;
+  delete document.body.dataset.ended;
+  signaling.join({
+    room: state.room, name: state.name,
+    ...(state.password ? { password: state.password } : {}),
+    ...(state.roomPassword ? { room_password: state.roomPassword } : {}),
+  });
 }
 
 // ---------------------------------------------------------------- speaker detection
@@ -1072,6 +1497,12 @@ function previewMeter() {
 function onKey(e) {
   if (e.ctrlKey || e.metaKey || e.altKey) return;
   const target = /** @type {HTMLElement} */ (e.target);
+  if (e.key === 'Escape' && (menuFor || !$('room-panel').hidden)) {
+    closeTileMenu();
+    closeRoomPanel();
+    e.preventDefault();
+    return;
+  }
   if (target && (target.tagName === 'INPUT' || target.tagName === 'TEXTAREA' || target.tagName === 'SELECT' || target.isContentEditable)) {
     if (e.key === 'Escape' && state.chatOpen) toggleChat(false);
     return;
@@ -1135,6 +1566,15 @@ const testHandle = {
   get signaling() { return signaling; },
   get limits() { return limits(); },
   get localVideoState() { return videoTrack()?.readyState || 'none'; },
+  /** room control as the page knows it (hosts, lock, password, lobby, waiting list) */
+  get room() {
+    return {
+      hosts: Array.from(state.hosts), host: isHost(), locked: state.locked, password: state.hasRoomPassword,
+      lobby: state.lobby, waiting: state.waiting.slice(), waitingId: state.waitingId,
+    };
+  },
+  /** notices shown about hosts' requests, oldest first */
+  get notices() { return state.notices.slice(); },
   stats,
   /** Closes the signaling socket as a network drop would; it resumes (after holdMs). */
   dropSocket(/** @type {number} */ holdMs) { signaling.drop(holdMs); },
@@ -1179,9 +1619,43 @@ function init() {
   });
   $('pw-form').addEventListener('submit', (e) => {
     e.preventDefault();
-    state.password = /** @type {HTMLInputElement} */ ($('pw-input')).value;
+    const value = /** @type {HTMLInputElement} */ ($('pw-input')).value;
+    if (state.pwScope === 'room') state.roomPassword = value;
+    else state.password = value;
     show('preview');
     doJoin();
+  });
+  $('btn-room').addEventListener('click', (e) => { e.stopPropagation(); toggleRoomPanel(); });
+  $('room-panel-close').addEventListener('click', () => toggleRoomPanel(false));
+  $('room-panel').addEventListener('click', (e) => e.stopPropagation());
+  $('rc-lock').addEventListener('change', (e) => {
+    control({ type: 'lock', locked: /** @type {HTMLInputElement} */ (e.target).checked });
+  });
+  $('rc-lobby').addEventListener('change', (e) => {
+    control({ type: 'lobby', on: /** @type {HTMLInputElement} */ (e.target).checked });
+  });
+  $('rc-pw-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const input = /** @type {HTMLInputElement} */ ($('rc-pw'));
+    const password = input.value;
+    // The server's rules: 1 to 128 characters (empty would clear), no control characters.
+    if (!password || Array.from(password).length > 128 || /\p{Cc}/u.test(password)) {
+      input.focus();
+      return;
+    }
+    control({ type: 'room_password', password });
+    input.value = '';
+    toast(t('passwordSet'));
+  });
+  $('rc-pw-clear').addEventListener('click', () => {
+    control({ type: 'room_password', password: '' });
+    toast(t('passwordCleared'));
+  });
+  // A click elsewhere closes the tile menu and the room panel.
+  document.addEventListener('click', (e) => {
+    const menu = $('tile-menu');
+    if (menuFor && !menu.contains(/** @type {Node} */ (e.target))) closeTileMenu();
+    closeRoomPanel();
   });
   document.addEventListener('keydown', onKey);
   window.addEventListener('resize', layout);

@@ -1,7 +1,7 @@
 // The signaling socket (docs/PROTOCOL.md): join, resume after a drop, keep-alive, and a
 // queue so that nothing the client says during a short outage is lost. No DOM: the
 // page gets messages and connection states through two callbacks. The typedefs below
-// are the protocol's messages (version 1) as this client reads and writes them.
+// are the protocol's messages (version 1.1) as this client reads and writes them.
 
 /**
  * Mute / camera / screen-share state of a participant.
@@ -16,13 +16,17 @@
  *
  * @typedef {{id: string, name: string, media: MediaState|null}} PeerInfo
  *
+ * A joiner waiting in the room's lobby, as hosts see it (1.1).
+ * @typedef {{id: string, name: string}} Waiter
+ *
  * @typedef {'bad_message'|'invalid_room'|'invalid_name'|'not_joined'|'already_joined'
- *   |'unknown_peer'|'bad_password'|'rate_limited'} ErrorCode
+ *   |'unknown_peer'|'bad_password'|'rate_limited'|'not_host'|'room_locked'|'lobby_full'} ErrorCode
  */
 
 /**
  * Client to server.
- * @typedef {{type: 'join', room: string, name?: string, password?: string, resume?: string}} JoinMsg
+ * @typedef {{type: 'join', room: string, name?: string, password?: string, resume?: string,
+ *   room_password?: string}} JoinMsg
  * @typedef {{type: 'offer'|'answer', to: string, sdp: string}} DescriptionOut
  * @typedef {{type: 'candidate', to: string, candidate: RTCIceCandidateInit|null}} CandidateOut
  * @typedef {{type: 'media', audio: boolean, video: boolean, screen: boolean}} MediaOut
@@ -30,13 +34,24 @@
  * @typedef {{type: 'leave'}} LeaveMsg
  * @typedef {{type: 'ping'}} PingMsg
  * @typedef {{type: 'ice_request', password?: string}} IceRequestMsg
- * @typedef {JoinMsg|DescriptionOut|CandidateOut|MediaOut|ChatOut|LeaveMsg|PingMsg|IceRequestMsg} ClientMsg
+ *
+ * Host actions (1.1): the server checks that the sender is a host.
+ * @typedef {{type: 'host'|'admit'|'deny'|'kick', id: string}} PeerActionMsg
+ * @typedef {{type: 'lock', locked: boolean}} LockMsg
+ * @typedef {{type: 'room_password', password: string}} RoomPasswordMsg
+ * @typedef {{type: 'lobby', on: boolean}} LobbyMsg
+ * @typedef {{type: 'mute_request', id: string, audio: boolean, video: boolean}} MuteRequestOut
+ * @typedef {PeerActionMsg|LockMsg|RoomPasswordMsg|LobbyMsg|MuteRequestOut} ControlMsg
+ *
+ * @typedef {JoinMsg|DescriptionOut|CandidateOut|MediaOut|ChatOut|LeaveMsg|PingMsg|IceRequestMsg
+ *   |ControlMsg} ClientMsg
  */
 
 /**
  * Server to client.
  * @typedef {{type: 'joined', protocol: number, id: string, room: string, capacity: number,
- *   peers: PeerInfo[], ice: IceConfig, resume: string, resumed: boolean}} JoinedMsg
+ *   peers: PeerInfo[], ice: IceConfig, resume: string, resumed: boolean, minor?: number,
+ *   hosts?: string[]}} JoinedMsg
  * @typedef {{type: 'peer_joined', id: string, name: string}} PeerJoinedMsg
  * @typedef {{type: 'peer_left', id: string}} PeerLeftMsg
  * @typedef {{type: 'offer'|'answer', from: string, sdp: string}} DescriptionIn
@@ -46,13 +61,28 @@
  * @typedef {{type: 'chat', from: string, name: string, text: string, ts: number}} ChatIn
  * @typedef {{type: 'room_full', room: string, capacity: number}} RoomFullMsg
  * @typedef {{type: 'pong'}} PongMsg
- * @typedef {{type: 'error', code: ErrorCode, message: string}} ErrorMsg
+ * @typedef {{type: 'error', code: ErrorCode, message: string, scope?: 'room'}} ErrorMsg
+ *
+ * Room control (1.1).
+ * @typedef {{type: 'room_state', hosts: string[], locked: boolean, password: boolean,
+ *   lobby: boolean, waiting?: Waiter[]}} RoomStateMsg
+ * @typedef {{type: 'waiting', room: string, id: string}} WaitingMsg
+ * @typedef {{type: 'knock', id: string, name: string}} KnockMsg
+ * @typedef {{type: 'denied', room: string, reason: 'denied'|'timeout'|'locked'}} DeniedMsg
+ * @typedef {{type: 'kicked', by: string, name: string}} KickedMsg
+ * @typedef {{type: 'mute_request', from: string, name: string, audio: boolean, video: boolean}} MuteRequestIn
+ *
  * @typedef {JoinedMsg|PeerJoinedMsg|PeerLeftMsg|DescriptionIn|CandidateIn|MediaIn|IceMsg|ChatIn
- *   |RoomFullMsg|PongMsg|ErrorMsg} ServerMsg
+ *   |RoomFullMsg|PongMsg|ErrorMsg|RoomStateMsg|WaitingMsg|KnockMsg|DeniedMsg|KickedMsg
+ *   |MuteRequestIn} ServerMsg
  */
 
 /**
- * @typedef {'connecting'|'open'|'reconnecting'|'unreachable'} SignalingState
+ * `ended`: the server removed this client (close code 4002, kicked) or turned it away
+ * from the lobby (4003, denied); the socket is not reopened until `join()` or
+ * `connect()` is called.
+ * @typedef {'connecting'|'open'|'reconnecting'|'unreachable'|'ended'} SignalingState
+ * @typedef {{room: string, name?: string, password?: string, room_password?: string}} JoinFields
  * @typedef {{
  *   onMessage: (msg: ServerMsg) => void,
  *   onState: (state: SignalingState) => void,
@@ -66,6 +96,9 @@ const BACKOFF_MS = [300, 700, 1500, 3000, 5000];
 const FIRST_CONNECT_TRIES = 3;
 /** A socket that has not opened by then is given up and retried. */
 const OPEN_TIMEOUT_MS = 8000;
+/** Close codes after which the client must neither resume nor rejoin on its own. */
+export const CLOSE_KICKED = 4002;
+export const CLOSE_DENIED = 4003;
 
 export class Signaling {
   /**
@@ -77,8 +110,8 @@ export class Signaling {
     this.handlers = handlers;
     /** @type {WebSocket|null} */
     this.ws = null;
-    /** join message fields (room, name, password) */
-    /** @type {{room: string, name?: string, password?: string}|null} */
+    /** join message fields (room, name, password, room password) */
+    /** @type {JoinFields|null} */
     this.joinFields = null;
     /** resume token from the last `joined` */
     /** @type {string|null} */
@@ -98,11 +131,14 @@ export class Signaling {
     this.pinger = undefined;
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this.retryTimer = undefined;
+    /** the close code that ended the session (4002 or 4003), or 0 */
+    this.endCode = 0;
   }
 
   /** Opens the socket; `join` is sent when it opens. */
   connect() {
     this.stopped = false;
+    this.endCode = 0;
     clearTimeout(this.retryTimer);
     this.handlers.onState(this.everOpened ? 'reconnecting' : 'connecting');
     let ws;
@@ -155,12 +191,23 @@ export class Signaling {
       if (msg.type === 'pong') return;
       this.handlers.onMessage(msg);
     };
-    ws.onclose = () => {
+    ws.onclose = (ev) => {
       clearTimeout(openTimer);
       if (this.ws !== ws) return;
       this.ws = null;
       this.joined = false;
       clearInterval(this.pinger);
+      if (ev.code === CLOSE_KICKED || ev.code === CLOSE_DENIED) {
+        // Removed by a host, or turned away from the lobby: the identity is gone and
+        // coming back is the person's decision, so no resume and no rejoin.
+        this.stopped = true;
+        this.endCode = ev.code;
+        this.joinFields = null;
+        this.resumeToken = null;
+        this.queue = [];
+        this.handlers.onState('ended');
+        return;
+      }
       if (this.stopped) return;
       this.scheduleRetry();
     };
@@ -195,7 +242,7 @@ export class Signaling {
 
   /**
    * Joins a room (now, or as soon as the socket opens).
-   * @param {{room: string, name?: string, password?: string}} fields
+   * @param {JoinFields} fields
    */
   join(fields) {
     this.joinFields = fields;
@@ -210,6 +257,7 @@ export class Signaling {
     const m = { type: 'join', room: this.joinFields.room };
     if (this.joinFields.name) m.name = this.joinFields.name;
     if (this.joinFields.password) m.password = this.joinFields.password;
+    if (this.joinFields.room_password) m.room_password = this.joinFields.room_password;
     if (this.resumeToken) m.resume = this.resumeToken;
     this.raw(m);
   }
