@@ -1,0 +1,190 @@
+// A network that lets out only HTTPS: three participants in a second network namespace
+// whose firewall (nftables) drops everything leaving it except TCP to the server's
+// HTTPS port, and one participant outside it, all in one call. Everyone decodes
+// everyone's video; the three behind the firewall are relayed by the embedded TURN
+// server over TLS or TCP on the HTTPS port, which the server's per-connection counts
+// confirm. Then the same with UDP to the HTTPS port number let through as well (the
+// server listens for TURN over UDP there, `turn.extra_udp_listen`): relayed over UDP
+// on that port. See lib/restricted.js for the namespace.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { Server, Browsers, participant, waitForMedia, waitFor, HOST_IP } from '../lib/harness.js';
+import { RestrictedNet, RestrictedBrowsers } from '../lib/restricted.js';
+
+/** @typedef {import('../lib/harness.js').Page} Page */
+/** @typedef {import('../lib/harness.js').Participant} Participant */
+/** @typedef {import('../lib/harness.js').Kind} Kind */
+
+const HTTPS_PORT = 8443;
+const SHARED = 'meshmeet_https_port_connections_total';
+const CREATED = 'meshmeet_turn_allocations_created_total';
+/** Each test's own limit; waits end as soon as their state is reached. */
+const T = { timeout: 420_000 };
+
+/** @type {RestrictedNet} */ let net;
+/** @type {Server} */ let server;
+/** @type {RestrictedBrowsers} */ let inside;
+/** @type {Browsers} */ let outside;
+
+before(async () => {
+  net = RestrictedNet.create();
+  server = await new Server({ turn: [`extra_udp_listen = ["${HOST_IP}:${HTTPS_PORT}"]`] }).start();
+  inside = new RestrictedBrowsers(net);
+  outside = new Browsers();
+});
+
+after(async () => {
+  await inside?.close();
+  await outside?.close();
+  await server?.stop();
+  net?.destroy();
+});
+
+/**
+ * Each connection's selected candidate pair, from the local side: candidate type,
+ * relay protocol and (Chromium) the ICE server URL the candidate came from.
+ * @param {Page} page
+ * @returns {Promise<Record<string, {type: string, relayProtocol: string, url: string, remote: string}|null>>}
+ */
+const selected = (page) => page.evaluate(async () => {
+  /** @type {Record<string, any>} */
+  const out = {};
+  for (const p of /** @type {any} */ (window).meshmeet.peers.values()) {
+    const st = await p.pc.getStats();
+    /** @type {any} */
+    let pair = null;
+    st.forEach((/** @type {any} */ s) => {
+      if (s.type === 'transport' && s.selectedCandidatePairId) pair = st.get(s.selectedCandidatePairId) || pair;
+    });
+    // Firefox flags the pair instead.
+    if (!pair) st.forEach((/** @type {any} */ s) => { if (s.type === 'candidate-pair' && s.selected) pair = s; });
+    const l = pair && st.get(pair.localCandidateId);
+    const r = pair && st.get(pair.remoteCandidateId);
+    out[p.id] = l && r ? {
+      type: l.candidateType, relayProtocol: String(l.relayProtocol || ''), url: String(l.url || ''), remote: r.candidateType,
+    } : null;
+  }
+  return out;
+});
+
+/**
+ * Whether a selected pair is relayed by one of `protocols` through the HTTPS port. The
+ * candidate's URL names the port where the browser reports it (Chromium); where it
+ * does not (Firefox), the firewall leaves no other port.
+ * @param {{type: string, relayProtocol: string, url: string}|null} s
+ * @param {string[]} protocols
+ */
+function onHttpsPort(s, protocols) {
+  if (!s || s.type !== 'relay' || !protocols.includes(s.relayProtocol)) return false;
+  return !s.url || new RegExp(`^turns?:${HOST_IP.replace(/\./g, '\\.')}:${HTTPS_PORT}\\b`).test(s.url);
+}
+
+/**
+ * Three participants of `kinds` behind the firewall and one Chromium outside join
+ * `room`; returns them once everyone decodes everyone and the three behind the
+ * firewall are relayed by one of `protocols` on the HTTPS port.
+ * @param {string} room @param {Kind[]} kinds @param {string[]} protocols
+ * @param {Participant[]} people filled as they join (closed by the caller)
+ */
+async function call(room, kinds, protocols, people) {
+  const url = `${server.url}/${room}`;
+  for (const [i, kind] of kinds.entries()) people.push(await participant(inside, kind, url, `Behind ${i + 1}`));
+  people.push(await participant(outside, 'chromium', url, 'Outside'));
+  const pages = people.map((p) => p.page);
+  await waitForMedia(pages, 4, 180_000);
+  for (const [i, p] of people.slice(0, 3).entries()) {
+    try {
+      await waitFor(p.page, async ([protos, host, port]) => {
+        const mm = /** @type {any} */ (window).meshmeet;
+        for (const peer of mm.peers.values()) {
+          const st = await peer.pc.getStats();
+          /** @type {any} */
+          let pair = null;
+          st.forEach((/** @type {any} */ s) => {
+            if (s.type === 'transport' && s.selectedCandidatePairId) pair = st.get(s.selectedCandidatePairId) || pair;
+          });
+          if (!pair) st.forEach((/** @type {any} */ s) => { if (s.type === 'candidate-pair' && s.selected) pair = s; });
+          const l = pair && st.get(pair.localCandidateId);
+          if (!l || l.candidateType !== 'relay' || !protos.includes(l.relayProtocol)) return false;
+          if (l.url && !String(l.url).startsWith(`turn:${host}:${port}?`) && !String(l.url).startsWith(`turns:${host}:${port}?`)) return false;
+        }
+        return mm.peers.size === 3;
+      }, [protocols, HOST_IP, HTTPS_PORT], { timeout: 60_000, interval: 500, what: `participant ${i + 1} relayed by ${protocols.join('/')} on port ${HTTPS_PORT}` });
+    } catch (e) {
+      throw new Error(`${/** @type {Error} */ (e).message}\nselected pairs: ${JSON.stringify(await selected(p.page))}`);
+    }
+  }
+  return pages;
+}
+
+/** The count of one label value of a metric. @param {Map<string, number>} m @param {string} name @param {string} label @param {string} value */
+const series = (m, name, label, value) => m.get(`${name}{${label}="${value}"}`) ?? 0;
+
+/** @param {Participant[]} people */
+async function leave(people) {
+  for (const p of people) {
+    if (p.errors.length) console.log(`console errors and warnings (${p.name}, ${p.kind}):`, p.errors.join('\n'));
+    await p.context.close().catch(() => {});
+  }
+}
+
+test('only HTTPS gets through: three behind the firewall and one outside decode each other, relayed over TLS or TCP on the HTTPS port', T, async (t) => {
+  net.firewall({ server: HOST_IP, httpsPort: HTTPS_PORT });
+  const m0 = await server.metrics();
+  /** @type {Participant[]} */
+  const people = [];
+  try {
+    const pages = await call('only-https', ['chromium', 'chromium', 'chromium'], ['tls', 'tcp'], people);
+    const m1 = await server.metrics();
+    /** @type {Record<string, number>} */
+    const used = { tls: 0, tcp: 0 };
+    for (const page of pages.slice(0, 3)) {
+      const sel = await selected(page);
+      t.diagnostic(`behind the firewall: ${JSON.stringify(Object.values(sel))}`);
+      for (const s of Object.values(sel)) {
+        assert.ok(onHttpsPort(s, ['tls', 'tcp']), JSON.stringify(s));
+        used[/** @type {{relayProtocol: string}} */ (s).relayProtocol] += 1;
+      }
+    }
+    const rose = (/** @type {string} */ kind) => series(m1, SHARED, 'kind', kind) - series(m0, SHARED, 'kind', kind);
+    const drops = net.dropped();
+    t.diagnostic(`HTTPS port connections: turn-tls +${rose('turn-tls')}, turn-tcp +${rose('turn-tcp')}, http +${rose('http')}; ` +
+      `firewall dropped ${JSON.stringify(drops)}`);
+    // Each participant's connections ride its own TURN connections on the HTTPS port:
+    // the selected kinds must have been counted there.
+    for (const proto of ['tls', 'tcp']) {
+      if (used[proto]) assert.ok(rose(`turn-${proto}`) >= 1, `${used[proto]} pairs relayed over ${proto}, but no turn-${proto} connection on the HTTPS port`);
+    }
+    // The browsers tried the other ways in (UDP to 3478 and to the HTTPS port) and the
+    // firewall stopped them.
+    assert.ok(drops.udp > 0, `no UDP dropped: ${JSON.stringify(drops)}`);
+  } finally {
+    await leave(people);
+  }
+});
+
+test('UDP to the HTTPS port gets through too: relayed over UDP on that port', T, async (t) => {
+  net.firewall({ server: HOST_IP, httpsPort: HTTPS_PORT, udp: true });
+  const m0 = await server.metrics();
+  /** @type {Participant[]} */
+  const people = [];
+  try {
+    const pages = await call('https-and-udp', ['chromium', 'chromium', 'chromium'], ['udp'], people);
+    const m1 = await server.metrics();
+    for (const page of pages.slice(0, 3)) {
+      const sel = await selected(page);
+      t.diagnostic(`behind the firewall: ${JSON.stringify(Object.values(sel))}`);
+      for (const s of Object.values(sel)) assert.ok(onHttpsPort(s, ['udp']), JSON.stringify(s));
+    }
+    const udp = series(m1, CREATED, 'transport', 'udp') - series(m0, CREATED, 'transport', 'udp');
+    const drops = net.dropped();
+    t.diagnostic(`UDP allocations +${udp}; firewall dropped ${JSON.stringify(drops)}`);
+    // At least one UDP allocation per connection behind the firewall.
+    assert.ok(udp >= 9, `UDP allocations created: ${udp}`);
+    // UDP to 3478 (the STUN URL and the main TURN URL) stayed blocked.
+    assert.ok(drops.udp > 0, `no UDP dropped: ${JSON.stringify(drops)}`);
+  } finally {
+    await leave(people);
+  }
+});
