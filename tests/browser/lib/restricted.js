@@ -8,10 +8,11 @@
 //   test namespace: mmr0 10.214.0.1/24  <-- veth -->  mmr1 10.214.0.2/24 :restricted
 //                                                       default route via 10.214.0.1
 //
-// so the restricted namespace reaches HOST_IP through the test namespace, and its
-// nftables rules decide what gets there: only TCP to the server's HTTPS port (and,
-// when asked, UDP to that port number), plus loopback. Everything else leaving it is
-// dropped, and counted. Browsers started by {@link RestrictedBrowsers} run inside it
+// so the restricted namespace reaches HOST_IP through the test namespace, and
+// nftables rules on the test namespace's end of the veth decide what gets there: only
+// TCP to the server's HTTPS port (and, when asked, UDP to that port number).
+// Everything else is dropped, silently as on a real network, and counted. Browsers
+// started by {@link RestrictedBrowsers} run inside it
 // (Chromium over its DevTools pipe, which crosses namespaces; Firefox over WebDriver
 // BiDi, whose TCP endpoint is bridged through a Unix socket, which also does).
 
@@ -30,6 +31,8 @@ const PREFIX = 'mmrestr';
 /** The restricted namespace's address, and its gateway (in the test namespace). */
 export const RESTRICTED_IP = '10.214.0.2';
 export const GATEWAY_IP = '10.214.0.1';
+/** The address the restricted namespace's traffic leaves with when it is NATed. */
+export const NAT_IP = '10.214.0.3';
 const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const FIREFOX = process.env.FIREFOX_BIN || '/usr/bin/firefox-esr';
 
@@ -48,26 +51,42 @@ function removeStale() {
     try { process.kill(Number(m[2]), 0); continue; } catch { /* owner is gone */ }
     destroyNetns(m[1]);
   }
+  let tables = '';
+  try { tables = run('nft', 'list', 'tables', 'inet'); } catch { return; }
+  for (const m of tables.matchAll(/^table inet (mmfw_(\d+))$/gm)) {
+    if (Number(m[2]) === process.pid) continue;
+    try { process.kill(Number(m[2]), 0); continue; } catch { /* owner is gone */ }
+    try { run('nft', 'delete', 'table', 'inet', m[1]); } catch { /* raced */ }
+  }
 }
 
 /**
  * What the restricted namespace lets out towards the server (`server`: its address):
- * TCP to `httpsPort`, and UDP to the same port number with `udp`.
- * @typedef {{server: string, httpsPort: number, udp?: boolean}} Allow
+ * TCP to `httpsPort`, and UDP to the same port number with `udp`; or, with `all`,
+ * everything (the namespace is then an ordinary network, NATed if asked).
+ * @typedef {{server: string, httpsPort: number, udp?: boolean, all?: boolean}} Allow
  */
 
 export class RestrictedNet {
   constructor() {
     this.name = `${PREFIX}-${process.pid}`;
     this.destroyed = false;
+    this.nat = false;
     this.onExit = () => this.destroy();
   }
 
-  /** Creates the namespace and the veth pair, with nothing let out yet. */
-  static create() {
+  /**
+   * Creates the namespace and the veth pair, with nothing let out yet. With `nat`,
+   * what leaves the namespace is source-NATed to NAT_IP, as a home router would
+   * (browsers then learn a server-reflexive address that differs from their host
+   * candidate).
+   * @param {{nat?: boolean}} [opts]
+   */
+  static create(opts = {}) {
     requireNetns();
     removeStale();
     const net = new RestrictedNet();
+    net.nat = !!opts.nat;
     const name = net.name;
     run('ip', 'netns', 'add', name);
     process.once('exit', net.onExit);
@@ -82,6 +101,12 @@ export class RestrictedNet {
       ex('ip', 'addr', 'add', `${RESTRICTED_IP}/24`, 'dev', 'mmr1');
       ex('ip', 'link', 'set', 'mmr1', 'up');
       ex('ip', 'route', 'add', 'default', 'via', GATEWAY_IP);
+      if (net.nat) {
+        // Answers to NAT_IP go to the restricted end, where the NAT translates them back.
+        const mac = JSON.parse(ex('ip', '-j', 'link', 'show', 'mmr1'))[0].address;
+        run('ip', 'neigh', 'replace', NAT_IP, 'lladdr', mac, 'dev', 'mmr0', 'nud', 'permanent');
+      }
+      net.localRules();
       net.firewall(null);
     } catch (e) {
       net.destroy();
@@ -91,57 +116,89 @@ export class RestrictedNet {
   }
 
   /**
-   * Replaces the namespace's firewall: with `allow` null, only loopback; otherwise
-   * also what {@link Allow} says. Established traffic of allowed connections comes
-   * back in; nothing else does. Loopback means 127.0.0.0/8 only: browsers in the
-   * namespace cannot reach each other's host candidates (which share one address)
-   * either, so every call leg leaves through the firewall.
+   * The restricted namespace's own rules, set once: new connections from outside are
+   * not let in, and loopback carries only 127.0.0.0/8, so browsers in the namespace
+   * cannot reach each other's host candidates (which share one address) and every
+   * call leg leaves through the veth; with `nat`, what leaves is source-NATed.
+   */
+  localRules() {
+    const rules = `table inet mmlocal {
+  chain out {
+    type filter hook output priority 0;
+    oifname "lo" ip daddr != 127.0.0.0/8 drop
+  }
+  chain in {
+    type filter hook input priority 0; policy drop;
+    iifname "lo" accept
+    ct state established,related accept
+  }
+  ${this.nat ? `chain post {
+    type nat hook postrouting priority srcnat;
+    oifname "mmr1" snat ip to ${NAT_IP}
+  }` : ''}
+}
+`;
+    execFileSync('ip', ['netns', 'exec', this.name, 'nft', '-f', '-'], { input: rules, stdio: ['pipe', 'ignore', 'pipe'] });
+  }
+
+  /** The table in the test namespace that filters what arrives from the veth. */
+  get table() { return `mmfw_${process.pid}`; }
+
+  /**
+   * Replaces the firewall: with `allow` null, nothing from the restricted namespace
+   * gets in; otherwise what {@link Allow} says. It filters on the test namespace's
+   * side of the veth (where the server is), so a refused packet is lost on the way as
+   * on a real network, rather than refused to the sending browser at once (a packet
+   * dropped on its own host's output fails the browser's send call at once, which
+   * would make blocked ways look quick to give up on). Answers to allowed traffic go
+   * back unfiltered.
    * @param {Allow|null} allow
    */
   firewall(allow) {
     const pass = [];
-    if (allow) {
+    if (allow?.all) pass.push('accept');
+    else if (allow) {
       pass.push(`ip daddr ${allow.server} tcp dport ${allow.httpsPort} accept`);
       if (allow.udp) pass.push(`ip daddr ${allow.server} udp dport ${allow.httpsPort} accept`);
     }
-    const rules = `table inet mmfw
-delete table inet mmfw
-table inet mmfw {
-  chain out {
-    type filter hook output priority 0; policy drop;
-    ip daddr 127.0.0.0/8 accept
+    const t = this.table;
+    const rules = `table inet ${t}
+delete table inet ${t}
+table inet ${t} {
+  counter udp_dropped {}
+  counter tcp_dropped {}
+  counter other_dropped {}
+  chain from_restricted {
     ${pass.join('\n    ')}
     meta l4proto udp counter name udp_dropped drop
     meta l4proto tcp counter name tcp_dropped drop
     counter name other_dropped drop
   }
   chain in {
-    type filter hook input priority 0; policy drop;
-    ip saddr 127.0.0.0/8 accept
-    ct state established,related accept
-    counter name in_dropped drop
+    type filter hook input priority 0;
+    iifname "mmr0" jump from_restricted
   }
-  counter udp_dropped {}
-  counter tcp_dropped {}
-  counter other_dropped {}
-  counter in_dropped {}
+  chain forward_from_restricted {
+    type filter hook forward priority 0;
+    iifname "mmr0" drop
+  }
 }
 `;
-    execFileSync('ip', ['netns', 'exec', this.name, 'nft', '-f', '-'], { input: rules, stdio: ['pipe', 'ignore', 'pipe'] });
+    execFileSync('nft', ['-f', '-'], { input: rules, stdio: ['pipe', 'ignore', 'pipe'] });
   }
 
   /**
    * Packets the firewall dropped since it was last set, by kind.
-   * @returns {{udp: number, tcp: number, other: number, in: number}}
+   * @returns {{udp: number, tcp: number, other: number}}
    */
   dropped() {
-    const out = run('ip', 'netns', 'exec', this.name, 'nft', '-j', 'list', 'counters', 'table', 'inet', 'mmfw');
+    const out = run('nft', '-j', 'list', 'counters', 'table', 'inet', this.table);
     /** @type {Record<string, number>} */
     const by = {};
     for (const item of JSON.parse(out).nftables || []) {
       if (item.counter) by[item.counter.name] = item.counter.packets;
     }
-    return { udp: by.udp_dropped ?? 0, tcp: by.tcp_dropped ?? 0, other: by.other_dropped ?? 0, in: by.in_dropped ?? 0 };
+    return { udp: by.udp_dropped ?? 0, tcp: by.tcp_dropped ?? 0, other: by.other_dropped ?? 0 };
   }
 
   /** Ends whatever still runs in the namespace and removes it (and so the veth pair). */
@@ -149,6 +206,7 @@ table inet mmfw {
     if (this.destroyed) return;
     this.destroyed = true;
     process.off('exit', this.onExit);
+    try { run('nft', 'delete', 'table', 'inet', this.table); } catch { /* never made */ }
     destroyNetns(this.name);
   }
 }
