@@ -10,6 +10,8 @@
 // from setLocalDescription: the first server-reflexive candidate, the first relay
 // candidate, and the end of gathering (the null candidate), capped at CAP_S seconds.
 // It also notes whether the browser warned about the number of URLs on its console.
+// The server has a certificate from a test CA that Firefox's profile trusts, for its
+// address and a host name (meshmeet.test, in the namespace's hosts file).
 //
 //   cargo build --bin meshmeet
 //   cd tests/browser && MESHMEET_BIN=$PWD/../../target/debug/meshmeet npm run bench:gather
@@ -19,10 +21,11 @@
 // Prints a Markdown table (medians, with min-max) and writes artifacts/gather.json.
 
 import { createHmac } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Server, newPage, ensureArtifacts, HOST_IP } from '../lib/harness.js';
-import { RestrictedNet, RestrictedBrowsers } from '../lib/restricted.js';
+import { RestrictedNet, RestrictedBrowsers, testCertificates } from '../lib/restricted.js';
 
 /** @typedef {import('../lib/harness.js').Kind} Kind */
 
@@ -33,8 +36,15 @@ const SECRET = 'browser-test-secret-0123456789';
 const REPS = Number(process.env.REPS || 3);
 const CAP_S = Number(process.env.CAP_S || 45);
 
-const H = HOST_IP;
-const U = {
+// As in a real deployment, Firefox is given a host name with a certificate it trusts
+// (it uses no `turns:` URL whose host is an IP address, and refuses a self-signed
+// certificate for TURN over TLS). Chromium is given the address: it ignores
+// certificate errors (a flag), and looks up TURN servers for UDP by DNS alone,
+// which this sandbox has none of.
+const NAME = 'meshmeet.test';
+
+/** The URLs for `host`. @param {string} H */
+const urls = (H) => ({
   stun: `stun:${H}:${MAIN}`,
   udp: `turn:${H}:${MAIN}?transport=udp`,
   udpHttps: `turn:${H}:${HTTPS}?transport=udp`,
@@ -42,10 +52,13 @@ const U = {
   tcpHttps: `turn:${H}:${HTTPS}?transport=tcp`,
   tlsHttps: `turns:${H}:${HTTPS}?transport=tcp`,
   tls5349: `turns:${H}:${TLS}?transport=tcp`,
-};
-
-/** The URL lists measured: name, what it is, STUN URLs, TURN URLs. */
-const LISTS = /** @type {{name: string, about: string, stun: string[], turn: string[]}[]} */ ([
+});
+/**
+ * The URL lists measured: name, what it is, STUN URLs, TURN URLs.
+ * @param {ReturnType<typeof urls>} U
+ * @returns {{name: string, about: string, stun: string[], turn: string[]}[]}
+ */
+const lists = (U) => [
   { name: 'today', about: 'stun, udp 3478, tcp 3478, turns HTTPS', stun: [U.stun], turn: [U.udp, U.tcp, U.tlsHttps] },
   { name: 'today-nostun', about: 'today without stun', stun: [], turn: [U.udp, U.tcp, U.tlsHttps] },
   { name: 'today+udp443', about: 'today + udp HTTPS (installer config)', stun: [U.stun], turn: [U.udp, U.udpHttps, U.tcp, U.tlsHttps] },
@@ -53,7 +66,8 @@ const LISTS = /** @type {{name: string, about: string, stun: string[], turn: str
   { name: 'today+tcp443', about: 'today + tcp HTTPS', stun: [U.stun], turn: [U.udp, U.tcp, U.tcpHttps, U.tlsHttps] },
   { name: 'four', about: 'udp 3478, udp HTTPS, tcp HTTPS, turns HTTPS', stun: [], turn: [U.udp, U.udpHttps, U.tcpHttps, U.tlsHttps] },
   { name: 'all', about: 'every way in (7 URLs)', stun: [U.stun], turn: [U.udp, U.udpHttps, U.tcp, U.tcpHttps, U.tlsHttps, U.tls5349] },
-]);
+];
+const LIST_NAMES = lists(urls('h')).map((l) => l.name);
 
 /** @type {Record<string, import('../lib/restricted.js').Allow>} */
 const NETWORKS = {
@@ -130,10 +144,15 @@ function summary(xs) {
 async function main() {
   const kinds = /** @type {Kind[]} */ (pick(process.env.BROWSERS, ['chromium', 'firefox']));
   const networks = pick(process.env.NETWORKS, Object.keys(NETWORKS));
-  const lists = pick(process.env.LISTS, LISTS.map((l) => l.name)).map((n) => /** @type {typeof LISTS[0]} */ (LISTS.find((l) => l.name === n)));
+  const wanted = pick(process.env.LISTS, LIST_NAMES);
+  const certDir = mkdtempSync(join(tmpdir(), 'meshmeet-gather-ca-'));
+  const certs = testCertificates(certDir, HOST_IP, NAME);
   const net = RestrictedNet.create({ nat: true });
-  const server = await new Server({ turn: [`extra_udp_listen = ["${HOST_IP}:${HTTPS}"]`] }).start();
-  const browsers = new RestrictedBrowsers(net);
+  net.hosts({ [NAME]: HOST_IP });
+  const server = await new Server({
+    turn: [`extra_udp_listen = ["${HOST_IP}:${HTTPS}"]`], tls: { cert: certs.cert, key: certs.key },
+  }).start();
+  const browsers = new RestrictedBrowsers(net, { trustCa: certs.ca });
   /** @type {any[]} */
   const rows = [];
   try {
@@ -141,8 +160,9 @@ async function main() {
       net.firewall(NETWORKS[network]);
       for (const kind of kinds) {
         const { page, context, errors } = await newPage(browsers, kind);
-        await page.goto(`${server.url}/healthz`);
-        for (const list of lists) {
+        const host = kind === 'firefox' ? NAME : HOST_IP;
+        await page.goto(`https://${host}:${HTTPS}/healthz`);
+        for (const list of lists(urls(host)).filter((l) => wanted.includes(l.name))) {
           const cred = credentials();
           /** @type {RTCIceServer[]} */
           const iceServers = [];
@@ -169,6 +189,7 @@ async function main() {
     await browsers.close();
     await server.stop();
     net.destroy();
+    rmSync(certDir, { recursive: true, force: true });
   }
   const out = join(ensureArtifacts(), 'gather.json');
   writeFileSync(out, JSON.stringify({ reps: REPS, capS: CAP_S, rows }, null, 2));

@@ -58,8 +58,9 @@ export function rooms() {
 }
 
 /**
- * @typedef {{capacity?: number, forceRelay?: boolean, password?: string, turn?: string[]}} ServerOpts
- * `turn`: more lines for the config's [turn] section (e.g. `extra_udp_listen = [...]`).
+ * @typedef {{capacity?: number, forceRelay?: boolean, password?: string, turn?: string[], tls?: {cert: string, key: string}}} ServerOpts
+ * `turn`: more lines for the config's [turn] section (e.g. `extra_udp_listen = [...]`);
+ * `tls`: a certificate and key (PEM files) instead of the self-signed pair.
  */
 
 /** The real meshmeet binary with a temporary config. */
@@ -99,7 +100,7 @@ allowed_peer_ranges = ["10.213.0.0/24"]
 ${(o.turn || []).join('\n')}
 [ice]
 force_relay = ${o.forceRelay ? 'true' : 'false'}
-`;
+${o.tls ? `[tls]\ncert = "${o.tls.cert}"\nkey = "${o.tls.key}"\n` : ''}`;
     const cfgPath = join(this.dir, 'meshmeet.toml');
     writeFileSync(cfgPath, cfg);
     const proc = spawn(bin, ['--config', cfgPath], {

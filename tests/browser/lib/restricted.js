@@ -17,7 +17,7 @@
 // BiDi, whose TCP endpoint is bridged through a Unix socket, which also does).
 
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync, chmodSync, rmSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, writeFileSync, chmodSync, rmSync } from 'node:fs';
 import { createServer, connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
@@ -50,6 +50,7 @@ function removeStale() {
     if (!m || Number(m[2]) === process.pid) continue;
     try { process.kill(Number(m[2]), 0); continue; } catch { /* owner is gone */ }
     destroyNetns(m[1]);
+    rmSync(`/etc/netns/${m[1]}`, { recursive: true, force: true });
   }
   let tables = '';
   try { tables = run('nft', 'list', 'tables', 'inet'); } catch { return; }
@@ -201,14 +202,53 @@ table inet ${t} {
     return { udp: by.udp_dropped ?? 0, tcp: by.tcp_dropped ?? 0, other: by.other_dropped ?? 0 };
   }
 
+  /**
+   * Host names for the processes started in the namespace (`ip netns exec` puts
+   * /etc/netns/NAME/hosts in place of /etc/hosts for them), and a DNS server on the
+   * namespace's loopback, where nothing listens: a lookup of any other name fails at
+   * once instead of waiting on a server the firewall cuts off.
+   * @param {Record<string, string>} names name -> address
+   */
+  hosts(names) {
+    const dir = `/etc/netns/${this.name}`;
+    mkdirSync(dir, { recursive: true });
+    const lines = ['127.0.0.1 localhost', ...Object.entries(names).map(([n, a]) => `${a} ${n}`)];
+    writeFileSync(join(dir, 'hosts'), `${lines.join('\n')}\n`);
+    writeFileSync(join(dir, 'resolv.conf'), 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n');
+  }
+
   /** Ends whatever still runs in the namespace and removes it (and so the veth pair). */
   destroy() {
     if (this.destroyed) return;
     this.destroyed = true;
     process.off('exit', this.onExit);
+    rmSync(`/etc/netns/${this.name}`, { recursive: true, force: true });
     try { run('nft', 'delete', 'table', 'inet', this.table); } catch { /* never made */ }
     destroyNetns(this.name);
   }
+}
+
+/**
+ * A certificate authority of its own and a server certificate it issued for `ip`
+ * (PEM files under `dir`), so that browsers can be made to trust the server the way
+ * they trust a real one: Firefox refuses a self-signed certificate for TURN over TLS
+ * even with `acceptInsecureCerts` (which covers pages only), and NSS does not take a
+ * self-signed server certificate as a trust anchor.
+ * @param {string} dir @param {string} ip @param {string} [name] a host name it names too
+ * @returns {{ca: string, cert: string, key: string}}
+ */
+export function testCertificates(dir, ip, name) {
+  const f = (/** @type {string} */ n) => join(dir, n);
+  const ssl = (/** @type {string[]} */ ...a) => execFileSync('openssl', a, { stdio: ['ignore', 'ignore', 'pipe'] });
+  ssl('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '30',
+    '-subj', '/CN=meshmeet test CA', '-keyout', f('ca-key.pem'), '-out', f('ca.pem'),
+    '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign');
+  ssl('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', `/CN=${ip}`,
+    '-keyout', f('key.pem'), '-out', f('req.pem'));
+  writeFileSync(f('ext.cnf'), `subjectAltName=IP:${ip}${name ? `,DNS:${name}` : ''}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n`);
+  ssl('x509', '-req', '-in', f('req.pem'), '-CA', f('ca.pem'), '-CAkey', f('ca-key.pem'), '-CAcreateserial',
+    '-days', '30', '-extfile', f('ext.cnf'), '-out', f('cert.pem'));
+  return { ca: f('ca.pem'), cert: f('cert.pem'), key: f('key.pem') };
 }
 
 /**
@@ -220,10 +260,16 @@ table inet ${t} {
  * that socket, so puppeteer connects to the address Firefox prints.
  */
 export class RestrictedBrowsers extends Browsers {
-  /** @param {RestrictedNet} net @param {{display?: string}} [opts] */
+  /**
+   * @param {RestrictedNet} net
+   * @param {{display?: string, trustCa?: string}} [opts] `trustCa`: a CA (PEM) that
+   *   Firefox's profile trusts (see {@link testCertificates}; Chromium ignores
+   *   certificate errors anyway)
+   */
   constructor(net, opts = {}) {
     super(opts);
     this.net = net;
+    this.trustCa = opts.trustCa || '';
     this.dir = mkdtempSync(join(tmpdir(), 'meshmeet-restricted-'));
     /** @type {(() => void)[]} */
     this.cleanups = [];
@@ -255,9 +301,17 @@ export class RestrictedBrowsers extends Browsers {
     const env = { ...process.env, MOZ_CRASHREPORTER_DISABLE: '1' };
     if (this.display) env.DISPLAY = this.display;
     else delete env.DISPLAY;
+    /** @type {string|undefined} */
+    let userDataDir;
+    if (this.trustCa) {
+      userDataDir = mkdtempSync(join(this.dir, 'firefox-profile-'));
+      run('certutil', '-N', '--empty-password', '-d', `sql:${userDataDir}`);
+      run('certutil', '-A', '-n', 'meshmeet test CA', '-t', 'C,,', '-i', this.trustCa, '-d', `sql:${userDataDir}`);
+    }
     return puppeteer.launch({
       browser: 'firefox',
       executablePath: this.wrapper(FIREFOX),
+      userDataDir,
       headless: !this.display,
       acceptInsecureCerts: true,
       extraPrefsFirefox: FIREFOX_PREFS,

@@ -5,11 +5,14 @@
 // server over TLS or TCP on the HTTPS port, which the server's per-connection counts
 // confirm. Then the same with UDP to the HTTPS port number let through as well (the
 // server listens for TURN over UDP there, `turn.extra_udp_listen`): relayed over UDP
-// on that port. See lib/restricted.js for the namespace.
+// on that port. The /check page, run behind the same firewall, says so line by line.
+// See lib/restricted.js for the namespace.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { Server, Browsers, participant, waitForMedia, waitFor, HOST_IP } from '../lib/harness.js';
+import {
+  Server, Browsers, participant, newPage, waitForMedia, waitFor, describeCall, text, HOST_IP,
+} from '../lib/harness.js';
 import { RestrictedNet, RestrictedBrowsers } from '../lib/restricted.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
@@ -92,7 +95,13 @@ async function call(room, kinds, protocols, people) {
   for (const [i, kind] of kinds.entries()) people.push(await participant(inside, kind, url, `Behind ${i + 1}`));
   people.push(await participant(outside, 'chromium', url, 'Outside'));
   const pages = people.map((p) => p.page);
-  await waitForMedia(pages, 4, 180_000);
+  try {
+    await waitForMedia(pages, 4, 180_000);
+  } catch (e) {
+    const all = [];
+    for (const p of people) all.push(`${p.name}:\n${await describeCall(p.page)}\nselected: ${JSON.stringify(await selected(p.page).catch(() => null))}`);
+    throw new Error(`${/** @type {Error} */ (e).message}\n--- every page:\n${all.join('\n')}`);
+  }
   for (const [i, p] of people.slice(0, 3).entries()) {
     try {
       await waitFor(p.page, async ([protos, host, port]) => {
@@ -129,6 +138,32 @@ async function leave(people) {
   }
 }
 
+/**
+ * Runs /check behind the firewall; returns each line's status, and the summary.
+ * @returns {Promise<{status: Record<string, string>, summary: string}>}
+ */
+async function checkPage() {
+  const { page, context } = await newPage(inside, 'chromium', { viewport: { width: 900, height: 1100 } });
+  try {
+    await page.goto(`${server.url}/check`);
+    await waitFor(page, () => document.body.dataset.done === 'true', null, { timeout: 60_000, what: 'every check to finish' });
+    const status = await page.$$eval('[data-check]', (els) => Object.fromEntries(els.map((e) => [e.getAttribute('data-check'), e.getAttribute('data-status')])));
+    return { status: /** @type {Record<string, string>} */ (status), summary: (await text(page, '#summary')) || '' };
+  } finally {
+    await context.close();
+  }
+}
+
+test('check page where only HTTPS gets through: the HTTPS-port lines work, the others are blocked, and the summary says so', T, async () => {
+  net.firewall({ server: HOST_IP, httpsPort: HTTPS_PORT });
+  const { status, summary } = await checkPage();
+  assert.deepEqual(status, {
+    media: 'ok', signaling: 'ok', stun: 'bad', turnUdp: 'bad', turnUdpHttps: 'bad', turnTcp: 'bad', turnTcpHttps: 'ok', turnTlsHttps: 'ok',
+  });
+  assert.match(summary, /Only the HTTPS port gets through your network/);
+  assert.match(summary, /over TCP \/ TLS on the HTTPS port/);
+});
+
 test('only HTTPS gets through: three behind the firewall and one outside decode each other, relayed over TLS or TCP on the HTTPS port', T, async (t) => {
   net.firewall({ server: HOST_IP, httpsPort: HTTPS_PORT });
   const m0 = await server.metrics();
@@ -162,6 +197,15 @@ test('only HTTPS gets through: three behind the firewall and one outside decode 
   } finally {
     await leave(people);
   }
+});
+
+test('check page where UDP to the HTTPS port gets through too: that line works as well', T, async () => {
+  net.firewall({ server: HOST_IP, httpsPort: HTTPS_PORT, udp: true });
+  const { status, summary } = await checkPage();
+  assert.deepEqual(status, {
+    media: 'ok', signaling: 'ok', stun: 'bad', turnUdp: 'bad', turnUdpHttps: 'ok', turnTcp: 'bad', turnTcpHttps: 'ok', turnTlsHttps: 'ok',
+  });
+  assert.match(summary, /UDP gets through your network only to the HTTPS port number/);
 });
 
 test('UDP to the HTTPS port gets through too: relayed over UDP on that port', T, async (t) => {
