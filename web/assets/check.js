@@ -34,6 +34,7 @@ const TEXT = {
     udpOnlyHttps: 'UDP gets through your network only to the HTTPS port number; calls will use the relay over UDP there.',
     tlsBroken: 'TURN over TLS does not work here although plain TCP to the same port does. TURN over TLS needs a certificate the browser trusts, for a host name: browsers refuse a self-signed certificate, and Firefox does not use TURN over TLS with a server named by its IP address. Calls can still use the other ways in.',
     noRelay: 'Your network blocks this server\'s relay on every transport. Calls only work where a direct connection is possible.',
+    noTurn: 'This server offers no relay (TURN is turned off). Calls only work where a direct connection is possible.',
     noSignaling: 'The server cannot be reached over WebSocket, so calls cannot start. Check the address, your network, or a proxy that blocks WebSockets.',
     noMedia: 'Without a camera or microphone you can still join a call and watch and listen.',
     noCandidates: 'Your browser found no network address of its own to use (not even a local one), so no check could start. Browsers gather nothing when the computer has no default route (no gateway), even if this server is reachable: check the network settings (on Linux, `ip route` should show a `default` line). Firefox then reports "ICE failed" and may name the TURN server; the server is not the cause.',
@@ -57,6 +58,7 @@ const TEXT = {
     udpOnlyHttps: '네트워크에서 UDP는 HTTPS 포트 번호로만 통과합니다. 통화는 그 포트의 UDP 릴레이를 사용합니다.',
     tlsBroken: '같은 포트의 일반 TCP는 되지만 TLS TURN은 동작하지 않습니다. TLS TURN에는 브라우저가 신뢰하는, 호스트 이름에 대한 인증서가 필요합니다. 브라우저는 자체 서명 인증서를 거부하고, Firefox는 IP 주소로 지정된 서버에는 TLS TURN을 쓰지 않습니다. 다른 방식으로는 통화할 수 있습니다.',
     noRelay: '네트워크가 모든 방식의 릴레이를 차단합니다. 직접 연결이 가능한 경우에만 통화할 수 있습니다.',
+    noTurn: '이 서버는 릴레이를 제공하지 않습니다(TURN이 꺼져 있음). 직접 연결이 가능한 경우에만 통화할 수 있습니다.',
     noSignaling: 'WebSocket으로 서버에 연결할 수 없어 통화를 시작할 수 없습니다. 주소, 네트워크, WebSocket을 막는 프록시를 확인하세요.',
     noMedia: '카메라나 마이크가 없어도 통화에 참가해 보고 들을 수 있습니다.',
     noCandidates: '브라우저가 사용할 자기 네트워크 주소를 하나도 찾지 못해(로컬 주소조차) 어떤 확인도 시작할 수 없었습니다. 컴퓨터에 기본 경로(게이트웨이)가 없으면 이 서버에 접속할 수 있더라도 브라우저는 아무것도 수집하지 않습니다. 네트워크 설정을 확인하세요(Linux에서는 `ip route`에 `default` 줄이 있어야 합니다). 이때 Firefox는 "ICE failed"를 보고하며 TURN 서버를 지목할 수 있지만 서버가 원인이 아닙니다.',
@@ -308,7 +310,8 @@ function summarize(media, signaling) {
     const udpHttps = ok('turnUdpHttps');
     const streams = ['turnTcp', 'turnTls', 'turnTcpHttps', 'turnTlsHttps'].filter(ok);
     const via = Array.from(new Set(streams.map((k) => (k.startsWith('turnTls') ? 'TLS' : 'TCP')))).join(' / ');
-    if (tried.length && tried.every(ok) && ok('stun')) lines.push(tx('allGood'));
+    if (!tried.length) lines.push(tx('noTurn'));
+    else if (tried.every(ok) && ok('stun')) lines.push(tx('allGood'));
     else if (udp) lines.push(tx('udpWorks'));
     else if (udpHttps) lines.push(tx('udpOnlyHttps'));
     else if (streams.length && !ok('turnTcp') && !ok('turnTls')) lines.push(tx('onlyHttps', { via }));

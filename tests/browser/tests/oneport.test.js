@@ -7,11 +7,17 @@
 // server listens for TURN over UDP there, `turn.extra_udp_listen`): relayed over UDP
 // on that port. The /check page, run behind the same firewall, says so line by line.
 // See lib/restricted.js for the namespace.
+//
+// The calls run in the rooms of the call tests (MESHMEET_ROOMS; the CI run takes the
+// Chromium one): the room's first three browsers behind the firewall, the fourth
+// outside. The server is named by its IP address here, and Firefox uses no `turns:`
+// URL with an address for a host: behind the firewall it gets through on TURN over
+// plain TCP on the HTTPS port.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  Server, Browsers, participant, newPage, waitForMedia, waitFor, describeCall, text, HOST_IP,
+  Server, Browsers, rooms, participant, newPage, waitForMedia, waitFor, describeCall, text, HOST_IP,
 } from '../lib/harness.js';
 import { RestrictedNet, RestrictedBrowsers } from '../lib/restricted.js';
 
@@ -84,16 +90,16 @@ function onHttpsPort(s, protocols) {
 }
 
 /**
- * Three participants of `kinds` behind the firewall and one Chromium outside join
- * `room`; returns them once everyone decodes everyone and the three behind the
- * firewall are relayed by one of `protocols` on the HTTPS port.
+ * The first three of `kinds` join `room` from behind the firewall, the fourth from
+ * outside; returns their pages once everyone decodes everyone and the three behind
+ * the firewall are relayed by one of `protocols` on the HTTPS port.
  * @param {string} room @param {Kind[]} kinds @param {string[]} protocols
  * @param {Participant[]} people filled as they join (closed by the caller)
  */
 async function call(room, kinds, protocols, people) {
   const url = `${server.url}/${room}`;
-  for (const [i, kind] of kinds.entries()) people.push(await participant(inside, kind, url, `Behind ${i + 1}`));
-  people.push(await participant(outside, 'chromium', url, 'Outside'));
+  for (const [i, kind] of kinds.slice(0, 3).entries()) people.push(await participant(inside, kind, url, `Behind ${i + 1}`));
+  people.push(await participant(outside, kinds[3], url, 'Outside'));
   const pages = people.map((p) => p.page);
   try {
     await waitForMedia(pages, 4, 180_000);
@@ -164,40 +170,42 @@ test('check page where only HTTPS gets through: the HTTPS-port lines work, the o
   assert.match(summary, /over TCP \/ TLS on the HTTPS port/);
 });
 
-test('only HTTPS gets through: three behind the firewall and one outside decode each other, relayed over TLS or TCP on the HTTPS port', T, async (t) => {
-  net.firewall({ server: HOST_IP, httpsPort: HTTPS_PORT });
-  const m0 = await server.metrics();
-  /** @type {Participant[]} */
-  const people = [];
-  try {
-    const pages = await call('only-https', ['chromium', 'chromium', 'chromium'], ['tls', 'tcp'], people);
-    const m1 = await server.metrics();
-    /** @type {Record<string, number>} */
-    const used = { tls: 0, tcp: 0 };
-    for (const page of pages.slice(0, 3)) {
-      const sel = await selected(page);
-      t.diagnostic(`behind the firewall: ${JSON.stringify(Object.values(sel))}`);
-      for (const s of Object.values(sel)) {
-        assert.ok(onHttpsPort(s, ['tls', 'tcp']), JSON.stringify(s));
-        used[/** @type {{relayProtocol: string}} */ (s).relayProtocol] += 1;
+for (const room of rooms()) {
+  test(`only HTTPS gets through, ${room.label} room (${room.kinds.join(', ')}): three behind the firewall and one outside decode each other, relayed over TLS or TCP on the HTTPS port`, T, async (t) => {
+    net.firewall({ server: HOST_IP, httpsPort: HTTPS_PORT });
+    const m0 = await server.metrics();
+    /** @type {Participant[]} */
+    const people = [];
+    try {
+      const pages = await call(`only-https-${room.label}`, room.kinds, ['tls', 'tcp'], people);
+      const m1 = await server.metrics();
+      /** @type {Record<string, number>} */
+      const used = { tls: 0, tcp: 0 };
+      for (const page of pages.slice(0, 3)) {
+        const sel = await selected(page);
+        t.diagnostic(`behind the firewall: ${JSON.stringify(Object.values(sel))}`);
+        for (const s of Object.values(sel)) {
+          assert.ok(onHttpsPort(s, ['tls', 'tcp']), JSON.stringify(s));
+          used[/** @type {{relayProtocol: string}} */ (s).relayProtocol] += 1;
+        }
       }
+      const rose = (/** @type {string} */ kind) => series(m1, SHARED, 'kind', kind) - series(m0, SHARED, 'kind', kind);
+      const drops = net.dropped();
+      t.diagnostic(`HTTPS port connections: turn-tls +${rose('turn-tls')}, turn-tcp +${rose('turn-tcp')}, http +${rose('http')}; ` +
+        `firewall dropped ${JSON.stringify(drops)}`);
+      // Each participant's connections ride its own TURN connections on the HTTPS port:
+      // the selected kinds must have been counted there.
+      for (const proto of ['tls', 'tcp']) {
+        if (used[proto]) assert.ok(rose(`turn-${proto}`) >= 1, `${used[proto]} pairs relayed over ${proto}, but no turn-${proto} connection on the HTTPS port`);
+      }
+      // The browsers tried the other ways in (UDP to 3478 and to the HTTPS port) and the
+      // firewall stopped them.
+      assert.ok(drops.udp > 0, `no UDP dropped: ${JSON.stringify(drops)}`);
+    } finally {
+      await leave(people);
     }
-    const rose = (/** @type {string} */ kind) => series(m1, SHARED, 'kind', kind) - series(m0, SHARED, 'kind', kind);
-    const drops = net.dropped();
-    t.diagnostic(`HTTPS port connections: turn-tls +${rose('turn-tls')}, turn-tcp +${rose('turn-tcp')}, http +${rose('http')}; ` +
-      `firewall dropped ${JSON.stringify(drops)}`);
-    // Each participant's connections ride its own TURN connections on the HTTPS port:
-    // the selected kinds must have been counted there.
-    for (const proto of ['tls', 'tcp']) {
-      if (used[proto]) assert.ok(rose(`turn-${proto}`) >= 1, `${used[proto]} pairs relayed over ${proto}, but no turn-${proto} connection on the HTTPS port`);
-    }
-    // The browsers tried the other ways in (UDP to 3478 and to the HTTPS port) and the
-    // firewall stopped them.
-    assert.ok(drops.udp > 0, `no UDP dropped: ${JSON.stringify(drops)}`);
-  } finally {
-    await leave(people);
-  }
-});
+  });
+}
 
 test('check page where UDP to the HTTPS port gets through too: that line works as well', T, async () => {
   net.firewall({ server: HOST_IP, httpsPort: HTTPS_PORT, udp: true });
@@ -208,27 +216,29 @@ test('check page where UDP to the HTTPS port gets through too: that line works a
   assert.match(summary, /UDP gets through your network only to the HTTPS port number/);
 });
 
-test('UDP to the HTTPS port gets through too: relayed over UDP on that port', T, async (t) => {
-  net.firewall({ server: HOST_IP, httpsPort: HTTPS_PORT, udp: true });
-  const m0 = await server.metrics();
-  /** @type {Participant[]} */
-  const people = [];
-  try {
-    const pages = await call('https-and-udp', ['chromium', 'chromium', 'chromium'], ['udp'], people);
-    const m1 = await server.metrics();
-    for (const page of pages.slice(0, 3)) {
-      const sel = await selected(page);
-      t.diagnostic(`behind the firewall: ${JSON.stringify(Object.values(sel))}`);
-      for (const s of Object.values(sel)) assert.ok(onHttpsPort(s, ['udp']), JSON.stringify(s));
+for (const room of rooms()) {
+  test(`UDP to the HTTPS port gets through too, ${room.label} room (${room.kinds.join(', ')}): relayed over UDP on that port`, T, async (t) => {
+    net.firewall({ server: HOST_IP, httpsPort: HTTPS_PORT, udp: true });
+    const m0 = await server.metrics();
+    /** @type {Participant[]} */
+    const people = [];
+    try {
+      const pages = await call(`https-and-udp-${room.label}`, room.kinds, ['udp'], people);
+      const m1 = await server.metrics();
+      for (const page of pages.slice(0, 3)) {
+        const sel = await selected(page);
+        t.diagnostic(`behind the firewall: ${JSON.stringify(Object.values(sel))}`);
+        for (const s of Object.values(sel)) assert.ok(onHttpsPort(s, ['udp']), JSON.stringify(s));
+      }
+      const udp = series(m1, CREATED, 'transport', 'udp') - series(m0, CREATED, 'transport', 'udp');
+      const drops = net.dropped();
+      t.diagnostic(`UDP allocations +${udp}; firewall dropped ${JSON.stringify(drops)}`);
+      // At least one UDP allocation per connection behind the firewall.
+      assert.ok(udp >= 9, `UDP allocations created: ${udp}`);
+      // UDP to 3478 (the main TURN URL) stayed blocked.
+      assert.ok(drops.udp > 0, `no UDP dropped: ${JSON.stringify(drops)}`);
+    } finally {
+      await leave(people);
     }
-    const udp = series(m1, CREATED, 'transport', 'udp') - series(m0, CREATED, 'transport', 'udp');
-    const drops = net.dropped();
-    t.diagnostic(`UDP allocations +${udp}; firewall dropped ${JSON.stringify(drops)}`);
-    // At least one UDP allocation per connection behind the firewall.
-    assert.ok(udp >= 9, `UDP allocations created: ${udp}`);
-    // UDP to 3478 (the STUN URL and the main TURN URL) stayed blocked.
-    assert.ok(drops.udp > 0, `no UDP dropped: ${JSON.stringify(drops)}`);
-  } finally {
-    await leave(people);
-  }
-});
+  });
+}
