@@ -287,16 +287,19 @@ meshmeet is installed.
   Logs:   journalctl -u meshmeet -f
 
 Open these ports in the firewall (and in the cloud provider's security group):
-  TCP $HTTPS_PORT (HTTPS$HTTPS_CHECKS, and TURN over TLS/TCP on the same port)$( [ "$HTTP_PORT" != 0 ] && echo ", TCP $HTTP_PORT (redirect$HTTP_CHECKS)")
-  UDP $HTTPS_PORT and UDP 3478 (STUN/TURN over UDP)
-  UDP $RELAY_PORTS (TURN relays)
-  optional: TCP 3478 (TURN over TCP), TCP 5349 (TURN over TLS for clients set up by hand)
+  needed:      TCP $HTTPS_PORT (HTTPS$HTTPS_CHECKS, and TURN over TCP and TLS on the same port)
+               UDP $RELAY_PORTS (TURN relays)$( [ -n "$HTTP_CHECKS" ] && printf '\n               TCP %s (redirect to HTTPS%s)' "$HTTP_PORT" "$HTTP_CHECKS")
+  recommended: UDP $HTTPS_PORT (TURN over UDP on the HTTPS port number)
+  optional:    UDP 3478 (STUN/TURN over UDP on the standard port)$( [ "$HTTP_PORT" != 0 ] && [ -z "$HTTP_CHECKS" ] && printf '\n               TCP %s (redirect to HTTPS)' "$HTTP_PORT")
+               TCP 3478 (TURN over TCP, only for TURN clients set up by hand)
+  Calls connect with TCP $HTTPS_PORT alone (TURN over TLS or TCP on it); UDP is faster.
 DONE
 if command -v ufw >/dev/null 2>&1; then
   cat <<UFW
 ufw is installed; run:
-  ufw allow $HTTPS_PORT$( [ "$HTTP_PORT" != 0 ] && printf '\n  ufw allow %s/tcp' "$HTTP_PORT")
-  ufw allow 3478
+  ufw allow $HTTPS_PORT/tcp
   ufw allow $RELAY_UFW/udp
+  ufw allow $HTTPS_PORT/udp
+  ufw allow 3478/udp$( [ "$HTTP_PORT" != 0 ] && printf '\n  ufw allow %s/tcp' "$HTTP_PORT")
 UFW
 fi

@@ -104,11 +104,8 @@ impl Server {
             Some(a) => TurnPorts {
                 main: a.udp.port(),
                 extra_udp: a.extra_udp.iter().map(|u| u.port()).collect(),
-                tls: if config.turn.share_https_port {
-                    Some(addrs.https.port())
-                } else {
-                    a.tls.map(|t| t.port())
-                },
+                https: config.turn.share_https_port.then_some(addrs.https.port()),
+                tls: a.tls.map(|t| t.port()),
             },
             None => TurnPorts::default(),
         };

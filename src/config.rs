@@ -177,7 +177,9 @@ pub struct TurnConfig {
     pub enabled: bool,
     #[serde(with = "addr")]
     pub listen: SocketAddr,
-    /// TURN over TLS; `None` (empty in TOML) = off.
+    /// A separate TURN-over-TLS listener; `None` (empty in TOML, the default) = off.
+    /// Clients are handed TLS on the shared HTTPS port instead; this one serves
+    /// clients configured by hand, and TLS when `share_https_port` is off.
     #[serde(with = "opt_addr")]
     pub tls_listen: Option<SocketAddr>,
     /// Serve TURN over TCP and over TLS on the HTTPS listener too (`http.listen`),
@@ -282,7 +284,7 @@ impl Default for TurnConfig {
         TurnConfig {
             enabled: true,
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 3478)),
-            tls_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 5349))),
+            tls_listen: None,
             share_https_port: true,
             extra_udp_listen: Vec::new(),
             relay_ips: Vec::new(),

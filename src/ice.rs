@@ -57,9 +57,64 @@ pub struct TurnPorts {
     pub main: u16,
     /// `turn.extra_udp_listen`: more TURN over UDP.
     pub extra_udp: Vec<u16>,
-    /// TURN over TLS: the HTTPS port when `turn.share_https_port` is on, else
-    /// `turn.tls_listen` (if set).
+    /// The HTTPS port, when `turn.share_https_port` serves TURN over TCP and TLS there.
+    pub https: Option<u16>,
+    /// `turn.tls_listen`, if set.
     pub tls: Option<u16>,
+}
+
+impl TurnPorts {
+    /// The ports a config asks for, before binding (a port 0 stays 0).
+    pub fn configured(cfg: &Config) -> TurnPorts {
+        TurnPorts {
+            main: cfg.turn.listen.port(),
+            extra_udp: cfg.turn.extra_udp_listen.iter().map(|a| a.port()).collect(),
+            https: cfg.turn.share_https_port.then(|| cfg.http.listen.port()),
+            tls: cfg.turn.tls_listen.map(|a| a.port()),
+        }
+    }
+
+    /// The TURN URLs handed to clients for `host`, one per way in and no more (every
+    /// URL costs each connection an allocation, and every blocked one keeps the
+    /// browser gathering until it times out):
+    ///
+    /// - `turn:HOST:MAIN?transport=udp`, and the same on each extra UDP port;
+    /// - with the HTTPS port shared, `turn:HOST:HTTPS?transport=tcp` and
+    ///   `turns:HOST:HTTPS?transport=tcp`: the two ways through networks that let
+    ///   out only HTTPS (plain TCP where the certificate is not trusted, TLS where a
+    ///   firewall lets only TLS through). TCP on the main port and `turns:` on
+    ///   `turn.tls_listen` reach no network these do not, so they are left out;
+    /// - without it, `turn:HOST:MAIN?transport=tcp` and, if set,
+    ///   `turns:HOST:TLS?transport=tcp`.
+    ///
+    /// No `stun:` URL: browsers learn their server-reflexive address from the TURN
+    /// allocations over UDP.
+    pub fn turn_urls(&self, host: &str) -> Vec<String> {
+        let mut udp = vec![self.main];
+        for &p in &self.extra_udp {
+            // Port 0 (not bound yet) cannot be told apart: count each.
+            if p == 0 || !udp.contains(&p) {
+                udp.push(p);
+            }
+        }
+        let mut urls: Vec<String> = udp
+            .iter()
+            .map(|p| format!("turn:{host}:{p}?transport=udp"))
+            .collect();
+        match self.https {
+            Some(p) => {
+                urls.push(format!("turn:{host}:{p}?transport=tcp"));
+                urls.push(format!("turns:{host}:{p}?transport=tcp"));
+            }
+            None => {
+                urls.push(format!("turn:{host}:{}?transport=tcp", self.main));
+                if let Some(p) = self.tls {
+                    urls.push(format!("turns:{host}:{p}?transport=tcp"));
+                }
+            }
+        }
+        urls
+    }
 }
 
 impl IceProvider {
@@ -104,44 +159,25 @@ impl IceProvider {
         let host = client_host(&self.public_host, host_header);
         let username = format!("{expires_at}:{peer_id}");
         let credential = rest_password(self.secret.expose(), &username);
-        // One URL per way in, no more: every URL costs each connection an
-        // allocation and a little gathering time.
-        let main = self.ports.main;
-        let mut turn_urls = vec![format!("turn:{host}:{main}?transport=udp")];
-        for p in self.ports.extra_udp.iter().filter(|p| **p != main) {
-            turn_urls.push(format!("turn:{host}:{p}?transport=udp"));
-        }
-        turn_urls.push(format!("turn:{host}:{main}?transport=tcp"));
-        if let Some(p) = self.ports.tls {
-            turn_urls.push(format!("turns:{host}:{p}?transport=tcp"));
-        }
         RtcConfiguration {
-            ice_servers: vec![
-                IceServer {
-                    urls: vec![format!("stun:{host}:{main}")],
-                    username: None,
-                    credential: None,
-                },
-                IceServer {
-                    urls: turn_urls,
-                    username: Some(username),
-                    credential: Some(credential),
-                },
-            ],
+            ice_servers: vec![IceServer {
+                urls: self.ports.turn_urls(&host),
+                username: Some(username),
+                credential: Some(credential),
+            }],
             ice_transport_policy: policy,
             expires_at,
         }
     }
 }
 
-/// How many TURN URLs a client is handed ([`IceProvider::build`]): UDP and TCP, plus
-/// TLS when `turn.tls_listen` is set; none with TURN off.
+/// How many TURN URLs a client is handed ([`TurnPorts::turn_urls`]); none with TURN
+/// off.
 pub fn turn_url_count(cfg: &Config) -> usize {
-    match (cfg.turn.enabled, cfg.turn.tls_listen.is_some()) {
-        (false, _) => 0,
-        (true, false) => 2,
-        (true, true) => 3,
+    if !cfg.turn.enabled {
+        return 0;
     }
+    TurnPorts::configured(cfg).turn_urls("h").len()
 }
 
 /// The TURN REST API password for `username` under `secret`:
@@ -264,20 +300,23 @@ mod tests {
         let ports = TurnPorts {
             main: 3478,
             extra_udp: vec![443],
-            tls: Some(443),
+            https: Some(443),
+            tls: Some(5349),
         };
         let p = IceProvider::new(&cfg, "0123456789abcdef".into(), ports);
         let ice = p.for_peer("p1", Some("meet.example.org:8443"), 1000);
         assert_eq!(ice.expires_at, 1000 + 3600);
         assert_eq!(ice.ice_transport_policy, "relay");
-        assert_eq!(ice.ice_servers[0].urls, vec!["stun:meet.example.org:3478"]);
-        let turn = &ice.ice_servers[1];
+        // One entry, TURN only: no stun: URL (TURN over UDP gives the reflexive
+        // address too), four URLs (Firefox warns at five).
+        assert_eq!(ice.ice_servers.len(), 1);
+        let turn = &ice.ice_servers[0];
         assert_eq!(
             turn.urls,
             vec![
                 "turn:meet.example.org:3478?transport=udp",
                 "turn:meet.example.org:443?transport=udp",
-                "turn:meet.example.org:3478?transport=tcp",
+                "turn:meet.example.org:443?transport=tcp",
                 "turns:meet.example.org:443?transport=tcp",
             ]
         );
@@ -292,6 +331,95 @@ mod tests {
         cfg.turn.enabled = false;
         let p = IceProvider::new(&cfg, Secret::default(), TurnPorts::default());
         assert!(p.for_peer("p1", None, 0).ice_servers.is_empty());
+    }
+
+    #[test]
+    fn turn_urls_without_the_shared_port() {
+        // TURN over TCP on the main port, and TLS on turn.tls_listen if set.
+        let mut ports = TurnPorts {
+            main: 3478,
+            extra_udp: Vec::new(),
+            https: None,
+            tls: Some(5349),
+        };
+        assert_eq!(
+            ports.turn_urls("h"),
+            vec![
+                "turn:h:3478?transport=udp",
+                "turn:h:3478?transport=tcp",
+                "turns:h:5349?transport=tcp",
+            ]
+        );
+        ports.tls = None;
+        assert_eq!(
+            ports.turn_urls("h"),
+            vec!["turn:h:3478?transport=udp", "turn:h:3478?transport=tcp"]
+        );
+        // The shared port replaces both; tls_listen stays for clients set up by hand.
+        ports.https = Some(443);
+        ports.tls = Some(5349);
+        assert_eq!(
+            ports.turn_urls("h"),
+            vec![
+                "turn:h:3478?transport=udp",
+                "turn:h:443?transport=tcp",
+                "turns:h:443?transport=tcp",
+            ]
+        );
+    }
+
+    #[test]
+    fn extra_udp_ports_are_named_once() {
+        // The main port again, and one port on two addresses (IPv4 and IPv6), give
+        // no second URL.
+        let ports = TurnPorts {
+            main: 3478,
+            extra_udp: vec![3478, 443, 443, 444],
+            https: Some(443),
+            tls: None,
+        };
+        let urls = ports.turn_urls("h");
+        assert_eq!(
+            urls[..3],
+            [
+                "turn:h:3478?transport=udp",
+                "turn:h:443?transport=udp",
+                "turn:h:444?transport=udp",
+            ]
+        );
+        assert_eq!(urls.len(), 5);
+    }
+
+    #[test]
+    fn url_count_follows_the_config() {
+        // Defaults: UDP, and TCP and TLS on the shared HTTPS port.
+        let mut cfg = Config::default();
+        assert_eq!(turn_url_count(&cfg), 3);
+        // The installer's: UDP on the HTTPS port number too.
+        cfg.turn.extra_udp_listen = vec!["0.0.0.0:443".parse().unwrap()];
+        assert_eq!(turn_url_count(&cfg), 4);
+        // Not bound yet: port 0 listeners count each.
+        cfg.turn.extra_udp_listen = vec![
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.2:0".parse().unwrap(),
+        ];
+        assert_eq!(turn_url_count(&cfg), 5);
+        // The shared port off: TCP on the main port, TLS on tls_listen if set.
+        cfg.turn.extra_udp_listen.clear();
+        cfg.turn.share_https_port = false;
+        cfg.turn.tls_listen = None;
+        assert_eq!(turn_url_count(&cfg), 2);
+        cfg.turn.tls_listen = Some("0.0.0.0:5349".parse().unwrap());
+        assert_eq!(turn_url_count(&cfg), 3);
+        cfg.turn.enabled = false;
+        assert_eq!(turn_url_count(&cfg), 0);
+        // The count is what a client is handed.
+        let cfg = Config::default();
+        let p = IceProvider::new(&cfg, "0123456789abcdef".into(), TurnPorts::configured(&cfg));
+        assert_eq!(
+            p.for_peer("p", None, 0).ice_servers[0].urls.len(),
+            turn_url_count(&cfg)
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v pebble >/dev/null || need_apt+=(pebble)
 # The browser tests run the server and the browsers in a network namespace (ip netns).
 command -v ip >/dev/null || need_apt+=(iproute2)
+command -v nft >/dev/null || need_apt+=(nftables)
 # The browser test of a call under CPU load runs a CPU hog beside it.
 command -v stress-ng >/dev/null || need_apt+=(stress-ng)
 if [ ${#need_apt[@]} -gt 0 ]; then

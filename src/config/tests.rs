@@ -34,7 +34,8 @@ fn defaults_are_valid() {
     assert_eq!(c, Config::default());
     assert_eq!(c.http.listen.port(), 8443);
     assert_eq!(c.turn.relay_ports.range(), 49152..=65535);
-    assert_eq!(c.turn.tls_listen, Some(addr("0.0.0.0:5349")));
+    assert_eq!(c.turn.tls_listen, None);
+    assert!(c.turn.share_https_port);
     assert_eq!(c.http.redirect_listen, None);
     assert_eq!(
         c.http.metrics_allow,
@@ -347,12 +348,16 @@ fn relay_ports_must_not_include_the_udp_listener() {
 
 #[test]
 fn user_allocation_quota_is_derived_unless_set() {
-    // Default: six per room, three TURN URLs (UDP, TCP, TLS): 5 x 3 x 3.
+    // Default: six per room, three TURN URLs (UDP, and TCP and TLS on the HTTPS
+    // port): 5 x 3 x 3.
     let c = Config::default();
     assert_eq!(c.turn.user_allocation_quota, 0);
     assert_eq!(c.user_allocation_quota(), 45);
-    // Without TLS two URLs are handed out.
-    let c = load_text("[rooms]\ncapacity = 4\n[turn]\ntls_listen = \"\"\n").unwrap();
+    // UDP on the HTTPS port number too (the installer's config): four URLs.
+    let c = load_text("[turn]\nextra_udp_listen = [\"0.0.0.0:8443\"]\n").unwrap();
+    assert_eq!(c.user_allocation_quota(), 60);
+    // Without the shared port or a TLS listener two URLs are handed out (UDP, TCP).
+    let c = load_text("[rooms]\ncapacity = 4\n[turn]\nshare_https_port = false\n").unwrap();
     assert_eq!(c.user_allocation_quota(), 18);
     let c = load_text("[rooms]\ncapacity = 50\n").unwrap();
     assert_eq!(c.user_allocation_quota(), 441);

@@ -24,7 +24,8 @@ fn state(cert_kind: CertKind) -> HttpState {
         crate::ice::TurnPorts {
             main: 3478,
             extra_udp: Vec::new(),
-            tls: Some(8443),
+            https: Some(8443),
+            tls: None,
         },
     ));
     let signaling = Arc::new(Signaling::new(

@@ -94,7 +94,10 @@ fn install_into_root_then_upgrade_then_uninstall() {
     ]);
     assert!(out.contains("UDP 49152-65535"), "{out}");
     assert!(out.contains("ACME: obtained for meet.example.org"), "{out}");
-    assert!(out.contains("TCP 5349"), "{out}");
+    // The ports to open: TCP and UDP on the HTTPS port, no separate TLS port.
+    assert!(out.contains("TCP 443 (HTTPS"), "{out}");
+    assert!(out.contains("UDP 443 (TURN over UDP"), "{out}");
+    assert!(!out.contains("5349"), "{out}");
     let bin = root.path().join("usr/local/bin/meshmeet");
     let conf = root.path().join("etc/meshmeet/meshmeet.toml");
     let unit = root.path().join("etc/systemd/system/meshmeet.service");

@@ -361,7 +361,12 @@ async fn the_ice_config_points_turns_at_the_https_port() {
     let extra = [extra];
     let mut a = ws::connect(&server).await;
     let joined = a.join("urls").await;
-    let urls: Vec<String> = joined["ice"]["iceServers"][1]["urls"]
+    // One entry, TURN only (no stun: URL; TURN over UDP gives the reflexive
+    // address), with credentials.
+    let servers = joined["ice"]["iceServers"].as_array().unwrap();
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    assert!(servers[0]["username"].is_string() && servers[0]["credential"].is_string());
+    let urls: Vec<String> = servers[0]["urls"]
         .as_array()
         .unwrap()
         .iter()
@@ -369,14 +374,37 @@ async fn the_ice_config_points_turns_at_the_https_port() {
         .collect();
     let https = server.https_addr().port();
     let main = server.addrs.turn_udp.unwrap().port();
+    // UDP on the main and the extra port; TCP and TLS on the shared HTTPS port (not
+    // on the main port, nor on turn.tls_listen, which the test server also binds).
+    assert!(server.addrs.turn_tls.is_some());
     assert_eq!(
         urls,
         vec![
             format!("turn:localhost:{main}?transport=udp"),
             format!("turn:localhost:{}?transport=udp", extra[0].port()),
-            format!("turn:localhost:{main}?transport=tcp"),
+            format!("turn:localhost:{https}?transport=tcp"),
             format!("turns:localhost:{https}?transport=tcp"),
         ]
+    );
+    // The plain TCP URL on the HTTPS port allocates, with the handed-out credentials.
+    let user = servers[0]["username"].as_str().unwrap();
+    let pass = servers[0]["credential"].as_str().unwrap();
+    let mut tcp = TcpStream::connect(server.https_addr()).await.unwrap();
+    let mut session = Session::new(user, pass);
+    let mut relayed = None;
+    for _ in 0..3 {
+        let req = session.request(METHOD_ALLOCATE, &[&Attr::UDP]);
+        let answer = roundtrip(&mut tcp, &req).await;
+        if session.learn(&answer) {
+            continue;
+        }
+        assert!(client::is_success(&answer), "{answer}");
+        relayed = client::relayed_address(&answer);
+        break;
+    }
+    assert!(
+        relayed.is_some(),
+        "an allocation over TCP on the HTTPS port"
     );
     // The extra UDP listener serves STUN.
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();

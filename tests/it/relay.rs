@@ -500,7 +500,7 @@ async fn join_credentials_allocate_until_the_peer_leaves() {
     let server = TestServer::start_with(relay_config).await;
     let mut ws = ws::connect(&server).await;
     let joined = ws.join("relay-room").await;
-    let turn = &joined["ice"]["iceServers"][1];
+    let turn = &joined["ice"]["iceServers"][0];
     let urls: Vec<&str> = turn["urls"]
         .as_array()
         .unwrap()

@@ -58,7 +58,9 @@ export function rooms() {
 }
 
 /**
- * @typedef {{capacity?: number, forceRelay?: boolean, password?: string}} ServerOpts
+ * @typedef {{capacity?: number, forceRelay?: boolean, password?: string, turn?: string[], tls?: {cert: string, key: string}}} ServerOpts
+ * `turn`: more lines for the config's [turn] section (e.g. `extra_udp_listen = [...]`);
+ * `tls`: a certificate and key (PEM files) instead of the self-signed pair.
  */
 
 /** The real meshmeet binary with a temporary config. */
@@ -95,9 +97,10 @@ relay_ips = ["${HOST_IP}"]
 relay_ports = "50000-50999"
 secret = "browser-test-secret-0123456789"
 allowed_peer_ranges = ["10.213.0.0/24"]
+${(o.turn || []).join('\n')}
 [ice]
 force_relay = ${o.forceRelay ? 'true' : 'false'}
-`;
+${o.tls ? `[tls]\ncert = "${o.tls.cert}"\nkey = "${o.tls.key}"\n` : ''}`;
     const cfgPath = join(this.dir, 'meshmeet.toml');
     writeFileSync(cfgPath, cfg);
     const proc = spawn(bin, ['--config', cfgPath], {
@@ -237,7 +240,7 @@ export async function startXvfb() {
   };
 }
 
-const CHROMIUM_ARGS = [
+export const CHROMIUM_ARGS = [
   '--no-sandbox',
   '--disable-gpu',
   '--disable-quic',
@@ -255,7 +258,7 @@ const CHROMIUM_ARGS = [
 ];
 
 /** Firefox preferences: fake devices without prompts, autoplay, plain host candidates. */
-const FIREFOX_PREFS = {
+export const FIREFOX_PREFS = {
   // A fake camera (a moving pattern) and microphone (a tone), no permission prompt.
   'media.navigator.streams.fake': true,
   'media.navigator.permission.disabled': true,
