@@ -58,7 +58,7 @@ export function rooms() {
 }
 
 /**
- * @typedef {{capacity?: number, forceRelay?: boolean, password?: string}} ServerOpts
+ * @typedef {{capacity?: number, forceRelay?: boolean, password?: string, label?: string}} ServerOpts
  */
 
 /** The real meshmeet binary with a temporary config. */
@@ -68,6 +68,8 @@ export class Server {
     this.opts = opts;
     this.dir = mkdtempSync(join(tmpdir(), 'meshmeet-web-'));
     this.stderr = '';
+    /** the log of the processes before a restart */
+    this.earlier = '';
     /** @type {import('node:child_process').ChildProcess|null} */
     this.proc = null;
     this.url = '';
@@ -142,6 +144,7 @@ force_relay = ${o.forceRelay ? 'true' : 'false'}
       p.kill('SIGTERM');
       await exited;
     }
+    this.earlier += `${this.stderr}\n---- restarted ----\n`;
     this.stderr = '';
     return this.start();
   }
@@ -184,6 +187,10 @@ force_relay = ${o.forceRelay ? 'true' : 'false'}
   }
 
   async stop() {
+    // The server's log, for a look after a failure (MESHMEET_LOG sets its filter).
+    try {
+      writeFileSync(join(ensureArtifacts(), `server-${this.opts.label || 'log'}.log`), this.earlier + this.stderr);
+    } catch { /* artifacts unwritable: nothing to keep */ }
     const p = this.proc;
     if (p && p.exitCode === null && p.signalCode === null) {
       const exited = new Promise((r) => p.once('exit', r));

@@ -27,7 +27,7 @@ const UI = 30_000;
 const MEDIA = 60_000;
 
 before(async () => {
-  server = await new Server({ capacity: 4 }).start();
+  server = await new Server({ capacity: 4, label: 'call' }).start();
   // Firefox shares a screen only from a display; it runs on this one.
   xvfb = await startXvfb();
   browsers = new Browsers({ display: xvfb.display });

@@ -15,7 +15,7 @@ const KINDS = /** @type {const} */ (['firefox', 'chromium', 'firefox', 'chromium
 const LOAD_S = 60;
 
 before(async () => {
-  server = await new Server({ capacity: 4 }).start();
+  server = await new Server({ capacity: 4, label: 'load' }).start();
   browsers = new Browsers();
 });
 

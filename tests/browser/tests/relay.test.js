@@ -22,7 +22,7 @@ const CREATED = 'meshmeet_turn_allocations_created_total';
 const REFUSED = 'meshmeet_turn_allocations_refused_total';
 
 before(async () => {
-  server = await new Server({ forceRelay: true, capacity: 4 }).start();
+  server = await new Server({ forceRelay: true, capacity: 4, label: 'relay' }).start();
   browsers = new Browsers();
 });
 

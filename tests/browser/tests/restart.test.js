@@ -20,7 +20,7 @@ const T = { timeout: 240_000 };
 const RESUME = 15_000;
 
 before(async () => {
-  server = await new Server({ capacity: 4 }).start();
+  server = await new Server({ capacity: 4, label: 'restart' }).start();
   xvfb = await startXvfb();
   browsers = new Browsers({ display: xvfb.display });
 });
