@@ -35,6 +35,15 @@
  * last answer in both browsers) unless this restart comes first.
  */
 export const DISCONNECTED_RESTART_MS = 12_000;
+/**
+ * How much later the ICE-controlling side of a connection starts a restart than the
+ * controlled side would: the restart is left to the controlled side where it sees
+ * the trouble too. A Chromium that offers a restart while controlling may nominate a
+ * pair to its peer's previous ICE generation (its old candidates are kept and
+ * Firefox's old generation still answers checks), which carries no media until
+ * the peer restarts again (docs/CLIENT.md, "A restart that never completes").
+ */
+const CONTROLLING_DEFER_MS = 5_000;
 /** A restart that has not connected after this long counts as failed. */
 const RESTART_TIMEOUT_MS = 30_000;
 /** Back-off before a further restart after failed ones: doubling from, at most. */
@@ -116,6 +125,13 @@ export class Peer {
     /** re-reads the selected candidate pair now and then (it can change) */
     /** @type {ReturnType<typeof setInterval>|undefined} */
     this.pathTimer = undefined;
+    /** a restart scheduled because no pair is selected while connected */
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this.noPathTimer = undefined;
+    /** restarts made for that reason (diagnostics) */
+    this.noPathRestarts = 0;
+    /** our ICE role as the browser's stats last said ('controlling', 'controlled'), or '' */
+    this.iceRole = '';
     this.pairEventHooked = false;
     this.pc = new RTCPeerConnection(config);
     this.wire();
@@ -425,20 +441,43 @@ export class Peer {
     this.path = null;
     clearInterval(this.pathTimer);
     this.pathTimer = undefined;
+    clearTimeout(this.noPathTimer);
+    this.noPathTimer = undefined;
     if (cs === 'disconnected') {
       if (changed) this.disconnectedSince = Date.now();
       this.setState('reconnecting');
-      if (changed) this.scheduleRestart(Math.max(DISCONNECTED_RESTART_MS, this.backoff()));
+      if (changed) this.scheduleRestart(Math.max(DISCONNECTED_RESTART_MS, this.backoff()) + this.defer());
     } else if (cs === 'failed') {
       this.setState('failed');
       if (changed) {
         // A restart under way that ends in `failed` has failed.
         if (this.restarting) this.restartDone();
-        this.scheduleRestart(this.backoff());
+        this.scheduleRestart(this.backoff() + this.defer());
       }
     } else if (cs === 'new' || cs === 'connecting') {
       this.setState(this.everConnected ? 'reconnecting' : 'connecting');
+      // Back to `connecting` after having been connected: an ICE restart (ours or the
+      // other side's) that has not completed. One that never does (see
+      // docs/CLIENT.md, "A restart that never completes") is restarted like a
+      // connection that stays disconnected.
+      if (changed && this.everConnected) {
+        this.scheduleRestart(Math.max(DISCONNECTED_RESTART_MS, this.backoff()) + this.defer());
+      }
     }
+  }
+
+  /**
+   * Whether the connection needs a restart: `failed`, `disconnected`, or back to
+   * `connecting` (or `new`) after having been connected.
+   * @param {string} cs
+   */
+  stuck(cs) {
+    return cs === 'disconnected' || cs === 'failed' || (this.everConnected && (cs === 'connecting' || cs === 'new'));
+  }
+
+  /** The extra wait of the ICE-controlling side before a restart (none where unknown). */
+  defer() {
+    return this.iceRole === 'controlling' ? CONTROLLING_DEFER_MS : 0;
   }
 
   /** The wait before the next restart: none at first, then doubling. */
@@ -452,8 +491,7 @@ export class Peer {
     if (this.closed || this.restartTimer || this.restarting) return;
     this.restartTimer = setTimeout(() => {
       this.restartTimer = undefined;
-      const cs = this.connState();
-      if (cs === 'disconnected' || cs === 'failed') this.restartIce();
+      if (this.stuck(this.connState())) this.restartIce();
     }, ms);
   }
 
@@ -473,8 +511,7 @@ export class Peer {
       this.restartWatch = undefined;
       if (!this.restarting) return;
       this.restartDone();
-      const cs = this.connState();
-      if (cs === 'disconnected' || cs === 'failed') this.scheduleRestart(this.backoff());
+      if (this.stuck(this.connState())) this.scheduleRestart(this.backoff() + this.defer());
     }, RESTART_TIMEOUT_MS);
     return true;
   }
@@ -516,6 +553,30 @@ export class Peer {
     this.setState(this.connectedState());
     // Another pair on the same kind of path (e.g. a relay over TCP instead of UDP).
     if (moved && before === this.state) this.hooks.onState(this);
+    this.watchNoPath();
+  }
+
+  /**
+   * Connected, yet no candidate pair selected: normal for a moment after connecting,
+   * but a connection that stays so carries no media (after an ICE restart the other
+   * side offered and never completed, Firefox stays `connected` on the old ICE
+   * generation while the new one gets no pair; docs/CLIENT.md). It is restarted
+   * after DISCONNECTED_RESTART_MS, like one that stays disconnected.
+   */
+  watchNoPath() {
+    const stuck = this.path === null && this.pathKnowable && this.connState() === 'connected';
+    if (!stuck) {
+      clearTimeout(this.noPathTimer);
+      this.noPathTimer = undefined;
+      return;
+    }
+    if (this.noPathTimer || this.restarting) return;
+    this.noPathTimer = setTimeout(() => {
+      this.noPathTimer = undefined;
+      if (this.closed || this.path || !this.pathKnowable || this.connState() !== 'connected') return;
+      this.noPathRestarts += 1;
+      this.restartIce();
+    }, Math.max(DISCONNECTED_RESTART_MS, this.backoff()) + this.defer());
   }
 
   /**
@@ -530,6 +591,9 @@ export class Peer {
     let pair = null;
     let told = false;
     stats.forEach((/** @type {any} */ s) => {
+      // Our ICE role, where the browser reports it (both do); it can change when a
+      // restart resolves a role conflict.
+      if (s.type === 'transport' && typeof s.iceRole === 'string' && s.iceRole !== 'unknown') this.iceRole = s.iceRole;
       if (s.type === 'transport' && 'selectedCandidatePairId' in s) {
         told = true;
         if (s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId) || pair;
@@ -595,6 +659,7 @@ export class Peer {
     clearTimeout(this.restartTimer);
     clearTimeout(this.restartWatch);
     clearInterval(this.pathTimer);
+    clearTimeout(this.noPathTimer);
     this.pc.onnegotiationneeded = null;
     this.pc.onicecandidate = null;
     this.pc.ontrack = null;
