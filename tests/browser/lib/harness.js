@@ -432,8 +432,17 @@ export async function participant(browsers, kind, url, name, opts = {}) {
  * @returns {Promise<Participant[]>}
  */
 export async function joinAll(browsers, kinds, url, names, optsFor = () => ({})) {
-  const people = await Promise.all(kinds.map((kind, i) =>
-    participant(browsers, kind, url, names[i], { ...optsFor(i), join: false })));
+  // Firefox answers getUserMedia only in the window that has the focus (a new window
+  // takes it), so its pages open one after another; Chromium's all at once, beside.
+  /** @type {Promise<unknown>} */
+  let firefoxChain = Promise.resolve();
+  const people = await Promise.all(kinds.map((kind, i) => {
+    const open = () => participant(browsers, kind, url, names[i], { ...optsFor(i), join: false });
+    if (kind !== 'firefox') return open();
+    const p = firefoxChain.then(open);
+    firefoxChain = p.catch(() => {});
+    return p;
+  }));
   for (const [i, p] of people.entries()) {
     await p.page.click('#join-btn');
     await waitFor(p.page, (n) => {

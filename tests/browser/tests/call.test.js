@@ -100,7 +100,7 @@ for (const room of rooms()) {
       const all = people.map((p) => p.page);
       await waitForMedia(all, 4, 120_000);
       up = true;
-      for (const page of all) {
+      await Promise.all(all.map(async (page) => {
         const s = await stats(page);
         assert.equal(Object.keys(s).length, 3);
         for (const peer of Object.values(s)) {
@@ -108,22 +108,22 @@ for (const room of rooms()) {
         }
         // Every connection is up, and its tile says which path it is on. Host candidates
         // are on one network here, so the pair is normally direct; on a starved machine
-        // ICE may use the relay pair for a while. The tile re-reads the pair every 3 s.
+        // ICE may use the relay pair for a while. The tile re-reads the pair every 2 s.
         await waitFor(page, async () => {
           const st = await /** @type {any} */ (window).meshmeet.stats();
-          return Object.values(st).every((/** @type {any} */ p) => p.connectionState === 'connected' && p.path &&
+          return document.querySelectorAll('.tile').length === 4 &&
+            Object.values(st).every((/** @type {any} */ p) => p.connectionState === 'connected' && p.path &&
             p.state === (p.path.local === 'relay' || p.path.remote === 'relay' ? 'relay' : 'direct') &&
             document.querySelector(`.tile[data-key="${p.id}"]`)?.getAttribute('data-state') === p.state);
-        }, null, { timeout: UI, interval: 250, what: 'connections up, tiles matching the selected pair' });
-        await waitFor(page, () => document.querySelectorAll('.tile').length === 4, null, { what: 'four tiles' });
-      }
+        }, null, { timeout: UI, interval: 250, what: 'four tiles, connections up, tiles matching the selected pair' });
+      }));
       // No tile claimed a path before its connection was connected.
       for (const page of all) assert.deepEqual(await dishonestTiles(page), []);
       const names = await all[0].$$eval('.tile .tile-name', (els) => els.map((e) => e.textContent));
       for (const n of NAMES.slice(1)) assert.ok(names.includes(n), `${n} in ${names}`);
       assert.ok(names.some((n) => n?.startsWith('Ada Lovelace')));
       // Mesh-aware limits: three other peers share the uplink budget.
-      for (const page of all) {
+      await Promise.all(all.map(async (page) => {
         const limits = await page.evaluate(() => /** @type {any} */ (window).meshmeet.limits);
         assert.ok(limits.video.maxBitrate <= 700_000 && limits.video.scale > 1, JSON.stringify(limits));
         await waitFor(page, (lim) => {
@@ -133,7 +133,7 @@ for (const room of rooms()) {
             return e && e.maxBitrate === lim.video.maxBitrate && e.scaleResolutionDownBy === lim.video.scale;
           });
         }, limits, { timeout: UI, what: 'sender limits on every connection' });
-      }
+      }));
     });
 
     test('active speaker, ICE credential renewal and ICE restart', T, async () => {
@@ -199,21 +199,17 @@ for (const room of rooms()) {
       assert.equal(await attr(b, '#btn-mic', 'aria-pressed'), 'true');
       // Camera off releases the device.
       await waitFor(b, () => /** @type {any} */ (window).meshmeet.localVideoState === 'ended', null, { what: 'the camera released' });
-      for (const page of [a, c, d]) {
-        await waitFor(page, (id) => {
-          const el = document.querySelector(`.tile[data-key="${id}"]`);
-          return !!el && el.classList.contains('is-muted') && el.classList.contains('no-video') &&
-            el.querySelector('.tile-icons .icon') !== null;
-        }, bId, { timeout: UI, what: 'the muted, camera-off tile' });
-      }
+      await Promise.all([a, c, d].map((page) => waitFor(page, (id) => {
+        const el = document.querySelector(`.tile[data-key="${id}"]`);
+        return !!el && el.classList.contains('is-muted') && el.classList.contains('no-video') &&
+          el.querySelector('.tile-icons .icon') !== null;
+      }, bId, { timeout: UI, what: 'the muted, camera-off tile' })));
       await b.keyboard.press('m');
       await b.keyboard.press('v');
-      for (const page of [a, c, d]) {
-        await waitFor(page, (id) => {
-          const el = document.querySelector(`.tile[data-key="${id}"]`);
-          return !!el && !el.classList.contains('is-muted') && !el.classList.contains('no-video');
-        }, bId, { timeout: UI, what: 'the tile back on' });
-      }
+      await Promise.all([a, c, d].map((page) => waitFor(page, (id) => {
+        const el = document.querySelector(`.tile[data-key="${id}"]`);
+        return !!el && !el.classList.contains('is-muted') && !el.classList.contains('no-video');
+      }, bId, { timeout: UI, what: 'the tile back on' })));
       // The reopened camera's frames reach everyone again.
       await waitForMedia([a, b, c, d], 4, MEDIA);
     });
@@ -277,9 +273,8 @@ for (const room of rooms()) {
         await Promise.all(others.map((page) => page.evaluate(() => { delete /** @type {any} */ (window).__screenBase; })));
         await sharer.screenshot({ path: shot(`screen-share-${s}`) });
         await sharer.click('#btn-share');
-        for (const page of others) {
-          await waitFor(page, (id) => document.querySelector(`.tile[data-key="${id}:screen"]`) === null, sId, { timeout: UI, what: 'the screen tile gone' });
-        }
+        await Promise.all(others.map((page) => waitFor(page, (id) =>
+          document.querySelector(`.tile[data-key="${id}:screen"]`) === null, sId, { timeout: UI, what: 'the screen tile gone' })));
         // Camera video keeps flowing after the renegotiations.
         await waitForMedia(all, 4, MEDIA);
       });
