@@ -586,7 +586,15 @@ export class Peer {
    * @returns {Promise<Path|null|undefined>}
    */
   async selectedPath() {
-    const stats = await this.pc.getStats();
+    return this.pathFrom(await this.pc.getStats());
+  }
+
+  /**
+   * The selected candidate pair in a stats report (see selectedPath).
+   * @param {RTCStatsReport} stats
+   * @returns {Path|null|undefined}
+   */
+  pathFrom(stats) {
     /** @type {any} */
     let pair = null;
     let told = false;
