@@ -44,6 +44,8 @@ export const DISCONNECTED_RESTART_MS = 12_000;
  * the peer restarts again (docs/CLIENT.md, "A restart that never completes").
  */
 const CONTROLLING_DEFER_MS = 5_000;
+/** How long an offer may go unanswered before it is rolled back and made again. */
+const ANSWER_TIMEOUT_MS = 15_000;
 /** A restart that has not connected after this long counts as failed. */
 const RESTART_TIMEOUT_MS = 30_000;
 /** Back-off before a further restart after failed ones: doubling from, at most. */
@@ -132,6 +134,11 @@ export class Peer {
     this.noPathRestarts = 0;
     /** our ICE role as the browser's stats last said ('controlling', 'controlled'), or '' */
     this.iceRole = '';
+    /** waits for the answer to our last offer */
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this.answerWatch = undefined;
+    /** offers rolled back for want of an answer (diagnostics) */
+    this.unanswered = 0;
     this.pairEventHooked = false;
     this.pc = new RTCPeerConnection(config);
     this.wire();
@@ -139,22 +146,7 @@ export class Peer {
 
   wire() {
     const pc = this.pc;
-    pc.onnegotiationneeded = async () => {
-      if (this.closed) return;
-      try {
-        this.makingOffer = true;
-        await pc.setLocalDescription();
-        const d = pc.localDescription;
-        if (d && d.type === 'offer') {
-          this.offers += 1;
-          this.hooks.send({ type: 'offer', to: this.id, sdp: d.sdp });
-        }
-      } catch (e) {
-        console.warn('offer failed', e);
-      } finally {
-        this.makingOffer = false;
-      }
-    };
+    pc.onnegotiationneeded = () => this.negotiate();
     pc.onicecandidate = ({ candidate }) => {
       if (this.closed) return;
       this.hooks.send({ type: 'candidate', to: this.id, candidate: candidate ? candidate.toJSON() : null });
@@ -164,6 +156,8 @@ export class Peer {
     pc.oniceconnectionstatechange = () => this.updateState();
     pc.onsignalingstatechange = () => {
       if (pc.signalingState !== 'stable') return;
+      clearTimeout(this.answerWatch);
+      this.answerWatch = undefined;
       this.applyLimits();
       // A restart of a connection that stayed connected ends with its negotiation.
       if (this.restarting && this.connState() === 'connected') {
@@ -171,6 +165,55 @@ export class Peer {
         this.failedRestarts = 0;
       }
     };
+  }
+
+  /** Makes an offer (perfect negotiation) and watches for its answer. */
+  async negotiate() {
+    // One offer at a time (a second negotiationneeded comes back once stable, if the
+    // change still needs it).
+    if (this.closed || this.makingOffer) return;
+    const pc = this.pc;
+    try {
+      this.makingOffer = true;
+      await pc.setLocalDescription();
+      const d = pc.localDescription;
+      if (d && d.type === 'offer') {
+        this.offers += 1;
+        this.hooks.send({ type: 'offer', to: this.id, sdp: d.sdp });
+        this.watchAnswer(this.offers);
+      }
+    } catch (e) {
+      console.warn('offer failed', e);
+    } finally {
+      this.makingOffer = false;
+    }
+  }
+
+  /**
+   * An offer that gets no answer (lost with a signaling socket that died, or refused
+   * by the other side) would leave the connection in `have-local-offer` for good: no
+   * further renegotiation, no ICE restart. After ANSWER_TIMEOUT_MS it is rolled back
+   * and offered again (with a new ICE restart if one was under way).
+   * @param {number} n the offer's number (`offers` when it was sent)
+   */
+  watchAnswer(n) {
+    clearTimeout(this.answerWatch);
+    this.answerWatch = setTimeout(async () => {
+      this.answerWatch = undefined;
+      const pc = this.pc;
+      // (The local description itself changes as candidates are gathered.)
+      if (this.closed || pc.signalingState !== 'have-local-offer' || this.offers !== n) return;
+      this.unanswered += 1;
+      try {
+        await pc.setLocalDescription({ type: 'rollback' });
+      } catch (e) {
+        console.warn('rollback failed', e);
+        return;
+      }
+      if (this.restarting && typeof pc.restartIce === 'function') pc.restartIce();
+      // Whether or not the browser fires negotiationneeded again, offer now.
+      if (/** @type {RTCSignalingState} */ (pc.signalingState) === 'stable') this.negotiate();
+    }, ANSWER_TIMEOUT_MS);
   }
 
   /** The connection state (`iceConnectionState` where `connectionState` is missing). */
@@ -668,6 +711,7 @@ export class Peer {
     clearTimeout(this.restartWatch);
     clearInterval(this.pathTimer);
     clearTimeout(this.noPathTimer);
+    clearTimeout(this.answerWatch);
     this.pc.onnegotiationneeded = null;
     this.pc.onicecandidate = null;
     this.pc.ontrack = null;

@@ -181,6 +181,39 @@ for (const room of rooms()) {
       await waitForMedia(pages(), 4, MEDIA);
     });
 
+    if (room.label === 'mixed') {
+      test('an offer lost on the way is rolled back and made again (from Firefox and from Chromium)', T, async () => {
+        const [a, b, c] = pages();
+        const [bId, cId] = [await myId(b), await myId(c)];
+        // The next offer each sends is dropped before it reaches the server (as with a
+        // socket that dies with it); then each restarts ICE towards the next page.
+        const lose = (/** @type {Page} */ page, /** @type {string} */ to) => page.evaluate((id) => {
+          const w = /** @type {any} */ (window);
+          const sig = w.meshmeet.signaling;
+          const send = sig.send.bind(sig);
+          w.__lost = 0;
+          sig.send = (/** @type {any} */ m) => {
+            if (m.type === 'offer' && m.to === id && w.__lost === 0) {
+              w.__lost = 1;
+              sig.send = send;
+              return;
+            }
+            send(m);
+          };
+          return w.meshmeet.restartIce(id);
+        }, to);
+        assert.deepEqual(await Promise.all([lose(a, bId), lose(b, cId)]), [true, true]);
+        const recovered = (/** @type {Page} */ page, /** @type {string} */ to) => waitFor(page, (id) => {
+          const w = /** @type {any} */ (window);
+          const p = w.meshmeet.peers.get(id);
+          return w.__lost === 1 && p.unanswered === 1 && p.pc.signalingState === 'stable' &&
+            p.pc.connectionState === 'connected' && !p.restarting;
+        }, to, { timeout: MEDIA, interval: 250, what: 'the lost offer rolled back, made again and answered' });
+        await Promise.all([recovered(a, bId), recovered(b, cId)]);
+        await waitForMedia(pages(), 4, MEDIA);
+      });
+    }
+
     test('screenshot of the four-way call', T, async () => {
       const [a, b] = pages();
       // Wait until every tile shows video (not the avatar).
