@@ -432,8 +432,8 @@ export async function participant(browsers, kind, url, name, opts = {}) {
  * @returns {Promise<Participant[]>}
  */
 export async function joinAll(browsers, kinds, url, names, optsFor = () => ({})) {
-  // Firefox answers getUserMedia only in the window that has the focus (a new window
-  // takes it), so its pages open one after another; Chromium's all at once, beside.
+  // Firefox was seen to answer getUserMedia only in the window that has the focus (a
+  // new window takes it), so its pages open one after another; Chromium's all at once.
   /** @type {Promise<unknown>} */
   let firefoxChain = Promise.resolve();
   const people = await Promise.all(kinds.map((kind, i) => {
