@@ -93,7 +93,7 @@ for (const room of rooms()) {
       }
     });
 
-    test('four participants: everyone decodes video and receives audio from the other three', T, async () => {
+    test("four participants: everyone decodes video and receives audio from the other three", { timeout: 400_000 }, async () => {
       people.push(...await joinAll(browsers, room.kinds, roomUrl, NAMES, (i) => ({
         viewport: i === 0 ? { width: 1280, height: 720 } : { width: 800, height: 500 },
       })));
