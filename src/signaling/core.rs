@@ -779,6 +779,11 @@ impl<H: Clone> Rooms<H> {
         self.remove_peer(&id)
     }
 
+    /// Whether this connection is joined to a room (its peer is connected through it).
+    pub fn is_joined(&self, conn: ConnId) -> bool {
+        self.conns.contains_key(&conn)
+    }
+
     /// The socket closed or timed out: its peer (if any) enters the resume grace.
     pub fn disconnect(&mut self, conn: ConnId, now: Instant) -> Vec<Effect<H>> {
         if self.waiting.contains_key(&conn) {

@@ -764,7 +764,12 @@ fn connection(
                         Some(Ok(Message::Binary(_))) => {
                             break Ending::Close(CLOSE_UNSUPPORTED, Reason::Policy)
                         }
-                        Some(Ok(Message::Close(_))) => break Ending::Gone(Reason::Closed),
+                        Some(Ok(Message::Close(frame))) => {
+                            if frame.is_some_and(|f| f.code == CLOSE_GOING_AWAY) {
+                                leave_on_going_away(&sig, &conn);
+                            }
+                            break Ending::Gone(Reason::Closed);
+                        }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     }
                 }
@@ -812,6 +817,24 @@ fn connection(
             Ending::Gone(_) => {}
         }
     }
+}
+
+/// A client's close frame with 1001 (Going Away) counts as `leave`: browsers send it
+/// when the page is closed, reloaded or navigated away, and that page's resume token
+/// is gone with it. Firefox may lose the `leave` the page sent while unloading (the
+/// frame was still queued when the tab was torn down) and closes the socket with
+/// 1001 all the same. A network drop sends no close frame at all, so it
+/// still gets the resume grace.
+fn leave_on_going_away(sig: &Arc<Signaling>, conn: &Conn) {
+    let id = conn.id;
+    let h = &conn.handle;
+    ordered(sig, conn.host.as_deref(), |c| {
+        if c.is_joined(id) {
+            c.leave(id, h)
+        } else {
+            Vec::new()
+        }
+    });
 }
 
 /// Runs a socket write unless the connection is told to close or the server stops

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use meshmeet::signaling::ws::SignalingTimings;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::ws::{self, connect, id, try_connect};
@@ -442,6 +444,46 @@ async fn resume_after_grace_is_fresh_join() {
     assert_eq!(j["type"], "joined");
     assert_eq!(j["resumed"], false);
     assert_ne!(j["id"], ja["id"]);
+    assert_eq!(b.recv().await["type"], "peer_joined");
+}
+
+#[tokio::test]
+async fn going_away_close_is_leave() {
+    // A grace far longer than any wait here: a `peer_left` can only come from the close.
+    let server = TestServer::start_with(|c| c.rooms.resume_grace_s = 600).await;
+    let mut a = connect(&server).await;
+    let mut b = connect(&server).await;
+    let mut c = connect(&server).await;
+    let ja = a.join("away").await;
+    b.join("away").await;
+    let jc = c.join("away").await;
+    b.recv_type("peer_joined").await;
+    let close = |code: CloseCode| {
+        Some(CloseFrame {
+            code,
+            reason: "".into(),
+        })
+    };
+    // A normal close (1000) is not a leave: c's peer enters its grace, nobody is told.
+    c.ws.close(close(CloseCode::Normal)).await.unwrap();
+    drop(c);
+    // 1001, as a browser sends when the page goes away: a leaves at once.
+    a.ws.close(close(CloseCode::Away)).await.unwrap();
+    drop(a);
+    assert_eq!(b.recv().await, json!({"type": "peer_left", "id": ja["id"]}));
+    // c resumes within its grace; a's token was spent by the leave.
+    let mut c2 = connect(&server).await;
+    c2.send(json!({"type": "join", "room": "away", "resume": jc["resume"]}))
+        .await;
+    let j = c2.recv_type("joined").await;
+    assert_eq!((&j["resumed"], &j["id"]), (&json!(true), &jc["id"]));
+    let mut a2 = connect(&server).await;
+    a2.send(json!({"type": "join", "room": "away", "resume": ja["resume"]}))
+        .await;
+    let j = a2.recv_type("joined").await;
+    assert_eq!(j["resumed"], false);
+    assert_ne!(j["id"], ja["id"]);
+    // b heard of a's departure once, of the newcomer, and of c nothing.
     assert_eq!(b.recv().await["type"], "peer_joined");
 }
 

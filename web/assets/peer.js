@@ -35,6 +35,17 @@
  * last answer in both browsers) unless this restart comes first.
  */
 export const DISCONNECTED_RESTART_MS = 12_000;
+/**
+ * How much later the ICE-controlling side of a connection starts a restart than the
+ * controlled side would: the restart is left to the controlled side where it sees
+ * the trouble too. A Chromium that offers a restart while controlling may nominate a
+ * pair to its peer's previous ICE generation (its old candidates are kept and
+ * Firefox's old generation still answers checks), which carries no media until
+ * the peer restarts again (docs/CLIENT.md, "A restart that never completes").
+ */
+const CONTROLLING_DEFER_MS = 5_000;
+/** How long an offer may go unanswered before it is rolled back and made again. */
+const ANSWER_TIMEOUT_MS = 15_000;
 /** A restart that has not connected after this long counts as failed. */
 const RESTART_TIMEOUT_MS = 30_000;
 /** Back-off before a further restart after failed ones: doubling from, at most. */
@@ -116,6 +127,18 @@ export class Peer {
     /** re-reads the selected candidate pair now and then (it can change) */
     /** @type {ReturnType<typeof setInterval>|undefined} */
     this.pathTimer = undefined;
+    /** a restart scheduled because no pair is selected while connected */
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this.noPathTimer = undefined;
+    /** restarts made for that reason (diagnostics) */
+    this.noPathRestarts = 0;
+    /** our ICE role as the browser's stats last said ('controlling', 'controlled'), or '' */
+    this.iceRole = '';
+    /** waits for the answer to our last offer */
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this.answerWatch = undefined;
+    /** offers rolled back for want of an answer (diagnostics) */
+    this.unanswered = 0;
     this.pairEventHooked = false;
     this.pc = new RTCPeerConnection(config);
     this.wire();
@@ -123,22 +146,7 @@ export class Peer {
 
   wire() {
     const pc = this.pc;
-    pc.onnegotiationneeded = async () => {
-      if (this.closed) return;
-      try {
-        this.makingOffer = true;
-        await pc.setLocalDescription();
-        const d = pc.localDescription;
-        if (d && d.type === 'offer') {
-          this.offers += 1;
-          this.hooks.send({ type: 'offer', to: this.id, sdp: d.sdp });
-        }
-      } catch (e) {
-        console.warn('offer failed', e);
-      } finally {
-        this.makingOffer = false;
-      }
-    };
+    pc.onnegotiationneeded = () => this.negotiate();
     pc.onicecandidate = ({ candidate }) => {
       if (this.closed) return;
       this.hooks.send({ type: 'candidate', to: this.id, candidate: candidate ? candidate.toJSON() : null });
@@ -148,6 +156,8 @@ export class Peer {
     pc.oniceconnectionstatechange = () => this.updateState();
     pc.onsignalingstatechange = () => {
       if (pc.signalingState !== 'stable') return;
+      clearTimeout(this.answerWatch);
+      this.answerWatch = undefined;
       this.applyLimits();
       // A restart of a connection that stayed connected ends with its negotiation.
       if (this.restarting && this.connState() === 'connected') {
@@ -155,6 +165,55 @@ export class Peer {
         this.failedRestarts = 0;
       }
     };
+  }
+
+  /** Makes an offer (perfect negotiation) and watches for its answer. */
+  async negotiate() {
+    // One offer at a time (a second negotiationneeded comes back once stable, if the
+    // change still needs it).
+    if (this.closed || this.makingOffer) return;
+    const pc = this.pc;
+    try {
+      this.makingOffer = true;
+      await pc.setLocalDescription();
+      const d = pc.localDescription;
+      if (d && d.type === 'offer') {
+        this.offers += 1;
+        this.hooks.send({ type: 'offer', to: this.id, sdp: d.sdp });
+        this.watchAnswer(this.offers);
+      }
+    } catch (e) {
+      console.warn('offer failed', e);
+    } finally {
+      this.makingOffer = false;
+    }
+  }
+
+  /**
+   * An offer that gets no answer (lost with a signaling socket that died, or refused
+   * by the other side) would leave the connection in `have-local-offer` for good: no
+   * further renegotiation, no ICE restart. After ANSWER_TIMEOUT_MS it is rolled back
+   * and offered again (with a new ICE restart if one was under way).
+   * @param {number} n the offer's number (`offers` when it was sent)
+   */
+  watchAnswer(n) {
+    clearTimeout(this.answerWatch);
+    this.answerWatch = setTimeout(async () => {
+      this.answerWatch = undefined;
+      const pc = this.pc;
+      // (The local description itself changes as candidates are gathered.)
+      if (this.closed || pc.signalingState !== 'have-local-offer' || this.offers !== n) return;
+      this.unanswered += 1;
+      try {
+        await pc.setLocalDescription({ type: 'rollback' });
+      } catch (e) {
+        console.warn('rollback failed', e);
+        return;
+      }
+      if (this.restarting && typeof pc.restartIce === 'function') pc.restartIce();
+      // Whether or not the browser fires negotiationneeded again, offer now.
+      if (/** @type {RTCSignalingState} */ (pc.signalingState) === 'stable') this.negotiate();
+    }, ANSWER_TIMEOUT_MS);
   }
 
   /** The connection state (`iceConnectionState` where `connectionState` is missing). */
@@ -425,20 +484,43 @@ export class Peer {
     this.path = null;
     clearInterval(this.pathTimer);
     this.pathTimer = undefined;
+    clearTimeout(this.noPathTimer);
+    this.noPathTimer = undefined;
     if (cs === 'disconnected') {
       if (changed) this.disconnectedSince = Date.now();
       this.setState('reconnecting');
-      if (changed) this.scheduleRestart(Math.max(DISCONNECTED_RESTART_MS, this.backoff()));
+      if (changed) this.scheduleRestart(Math.max(DISCONNECTED_RESTART_MS, this.backoff()) + this.defer());
     } else if (cs === 'failed') {
       this.setState('failed');
       if (changed) {
         // A restart under way that ends in `failed` has failed.
         if (this.restarting) this.restartDone();
-        this.scheduleRestart(this.backoff());
+        this.scheduleRestart(this.backoff() + this.defer());
       }
     } else if (cs === 'new' || cs === 'connecting') {
       this.setState(this.everConnected ? 'reconnecting' : 'connecting');
+      // Back to `connecting` after having been connected: an ICE restart (ours or the
+      // other side's) that has not completed. One that never does (see
+      // docs/CLIENT.md, "A restart that never completes") is restarted like a
+      // connection that stays disconnected.
+      if (changed && this.everConnected) {
+        this.scheduleRestart(Math.max(DISCONNECTED_RESTART_MS, this.backoff()) + this.defer());
+      }
     }
+  }
+
+  /**
+   * Whether the connection needs a restart: `failed`, `disconnected`, or back to
+   * `connecting` (or `new`) after having been connected.
+   * @param {string} cs
+   */
+  stuck(cs) {
+    return cs === 'disconnected' || cs === 'failed' || (this.everConnected && (cs === 'connecting' || cs === 'new'));
+  }
+
+  /** The extra wait of the ICE-controlling side before a restart (none where unknown). */
+  defer() {
+    return this.iceRole === 'controlling' ? CONTROLLING_DEFER_MS : 0;
   }
 
   /** The wait before the next restart: none at first, then doubling. */
@@ -452,8 +534,7 @@ export class Peer {
     if (this.closed || this.restartTimer || this.restarting) return;
     this.restartTimer = setTimeout(() => {
       this.restartTimer = undefined;
-      const cs = this.connState();
-      if (cs === 'disconnected' || cs === 'failed') this.restartIce();
+      if (this.stuck(this.connState())) this.restartIce();
     }, ms);
   }
 
@@ -473,8 +554,7 @@ export class Peer {
       this.restartWatch = undefined;
       if (!this.restarting) return;
       this.restartDone();
-      const cs = this.connState();
-      if (cs === 'disconnected' || cs === 'failed') this.scheduleRestart(this.backoff());
+      if (this.stuck(this.connState())) this.scheduleRestart(this.backoff() + this.defer());
     }, RESTART_TIMEOUT_MS);
     return true;
   }
@@ -516,6 +596,30 @@ export class Peer {
     this.setState(this.connectedState());
     // Another pair on the same kind of path (e.g. a relay over TCP instead of UDP).
     if (moved && before === this.state) this.hooks.onState(this);
+    this.watchNoPath();
+  }
+
+  /**
+   * Connected, yet no candidate pair selected: normal for a moment after connecting,
+   * but a connection that stays so carries no media (after an ICE restart the other
+   * side offered and never completed, Firefox stays `connected` on the old ICE
+   * generation while the new one gets no pair; docs/CLIENT.md). It is restarted
+   * after DISCONNECTED_RESTART_MS, like one that stays disconnected.
+   */
+  watchNoPath() {
+    const stuck = this.path === null && this.pathKnowable && this.connState() === 'connected';
+    if (!stuck) {
+      clearTimeout(this.noPathTimer);
+      this.noPathTimer = undefined;
+      return;
+    }
+    if (this.noPathTimer || this.restarting) return;
+    this.noPathTimer = setTimeout(() => {
+      this.noPathTimer = undefined;
+      if (this.closed || this.path || !this.pathKnowable || this.connState() !== 'connected') return;
+      this.noPathRestarts += 1;
+      this.restartIce();
+    }, Math.max(DISCONNECTED_RESTART_MS, this.backoff()) + this.defer());
   }
 
   /**
@@ -525,11 +629,22 @@ export class Peer {
    * @returns {Promise<Path|null|undefined>}
    */
   async selectedPath() {
-    const stats = await this.pc.getStats();
+    return this.pathFrom(await this.pc.getStats());
+  }
+
+  /**
+   * The selected candidate pair in a stats report (see selectedPath).
+   * @param {RTCStatsReport} stats
+   * @returns {Path|null|undefined}
+   */
+  pathFrom(stats) {
     /** @type {any} */
     let pair = null;
     let told = false;
     stats.forEach((/** @type {any} */ s) => {
+      // Our ICE role, where the browser reports it (both do); it can change when a
+      // restart resolves a role conflict.
+      if (s.type === 'transport' && typeof s.iceRole === 'string' && s.iceRole !== 'unknown') this.iceRole = s.iceRole;
       if (s.type === 'transport' && 'selectedCandidatePairId' in s) {
         told = true;
         if (s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId) || pair;
@@ -595,6 +710,8 @@ export class Peer {
     clearTimeout(this.restartTimer);
     clearTimeout(this.restartWatch);
     clearInterval(this.pathTimer);
+    clearTimeout(this.noPathTimer);
+    clearTimeout(this.answerWatch);
     this.pc.onnegotiationneeded = null;
     this.pc.onicecandidate = null;
     this.pc.ontrack = null;

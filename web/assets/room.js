@@ -1530,8 +1530,10 @@ function onKey(e) {
 async function stats() {
   /** @type {Record<string, any>} */
   const out = {};
-  for (const p of state.peers.values()) {
-    const r = await p.pc.getStats();
+  const peers = Array.from(state.peers.values());
+  const reports = await Promise.all(peers.map((p) => p.pc.getStats()));
+  for (const [i, p] of peers.entries()) {
+    const r = reports[i];
     let framesDecoded = 0;
     let audioPackets = 0;
     let screenFrames = 0;
@@ -1546,11 +1548,12 @@ async function stats() {
         else framesDecoded += s.framesDecoded || 0;
       }
     });
-    const path = (await p.selectedPath().catch(() => null)) || null;
+    const path = p.pathFrom(r) || null;
     out[p.id] = {
       id: p.id, name: p.name, serial: p.serial, state: p.state, connectionState: p.pc.connectionState,
       framesDecoded, audioPackets, screenFrames, path, media: p.media,
-      tilePath: p.path, restarts: p.restarts, offers: p.offers, roleFixes: p.roleFixes, blips: p.blips.slice(),
+      tilePath: p.path, restarts: p.restarts, noPathRestarts: p.noPathRestarts, iceRole: p.iceRole,
+      offers: p.offers, unanswered: p.unanswered, roleFixes: p.roleFixes, blips: p.blips.slice(),
       disconnectedFor: p.disconnectedSince ? Date.now() - p.disconnectedSince : 0,
     };
   }

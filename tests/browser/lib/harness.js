@@ -58,7 +58,7 @@ export function rooms() {
 }
 
 /**
- * @typedef {{capacity?: number, forceRelay?: boolean, password?: string, turn?: string[], tls?: {cert: string, key: string}}} ServerOpts
+ * @typedef {{capacity?: number, forceRelay?: boolean, password?: string, label?: string, turn?: string[], tls?: {cert: string, key: string}}} ServerOpts
  * `turn`: more lines for the config's [turn] section (e.g. `extra_udp_listen = [...]`);
  * `tls`: a certificate and key (PEM files) instead of the self-signed pair.
  */
@@ -70,6 +70,8 @@ export class Server {
     this.opts = opts;
     this.dir = mkdtempSync(join(tmpdir(), 'meshmeet-web-'));
     this.stderr = '';
+    /** the log of the processes before a restart */
+    this.earlier = '';
     /** @type {import('node:child_process').ChildProcess|null} */
     this.proc = null;
     this.url = '';
@@ -145,6 +147,7 @@ ${o.tls ? `[tls]\ncert = "${o.tls.cert}"\nkey = "${o.tls.key}"\n` : ''}`;
       p.kill('SIGTERM');
       await exited;
     }
+    this.earlier += `${this.stderr}\n---- restarted ----\n`;
     this.stderr = '';
     return this.start();
   }
@@ -187,6 +190,10 @@ ${o.tls ? `[tls]\ncert = "${o.tls.cert}"\nkey = "${o.tls.key}"\n` : ''}`;
   }
 
   async stop() {
+    // The server's log, for a look after a failure (MESHMEET_LOG sets its filter).
+    try {
+      writeFileSync(join(ensureArtifacts(), `server-${this.opts.label || 'log'}.log`), this.earlier + this.stderr);
+    } catch { /* artifacts unwritable: nothing to keep */ }
     const p = this.proc;
     if (p && p.exitCode === null && p.signalCode === null) {
       const exited = new Promise((r) => p.once('exit', r));
@@ -354,6 +361,9 @@ export async function newPage(browsers, kind, opts = {}) {
   const context = await browser.createBrowserContext();
   const page = await context.newPage(kind === 'firefox' ? { type: 'window' } : undefined);
   await page.setViewport(opts.viewport || { width: 960, height: 600 });
+  // A loaded machine starts pages slowly; these bounds only say when to give up.
+  page.setDefaultNavigationTimeout(90_000);
+  page.setDefaultTimeout(60_000);
   /** @type {string[]} */
   const errors = [];
   page.on('pageerror', (e) => errors.push(String(e)));
@@ -406,10 +416,44 @@ export async function participant(browsers, kind, url, name, opts = {}) {
   await page.evaluateOnNewDocument(recordTileStates);
   if (opts.holdDevices) await page.evaluateOnNewDocument(holdDevices);
   await page.goto(url);
-  if (!opts.early) await page.waitForFunction(() => document.body.dataset.ready === 'true', { timeout: 40000 });
+  if (!opts.early) await page.waitForFunction(() => document.body.dataset.ready === 'true', { timeout: 60000 });
   await fill(page, '#name', name);
   if (opts.join !== false) await page.click('#join-btn');
   return { page, context, name, kind, errors };
+}
+
+/**
+ * Opens one room page per kind at once (loading and opening devices in parallel),
+ * then joins them one after another in the given order, each once the previous one
+ * is in the call: each newcomer offers to those already there, as when people
+ * arrive one by one.
+ * @param {Browsers} browsers
+ * @param {Kind[]} kinds
+ * @param {string} url
+ * @param {string[]} names
+ * @param {(i: number) => {viewport?: {width: number, height: number}}} [optsFor]
+ * @returns {Promise<Participant[]>}
+ */
+export async function joinAll(browsers, kinds, url, names, optsFor = () => ({})) {
+  // Firefox was seen to answer getUserMedia only in the window that has the focus (a
+  // new window takes it), so its pages open one after another; Chromium's all at once.
+  /** @type {Promise<unknown>} */
+  let firefoxChain = Promise.resolve();
+  const people = await Promise.all(kinds.map((kind, i) => {
+    const open = () => participant(browsers, kind, url, names[i], { ...optsFor(i), join: false });
+    if (kind !== 'firefox') return open();
+    const p = firefoxChain.then(open);
+    firefoxChain = p.catch(() => {});
+    return p;
+  }));
+  for (const [i, p] of people.entries()) {
+    await p.page.click('#join-btn');
+    await waitFor(p.page, (n) => {
+      const mm = /** @type {any} */ (window).meshmeet;
+      return mm && mm.inCall && mm.peers.size === n;
+    }, i, { timeout: 60_000, interval: 50, what: `${names[i]} in the call` });
+  }
+  return people;
 }
 
 /** Holds every getUserMedia answer until `window.__releaseDevices()`. */
@@ -503,7 +547,21 @@ let mediaWaits = 0;
  */
 export async function waitForMedia(pages, n, timeout = 60000) {
   const token = `media-${++mediaWaits}`;
-  await Promise.all(pages.map((p, i) => waitFor(p, async ([want, key]) => {
+  try {
+    await Promise.all(pages.map((p, i) => mediaOn(p, i, n, token, timeout)));
+  } catch (e) {
+    // The other ends of a stalled stream say why (what they send, what they decode).
+    const all = await Promise.all(pages.map(async (p, i) => `page ${i}: ${await describeCall(p)}`));
+    throw new Error(`${/** @type {Error} */ (e).message}\nevery page:\n${all.join('\n')}`);
+  }
+}
+
+/**
+ * @param {Page} p @param {number} i @param {number} n @param {string} token
+ * @param {number} timeout
+ */
+function mediaOn(p, i, n, token, timeout) {
+  return waitFor(p, async ([want, key]) => {
     const w = /** @type {any} */ (window);
     const mm = w.meshmeet;
     if (!mm || !mm.inCall || mm.peers.size !== want) return false;
@@ -523,7 +581,7 @@ export async function waitForMedia(pages, n, timeout = 60000) {
     }
     if (flowing) delete w.__mediaBase[key];
     return flowing;
-  }, [n - 1, token], { timeout, interval: 1000, what: `media flowing from ${n - 1} peers on page ${i}` })));
+  }, [n - 1, token], { timeout, interval: 1000, what: `media flowing from ${n - 1} peers on page ${i}` });
 }
 
 /**
@@ -545,13 +603,18 @@ export async function describeCall(page) {
         const s = st[p.id] || {};
         lines.push(`  peer ${p.id} (${p.name}): ${p.pc.connectionState}/${p.pc.iceConnectionState}/` +
           `${p.pc.signalingState}, tile ${s.state}, frames ${s.framesDecoded}, audio packets ${s.audioPackets}, ` +
-          `path ${JSON.stringify(s.path)}, offers sent ${s.offers}, restarts ${s.restarts}`);
+          `path ${JSON.stringify(s.path)}, offers sent ${s.offers}, restarts ${s.restarts} (${s.noPathRestarts} for no selected pair)`);
         // Incoming video per m-line: packets, frames received and decoded, key frames, PLIs.
         const r = await p.pc.getStats();
         r.forEach((/** @type {any} */ x) => {
           if (x.type === 'inbound-rtp' && x.kind === 'video') {
-            lines.push(`    video mid ${x.mid}: packets ${x.packetsReceived}, lost ${x.packetsLost}, frames received ` +
+            lines.push(`    video in mid ${x.mid}: packets ${x.packetsReceived}, lost ${x.packetsLost}, frames received ` +
               `${x.framesReceived}, decoded ${x.framesDecoded}, key ${x.keyFramesDecoded}, pli ${x.pliCount}`);
+          }
+          if (x.type === 'outbound-rtp' && x.kind === 'video') {
+            lines.push(`    video out mid ${x.mid}: packets ${x.packetsSent}, frames encoded ${x.framesEncoded}, ` +
+              `sent ${x.framesSent}, key ${x.keyFramesEncoded}, pli ${x.pliCount}, nack ${x.nackCount}, ` +
+              `target ${x.targetBitrate}, limited by ${x.qualityLimitationReason}, ${x.frameWidth}x${x.frameHeight}`);
           }
         });
       }

@@ -15,7 +15,7 @@ const T = { timeout: 120_000 };
 /** @type {Browsers} */ let browsers;
 
 before(async () => {
-  server = await new Server().start();
+  server = await new Server({ label: 'check' }).start();
   browsers = new Browsers();
 });
 

@@ -14,7 +14,7 @@ const T = { timeout: 120_000 };
 const PASSWORD = 'open sesame 42';
 
 before(async () => {
-  server = await new Server({ password: PASSWORD }).start();
+  server = await new Server({ password: PASSWORD, label: 'pages' }).start();
   browsers = new Browsers();
 });
 

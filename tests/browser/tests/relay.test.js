@@ -9,7 +9,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  Server, Browsers, rooms, participant, waitForMedia, waitFor, dishonestTiles, HOST_IP,
+  Server, Browsers, rooms, participant, joinAll, waitForMedia, waitFor, dishonestTiles, HOST_IP,
 } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
@@ -22,7 +22,7 @@ const CREATED = 'meshmeet_turn_allocations_created_total';
 const REFUSED = 'meshmeet_turn_allocations_refused_total';
 
 before(async () => {
-  server = await new Server({ forceRelay: true, capacity: 4 }).start();
+  server = await new Server({ forceRelay: true, capacity: 4, label: 'relay' }).start();
   browsers = new Browsers();
 });
 
@@ -64,16 +64,21 @@ for (const room of rooms()) {
     const people = [];
     const url = `${server.url}/relayed-${room.label}`;
     try {
-      for (const [i, kind] of room.kinds.slice(0, 3).entries()) {
-        people.push(await participant(browsers, kind, url, `Relay ${i + 1}`));
-      }
+      // Four pages load at once; three join one by one, the newcomer waits (a page that
+      // has not joined has no peer connection, so it allocates nothing yet).
+      const [newcomer4, three] = await Promise.all([
+        participant(browsers, room.kinds[3], url, 'Relay 4', { join: false }),
+        joinAll(browsers, room.kinds.slice(0, 3), url, ['Relay 1', 'Relay 2', 'Relay 3']),
+      ]);
+      people.push(...three);
       await waitForMedia(people.map((p) => p.page), 3, 120_000);
       await Promise.all(people.map((p) => gathered(p.page)));
       // The newcomer to the (then full) room: what the server allocated for it and for
       // the three connections the others open to it.
       const m0 = await server.metrics();
       const refused0 = Server.total(m0, REFUSED);
-      people.push(await participant(browsers, room.kinds[3], url, 'Relay 4'));
+      people.push(newcomer4);
+      await newcomer4.page.click('#join-btn');
       const pages = people.map((p) => p.page);
       await waitForMedia(pages, 4, 120_000);
       await Promise.all(pages.map(gathered));
