@@ -828,7 +828,7 @@ fn connection(
 fn leave_on_going_away(sig: &Arc<Signaling>, conn: &Conn) {
     let id = conn.id;
     let h = &conn.handle;
-    ordered(sig, conn.host.as_deref(), |c| {
+    ordered(sig, conn.handle.host.as_deref(), |c| {
         if c.is_joined(id) {
             c.leave(id, h)
         } else {
