@@ -244,7 +244,7 @@ fn install_chooses_the_certificate_source() {
         "https://acme-staging-v02.api.letsencrypt.org/directory"
     );
     assert!(
-        out.contains("TCP 80 (redirect, the CA's certificate checks)"),
+        out.contains("TCP 80 (redirect to HTTPS, the CA's certificate checks)"),
         "{out}"
     );
     // Neither port a CA checks: said so.

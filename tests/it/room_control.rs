@@ -516,8 +516,8 @@ async fn kick_closes_4002_revokes_turn_and_voids_the_token() {
     a.recv_type("peer_joined").await;
     b.recv_type("peer_joined").await;
 
-    // Bo's credentials from `joined.ice` hold an allocation on the relay.
-    let ice = &jb["ice"]["iceServers"][1];
+    // Bo's credentials from `joined.ice` (its one TURN entry) hold an allocation on the relay.
+    let ice = &jb["ice"]["iceServers"][0];
     let user = ice["username"].as_str().unwrap();
     let pass = ice["credential"].as_str().unwrap();
     assert!(user.ends_with(&format!(":{bid}")), "{user}");
@@ -555,7 +555,7 @@ async fn kick_closes_4002_revokes_turn_and_voids_the_token() {
     let mut fresh = Turn::new(turn_addr, user, pass).await;
     assert_eq!(client::error_code(&fresh.allocate().await), Some(401));
     // Others' credentials still work.
-    let other = &ja["ice"]["iceServers"][1];
+    let other = &ja["ice"]["iceServers"][0];
     let mut ta = Turn::new(
         turn_addr,
         other["username"].as_str().unwrap(),
