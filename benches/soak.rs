@@ -5,15 +5,18 @@
 //! cargo bench --bench soak -- [--secs T] [--clients N] [--turn M]
 //! ```
 //! N WebSocket clients (default 2000) in rooms of 5 join, relay candidates and chat,
-//! drop their socket and resume, leave and join again, over and over; M TURN clients
-//! (default 50) allocate, permit a local echo peer, relay through Send/Data
-//! indications and free, over and over. Every 5 s it prints the server's RSS, open
-//! descriptors (`/proc/PID/fd`), and from `/metrics` the open WebSockets, peers, rooms
-//! and active allocations. After T seconds (default 180) everyone leaves; it then
-//! waits for rooms and allocations to reach 0 and prints a summary: RSS and
-//! descriptors after warm-up (the first third) as min/max, and the final counts.
+//! drop their socket and resume, leave and join again, over and over; they connect
+//! from 127.0.1.1, 127.0.1.2, ... (100 per address), so the server's per-address
+//! connection cap sees a crowd, not one abuser. M TURN clients (default 50) allocate,
+//! permit a local echo peer, send numbered datagrams through Send indications and
+//! count the round trips that come back as Data indications, and free, over and over.
+//! Every 5 s it prints the server's RSS, open descriptors (`/proc/PID/fd`), and from
+//! `/metrics` the open WebSockets, peers, rooms and active allocations. After T
+//! seconds (default 180) everyone leaves; it then waits for rooms and allocations to
+//! reach 0 and prints a summary: RSS and descriptors after warm-up (the first third)
+//! as min/max, the final counts, and per TURN client whether it relayed.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,8 +25,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use meshmeet::relay::client::{self, Attr, Session};
 use rand::{Rng, SeedableRng};
-use stun::message::{METHOD_ALLOCATE, METHOD_CREATE_PERMISSION, METHOD_REFRESH};
-use tokio::net::{TcpStream, UdpSocket};
+use stun::message::{Method, Setter, METHOD_ALLOCATE, METHOD_CREATE_PERMISSION, METHOD_REFRESH};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
@@ -87,6 +90,22 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// Relay sockets' ports: below the kernel's ephemeral range (32768-60999), where the
+/// listeners and the echo peer get theirs, so none shares a number with the TURN
+/// listener (`check-config` refuses that) and the relay's ports stay apart.
+const RELAY_PORTS: &str = "20000-29999";
+
+/// The source address of WebSocket client `n`: 100 clients per address.
+fn ws_source(n: usize) -> IpAddr {
+    let k = n / 100;
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        1 + (k / 250) as u8,
+        1 + (k % 250) as u8,
+    ))
+}
+
 impl Server {
     async fn start() -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -103,6 +122,7 @@ impl Server {
                  [rooms]\ncapacity = {ROOM_SIZE}\nresume_grace_s = {GRACE_S}\n\
                  rate_per_s = 1000\nrate_burst = 1000\n\
                  [turn]\nlisten = \"127.0.0.1:{turn_port}\"\ntls_listen = \"\"\n\
+                 relay_ports = \"{RELAY_PORTS}\"\n\
                  allowed_peer_ranges = [\"127.0.0.0/8\"]\n",
                 dir.path().display().to_string()
             ),
@@ -167,18 +187,19 @@ impl Server {
             .unwrap_or(0)
     }
 
-    /// (WebSockets, peers, rooms, active allocations) from `/metrics`.
-    async fn counts(&self) -> [i64; 4] {
+    /// `/metrics` as text (empty when it cannot be had).
+    async fn metrics(&self) -> String {
         let url = format!("https://localhost:{}/metrics", self.addr.port());
-        let text = match self.http.get(url).send().await {
+        match self.http.get(url).send().await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
-        };
-        let g = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-                .unwrap_or(-1)
-        };
+        }
+    }
+
+    /// (WebSockets, peers, rooms, active allocations) from `/metrics`.
+    async fn counts(&self) -> [i64; 4] {
+        let text = self.metrics().await;
+        let g = |name: &str| metric(&text, name).map_or(-1, |v| v as i64);
         [
             g("meshmeet_ws_connections"),
             g("meshmeet_peers"),
@@ -187,8 +208,11 @@ impl Server {
         ]
     }
 
-    async fn connect(&self) -> Option<Ws> {
-        let tcp = TcpStream::connect(self.addr).await.ok()?;
+    /// A WebSocket from `source` (a loopback address).
+    async fn connect(&self, source: IpAddr) -> Option<Ws> {
+        let sock = TcpSocket::new_v4().ok()?;
+        sock.bind(SocketAddr::new(source, 0)).ok()?;
+        let tcp = sock.connect(self.addr).await.ok()?;
         let mut req = format!("wss://localhost:{}/ws", self.addr.port())
             .into_client_request()
             .ok()?;
@@ -223,14 +247,29 @@ fn client_config(pem: &[u8]) -> Arc<rustls::ClientConfig> {
     )
 }
 
+/// The value of the metric line `name` (exactly, labels included) in `text`.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 #[derive(Default)]
 struct Stats {
     joins: AtomicU64,
     resumes: AtomicU64,
     sent: AtomicU64,
+    /// WebSocket connects or joins that failed.
     failures: AtomicU64,
+    /// TURN round trips: datagrams sent to the echo peer through the relay that came
+    /// back as Data indications; and datagrams sent.
     relayed: AtomicU64,
+    relay_sent: AtomicU64,
     allocations: AtomicU64,
+    /// Allocate requests that got no answer, or an error other than a challenge.
+    turn_failures: AtomicU64,
+    /// Allocates answered 437: an allocation from an earlier attempt whose answer was
+    /// lost, deleted and made again.
+    turn_recovered: AtomicU64,
 }
 
 /// Reads until a `joined`; returns (id, resume token, resumed, peer ids).
@@ -279,7 +318,7 @@ async fn ws_client(server: Arc<Server>, n: usize, stop: Arc<AtomicBool>, stats: 
     let room = format!("soak-{}", n / ROOM_SIZE);
     let mut token: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
-        let Some(mut ws) = server.connect().await else {
+        let Some(mut ws) = server.connect(ws_source(n)).await else {
             stats.failures.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -347,88 +386,177 @@ async fn ws_client(server: Arc<Server>, n: usize, stop: Arc<AtomicBool>, stats: 
     }
 }
 
-/// One TURN client's life: allocate, permit the echo peer, relay a few datagrams,
-/// free; again until `stop`.
+/// A TURN client's requests over UDP, retransmitted like RFC 8489 says (500 ms, then
+/// doubling, 7 tries) so that a loaded server's late answers still count, with the
+/// 401/438 challenge answered.
+struct TurnClient {
+    sock: UdpSocket,
+    server: SocketAddr,
+    session: Session,
+    buf: Vec<u8>,
+    /// Data indications that arrived while an answer was awaited (late echoes).
+    late_data: u64,
+}
+
+impl TurnClient {
+    /// One transaction: the answer to `req`, or `None` after the last retransmission.
+    async fn ask(&mut self, req: &[u8]) -> Option<stun::message::Message> {
+        let mut rto = Duration::from_millis(500);
+        for _ in 0..7 {
+            self.sock.send_to(req, self.server).await.ok()?;
+            let deadline = tokio::time::Instant::now() + rto;
+            while let Ok(Ok((len, _))) =
+                tokio::time::timeout_at(deadline, self.sock.recv_from(&mut self.buf)).await
+            {
+                let Some(m) = client::parse(&self.buf[..len]) else {
+                    continue;
+                };
+                if client::answers(req, &m) {
+                    return Some(m);
+                }
+                if client::data(&m).is_some() {
+                    self.late_data += 1;
+                }
+            }
+            rto = (rto * 2).min(Duration::from_secs(4));
+        }
+        None
+    }
+
+    fn build(&self, method: Method, attrs: &[Attr]) -> Vec<u8> {
+        let refs: Vec<&dyn Setter> = attrs.iter().map(|a| a as &dyn Setter).collect();
+        self.session.request(method, &refs)
+    }
+
+    /// A request, authenticated, learning a new nonce (401 first, 438 later) once.
+    async fn request(&mut self, method: Method, attrs: &[Attr]) -> Option<stun::message::Message> {
+        let m = self.ask(&self.build(method, attrs)).await?;
+        if self.session.learn(&m) {
+            return self.ask(&self.build(method, attrs)).await;
+        }
+        Some(m)
+    }
+
+    /// Deletes this 5-tuple's allocation (Refresh with LIFETIME 0).
+    async fn free(&mut self) -> bool {
+        self.request(METHOD_REFRESH, &[Attr::Lifetime(0)])
+            .await
+            .is_some_and(|m| client::is_success(&m) || client::error_code(&m) == Some(437))
+    }
+
+    /// An allocation for this 5-tuple. A 437 means the server holds one made by an
+    /// earlier Allocate whose answer was lost: it is deleted and made again.
+    async fn allocate(&mut self, stats: &Stats) -> bool {
+        for _ in 0..2 {
+            let Some(m) = self.request(METHOD_ALLOCATE, &[Attr::UDP]).await else {
+                return false;
+            };
+            if client::is_success(&m) {
+                return true;
+            }
+            if client::error_code(&m) != Some(437) || !self.free().await {
+                return false;
+            }
+            stats.turn_recovered.fetch_add(1, Ordering::Relaxed);
+        }
+        false
+    }
+}
+
+/// Datagrams each TURN client sends per allocation.
+const ROUND: u32 = 20;
+/// How long a TURN client waits for the last echoes of a round before freeing.
+const ECHO_WAIT: Duration = Duration::from_secs(2);
+
+/// One TURN client's life: allocate, permit the echo peer, send [`ROUND`] numbered
+/// datagrams to it through the relay (Send indications, 50 ms apart) and count those
+/// that come back (Data indications), free; again until `stop`. Returns its round
+/// trips.
 async fn turn_client(
     server: Arc<Server>,
     n: usize,
     echo: SocketAddr,
     stop: Arc<AtomicBool>,
     stats: Arc<Stats>,
-) {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
-    let mut buf = vec![0u8; 2048];
+) -> u64 {
     let expiry = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
         + 86_400;
-    let mut s = Session::rest(&server.secret, &format!("turn{n}"), expiry);
-    async fn ask(
-        sock: &UdpSocket,
-        to: SocketAddr,
-        req: &[u8],
-        buf: &mut [u8],
-    ) -> Option<stun::message::Message> {
-        for _ in 0..3 {
-            sock.send_to(req, to).await.ok()?;
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-            while let Ok(Ok((len, _))) =
-                tokio::time::timeout_at(deadline, sock.recv_from(buf)).await
-            {
-                if let Some(m) = client::parse(&buf[..len]).filter(|m| client::answers(req, m)) {
-                    return Some(m);
-                }
-            }
-        }
-        None
-    }
+    let mut c = TurnClient {
+        sock: UdpSocket::bind("127.0.0.1:0").await.expect("udp"),
+        server: server.turn,
+        session: Session::rest(&server.secret, &format!("turn{n}"), expiry),
+        buf: vec![0u8; 2048],
+        late_data: 0,
+    };
+    let mut round_trips = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let mut req = s.request(METHOD_ALLOCATE, &[&Attr::UDP]);
-        let mut ans = ask(&sock, server.turn, &req, &mut buf).await;
-        if ans.as_ref().is_some_and(|m| s.learn(m)) {
-            req = s.request(METHOD_ALLOCATE, &[&Attr::UDP]);
-            ans = ask(&sock, server.turn, &req, &mut buf).await;
-        }
-        if !ans.as_ref().is_some_and(client::is_success) {
-            stats.failures.fetch_add(1, Ordering::Relaxed);
-            s.nonce = None;
+        if !c.allocate(&stats).await {
+            stats.turn_failures.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
         stats.allocations.fetch_add(1, Ordering::Relaxed);
-        let perm = s.request(METHOD_CREATE_PERMISSION, &[&Attr::Peer(echo)]);
-        if let Some(m) = ask(&sock, server.turn, &perm, &mut buf).await {
-            // A stale nonce (after 10 minutes): learn the new one and ask again.
-            if s.learn(&m) {
-                let perm = s.request(METHOD_CREATE_PERMISSION, &[&Attr::Peer(echo)]);
-                let _ = ask(&sock, server.turn, &perm, &mut buf).await;
-            }
-        }
-        for _ in 0..20 {
-            let _ = sock
-                .send_to(&client::send_indication(echo, b"soak data"), server.turn)
-                .await;
-            if let Ok(Ok((len, _))) =
-                tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await
-            {
-                if client::parse(&buf[..len])
-                    .and_then(|m| client::data(&m))
-                    .is_some()
-                {
-                    stats.relayed.fetch_add(1, Ordering::Relaxed);
+        let permitted = c
+            .request(METHOD_CREATE_PERMISSION, &[Attr::Peer(echo)])
+            .await
+            .is_some_and(|m| client::is_success(&m));
+        if permitted {
+            let mut back = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut seq = 0u32;
+            // Send the round, reading what comes back in between; then wait up to a
+            // second for the last ones.
+            let end = loop {
+                tokio::select! {
+                    _ = tick.tick(), if seq < ROUND => {
+                        let payload = format!("soak {n} {seq}");
+                        let _ = c
+                            .sock
+                            .send_to(&client::send_indication(echo, payload.as_bytes()), c.server)
+                            .await;
+                        stats.relay_sent.fetch_add(1, Ordering::Relaxed);
+                        seq += 1;
+                        if seq == ROUND {
+                            break tokio::time::Instant::now() + ECHO_WAIT;
+                        }
+                    }
+                    r = c.sock.recv_from(&mut c.buf) => {
+                        if let Ok((len, _)) = r {
+                            if client::parse(&c.buf[..len]).and_then(|m| client::data(&m)).is_some() {
+                                back += 1;
+                            }
+                        }
+                    }
+                }
+            };
+            while back < u64::from(ROUND) {
+                match tokio::time::timeout_at(end, c.sock.recv_from(&mut c.buf)).await {
+                    Ok(Ok((len, _))) => {
+                        if client::parse(&c.buf[..len])
+                            .and_then(|m| client::data(&m))
+                            .is_some()
+                        {
+                            back += 1;
+                        }
+                    }
+                    _ => break,
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            round_trips += back;
+            stats.relayed.fetch_add(back, Ordering::Relaxed);
         }
-        let free = s.request(METHOD_REFRESH, &[&Attr::Lifetime(0)]);
-        if let Some(m) = ask(&sock, server.turn, &free, &mut buf).await {
-            if s.learn(&m) {
-                let free = s.request(METHOD_REFRESH, &[&Attr::Lifetime(0)]);
-                let _ = ask(&sock, server.turn, &free, &mut buf).await;
-            }
+        c.late_data = 0;
+        if !c.free().await {
+            stats.turn_failures.fetch_add(1, Ordering::Relaxed);
         }
+        // Echoes that came while the Refresh was answered count too.
+        round_trips += c.late_data;
+        stats.relayed.fetch_add(c.late_data, Ordering::Relaxed);
     }
+    round_trips
 }
 
 fn main() {
@@ -445,15 +573,32 @@ async fn run(args: Args) {
     let server = Arc::new(Server::start().await);
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
-    // A peer that echoes whatever the relay sends it.
-    let echo = UdpSocket::bind("127.0.0.1:0").await.expect("echo");
+    // A peer that echoes whatever the relay sends it, on a thread of its own (the
+    // WebSocket clients keep this process's runtime busy).
+    // Its receive buffer is large (the machine may be busy and the thread late).
+    let echo = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .expect("echo");
+    let _ = echo.set_recv_buffer_size(4 << 20);
+    echo.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("echo bind");
+    let echo: std::net::UdpSocket = echo.into();
     let echo_addr = echo.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let mut b = vec![0u8; 2048];
-        while let Ok((n, from)) = echo.recv_from(&mut b).await {
-            let _ = echo.send_to(&b[..n], from).await;
-        }
-    });
+    let echoed = Arc::new(AtomicU64::new(0));
+    {
+        let echoed = echoed.clone();
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; 2048];
+            while let Ok((n, from)) = echo.recv_from(&mut b) {
+                if echo.send_to(&b[..n], from).is_ok() {
+                    echoed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
     println!(
         "soak: {} WebSocket clients (rooms of {ROOM_SIZE}), {} TURN clients, {} s",
         args.clients, args.turn, args.secs
@@ -470,17 +615,37 @@ async fn run(args: Args) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    for n in 0..args.turn {
-        tasks.push(tokio::spawn(turn_client(
-            server.clone(),
-            n,
-            echo_addr,
-            stop.clone(),
-            stats.clone(),
-        )));
-    }
+    // The TURN clients on a runtime and thread of their own, for the same reason.
+    let turn_clients = {
+        let (server, stop, stats) = (server.clone(), stop.clone(), stats.clone());
+        let turns = args.turn;
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let tasks: Vec<_> = (0..turns)
+                    .map(|n| {
+                        tokio::spawn(turn_client(
+                            server.clone(),
+                            n,
+                            echo_addr,
+                            stop.clone(),
+                            stats.clone(),
+                        ))
+                    })
+                    .collect();
+                let mut per_client = Vec::new();
+                for t in tasks {
+                    per_client.push(t.await.unwrap_or(0));
+                }
+                per_client
+            })
+        })
+    };
     println!(
-        "{:>6} {:>9} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>7}",
+        "{:>6} {:>9} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8} {:>7} {:>9} {:>7} {:>8}",
         "t(s)",
         "RSS(KiB)",
         "fds",
@@ -490,14 +655,17 @@ async fn run(args: Args) {
         "allocs",
         "joins",
         "resumes",
+        "wsfail",
         "relayed",
-        "fails"
+        "allocd",
+        "turnfail"
     );
     let t0 = Instant::now();
     let mut samples: Vec<(u64, u64, usize)> = Vec::new();
     let row = |server: &Server, counts: [i64; 4], t: u64, stats: &Stats| {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         println!(
-            "{:>6} {:>9} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>7}",
+            "{:>6} {:>9} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8} {:>7} {:>9} {:>7} {:>8}",
             t,
             server.rss_kb(),
             server.fds(),
@@ -505,10 +673,12 @@ async fn run(args: Args) {
             counts[1],
             counts[2],
             counts[3],
-            stats.joins.load(Ordering::Relaxed),
-            stats.resumes.load(Ordering::Relaxed),
-            stats.relayed.load(Ordering::Relaxed),
-            stats.failures.load(Ordering::Relaxed),
+            get(&stats.joins),
+            get(&stats.resumes),
+            get(&stats.failures),
+            get(&stats.relayed),
+            get(&stats.allocations),
+            get(&stats.turn_failures),
         );
     };
     while t0.elapsed() < Duration::from_secs(args.secs) {
@@ -522,6 +692,9 @@ async fn run(args: Args) {
     for t in tasks {
         let _ = t.await;
     }
+    let per_client = tokio::task::spawn_blocking(move || turn_clients.join().unwrap_or_default())
+        .await
+        .unwrap_or_default();
     // Everyone left: wait (on the server's own figures) for rooms and allocations
     // to drain; grace periods of dropped sockets end within GRACE_S.
     let end = Instant::now();
@@ -553,5 +726,46 @@ async fn run(args: Args) {
         last[3],
         server.rss_kb(),
         server.fds()
+    );
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let (sent, back) = (get(&stats.relay_sent), get(&stats.relayed));
+    println!(
+        "TURN: {} allocations, {back} of {sent} datagrams came back ({:.2}% lost), {} \
+         allocate failures, {} lost answers recovered (437)",
+        get(&stats.allocations),
+        (sent.saturating_sub(back)) as f64 * 100.0 / sent.max(1) as f64,
+        get(&stats.turn_failures),
+        get(&stats.turn_recovered),
+    );
+    if !per_client.is_empty() {
+        let relaying = per_client.iter().filter(|n| **n > 0).count();
+        println!(
+            "TURN clients that relayed: {relaying} of {} (round trips per client: min {}, max {})",
+            per_client.len(),
+            per_client.iter().min().copied().unwrap_or(0),
+            per_client.iter().max().copied().unwrap_or(0),
+        );
+    }
+    let text = server.metrics().await;
+    let packets = |dir: &str| {
+        metric(
+            &text,
+            &format!(
+                "meshmeet_turn_relayed_packets_total{{transport=\"udp\",direction=\"{dir}\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    println!(
+        "server: relayed packets to peers {}, to clients {}, dropped {}; echo peer: {} \
+         echoed",
+        packets("to_peer"),
+        packets("to_client"),
+        metric(
+            &text,
+            "meshmeet_turn_dropped_packets_total{transport=\"udp\"}"
+        )
+        .unwrap_or(0.0),
+        echoed.load(Ordering::Relaxed),
     );
 }
