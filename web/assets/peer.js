@@ -77,6 +77,24 @@ function sessionOf(sdp) {
   return ((sdp || '').match(/^o=\S+ (\S+) /m) || [])[1] || '';
 }
 
+/**
+ * The session-level attribute with which an answer names the offer it answers: the
+ * offer's `o=` session id and version. Other clients may leave it out.
+ */
+const ANSWERS_ATTR = 'a=x-meshmeet-answers:';
+
+/** The offer an answer names (see ANSWERS_ATTR), or null. @param {string} sdp */
+function answersOf(sdp) {
+  const m = sdp.match(/^a=x-meshmeet-answers:(.*?)\r?$/m);
+  return m ? m[1] : null;
+}
+
+/** An offer's name for ANSWERS_ATTR: its `o=` session id and version. @param {string} sdp */
+function offerName(sdp) {
+  const m = sdp.match(/^o=\S+ (\S+) (\S+) /m);
+  return m ? `${m[1]} ${m[2]}` : '';
+}
+
 /** How many candidates a description carries (for diagnostics). @param {string} sdp */
 function candidates(sdp) {
   return (sdp.match(/\na=candidate:/g) || []).length;
@@ -191,8 +209,10 @@ export class Peer {
     this.early = [];
     /** our ICE username fragment when the restart under way was asked for */
     this.restartUfrag = '';
-    /** connections replaced by new ones (see renew), and the other side's session ids of those */
+    /** connections replaced by new ones (see renew) */
     this.renewals = 0;
+    /** the other side's session id (`o=`) last seen, and those it has replaced */
+    this.remoteSession = '';
     /** @type {string[]} */
     this.retired = [];
     this.pairEventHooked = false;
@@ -512,18 +532,31 @@ export class Peer {
       this.note(`${description.type} of a replaced session dropped`);
       return;
     }
-    const current = sessionOf(pc.remoteDescription?.sdp);
-    if (description.type === 'offer' && session && current && session !== current) {
-      // The other side replaced its connection (it failed there): so do we.
-      this.renew('the other side made a new one', false);
-      pc = this.pc;
-    }
     if (description.type === 'answer') {
-      // An answer to no offer of ours, or one applied already (sent again by the
-      // other side when our offer came twice): nothing to do.
-      if (pc.signalingState !== 'have-local-offer' || sdp === this.lastAnswerIn) {
-        this.note(`answer in (ufrag ${ufragOf(sdp)}), ignored: ${pc.signalingState !== 'have-local-offer' ? 'no offer pending' : 'applied already'}`);
+      // An answer to no offer of ours, one applied already (sent again by the other
+      // side when our offer came twice), or one that names another offer than ours
+      // (late, to an offer sent before, maybe on a connection replaced since).
+      const names = answersOf(sdp);
+      const why = pc.signalingState !== 'have-local-offer' ? 'no offer pending'
+        : sdp === this.lastAnswerIn ? 'applied already'
+          : names !== null && names !== offerName(this.sentOffer) ? 'answers another offer' : '';
+      if (why) {
+        this.note(`answer in (ufrag ${ufragOf(sdp)}), ignored: ${why}`);
         return;
+      }
+    }
+    if (session && session !== this.remoteSession) {
+      // The other side made a new connection (its old one failed): the old session
+      // is over, and ours, if it was negotiated with that one, is replaced too.
+      if (this.remoteSession) {
+        this.retired.push(this.remoteSession);
+        if (this.retired.length > 8) this.retired.shift();
+      }
+      this.remoteSession = session;
+      const ours = sessionOf(pc.remoteDescription?.sdp);
+      if (description.type === 'offer' && ours && ours !== session) {
+        this.renew('the other side made a new one', false);
+        pc = this.pc;
       }
     }
     if (description.type === 'offer' && sdp === this.lastOfferIn && this.lastAnswerOut &&
@@ -540,7 +573,8 @@ export class Peer {
     let sent = '';
     try {
       if (description.type === 'answer' && sdp) {
-        await pc.setRemoteDescription({ type: 'answer', sdp: this.keepDtlsRole(sdp) });
+        const plain = sdp.replace(/^a=x-meshmeet-answers:.*\r?\n/m, '');
+        await pc.setRemoteDescription({ type: 'answer', sdp: this.keepDtlsRole(plain) });
         this.lastAnswerIn = sdp;
       } else {
         await pc.setRemoteDescription(description);
@@ -554,7 +588,8 @@ export class Peer {
       const d = pc.localDescription;
       if (!d || d.type !== 'answer') return;
       await this.gathered(before);
-      sent = pc.localDescription?.sdp || d.sdp;
+      // Sent naming the offer it answers (ANSWERS_ATTR), before the first m= line.
+      sent = (pc.localDescription?.sdp || d.sdp).replace(/\r\nm=/, `\r\n${ANSWERS_ATTR}${offerName(sdp)}\r\nm=`);
       this.lastOfferIn = sdp;
       this.lastAnswerOut = sent;
       this.hooks.send({ type: 'answer', to: this.id, sdp: sent });
@@ -769,11 +804,6 @@ export class Peer {
   renew(why, offer) {
     if (this.closed) return;
     const old = this.pc;
-    const gone = sessionOf(old.remoteDescription?.sdp);
-    if (gone && !this.retired.includes(gone)) {
-      this.retired.push(gone);
-      if (this.retired.length > 8) this.retired.shift();
-    }
     this.detach(old);
     old.close();
     clearTimeout(this.restartTimer);
