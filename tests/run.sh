@@ -43,8 +43,8 @@ echo "== cargo test (benches are built by clippy above and run with cargo bench)
 # skipping (as it does on a machine without them).
 MESHMEET_REQUIRE_TOOLS=1 cargo test --lib --bins --tests
 if [ -f tests/browser/package.json ]; then
-  # The call, relay and HTTPS-only tests in the Chromium and the Firefox room (with a
-  # server restart in each); the pages, /check and room control. The mixed room
+  # The call, relay, HTTPS-only and room-control tests in the Chromium and the Firefox
+  # room (with a server restart in each call room); the pages and /check. The mixed room
   # (MESHMEET_ROOMS=mixed) is not in this run yet: a lost offer between Firefox and
   # Chromium is not yet recovered from (README, "Browser tests").
   echo "== browser tests (Chromium and Firefox rooms, pages, /check, room control)"
