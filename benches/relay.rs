@@ -54,6 +54,15 @@ enum Via {
 }
 
 impl Via {
+    /// The group name `MESHMEET_BENCH_ONLY` selects.
+    fn key(self) -> &'static str {
+        match self {
+            Via::Udp => "udp",
+            Via::Tcp => "tcp",
+            Via::Tls => "tls",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Via::Udp => "UDP",
@@ -623,7 +632,7 @@ fn main() -> Result<()> {
     let only = std::env::var("MESHMEET_BENCH_ONLY").unwrap_or_default();
     for via in [Via::Udp, Via::Tcp, Via::Tls] {
         let label = via.label();
-        if !only.is_empty() && !only.eq_ignore_ascii_case(label) {
+        if !only.is_empty() && !only.eq_ignore_ascii_case(via.key()) {
             continue;
         }
         for size in [100usize, 1200] {

@@ -171,6 +171,22 @@ impl Server {
             .unwrap_or(0)
     }
 
+    /// The server process's CPU time (user + system) so far, in microseconds.
+    fn cpu_us(&self) -> u64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name in parentheses: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        ticks * 1_000_000 / hz
+    }
+
     async fn connect(&self) -> Ws {
         let tcp = TcpStream::connect(self.addr).await.expect("tcp connect");
         let _ = tcp.set_nodelay(true);
@@ -284,7 +300,7 @@ async fn run_load(
     rooms: usize,
     secs: u64,
     rate: Option<u64>,
-) -> (f64, Vec<u32>) {
+) -> (f64, Vec<u32>, f64) {
     let clients = room_clients(server, rooms).await;
     let n = clients.len();
     let stats = Arc::new(Stats {
@@ -295,6 +311,17 @@ async fn run_load(
     let warmup = Duration::from_secs(1);
     let measure_start = epoch + warmup;
     let end = measure_start + Duration::from_secs(secs);
+    // The server's CPU time over the measured window (it holds on a busy machine,
+    // where the message rate does not).
+    let cpu = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_start.into()).await;
+            let c0 = server.cpu_us();
+            tokio::time::sleep_until(end.into()).await;
+            server.cpu_us().saturating_sub(c0)
+        })
+    };
     let mut readers = Vec::new();
     let mut writers = Vec::new();
     for (ws, peers) in clients {
@@ -373,8 +400,10 @@ async fn run_load(
     for r in readers {
         lat.extend(r.await.expect("reader"));
     }
-    let per_s = stats.received.load(Ordering::Relaxed) as f64 / secs as f64;
-    (per_s, lat)
+    let received = stats.received.load(Ordering::Relaxed);
+    let per_s = received as f64 / secs as f64;
+    let cpu_per_msg = cpu.await.unwrap_or(0) as f64 / received.max(1) as f64;
+    (per_s, lat, cpu_per_msg)
 }
 
 fn pct(sorted: &[u32], p: f64) -> f64 {
@@ -385,10 +414,10 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
-fn report(label: &str, per_s: f64, mut lat: Vec<u32>, rss_kb: u64) {
+fn report(label: &str, per_s: f64, mut lat: Vec<u32>, rss_kb: u64, cpu_per_msg: f64) {
     lat.sort_unstable();
     println!(
-        "{label}: {per_s:.0} relayed msgs/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; server RSS {:.1} MB",
+        "{label}: {per_s:.0} relayed msgs/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; server RSS {:.1} MB; server CPU {cpu_per_msg:.2} µs per relayed message",
         pct(&lat, 0.5),
         pct(&lat, 0.99),
         lat.last().map_or(f64::NAN, |m| f64::from(*m) / 1000.0),
@@ -460,7 +489,7 @@ fn main() {
             };
             if matches!(args.mode.as_str(), "throughput" | "all") {
                 let server = Arc::new(Server::start(shared).await);
-                let (per_s, lat) = run_load(&server, args.rooms, args.secs, None).await;
+                let (per_s, lat, cpu) = run_load(&server, args.rooms, args.secs, None).await;
                 assert!(per_s > 0.0 && !lat.is_empty(), "nothing was relayed");
                 report(
                     &format!(
@@ -470,11 +499,13 @@ fn main() {
                     per_s,
                     lat,
                     server.rss_kb(),
+                    cpu,
                 );
             }
             if matches!(args.mode.as_str(), "rate" | "all") {
                 let server = Arc::new(Server::start(shared).await);
-                let (per_s, lat) = run_load(&server, args.rooms, args.secs, Some(args.rate)).await;
+                let (per_s, lat, cpu) =
+                    run_load(&server, args.rooms, args.secs, Some(args.rate)).await;
                 report(
                     &format!(
                         "{port}: fixed rate {} msgs/s ({} rooms of 4)",
@@ -483,6 +514,7 @@ fn main() {
                     per_s,
                     lat,
                     server.rss_kb(),
+                    cpu,
                 );
             }
             if matches!(args.mode.as_str(), "idle" | "all") {

@@ -719,6 +719,31 @@ async fn run(args: Args) {
             (rmax as f64 - rmin as f64) * 100.0 / rmin.max(1) as f64
         );
     }
+    // Drift: the mean of the last third against the mean of the middle third. Single
+    // samples swing with how many clients happen to be connected; a leak shows as a
+    // rising mean.
+    let third = |k: u64| -> Vec<&(u64, u64, usize)> {
+        samples
+            .iter()
+            .filter(|s| s.0 * 3 >= args.secs * k && s.0 * 3 < args.secs * (k + 1))
+            .collect()
+    };
+    let mean = |v: &[&(u64, u64, usize)], f: fn(&(u64, u64, usize)) -> f64| {
+        v.iter().map(|s| f(s)).sum::<f64>() / v.len().max(1) as f64
+    };
+    let (mid, end_third) = (third(1), third(2));
+    if !mid.is_empty() && !end_third.is_empty() {
+        let rss = |s: &(u64, u64, usize)| s.1 as f64;
+        let fds = |s: &(u64, u64, usize)| s.2 as f64;
+        let (r1, r2) = (mean(&mid, rss), mean(&end_third, rss));
+        let (f1, f2) = (mean(&mid, fds), mean(&end_third, fds));
+        println!(
+            "drift (mean of the last third against the middle third): RSS {r1:.0} -> {r2:.0} \
+             KiB ({:+.1}%), descriptors {f1:.0} -> {f2:.0} ({:+.1}%)",
+            (r2 - r1) * 100.0 / r1.max(1.0),
+            (f2 - f1) * 100.0 / f1.max(1.0)
+        );
+    }
     println!(
         "end: peers {} rooms {} allocations {} (want 0 0 0); RSS {} KiB, {} descriptors",
         last[1],

