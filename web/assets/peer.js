@@ -44,8 +44,19 @@ export const DISCONNECTED_RESTART_MS = 12_000;
  * the peer restarts again (docs/CLIENT.md, "A restart that never completes").
  */
 const CONTROLLING_DEFER_MS = 5_000;
-/** How long an offer may go unanswered before it is rolled back and made again. */
+/**
+ * How long an offer may go unanswered before it is sent again; each further wait
+ * doubles, up to ANSWER_TIMEOUT_MAX_MS.
+ */
 const ANSWER_TIMEOUT_MS = 15_000;
+const ANSWER_TIMEOUT_MAX_MS = 60_000;
+/**
+ * How long a description that starts a new ICE generation waits for its first local
+ * candidate before it is sent without one (it ends as soon as one is gathered).
+ */
+const GATHER_WAIT_MS = 5_000;
+/** Remote candidates kept for an ICE generation whose description has not come yet. */
+const EARLY_CANDIDATES_MAX = 64;
 /** A restart that has not connected after this long counts as failed. */
 const RESTART_TIMEOUT_MS = 30_000;
 /** Back-off before a further restart after failed ones: doubling from, at most. */
@@ -55,6 +66,44 @@ const BACKOFF_MAX_MS = 60_000;
 const PATH_POLL_MS = 2_000;
 
 let serial = 0;
+
+/** The ICE username fragment of a description (for diagnostics). @param {string|undefined} sdp */
+function ufragOf(sdp) {
+  return ((sdp || '').match(/a=ice-ufrag:(\S+)/) || [])[1] || '';
+}
+
+/** The session id of a description (its `o=` line): one per RTCPeerConnection. @param {string|undefined} sdp */
+function sessionOf(sdp) {
+  return ((sdp || '').match(/^o=\S+ (\S+) /m) || [])[1] || '';
+}
+
+/**
+ * The session-level attribute with which an answer names the offer it answers: the
+ * offer's `o=` session id and version. Other clients may leave it out.
+ */
+const ANSWERS_ATTR = 'a=x-meshmeet-answers:';
+
+/** The offer an answer names (see ANSWERS_ATTR), or null. @param {string} sdp */
+function answersOf(sdp) {
+  const m = sdp.match(/^a=x-meshmeet-answers:(.*?)\r?$/m);
+  return m ? m[1] : null;
+}
+
+/** An offer's name for ANSWERS_ATTR: its `o=` session id and version. @param {string} sdp */
+function offerName(sdp) {
+  const m = sdp.match(/^o=\S+ (\S+) (\S+) /m);
+  return m ? `${m[1]} ${m[2]}` : '';
+}
+
+/** How many candidates a description carries (for diagnostics). @param {string} sdp */
+function candidates(sdp) {
+  return (sdp.match(/\na=candidate:/g) || []).length;
+}
+
+/**
+ * A signaling message for this connection.
+ * @typedef {{type: 'candidate', to: string, candidate: RTCIceCandidateInit|null}} CandidateMsg
+ */
 
 /** @param {RTCRtpTransceiver} t */
 function isStopped(t) {
@@ -74,6 +123,7 @@ export class Peer {
     this.name = name;
     this.polite = polite;
     this.hooks = hooks;
+    this.config = config;
     /** a number unique to this connection object (tests check it survives a resume) */
     this.serial = ++serial;
     /** @type {MediaState|null} */
@@ -137,83 +187,198 @@ export class Peer {
     /** waits for the answer to our last offer */
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this.answerWatch = undefined;
-    /** offers rolled back for want of an answer (diagnostics) */
+    /** offers sent again for want of an answer (diagnostics) */
     this.unanswered = 0;
+    /**
+     * Negotiation steps run one after another (descriptions, candidates, our offers):
+     * a step that awaits the browser is never overtaken by the next message.
+     * @type {Promise<void>}
+     */
+    this.queue = Promise.resolve();
+    /** the text of our offer that waits for its answer (sent again as it was) */
+    this.sentOffer = '';
+    /** the last remote offer applied and our answer to it, and the last remote answer applied */
+    this.lastOfferIn = '';
+    this.lastAnswerOut = '';
+    this.lastAnswerIn = '';
+    /** our candidates held back until the description they belong to has been sent */
+    /** @type {CandidateMsg[]|null} */
+    this.held = null;
+    /** remote candidates of an ICE generation whose description has not arrived yet */
+    /** @type {RTCIceCandidateInit[]} */
+    this.early = [];
+    /** our ICE username fragment when the restart under way was asked for */
+    this.restartUfrag = '';
+    /** connections replaced by new ones (see renew) */
+    this.renewals = 0;
+    /** the other side's session id (`o=`) last seen, and those it has replaced */
+    this.remoteSession = '';
+    /** @type {string[]} */
+    this.retired = [];
     this.pairEventHooked = false;
+    /** the last negotiation and connection events, oldest first (for diagnostics) */
+    /** @type {string[]} */
+    this.trace = [];
+    this.born = Date.now();
     this.pc = new RTCPeerConnection(config);
     this.wire();
   }
 
+  /**
+   * Notes an event in `trace` (bounded), with the time since the connection was made.
+   * @param {string} what
+   */
+  note(what) {
+    const pc = this.pc;
+    this.trace.push(`${((Date.now() - this.born) / 1000).toFixed(1)}s ${what} [${pc.signalingState}/${pc.iceConnectionState}/${pc.connectionState}]`);
+    if (this.trace.length > 100) this.trace.shift();
+  }
+
   wire() {
     const pc = this.pc;
-    pc.onnegotiationneeded = () => this.negotiate();
+    pc.onnegotiationneeded = () => {
+      this.note('negotiationneeded');
+      this.run(() => this.negotiate());
+    };
     pc.onicecandidate = ({ candidate }) => {
       if (this.closed) return;
-      this.hooks.send({ type: 'candidate', to: this.id, candidate: candidate ? candidate.toJSON() : null });
+      /** @type {CandidateMsg} */
+      const msg = { type: 'candidate', to: this.id, candidate: candidate ? candidate.toJSON() : null };
+      if (this.held) this.held.push(msg);
+      else this.hooks.send(msg);
     };
     pc.ontrack = (ev) => this.onTrack(ev);
-    pc.onconnectionstatechange = () => this.updateState();
-    pc.oniceconnectionstatechange = () => this.updateState();
+    pc.onconnectionstatechange = () => { this.note('connectionstate'); this.updateState(); };
+    pc.oniceconnectionstatechange = () => { this.note('iceconnectionstate'); this.updateState(); };
     pc.onsignalingstatechange = () => {
+      this.note('signalingstate');
       if (pc.signalingState !== 'stable') return;
       clearTimeout(this.answerWatch);
       this.answerWatch = undefined;
       this.applyLimits();
-      // A restart of a connection that stayed connected ends with its negotiation.
-      if (this.restarting && this.connState() === 'connected') {
+      // A restart of a connection that stayed connected ends with its negotiation:
+      // once new ICE credentials of ours are in force. (A `stable` with the old ones
+      // is our restart offer rolled back in a collision; the browser offers again.)
+      if (this.restarting && this.connState() === 'connected' &&
+          ufragOf(pc.currentLocalDescription?.sdp) !== this.restartUfrag) {
         this.restartDone();
         this.failedRestarts = 0;
       }
     };
   }
 
-  /** Makes an offer (perfect negotiation) and watches for its answer. */
-  async negotiate() {
-    // One offer at a time (a second negotiationneeded comes back once stable, if the
-    // change still needs it).
-    if (this.closed || this.makingOffer) return;
+  /**
+   * Runs a negotiation step after the ones before it.
+   * @param {() => Promise<void>} step
+   */
+  run(step) {
+    this.queue = this.queue.then(() => (this.closed ? undefined : step())).catch((e) => {
+      this.note(`negotiation step failed: ${e}`);
+      console.warn('negotiation step failed', e);
+    });
+    return this.queue;
+  }
+
+  /**
+   * For a local description that starts a new ICE generation (the first one, or an
+   * ICE restart): waits until it holds a candidate, or gathering ends, at most
+   * GATHER_WAIT_MS. Such a description has no candidate when set; sent with one,
+   * the other side can check a pair at once instead of waiting for trickled
+   * candidates, which a busy machine delivers late (Firefox fails an ICE generation
+   * with nothing to check about 5 s after its description, and a Firefox
+   * connection that failed sends no media any more; docs/CLIENT.md). A description
+   * in the same generation as before carries its candidates already.
+   * @param {string} before our ICE username fragment before this description
+   */
+  gathered(before) {
     const pc = this.pc;
-    try {
-      this.makingOffer = true;
-      await pc.setLocalDescription();
-      const d = pc.localDescription;
-      if (d && d.type === 'offer') {
-        this.offers += 1;
-        this.hooks.send({ type: 'offer', to: this.id, sdp: d.sdp });
-        this.watchAnswer(this.offers);
-      }
-    } catch (e) {
-      console.warn('offer failed', e);
-    } finally {
-      this.makingOffer = false;
+    const sdp = () => pc.localDescription?.sdp || '';
+    const ready = () => this.closed || /\na=candidate:/.test(sdp());
+    if ((before && ufragOf(sdp()) === before) || ready()) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        pc.removeEventListener('icecandidate', check);
+        pc.removeEventListener('icegatheringstatechange', check);
+        resolve(undefined);
+      };
+      const check = () => { if (ready() || pc.iceGatheringState === 'complete') done(); };
+      const timer = setTimeout(done, GATHER_WAIT_MS);
+      pc.addEventListener('icecandidate', check);
+      pc.addEventListener('icegatheringstatechange', check);
+    });
+  }
+
+  /**
+   * Sends the candidates held back while a description was made (those it carries
+   * already are left out).
+   * @param {string} sdp the description sent, or '' if none was
+   */
+  releaseCandidates(sdp) {
+    const held = this.held || [];
+    this.held = null;
+    if (this.closed) return;
+    for (const m of held) {
+      if (m.candidate && m.candidate.candidate && sdp.includes(`a=${m.candidate.candidate}\r\n`)) continue;
+      this.hooks.send(m);
     }
   }
 
   /**
-   * An offer that gets no answer (lost with a signaling socket that died, or refused
-   * by the other side) would leave the connection in `have-local-offer` for good: no
-   * further renegotiation, no ICE restart. After ANSWER_TIMEOUT_MS it is rolled back
-   * and offered again (with a new ICE restart if one was under way).
-   * @param {number} n the offer's number (`offers` when it was sent)
+   * Makes an offer (perfect negotiation) and watches for its answer. Runs as a
+   * negotiation step (`run`).
    */
-  watchAnswer(n) {
+  async negotiate() {
+    const pc = this.pc;
+    // One offer at a time: negotiationneeded comes again once stable if the change
+    // still needs it.
+    if (this.closed || pc.signalingState !== 'stable') return;
+    let sent = '';
+    this.makingOffer = true;
+    this.held = [];
+    const before = ufragOf(pc.currentLocalDescription?.sdp);
+    try {
+      await pc.setLocalDescription();
+      const offering = () => /** @type {RTCSignalingState} */ (pc.signalingState) === 'have-local-offer';
+      if (!offering()) return;
+      await this.gathered(before);
+      const d = pc.localDescription;
+      if (this.closed || !d || d.type !== 'offer' || !offering()) return;
+      this.offers += 1;
+      sent = d.sdp;
+      this.sentOffer = sent;
+      this.hooks.send({ type: 'offer', to: this.id, sdp: sent });
+      this.note(`offer ${this.offers} sent (ufrag ${ufragOf(sent)}, ${candidates(sent)} candidates)`);
+      this.watchAnswer(this.offers, ANSWER_TIMEOUT_MS);
+    } catch (e) {
+      this.note(`offer failed: ${e}`);
+      console.warn('offer failed', e);
+    } finally {
+      this.makingOffer = false;
+      this.releaseCandidates(sent);
+    }
+  }
+
+  /**
+   * An offer that gets no answer (lost with a signaling socket that died, or its
+   * answer lost) would leave the connection in `have-local-offer` for good: no
+   * further renegotiation, no ICE restart. After ANSWER_TIMEOUT_MS (then doubling)
+   * the same offer is sent again, word for word: the other side answers it if it
+   * never had it, and sends its answer again if it had (see onDescription).
+   * @param {number} n the offer's number (`offers` when it was sent)
+   * @param {number} ms
+   */
+  watchAnswer(n, ms) {
     clearTimeout(this.answerWatch);
-    this.answerWatch = setTimeout(async () => {
+    this.answerWatch = setTimeout(() => {
       this.answerWatch = undefined;
       const pc = this.pc;
-      // (The local description itself changes as candidates are gathered.)
-      if (this.closed || pc.signalingState !== 'have-local-offer' || this.offers !== n) return;
+      if (this.closed || pc.signalingState !== 'have-local-offer' || this.offers !== n || !this.sentOffer) return;
       this.unanswered += 1;
-      try {
-        await pc.setLocalDescription({ type: 'rollback' });
-      } catch (e) {
-        console.warn('rollback failed', e);
-        return;
-      }
-      if (this.restarting && typeof pc.restartIce === 'function') pc.restartIce();
-      // Whether or not the browser fires negotiationneeded again, offer now.
-      if (/** @type {RTCSignalingState} */ (pc.signalingState) === 'stable') this.negotiate();
-    }, ANSWER_TIMEOUT_MS);
+      this.note(`offer ${n} unanswered: sent again`);
+      this.hooks.send({ type: 'offer', to: this.id, sdp: this.sentOffer });
+      this.watchAnswer(n, Math.min(ANSWER_TIMEOUT_MAX_MS, ms * 2));
+    }, ms);
   }
 
   /** The connection state (`iceConnectionState` where `connectionState` is missing). */
@@ -349,30 +514,91 @@ export class Peer {
   }
 
   /**
-   * A description from the remote peer (perfect negotiation).
+   * A description from the remote peer (perfect negotiation), applied after the
+   * steps before it.
    * @param {RTCSessionDescriptionInit} description
    */
-  async onDescription(description) {
-    if (this.closed) return;
-    const pc = this.pc;
-    const offerCollision =
-      description.type === 'offer' && (this.makingOffer || pc.signalingState !== 'stable');
+  onDescription(description) {
+    if (this.closed) return Promise.resolve();
+    return this.run(() => this.applyDescription(description));
+  }
+
+  /** @param {RTCSessionDescriptionInit} description */
+  async applyDescription(description) {
+    let pc = this.pc;
+    const sdp = description.sdp || '';
+    const session = sessionOf(sdp);
+    if (session && this.retired.includes(session)) {
+      this.note(`${description.type} of a replaced session dropped`);
+      return;
+    }
+    if (description.type === 'answer') {
+      // An answer to no offer of ours, one applied already (sent again by the other
+      // side when our offer came twice), or one that names another offer than ours
+      // (late, to an offer sent before, maybe on a connection replaced since).
+      const names = answersOf(sdp);
+      const why = pc.signalingState !== 'have-local-offer' ? 'no offer pending'
+        : sdp === this.lastAnswerIn ? 'applied already'
+          : names !== null && names !== offerName(this.sentOffer) ? 'answers another offer' : '';
+      if (why) {
+        this.note(`answer in (ufrag ${ufragOf(sdp)}), ignored: ${why}`);
+        return;
+      }
+    }
+    if (session && session !== this.remoteSession) {
+      // The other side made a new connection (its old one failed): the old session
+      // is over, and ours, if it was negotiated with that one, is replaced too.
+      if (this.remoteSession) {
+        this.retired.push(this.remoteSession);
+        if (this.retired.length > 8) this.retired.shift();
+      }
+      this.remoteSession = session;
+      const ours = sessionOf(pc.remoteDescription?.sdp);
+      if (description.type === 'offer' && ours && ours !== session) {
+        this.renew('the other side made a new one', false);
+        pc = this.pc;
+      }
+    }
+    if (description.type === 'offer' && sdp === this.lastOfferIn && this.lastAnswerOut &&
+        pc.signalingState === 'stable') {
+      // Our answer to this very offer went missing (or is slow): the same answer again.
+      this.hooks.send({ type: 'answer', to: this.id, sdp: this.lastAnswerOut });
+      this.note(`offer in (ufrag ${ufragOf(sdp)}) again: answer sent again`);
+      return;
+    }
+    const offerCollision = description.type === 'offer' && pc.signalingState !== 'stable';
     this.ignoreOffer = !this.polite && offerCollision;
+    this.note(`${description.type} in (ufrag ${ufragOf(sdp)})${offerCollision ? ' colliding' : ''}${this.ignoreOffer ? ', ignored' : ''}`);
     if (this.ignoreOffer) return;
+    let sent = '';
     try {
-      if (description.type === 'answer' && description.sdp) {
-        description = { type: 'answer', sdp: this.keepDtlsRole(description.sdp) };
+      if (description.type === 'answer' && sdp) {
+        const plain = sdp.replace(/^a=x-meshmeet-answers:.*\r?\n/m, '');
+        await pc.setRemoteDescription({ type: 'answer', sdp: this.keepDtlsRole(plain) });
+        this.lastAnswerIn = sdp;
+      } else {
+        await pc.setRemoteDescription(description);
       }
-      await pc.setRemoteDescription(description);
       await this.flushCandidates();
-      if (description.type === 'offer') {
-        this.attachLocal();
-        await pc.setLocalDescription();
-        const d = pc.localDescription;
-        if (d) this.hooks.send({ type: 'answer', to: this.id, sdp: d.sdp });
-      }
+      if (description.type !== 'offer') return;
+      this.attachLocal();
+      this.held = [];
+      const before = ufragOf(pc.currentLocalDescription?.sdp);
+      await pc.setLocalDescription();
+      const d = pc.localDescription;
+      if (!d || d.type !== 'answer') return;
+      await this.gathered(before);
+      // Sent naming the offer it answers (ANSWERS_ATTR), before the first m= line.
+      sent = (pc.localDescription?.sdp || d.sdp).replace(/\r\nm=/, `\r\n${ANSWERS_ATTR}${offerName(sdp)}\r\nm=`);
+      this.lastOfferIn = sdp;
+      this.lastAnswerOut = sent;
+      this.hooks.send({ type: 'answer', to: this.id, sdp: sent });
+      this.note(`answer sent (ufrag ${ufragOf(sent)}, ${candidates(sent)} candidates)`);
     } catch (e) {
+      this.note(`negotiation failed: ${e}`);
       console.warn('negotiation failed', e);
+    } finally {
+      if (this.held) this.releaseCandidates(sent);
     }
   }
 
@@ -411,23 +637,44 @@ export class Peer {
     return fixed;
   }
 
-  /** @param {RTCIceCandidateInit|null} candidate */
-  async onCandidate(candidate) {
-    if (this.closed) return;
+  /**
+   * A remote candidate (null: the end of candidates), added after the steps before it.
+   * @param {RTCIceCandidateInit|null} candidate
+   */
+  onCandidate(candidate) {
+    if (this.closed) return Promise.resolve();
+    return this.run(() => this.addCandidate(candidate || { candidate: '' }));
+  }
+
+  /** @param {RTCIceCandidateInit} c */
+  async addCandidate(c) {
     if (!this.pc.remoteDescription) {
-      this.pendingCandidates.push(candidate || { candidate: '' });
+      this.pendingCandidates.push(c);
       return;
     }
     try {
-      await this.pc.addIceCandidate(candidate || undefined);
+      await this.pc.addIceCandidate(c.candidate === '' ? undefined : c);
     } catch (e) {
-      if (!this.ignoreOffer) console.warn('addIceCandidate failed', e);
+      if (this.ignoreOffer) return;
+      // A candidate of an ICE generation whose description has not come yet (its
+      // offer or answer was lost and comes again): kept for then.
+      if (c.usernameFragment && c.usernameFragment !== ufragOf(this.pc.remoteDescription?.sdp)) {
+        this.early.push(c);
+        if (this.early.length > EARLY_CANDIDATES_MAX) this.early.shift();
+        this.note(`candidate of ufrag ${c.usernameFragment} kept for later`);
+        return;
+      }
+      this.note(`addIceCandidate failed (ufrag ${c.usernameFragment}): ${e}`);
+      console.warn('addIceCandidate failed', e);
     }
   }
 
+  /** Adds the candidates that came before the remote description they belong to. */
   async flushCandidates() {
-    const list = this.pendingCandidates;
+    const ufrag = ufragOf(this.pc.remoteDescription?.sdp);
+    const list = this.pendingCandidates.concat(this.early.filter((c) => c.usernameFragment === ufrag));
     this.pendingCandidates = [];
+    this.early = this.early.filter((c) => c.usernameFragment !== ufrag);
     for (const c of list) {
       try {
         await this.pc.addIceCandidate(c.candidate === '' ? undefined : c);
@@ -534,8 +781,90 @@ export class Peer {
     if (this.closed || this.restartTimer || this.restarting) return;
     this.restartTimer = setTimeout(() => {
       this.restartTimer = undefined;
-      if (this.stuck(this.connState())) this.restartIce();
+      const cs = this.connState();
+      if (!this.stuck(cs)) return;
+      // A failed connection is replaced, not restarted (see renew).
+      if (cs === 'failed') this.run(async () => { if (this.connState() === 'failed') this.renew('failed', true); });
+      else this.restartIce();
     }, ms);
+  }
+
+  /**
+   * Replaces the RTCPeerConnection with a new one. Firefox does not send media again
+   * on a connection whose ICE transport has failed, whatever ICE restarts follow
+   * (docs/CLIENT.md), so a `failed` connection is replaced rather than restarted, in
+   * every browser. With `offer`, the new connection offers (the side that saw the
+   * failure); the other side sees an offer from a new session (another `o=` session
+   * id) and replaces its own connection to answer it. Descriptions of the sessions
+   * replaced are dropped from then on. Counts as a restart under way (one at a time,
+   * with the same back-off).
+   * @param {string} why
+   * @param {boolean} offer
+   */
+  renew(why, offer) {
+    if (this.closed) return;
+    const old = this.pc;
+    this.detach(old);
+    old.close();
+    clearTimeout(this.restartTimer);
+    this.restartTimer = undefined;
+    clearTimeout(this.answerWatch);
+    this.answerWatch = undefined;
+    clearInterval(this.pathTimer);
+    this.pathTimer = undefined;
+    clearTimeout(this.noPathTimer);
+    this.noPathTimer = undefined;
+    this.restartDone();
+    this.renewals += 1;
+    this.makingOffer = false;
+    this.ignoreOffer = false;
+    this.pendingCandidates = [];
+    this.early = [];
+    this.held = null;
+    this.sentOffer = '';
+    this.lastOfferIn = '';
+    this.lastAnswerOut = '';
+    this.lastAnswerIn = '';
+    this.audioTx = null;
+    this.videoTx = null;
+    this.screenTx = null;
+    this.attached = false;
+    this.path = null;
+    this.pathKnowable = true;
+    this.pairEventHooked = false;
+    this.iceRole = '';
+    this.lastCs = '';
+    if (this.disconnectedSince) {
+      this.blips.push(Date.now() - this.disconnectedSince);
+      if (this.blips.length > 50) this.blips.shift();
+      this.disconnectedSince = 0;
+    }
+    this.pc = new RTCPeerConnection(this.config);
+    this.wire();
+    this.note(`new connection (${why})`);
+    // Under way like a restart: no other one until it connects, fails or 30 s pass.
+    this.restarting = true;
+    this.restarts += 1;
+    this.failedRestarts += 1;
+    this.restartUfrag = '';
+    this.restartWatch = setTimeout(() => {
+      this.restartWatch = undefined;
+      if (!this.restarting) return;
+      this.restartDone();
+      if (this.stuck(this.connState())) this.scheduleRestart(this.backoff() + this.defer());
+    }, RESTART_TIMEOUT_MS);
+    this.setState(this.everConnected ? 'reconnecting' : 'connecting');
+    if (offer) this.start();
+  }
+
+  /** Unhooks a connection's handlers. @param {RTCPeerConnection} pc */
+  detach(pc) {
+    pc.onnegotiationneeded = null;
+    pc.onicecandidate = null;
+    pc.ontrack = null;
+    pc.onconnectionstatechange = null;
+    pc.oniceconnectionstatechange = null;
+    pc.onsignalingstatechange = null;
   }
 
   /**
@@ -548,6 +877,8 @@ export class Peer {
     this.restartTimer = undefined;
     this.restarting = true;
     this.restarts += 1;
+    this.restartUfrag = ufragOf(this.pc.currentLocalDescription?.sdp);
+    this.note(`ICE restart ${this.restarts}`);
     this.failedRestarts += 1;
     this.pc.restartIce();
     this.restartWatch = setTimeout(() => {
@@ -560,6 +891,7 @@ export class Peer {
   }
 
   restartDone() {
+    if (this.restarting) this.note('restart done');
     this.restarting = false;
     clearTimeout(this.restartWatch);
     this.restartWatch = undefined;
@@ -592,6 +924,7 @@ export class Peer {
     this.pathKnowable = path !== undefined;
     const moved = JSON.stringify(path || null) !== JSON.stringify(this.path);
     this.path = path || null;
+    if (moved) this.note(`path ${path ? `${path.local}/${path.remote} ${path.protocol}` : String(path)} (${this.iceRole})`);
     const before = this.state;
     this.setState(this.connectedState());
     // Another pair on the same kind of path (e.g. a relay over TCP instead of UDP).
@@ -618,6 +951,7 @@ export class Peer {
       this.noPathTimer = undefined;
       if (this.closed || this.path || !this.pathKnowable || this.connState() !== 'connected') return;
       this.noPathRestarts += 1;
+      this.note('no selected pair: restart');
       this.restartIce();
     }, Math.max(DISCONNECTED_RESTART_MS, this.backoff()) + this.defer());
   }
@@ -671,6 +1005,7 @@ export class Peer {
   /** New ICE servers and credentials. @param {RTCConfiguration} config */
   setConfiguration(config) {
     if (this.closed) return;
+    this.config = config;
     try {
       this.pc.setConfiguration(config);
     } catch (e) {
@@ -712,12 +1047,7 @@ export class Peer {
     clearInterval(this.pathTimer);
     clearTimeout(this.noPathTimer);
     clearTimeout(this.answerWatch);
-    this.pc.onnegotiationneeded = null;
-    this.pc.onicecandidate = null;
-    this.pc.ontrack = null;
-    this.pc.onconnectionstatechange = null;
-    this.pc.oniceconnectionstatechange = null;
-    this.pc.onsignalingstatechange = null;
+    this.detach(this.pc);
     this.pc.close();
   }
 }

@@ -1553,7 +1553,7 @@ async function stats() {
       id: p.id, name: p.name, serial: p.serial, state: p.state, connectionState: p.pc.connectionState,
       framesDecoded, audioPackets, screenFrames, path, media: p.media,
       tilePath: p.path, restarts: p.restarts, noPathRestarts: p.noPathRestarts, iceRole: p.iceRole,
-      offers: p.offers, unanswered: p.unanswered, roleFixes: p.roleFixes, blips: p.blips.slice(),
+      offers: p.offers, unanswered: p.unanswered, roleFixes: p.roleFixes, renewals: p.renewals, blips: p.blips.slice(),
       disconnectedFor: p.disconnectedSince ? Date.now() - p.disconnectedSince : 0,
     };
   }

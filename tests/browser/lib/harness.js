@@ -603,9 +603,21 @@ export async function describeCall(page) {
         const s = st[p.id] || {};
         lines.push(`  peer ${p.id} (${p.name}): ${p.pc.connectionState}/${p.pc.iceConnectionState}/` +
           `${p.pc.signalingState}, tile ${s.state}, frames ${s.framesDecoded}, audio packets ${s.audioPackets}, ` +
-          `path ${JSON.stringify(s.path)}, offers sent ${s.offers}, restarts ${s.restarts} (${s.noPathRestarts} for no selected pair)`);
-        // Incoming video per m-line: packets, frames received and decoded, key frames, PLIs.
+          `path ${JSON.stringify(s.path)}, offers sent ${s.offers} (${s.unanswered} sent again), ` +
+          `restarts ${s.restarts} (${s.noPathRestarts} for no selected pair, ${s.renewals} new connections)`);
         const r = await p.pc.getStats();
+        // What the selected candidate pair carried (a connection that is connected but
+        // sends nothing shows here: Firefox's, after its ICE transport failed once).
+        /** @type {any} */
+        let pair = null;
+        r.forEach((/** @type {any} */ x) => {
+          if (x.type === 'transport' && x.selectedCandidatePairId) pair = r.get(x.selectedCandidatePairId) || pair;
+        });
+        r.forEach((/** @type {any} */ x) => { if (!pair && x.type === 'candidate-pair' && x.selected) pair = x; });
+        if (pair) lines.push(`    selected pair: ${pair.bytesSent} bytes sent, ${pair.bytesReceived} received`);
+        // The connection's last negotiation and connection events.
+        for (const t of (p.trace || []).slice(-40)) lines.push(`    | ${t}`);
+        // Incoming video per m-line: packets, frames received and decoded, key frames, PLIs.
         r.forEach((/** @type {any} */ x) => {
           if (x.type === 'inbound-rtp' && x.kind === 'video') {
             lines.push(`    video in mid ${x.mid}: packets ${x.packetsReceived}, lost ${x.packetsLost}, frames received ` +

@@ -104,7 +104,7 @@ for (const room of rooms()) {
         const s = await stats(page);
         assert.equal(Object.keys(s).length, 3);
         for (const peer of Object.values(s)) {
-          assert.ok(peer.framesDecoded > 0 && peer.audioPackets > 0, JSON.stringify(peer));
+          if (!(peer.framesDecoded > 0 && peer.audioPackets > 0)) assert.fail(`${JSON.stringify(peer)}\n${await describeCall(page)}`);
         }
         // Every connection is up, and its tile says which path it is on. Host candidates
         // are on one network here, so the pair is normally direct; on a starved machine
@@ -182,34 +182,172 @@ for (const room of rooms()) {
     });
 
     if (room.label === 'mixed') {
-      test('an offer lost on the way is rolled back and made again (from Firefox and from Chromium)', T, async () => {
+      /**
+       * On `page`, drops the next message of `type` it sends to peer `to` (as a
+       * signaling socket that dies with it would); `window.__lost` turns 1 when it has.
+       * @param {Page} page @param {string} to @param {'offer'|'answer'} type
+       */
+      const loseNext = (page, to, type) => page.evaluate(([id, kind]) => {
+        const w = /** @type {any} */ (window);
+        const sig = w.meshmeet.signaling;
+        const send = sig.send.bind(sig);
+        w.__lost = 0;
+        sig.send = (/** @type {any} */ m) => {
+          if (m.type === kind && m.to === id && w.__lost === 0) {
+            w.__lost = 1;
+            sig.send = send;
+            return;
+          }
+          send(m);
+        };
+      }, [to, type]);
+      /**
+       * The ICE restart `from` started towards `to` has completed: `from` sent its
+       * offer again (the first went unanswered), both connections are stable and
+       * connected, and each side has the other's new ICE credentials.
+       * @param {Page} fromPage @param {Page} toPage @param {string} fromId @param {string} toId
+       * @param {{ufrag: string, unanswered: number}} old `from`'s ICE username fragment and
+       *   count of offers sent again, before the restart
+       */
+      const restarted = async (fromPage, toPage, fromId, toId, old) => {
+        await waitFor(fromPage, ([id, was]) => {
+          const p = /** @type {any} */ (window).meshmeet.peers.get(id);
+          const ufrag = (p.pc.currentLocalDescription?.sdp.match(/a=ice-ufrag:(\S+)/) || [])[1];
+          return p.unanswered > was.unanswered && p.pc.signalingState === 'stable' &&
+            p.pc.connectionState === 'connected' && !p.restarting && ufrag && ufrag !== was.ufrag;
+        }, /** @type {[string, {ufrag: string, unanswered: number}]} */ ([toId, old]), { timeout: MEDIA, interval: 250, what: 'the unanswered offer sent again, answered, and the restart complete' });
+        const ufrags = (/** @type {Page} */ page, /** @type {string} */ id) => page.evaluate((peer) => {
+          const pc = /** @type {any} */ (window).meshmeet.peers.get(peer).pc;
+          const u = (/** @type {string|undefined} */ sdp) => ((sdp || '').match(/a=ice-ufrag:(\S+)/) || [])[1];
+          return { local: u(pc.currentLocalDescription?.sdp), remote: u(pc.currentRemoteDescription?.sdp), state: pc.signalingState };
+        }, id);
+        await waitFor(toPage, (id) => /** @type {any} */ (window).meshmeet.peers.get(id).pc.signalingState === 'stable',
+          fromId, { timeout: UI, what: 'the other side stable' });
+        const [f, t] = [await ufrags(fromPage, toId), await ufrags(toPage, fromId)];
+        assert.equal(t.remote, f.local, `both sides on the new ICE credentials: ${JSON.stringify({ f, t })}`);
+        assert.equal(f.remote, t.local, `both sides on the new ICE credentials: ${JSON.stringify({ f, t })}`);
+      };
+      /**
+       * Our ICE username fragment on the connection to `id`, and how many offers on it
+       * went out again for want of an answer.
+       * @param {Page} page @param {string} id
+       */
+      const ufragTo = (page, id) => page.evaluate((peer) => {
+        const p = /** @type {any} */ (window).meshmeet.peers.get(peer);
+        return {
+          ufrag: /** @type {string} */ ((p.pc.currentLocalDescription.sdp.match(/a=ice-ufrag:(\S+)/) || [])[1]),
+          unanswered: /** @type {number} */ (p.unanswered),
+        };
+      }, id);
+
+      test('an offer lost on the way is sent again and answered (from Firefox and from Chromium)', T, async () => {
         const [a, b, c] = pages();
-        const [bId, cId] = [await myId(b), await myId(c)];
-        // The next offer each sends is dropped before it reaches the server (as with a
-        // socket that dies with it); then each restarts ICE towards the next page.
-        const lose = (/** @type {Page} */ page, /** @type {string} */ to) => page.evaluate((id) => {
+        const [aId, bId, cId] = [await myId(a), await myId(b), await myId(c)];
+        const before = [await ufragTo(a, bId), await ufragTo(b, cId)];
+        // The next offer each sends is dropped before it reaches the server; then each
+        // restarts ICE towards the next page: Firefox to Chromium, Chromium to Firefox.
+        await Promise.all([loseNext(a, bId, 'offer'), loseNext(b, cId, 'offer')]);
+        assert.deepEqual(await Promise.all([
+          a.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), bId),
+          b.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), cId),
+        ]), [true, true]);
+        await Promise.all([restarted(a, b, aId, bId, before[0]), restarted(b, c, bId, cId, before[1])]);
+        for (const page of [a, b]) assert.equal(await page.evaluate(() => /** @type {any} */ (window).__lost), 1, 'an offer was dropped');
+        await waitForMedia(pages(), 4, MEDIA);
+      });
+
+      test('an answer lost on the way: the offer comes again and gets the same answer (to Firefox and to Chromium)', T, async () => {
+        const [a, b, c] = pages();
+        const [aId, bId, cId] = [await myId(a), await myId(b), await myId(c)];
+        const before = [await ufragTo(a, bId), await ufragTo(b, cId)];
+        // The answer each offer gets is dropped: Chromium's answer to Firefox, and
+        // Firefox's answer to Chromium.
+        await Promise.all([loseNext(b, aId, 'answer'), loseNext(c, bId, 'answer')]);
+        assert.deepEqual(await Promise.all([
+          a.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), bId),
+          b.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), cId),
+        ]), [true, true]);
+        await Promise.all([restarted(a, b, aId, bId, before[0]), restarted(b, c, bId, cId, before[1])]);
+        for (const page of [b, c]) assert.equal(await page.evaluate(() => /** @type {any} */ (window).__lost), 1, 'an answer was dropped');
+        await waitForMedia(pages(), 4, MEDIA);
+      });
+
+      test('an ICE restart answered by Firefox while its peer is starved (candidates and answer 8 s late): Firefox never fails and keeps sending', T, async () => {
+        const [a, b] = pages();
+        const [aId, bId] = [await myId(a), await myId(b)];
+        // On Firefox's page (A): for the next 3 s, the Chromium peer's candidates reach
+        // A 8 s late, and A's answer and candidates reach it 8 s late: nothing to check
+        // on either side for 8 s, as with a peer whose page gets no CPU. A Firefox
+        // connection that fails (Firefox gives up on a new ICE generation with nothing
+        // to check after 5 s) never sends again; the offer carries its first
+        // candidates so that A has a pair to check at once.
+        await a.evaluate((id) => {
           const w = /** @type {any} */ (window);
           const sig = w.meshmeet.signaling;
+          const until = Date.now() + 3000;
           const send = sig.send.bind(sig);
-          w.__lost = 0;
           sig.send = (/** @type {any} */ m) => {
-            if (m.type === 'offer' && m.to === id && w.__lost === 0) {
-              w.__lost = 1;
-              sig.send = send;
-              return;
-            }
-            send(m);
+            if (Date.now() < until && m.to === id && (m.type === 'answer' || m.type === 'candidate')) setTimeout(() => send(m), 8000);
+            else send(m);
           };
-          return w.meshmeet.restartIce(id);
-        }, to);
-        assert.deepEqual(await Promise.all([lose(a, bId), lose(b, cId)]), [true, true]);
-        const recovered = (/** @type {Page} */ page, /** @type {string} */ to) => waitFor(page, (id) => {
+          const onMessage = sig.handlers.onMessage;
+          sig.handlers.onMessage = (/** @type {any} */ m) => {
+            if (Date.now() < until && m.from === id && m.type === 'candidate') setTimeout(() => onMessage(m), 8000);
+            else onMessage(m);
+          };
+          w.__states = [];
+          const pc = w.meshmeet.peers.get(id).pc;
+          pc.addEventListener('connectionstatechange', () => w.__states.push(pc.connectionState));
+        }, bId);
+        assert.equal(await b.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), aId), true);
+        await waitFor(b, (id) => {
+          const p = /** @type {any} */ (window).meshmeet.peers.get(id);
+          return p.pc.signalingState === 'stable' && p.pc.connectionState === 'connected' && !p.restarting;
+        }, aId, { timeout: MEDIA, what: 'the restart to complete' });
+        await waitForMedia(pages(), 4, MEDIA);
+        const states = await a.evaluate(() => /** @type {string[]} */ (/** @type {any} */ (window).__states));
+        assert.ok(!states.includes('failed'), `Firefox's connection states: ${states.join(', ')}`);
+      });
+
+      test('a Firefox connection that fails anyway is replaced by a new one on both sides, and media flows both ways again', T, async () => {
+        const [a, b] = pages();
+        const [aId, bId] = [await myId(a), await myId(b)];
+        // As above, and the Chromium peer's restart offer reaches Firefox without its
+        // candidates (as from a client that sends none in its descriptions): Firefox
+        // has nothing to check for 8 s and fails the connection, for good (it would
+        // send no media on it again). It is replaced: a new connection on each side.
+        const renewalsBefore = await Promise.all([a.evaluate((id) => /** @type {any} */ (window).meshmeet.peers.get(id).renewals, bId),
+          b.evaluate((id) => /** @type {any} */ (window).meshmeet.peers.get(id).renewals, aId)]);
+        await a.evaluate((id) => {
           const w = /** @type {any} */ (window);
-          const p = w.meshmeet.peers.get(id);
-          return w.__lost === 1 && p.unanswered === 1 && p.pc.signalingState === 'stable' &&
-            p.pc.connectionState === 'connected' && !p.restarting;
-        }, to, { timeout: MEDIA, interval: 250, what: 'the lost offer rolled back, made again and answered' });
-        await Promise.all([recovered(a, bId), recovered(b, cId)]);
+          const sig = w.meshmeet.signaling;
+          const until = Date.now() + 3000;
+          const send = sig.send.bind(sig);
+          sig.send = (/** @type {any} */ m) => {
+            if (Date.now() < until && m.to === id && (m.type === 'answer' || m.type === 'candidate')) setTimeout(() => send(m), 8000);
+            else send(m);
+          };
+          const onMessage = sig.handlers.onMessage;
+          sig.handlers.onMessage = (/** @type {any} */ m) => {
+            if (Date.now() < until && m.from === id && m.type === 'candidate') setTimeout(() => onMessage(m), 8000);
+            else if (Date.now() < until && m.from === id && m.type === 'offer') {
+              onMessage({ ...m, sdp: m.sdp.replace(/^a=(candidate|end-of-candidates).*\r\n/gm, '') });
+            } else onMessage(m);
+          };
+          w.__states = [];
+          const pc = w.meshmeet.peers.get(id).pc;
+          pc.addEventListener('connectionstatechange', () => w.__states.push(pc.connectionState));
+        }, bId);
+        assert.equal(await b.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), aId), true);
+        await waitFor(a, (id) => /** @type {any} */ (window).__states.includes('failed'), bId,
+          { timeout: UI, what: "Firefox's connection failed (the injected fault)" });
+        // Both sides replaced their connection, and the new ones are up.
+        for (const [page, id, before] of /** @type {[Page, string, number][]} */ ([[a, bId, renewalsBefore[0]], [b, aId, renewalsBefore[1]]])) {
+          await waitFor(page, ([peer, was]) => {
+            const p = /** @type {any} */ (window).meshmeet.peers.get(peer);
+            return p.renewals > was && p.pc.connectionState === 'connected' && p.pc.signalingState === 'stable' && !p.restarting;
+          }, /** @type {[string, number]} */ ([id, before]), { timeout: MEDIA, interval: 250, what: 'a new connection, connected' });
+        }
         await waitForMedia(pages(), 4, MEDIA);
       });
     }
@@ -443,9 +581,10 @@ for (const room of rooms()) {
           const blips = Object.values(st).flatMap((p) => p.blips);
           const restarts = Object.values(st).reduce((a, p) => a + p.restarts, 0);
           const noPath = Object.values(st).reduce((a, p) => a + p.noPathRestarts, 0);
+          const renewed = Object.values(st).reduce((a, p) => a + p.renewals, 0);
           t.diagnostic(`${people[i].name} (${room.kinds[i]}): ${blips.length} disconnected spells ` +
             `[${blips.map((ms) => (ms / 1000).toFixed(1)).join(', ')}] s, ${restarts} ICE restarts ` +
-            `(${noPath} for no selected pair)`);
+            `(${noPath} for no selected pair, ${renewed} new connections)`);
           for (const p of Object.values(st)) {
             assert.equal(p.connectionState, 'connected');
             assert.notEqual(p.state, 'failed');
