@@ -474,8 +474,10 @@ for (const room of rooms()) {
       const cId = before.id;
       const atA = async () => (await stats(all[0]))[cId];
       const aBefore = await atA();
-      // A 6 s outage (the socket closes without `leave`, as on a network drop).
-      await c.evaluate(() => /** @type {any} */ (window).meshmeet.dropSocket(6000));
+      // A 12 s outage (the socket closes without `leave`, as on a network drop), within
+      // the server's 20 s resume grace, and long enough for a rise to be seen on a page
+      // that a busy machine starves for several seconds.
+      await c.evaluate(() => /** @type {any} */ (window).meshmeet.dropSocket(12000));
       const sample = () => c.evaluate(async () => {
         const mm = /** @type {any} */ (window).meshmeet;
         const down = !mm.signaling.joined && !document.getElementById('banner')?.hidden;
@@ -483,14 +485,14 @@ for (const room of rooms()) {
       });
       const early = await sample();
       assert.ok(early.down, 'the socket is down and the banner shows');
-      // Media keeps being decoded while the socket is down (6 s): wait for a rise from
+      // Media keeps being decoded while the socket is down (12 s): wait for a rise from
       // every peer, checked only while the socket is still down.
       await waitFor(c, async (base) => {
         const mm = /** @type {any} */ (window).meshmeet;
         const st = await mm.stats();
         return !mm.signaling.joined && Object.keys(base).every((id) => st[id] &&
           st[id].framesDecoded > base[id].framesDecoded + 2 && st[id].audioPackets > base[id].audioPackets + 10);
-      }, early.stats, { timeout: 5500, interval: 250, what: 'media decoded during the outage' });
+      }, early.stats, { timeout: 11_000, interval: 250, what: 'media decoded during the outage' });
       const during = await sample();
       assert.ok(during.down, 'still down: the rise happened during the outage');
       await waitFor(c, () => {
