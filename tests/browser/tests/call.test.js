@@ -275,7 +275,7 @@ for (const room of rooms()) {
       test('an ICE restart answered by Firefox while its peer is starved (candidates and answer 8 s late): media flows again, and a failed Firefox connection is replaced', T, async (t) => {
         const [a, b] = pages();
         const [aId, bId] = [await myId(a), await myId(b)];
-        // On Firefox's page (A): for the next 3 s, the Chromium peer's candidates reach
+        // On Firefox's page (A): for 6 s from the restart offer, the Chromium peer's candidates reach
         // A 8 s late, and A's answer and candidates reach it 8 s late: nothing to check
         // on either side for 8 s, as with a peer whose page gets no CPU. A Firefox
         // connection that fails (Firefox gives up on a new ICE generation with nothing
@@ -284,7 +284,10 @@ for (const room of rooms()) {
         await a.evaluate((id) => {
           const w = /** @type {any} */ (window);
           const sig = w.meshmeet.signaling;
-          const until = Date.now() + 3000;
+          // The fault starts when the restart offer arrives (however slow the machine
+          // is to make it) and lasts 6 s.
+          let until = 0;
+          let armed = true;
           const send = sig.send.bind(sig);
           sig.send = (/** @type {any} */ m) => {
             if (Date.now() < until && m.to === id && (m.type === 'answer' || m.type === 'candidate')) setTimeout(() => send(m), 8000);
@@ -292,6 +295,10 @@ for (const room of rooms()) {
           };
           const onMessage = sig.handlers.onMessage;
           sig.handlers.onMessage = (/** @type {any} */ m) => {
+            if (armed && m.from === id && m.type === 'offer') {
+              armed = false;
+              until = Date.now() + 6000;
+            }
             if (Date.now() < until && m.from === id && m.type === 'candidate') setTimeout(() => onMessage(m), 8000);
             else onMessage(m);
           };
@@ -333,7 +340,10 @@ for (const room of rooms()) {
         await a.evaluate((id) => {
           const w = /** @type {any} */ (window);
           const sig = w.meshmeet.signaling;
-          const until = Date.now() + 3000;
+          // The fault starts when the restart offer arrives (however slow the machine
+          // is to make it) and lasts 6 s.
+          let until = 0;
+          let armed = true;
           const send = sig.send.bind(sig);
           sig.send = (/** @type {any} */ m) => {
             if (Date.now() < until && m.to === id && (m.type === 'answer' || m.type === 'candidate')) setTimeout(() => send(m), 8000);
@@ -341,10 +351,12 @@ for (const room of rooms()) {
           };
           const onMessage = sig.handlers.onMessage;
           sig.handlers.onMessage = (/** @type {any} */ m) => {
-            if (Date.now() < until && m.from === id && m.type === 'candidate') setTimeout(() => onMessage(m), 8000);
-            else if (Date.now() < until && m.from === id && m.type === 'offer') {
+            if (armed && m.from === id && m.type === 'offer') {
+              armed = false;
+              until = Date.now() + 6000;
               onMessage({ ...m, sdp: m.sdp.replace(/^a=(candidate|end-of-candidates).*\r\n/gm, '') });
-            } else onMessage(m);
+            } else if (Date.now() < until && m.from === id && m.type === 'candidate') setTimeout(() => onMessage(m), 8000);
+            else onMessage(m);
           };
           w.__states = [];
           const pc = w.meshmeet.peers.get(id).pc;
