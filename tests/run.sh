@@ -43,11 +43,11 @@ echo "== cargo test (benches are built by clippy above and run with cargo bench)
 # skipping (as it does on a machine without them).
 MESHMEET_REQUIRE_TOOLS=1 cargo test --lib --bins --tests
 if [ -f tests/browser/package.json ]; then
-  # The call, relay and room-control tests in the Chromium, the Firefox and the mixed
-  # room (MESHMEET_ROOMS picks some), the HTTPS-only tests in the Chromium and the
-  # Firefox room, the pages and /check.
-  echo "== browser tests (Chromium, Firefox and mixed rooms, pages, /check, room control)"
+  # The call, relay, HTTPS-only and room-control tests in the Chromium and the Firefox
+  # room, the pages and /check. The mixed room (MESHMEET_ROOMS=chromium,firefox,mixed,
+  # or empty for every room) is not in this run yet: see the README, "Browser tests".
+  echo "== browser tests (Chromium and Firefox rooms, pages, /check, room control)"
   cargo build --bin meshmeet
-  (cd tests/browser && MESHMEET_ROOMS="${MESHMEET_ROOMS:-}" \
+  (cd tests/browser && MESHMEET_ROOMS="${MESHMEET_ROOMS-chromium,firefox}" \
     MESHMEET_BIN="$PWD/../../target/debug/meshmeet" npm run test:ci)
 fi
