@@ -69,6 +69,42 @@ const ids = (page) => page.evaluate(() => /** @type {string[]} */ (Array.from(/*
 /** @param {Page} page */
 const stats = (page) => page.evaluate(() => /** @type {Promise<Record<string, any>>} */ (/** @type {any} */ (window).meshmeet.stats()));
 
+/**
+ * Starves Firefox's page `page` of its signaling with peer `id`, as a page that gets no
+ * CPU would be: from the moment the peer's next (restart) offer arrives, however slow
+ * the machine is to make it, and for 6 s, the peer's candidates reach the page 8 s
+ * late, and the page's answer and candidates reach the peer 8 s late. With
+ * `stripOfferCandidates` that offer also arrives without its candidates (as from a
+ * client that sends none in its descriptions). The page records its connection's
+ * states in `window.__states`.
+ * @param {Page} page @param {string} id @param {boolean} stripOfferCandidates
+ */
+function starveSignaling(page, id, stripOfferCandidates) {
+  return page.evaluate(([peerId, strip]) => {
+    const w = /** @type {any} */ (window);
+    const sig = w.meshmeet.signaling;
+    let until = 0;
+    let armed = true;
+    const send = sig.send.bind(sig);
+    sig.send = (/** @type {any} */ m) => {
+      if (Date.now() < until && m.to === peerId && (m.type === 'answer' || m.type === 'candidate')) setTimeout(() => send(m), 8000);
+      else send(m);
+    };
+    const onMessage = sig.handlers.onMessage;
+    sig.handlers.onMessage = (/** @type {any} */ m) => {
+      if (armed && m.from === peerId && m.type === 'offer') {
+        armed = false;
+        until = Date.now() + 6000;
+        onMessage(strip ? { ...m, sdp: m.sdp.replace(/^a=(candidate|end-of-candidates).*\r\n/gm, '') } : m);
+      } else if (Date.now() < until && m.from === peerId && m.type === 'candidate') setTimeout(() => onMessage(m), 8000);
+      else onMessage(m);
+    };
+    w.__states = [];
+    const pc = w.meshmeet.peers.get(peerId).pc;
+    pc.addEventListener('connectionstatechange', () => w.__states.push(pc.connectionState));
+  }, /** @type {[string, boolean]} */ ([id, stripOfferCandidates]));
+}
+
 for (const room of rooms()) {
   describe(`${room.label} room (${room.kinds.join(', ')})`, () => {
     /** @type {Participant[]} */
@@ -281,31 +317,7 @@ for (const room of rooms()) {
         // connection that fails (Firefox gives up on a new ICE generation with nothing
         // to check after 5 s) never sends again; the offer carries its first
         // candidates so that A has a pair to check at once.
-        await a.evaluate((id) => {
-          const w = /** @type {any} */ (window);
-          const sig = w.meshmeet.signaling;
-          // The fault starts when the restart offer arrives (however slow the machine
-          // is to make it) and lasts 6 s.
-          let until = 0;
-          let armed = true;
-          const send = sig.send.bind(sig);
-          sig.send = (/** @type {any} */ m) => {
-            if (Date.now() < until && m.to === id && (m.type === 'answer' || m.type === 'candidate')) setTimeout(() => send(m), 8000);
-            else send(m);
-          };
-          const onMessage = sig.handlers.onMessage;
-          sig.handlers.onMessage = (/** @type {any} */ m) => {
-            if (armed && m.from === id && m.type === 'offer') {
-              armed = false;
-              until = Date.now() + 6000;
-            }
-            if (Date.now() < until && m.from === id && m.type === 'candidate') setTimeout(() => onMessage(m), 8000);
-            else onMessage(m);
-          };
-          w.__states = [];
-          const pc = w.meshmeet.peers.get(id).pc;
-          pc.addEventListener('connectionstatechange', () => w.__states.push(pc.connectionState));
-        }, bId);
+        await starveSignaling(a, bId, false);
         assert.equal(await b.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), aId), true);
         await waitFor(b, (id) => {
           const p = /** @type {any} */ (window).meshmeet.peers.get(id);
@@ -337,31 +349,7 @@ for (const room of rooms()) {
         // send no media on it again). It is replaced: a new connection on each side.
         const renewalsBefore = await Promise.all([a.evaluate((id) => /** @type {any} */ (window).meshmeet.peers.get(id).renewals, bId),
           b.evaluate((id) => /** @type {any} */ (window).meshmeet.peers.get(id).renewals, aId)]);
-        await a.evaluate((id) => {
-          const w = /** @type {any} */ (window);
-          const sig = w.meshmeet.signaling;
-          // The fault starts when the restart offer arrives (however slow the machine
-          // is to make it) and lasts 6 s.
-          let until = 0;
-          let armed = true;
-          const send = sig.send.bind(sig);
-          sig.send = (/** @type {any} */ m) => {
-            if (Date.now() < until && m.to === id && (m.type === 'answer' || m.type === 'candidate')) setTimeout(() => send(m), 8000);
-            else send(m);
-          };
-          const onMessage = sig.handlers.onMessage;
-          sig.handlers.onMessage = (/** @type {any} */ m) => {
-            if (armed && m.from === id && m.type === 'offer') {
-              armed = false;
-              until = Date.now() + 6000;
-              onMessage({ ...m, sdp: m.sdp.replace(/^a=(candidate|end-of-candidates).*\r\n/gm, '') });
-            } else if (Date.now() < until && m.from === id && m.type === 'candidate') setTimeout(() => onMessage(m), 8000);
-            else onMessage(m);
-          };
-          w.__states = [];
-          const pc = w.meshmeet.peers.get(id).pc;
-          pc.addEventListener('connectionstatechange', () => w.__states.push(pc.connectionState));
-        }, bId);
+        await starveSignaling(a, bId, true);
         assert.equal(await b.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), aId), true);
         await waitFor(a, (id) => /** @type {any} */ (window).__states.includes('failed'), bId,
           { timeout: UI, what: "Firefox's connection failed (the injected fault)" });

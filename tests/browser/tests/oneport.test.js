@@ -266,20 +266,9 @@ for (const room of firewallRooms()) {
       const pages = await call(`https-and-udp-${room.label}`, room.kinds, ['udp', 'tcp', 'tls'], people);
       // Each one relays over UDP on the HTTPS port (its pairs settle in the meantime).
       for (const [i, page] of pages.slice(0, 3).entries()) {
-        await waitFor(page, async () => {
-          for (const peer of /** @type {any} */ (window).meshmeet.peers.values()) {
-            const st = await peer.pc.getStats();
-            /** @type {any} */
-            let pair = null;
-            st.forEach((/** @type {any} */ s) => {
-              if (s.type === 'transport' && s.selectedCandidatePairId) pair = st.get(s.selectedCandidatePairId) || pair;
-            });
-            if (!pair) st.forEach((/** @type {any} */ s) => { if (s.type === 'candidate-pair' && s.selected) pair = s; });
-            const l = pair && st.get(pair.localCandidateId);
-            if (l && l.candidateType === 'relay' && l.relayProtocol === 'udp') return true;
-          }
-          return false;
-        }, null, { timeout: 60_000, interval: 500, what: `participant ${i + 1} relayed over UDP` }).catch(async (e) => {
+        // The client's own reading of each selected pair (`path` in meshmeet.stats()).
+        await waitFor(page, async () => Object.values(await /** @type {any} */ (window).meshmeet.stats())
+          .some((/** @type {any} */ p) => p.path?.local === 'relay' && p.path.relayProtocol === 'udp'), null, { timeout: 60_000, interval: 500, what: `participant ${i + 1} relayed over UDP` }).catch(async (e) => {
           throw new Error(`${e.message}\ncandidate pairs:\n${await pairs(page).catch((err) => String(err))}`);
         });
       }
