@@ -46,9 +46,13 @@ export const DISCONNECTED_RESTART_MS = 12_000;
 const CONTROLLING_DEFER_MS = 5_000;
 /**
  * How long an offer may go unanswered before it is sent again; each further wait
- * doubles, up to ANSWER_TIMEOUT_MAX_MS.
+ * doubles, up to ANSWER_TIMEOUT_MAX_MS. Shorter than DISCONNECTED_RESTART_MS: a
+ * Firefox that answered an ICE restart whose answer was lost is on the new ICE
+ * generation alone and goes `disconnected`; the offer sent again (and the same
+ * answer with it) must come before that side restarts on its own. A repeat is
+ * cheap: the other side answers it with the answer it sent already.
  */
-const ANSWER_TIMEOUT_MS = 15_000;
+const ANSWER_TIMEOUT_MS = 6_000;
 const ANSWER_TIMEOUT_MAX_MS = 60_000;
 /**
  * How long a description that starts a new ICE generation waits for its first local
