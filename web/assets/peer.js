@@ -224,6 +224,15 @@ export class Peer {
     /** @type {string[]} */
     this.trace = [];
     this.born = Date.now();
+    /**
+     * From when the first frame of this peer counts (performance.now()): when it
+     * arrived, or our Join if it was there already; and when that frame was decoded.
+     */
+    this.since = performance.now();
+    this.firstFrameAt = 0;
+    /** when things first happened on this connection (performance.now(); diagnostics) */
+    /** @type {Record<string, number>} */
+    this.marks = {};
     this.pc = new RTCPeerConnection(config);
     this.wire();
   }
@@ -236,6 +245,8 @@ export class Peer {
     const pc = this.pc;
     this.trace.push(`${((Date.now() - this.born) / 1000).toFixed(1)}s ${what} [${pc.signalingState}/${pc.iceConnectionState}/${pc.connectionState}]`);
     if (this.trace.length > 100) this.trace.shift();
+    const k = what.replace(/ \(.*$/, '').replace(/ \d+/, '');
+    if (!(k in this.marks) && Object.keys(this.marks).length < 32) this.marks[k] = performance.now();
   }
 
   wire() {
@@ -718,6 +729,7 @@ export class Peer {
       this.disconnectedSince = 0;
     }
     if (cs === 'connected') {
+      this.marks.connected ||= performance.now();
       this.everConnected = true;
       if (changed) {
         clearTimeout(this.restartTimer);

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import {
   Server, Browsers, startXvfb, rooms, participant, joinAll, waitForMedia, waitFor, ensureArtifacts, text, attr,
-  fill, dishonestTiles, describeCall,
+  fill, dishonestTiles, describeCall, firstFrames,
 } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
@@ -129,13 +129,14 @@ for (const room of rooms()) {
       }
     });
 
-    test("four participants: everyone decodes video and receives audio from the other three", { timeout: 400_000 }, async () => {
+    test("four participants: everyone decodes video and receives audio from the other three", { timeout: 400_000 }, async (t) => {
       people.push(...await joinAll(browsers, room.kinds, roomUrl, NAMES, (i) => ({
         viewport: i === 0 ? { width: 1280, height: 720 } : { width: 800, height: 500 },
       })));
       const all = people.map((p) => p.page);
       await waitForMedia(all, 4, 120_000);
       up = true;
+      t.diagnostic((await firstFrames(all)).text);
       await Promise.all(all.map(async (page) => {
         const s = await stats(page);
         assert.equal(Object.keys(s).length, 3);
