@@ -279,7 +279,8 @@ for (const room of rooms()) {
       const ufragTo = (page, id) => page.evaluate((peer) => {
         const p = /** @type {any} */ (window).meshmeet.peers.get(peer);
         return {
-          ufrag: /** @type {string} */ ((p.pc.currentLocalDescription.sdp.match(/a=ice-ufrag:(\S+)/) || [])[1]),
+          // (none while a connection that was just replaced has not been negotiated yet)
+          ufrag: /** @type {string} */ (((p.pc.currentLocalDescription?.sdp || '').match(/a=ice-ufrag:(\S+)/) || [])[1] || ''),
           unanswered: /** @type {number} */ (p.unanswered),
           renewals: /** @type {number} */ (p.renewals),
         };
