@@ -230,7 +230,7 @@ export class Peer {
     this.born = Date.now();
     /**
      * From when the first frame of this peer counts (performance.now()): when it
-     * arrived, or our Join if it was there already; and when that frame was decoded.
+     * arrived, or our Join if it was there already; and when that frame was shown.
      */
     this.since = performance.now();
     this.firstFrameAt = 0;

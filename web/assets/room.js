@@ -616,8 +616,8 @@ function renderPeer(p) {
 }
 
 /**
- * Notes when the first frame of a peer's camera video is decoded (`loadeddata`: the
- * element has its first frame), for `firstFrameMs` in the test handle's stats.
+ * Notes when the first frame of a peer's camera video is shown (`loadeddata`: the
+ * element has its first decoded frame), for `firstFrameMs` in the test handle's stats.
  * @param {Peer} p @param {HTMLVideoElement} video
  */
 function watchFirstFrame(p, video) {

@@ -537,7 +537,7 @@ export async function waitFor(page, fn, arg, opts = {}) {
 
 /**
  * Join to first frame: for every page, the time from pressing Join to the first
- * decoded frame of each peer that was in the room already, and from the arrival of
+ * frame shown of each peer that was in the room already, and from the arrival of
  * each later peer to its first frame (the client's `firstFrameMs`, docs/CLIENT.md).
  * Waits until every connection has one (their media is flowing when this is called).
  * @param {Page[]} pages

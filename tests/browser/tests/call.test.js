@@ -245,7 +245,8 @@ for (const room of rooms()) {
        * so busy that the Firefox side's new ICE generation failed before the offer came
        * again (it has nothing it may nominate without the lost answer's other half),
        * the connection was replaced by a new one, which is then connected and stable
-       * on both sides. Returns whether it was replaced.
+       * on both sides. Returns which way it went: how many times the offer was sent
+       * again, and how many times the connection was replaced.
        * @param {Page} fromPage @param {Page} toPage @param {string} fromId @param {string} toId
        * @param {{ufrag: string, unanswered: number, renewals: number}} old `from`'s ICE
        *   username fragment, count of offers sent again and of connections replaced,
