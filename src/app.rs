@@ -62,6 +62,7 @@ pub struct Server {
     redirect: Option<TcpListener>,
     relay: Option<crate::relay::Relay>,
     acme: Option<crate::acme::Acme>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     addrs: BoundAddrs,
 }
 
@@ -145,6 +146,18 @@ impl Server {
             SignalingMetrics::register(&mut registry),
         ));
         signaling.restore_saved();
+        let cluster = if config.cluster.enabled() {
+            let m = crate::cluster::ClusterMetrics::register(&mut registry);
+            let c = Arc::new(
+                crate::cluster::Cluster::connect(&config.cluster, m)
+                    .await
+                    .context("cluster setup failed")?,
+            );
+            signaling.set_cluster(c.clone());
+            Some(c)
+        } else {
+            None
+        };
         let metrics = Arc::new(Metrics::new(registry));
         let http = HttpState {
             // An ACME server serves a trusted certificate (or, until the first one
@@ -179,6 +192,7 @@ impl Server {
             redirect,
             relay,
             acme,
+            cluster,
             addrs,
         })
     }
@@ -265,6 +279,14 @@ impl Server {
             ))
         });
         state.signaling.spawn_saver();
+        if let Some(cluster) = &self.cluster {
+            tracing::info!(node = %cluster.node, "cluster node; rooms are shared through NATS");
+            cluster.spawn(
+                state.signaling.clone(),
+                state.shutdown.clone(),
+                &state.tasks,
+            );
+        }
         if let Some(acme) = self.acme {
             acme.spawn(state.shutdown.clone(), &state.tasks);
         }

@@ -46,6 +46,24 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub turn: TurnConfig,
     pub ice: IceConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: several nodes sharing rooms through NATS (docs/CLUSTER.md). An empty
+/// `nats_url` is a single node, exactly as without this section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `nats://host:port` or `tls://host:port`; empty = no cluster.
+    pub nats_url: String,
+    /// Unique per node; empty = the host name.
+    pub node_name: String,
+    /// NATS user and password (both or neither), or a token (not both kinds).
+    pub nats_user: String,
+    pub nats_password: Secret,
+    pub nats_token: Secret,
+    /// PEM file of the CA that signed the NATS server's certificate (`tls://` URLs).
+    pub nats_ca: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,8 +251,152 @@ impl Default for Config {
             rooms: RoomsConfig::default(),
             turn: TurnConfig::default(),
             ice: IceConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats_url: String::new(),
+            node_name: String::new(),
+            nats_user: String::new(),
+            nats_password: Secret::default(),
+            nats_token: Secret::default(),
+            nats_ca: String::new(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.nats_url.is_empty()
+    }
+
+    /// The node's name: `node_name`, or the host name made a valid one (characters
+    /// other than letters, digits, `-` and `_` become `_`), or `node` without one.
+    pub fn effective_node_name(&self) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .unwrap_or_default();
+        let name: String = host
+            .trim()
+            .chars()
+            .take(64)
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if name.is_empty() {
+            "node".into()
+        } else {
+            name
+        }
+    }
+
+    fn validate(&self, turn: &TurnConfig) -> Result<(), ConfigError> {
+        if !self.node_name.is_empty() && !valid_node_name(&self.node_name) {
+            return Err(invalid(
+                "cluster.node_name",
+                "must be 1 to 64 letters, digits, `-` or `_` (it is a NATS subject token)",
+            ));
+        }
+        if !self.enabled() {
+            return Ok(());
+        }
+        check_nats_url(&self.nats_url).map_err(|e| invalid("cluster.nats_url", e))?;
+        if self.nats_user.is_empty() != self.nats_password.is_empty() {
+            return Err(invalid(
+                if self.nats_user.is_empty() {
+                    "cluster.nats_user"
+                } else {
+                    "cluster.nats_password"
+                },
+                "nats_user and nats_password go together",
+            ));
+        }
+        if self.nats_user.chars().any(char::is_control) || self.nats_user.len() > 256 {
+            return Err(invalid(
+                "cluster.nats_user",
+                "at most 256 bytes without control characters",
+            ));
+        }
+        if !self.nats_user.is_empty() && !self.nats_token.is_empty() {
+            return Err(invalid(
+                "cluster.nats_token",
+                "use either a token or nats_user and nats_password, not both",
+            ));
+        }
+        if !self.nats_ca.is_empty() {
+            if !self.nats_url.to_ascii_lowercase().starts_with("tls://") {
+                return Err(invalid(
+                    "cluster.nats_ca",
+                    "is used for tls:// NATS URLs only; make nats_url tls://",
+                ));
+            }
+            check_ca_file(Path::new(&self.nats_ca)).map_err(|e| invalid("cluster.nats_ca", e))?;
+        }
+        if turn.enabled && turn.secret.is_empty() {
+            return Err(invalid(
+                "turn.secret",
+                "a cluster needs the same turn.secret on every node (each would generate its \
+                 own otherwise, and credentials from one node would fail on the others)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A node name: 1 to 64 of `A-Z a-z 0-9 - _`.
+pub fn valid_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// `nats://host[:port]` or `tls://host[:port]`, without credentials or a path.
+fn check_nats_url(url: &str) -> Result<(), String> {
+    let lower = url.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("nats://")
+        .or_else(|| lower.strip_prefix("tls://"))
+        .ok_or_else(|| format!("`{url}` is not a nats:// or tls:// URL"))?;
+    if rest.contains('@') {
+        return Err(
+            "credentials go in cluster.nats_user/nats_password or nats_token, \
+                    not in the URL"
+                .into(),
+        );
+    }
+    if rest.contains('/') || rest.contains(',') || rest.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "`{url}` must be one server, scheme://host[:port], without a path"
+        ));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') && (!h.contains(':') || h.starts_with('[')) => {
+            (h, Some(p))
+        }
+        _ => (rest, None),
+    };
+    if host.is_empty() || !valid_host(host.trim_start_matches('[').trim_end_matches(']')) {
+        return Err(format!("`{url}` names no valid host"));
+    }
+    if let Some(p) = port {
+        if p.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("`{url}` has an invalid port"));
+        }
+    }
+    Ok(())
 }
 
 impl Default for HttpConfig {
@@ -447,6 +609,7 @@ impl Config {
             }
         }
         self.validate_acme()?;
+        self.cluster.validate(&self.turn)?;
         if !valid_log_filter(&self.log.level) {
             return Err(invalid(
                 "log.level",

@@ -259,13 +259,21 @@ fn embedded(path: &str, headers: &HeaderMap) -> Response {
     res
 }
 
+/// Always 200 while the process serves; a cluster node cut off from NATS says
+/// `"status": "degraded"` (it still serves rooms homed here) with `"cluster"`.
 async fn healthz(State(state): State<Arc<HttpState>>) -> Response {
-    Json(serde_json::json!({
+    let mut body = serde_json::json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started.elapsed().as_secs(),
-    }))
-    .into_response()
+    });
+    if let Some(healthy) = state.signaling.cluster_healthy() {
+        body["cluster"] = serde_json::json!(if healthy { "ok" } else { "degraded" });
+        if !healthy {
+            body["status"] = serde_json::json!("degraded");
+        }
+    }
+    Json(body).into_response()
 }
 
 /// Prometheus text, for clients in `http.metrics_allow` only. A request without a

@@ -10,6 +10,9 @@
 //! - [`relay`]: the embedded STUN/TURN server: a pure state machine (allocations,
 //!   permissions, channels, REST credentials, stateless nonces, peer address policy,
 //!   quotas) and its UDP/TCP/TLS listeners and relay sockets.
+//! - [`cluster`]: several nodes sharing rooms through NATS (off unless
+//!   `cluster.nats_url` is set): room homes with leases in a JetStream bucket, node
+//!   liveness, the bounded queue of cluster messages (docs/CLUSTER.md).
 //! - [`app`]: builds each part from the config, binds every socket, runs the
 //!   listeners, shuts down in order. It is the only module that knows all the others.
 //!
@@ -33,6 +36,7 @@
 pub mod acme;
 pub mod app;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod demux;
 pub mod http;

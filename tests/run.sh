@@ -20,6 +20,8 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v nft >/dev/null || need_apt+=(nftables)
 # The browser test of a call under CPU load runs a CPU hog beside it.
 command -v stress-ng >/dev/null || need_apt+=(stress-ng)
+# The cluster tests run a NATS server with JetStream.
+command -v nats-server >/dev/null || need_apt+=(nats-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -582,3 +582,100 @@ fn acme_settings_that_are_fine() {
     .unwrap();
     assert_eq!(c.tls.acme_domains, ["a.example.org", "b.example.org"]);
 }
+
+#[test]
+fn cluster_is_off_by_default_and_checked_when_on() {
+    let c = Config::default();
+    assert!(!c.cluster.enabled());
+    let on = "[turn]\nsecret = \"0123456789abcdef\"\n[cluster]\n";
+    let c = load_text(&format!(
+        "{on}nats_url = \"nats://127.0.0.1:4222\"\nnode_name = \"a-1\"\n"
+    ))
+    .unwrap();
+    assert!(c.cluster.enabled());
+    assert_eq!(c.cluster.effective_node_name(), "a-1");
+    for url in [
+        "nats://[::1]:4222",
+        "tls://nats.example.org",
+        "NATS://nats.example.org:4222",
+    ] {
+        load_text(&format!("{on}nats_url = \"{url}\"\n")).unwrap();
+    }
+    let key_of = |text: String| match load_text(&text) {
+        Err(ConfigError::Invalid { key, .. }) => key,
+        other => panic!("{text}: {other:?}"),
+    };
+    for bad in [
+        "http://x:4222",
+        "nats://",
+        "nats://u:p@x:4222",
+        "nats://x:4222/path",
+        "nats://a:1,nats://b:2",
+        "nats://x:0",
+        "nats://x:99999",
+        "nats://bad host",
+    ] {
+        assert_eq!(
+            key_of(format!("{on}nats_url = \"{bad}\"\n")),
+            "cluster.nats_url",
+            "{bad}"
+        );
+    }
+    for bad in ["a.b", "a b", "x/y", "*", ">", &"n".repeat(65)] {
+        assert_eq!(
+            key_of(format!("{on}node_name = \"{bad}\"\n")),
+            "cluster.node_name",
+            "{bad}"
+        );
+    }
+    let url = "nats_url = \"nats://127.0.0.1:4222\"\n";
+    assert_eq!(
+        key_of(format!("{on}{url}nats_user = \"u\"\n")),
+        "cluster.nats_password"
+    );
+    assert_eq!(
+        key_of(format!("{on}{url}nats_password = \"p\"\n")),
+        "cluster.nats_user"
+    );
+    assert_eq!(
+        key_of(format!(
+            "{on}{url}nats_user = \"u\"\nnats_password = \"p\"\nnats_token = \"t\"\n"
+        )),
+        "cluster.nats_token"
+    );
+    assert_eq!(
+        key_of(format!("{on}{url}nats_ca = \"/nonexistent.pem\"\n")),
+        "cluster.nats_ca"
+    );
+    let tls = "nats_url = \"tls://127.0.0.1:4222\"\n";
+    assert_eq!(
+        key_of(format!("{on}{tls}nats_ca = \"/nonexistent.pem\"\n")),
+        "cluster.nats_ca"
+    );
+    // Without a configured TURN secret each node would generate its own.
+    assert_eq!(key_of(format!("[cluster]\n{url}")), "turn.secret");
+    load_text(&format!("[turn]\nenabled = false\n[cluster]\n{url}")).unwrap();
+    // The password never shows in the printed config.
+    let c = load_text(&format!(
+        "{on}{url}nats_user = \"u\"\nnats_password = \"hunter2-secret\"\n"
+    ))
+    .unwrap();
+    let printed = c.redacted_toml().unwrap();
+    assert!(!printed.contains("hunter2-secret"), "{printed}");
+    assert!(!format!("{c:?}").contains("hunter2-secret"));
+}
+
+#[test]
+fn cluster_secrets_come_from_the_environment() {
+    let c = Config::load_with_env(
+        None,
+        env(&[
+            ("MESHMEET__TURN__SECRET", "0123456789abcdef"),
+            ("MESHMEET__CLUSTER__NATS_URL", "nats://127.0.0.1:4222"),
+            ("MESHMEET__CLUSTER__NATS_TOKEN", "12345"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.cluster.nats_token.expose(), "12345");
+    assert!(valid_node_name(&c.cluster.effective_node_name()));
+}

@@ -28,6 +28,8 @@ pub type ConnId = u64;
 
 /// Messages kept for a peer in its resume grace; beyond this the oldest are dropped.
 pub const MAX_QUEUED: usize = 256;
+/// Close code of a server going away (its room moved, as at a restart).
+pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code sent to a socket whose peer was resumed by another socket.
 pub const CLOSE_TAKEN_OVER: u16 = 4001;
 /// Close code sent to a participant a host removed.
@@ -74,6 +76,33 @@ pub enum Effect<H> {
     /// A host removed this peer: besides [`Effect::PeerGone`], the credentials it was
     /// given must stop working.
     Revoke(Arc<str>),
+}
+
+/// A peer as another node's core knew it, for [`Rooms::reattach`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reattach {
+    pub id: String,
+    pub room: String,
+    pub name: String,
+    pub media: Option<Media>,
+    pub host: bool,
+    #[serde(with = "hex_hash")]
+    pub token: TokenHash,
+}
+
+mod hex_hash {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(h))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&text, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
 }
 
 /// SHA-256 of a resume token: the core keeps (and persists) only this, so a snapshot
@@ -782,6 +811,162 @@ impl<H: Clone> Rooms<H> {
     /// Whether this connection is joined to a room (its peer is connected through it).
     pub fn is_joined(&self, conn: ConnId) -> bool {
         self.conns.contains_key(&conn)
+    }
+
+    /// Whether this connection waits in a room's lobby.
+    pub fn is_waiting(&self, conn: ConnId) -> bool {
+        self.waiting.contains_key(&conn)
+    }
+
+    /// Whether a room of this (canonical) name exists.
+    pub fn has_room(&self, room: &str) -> bool {
+        self.rooms.contains_key(room)
+    }
+
+    /// Names of the rooms that exist now.
+    pub fn room_names(&self) -> Vec<Arc<str>> {
+        self.rooms.keys().cloned().collect()
+    }
+
+    /// Connects a peer known to another instance of the core again through `conn`,
+    /// silently (cluster: its room moved to this node, or its node lost touch for a
+    /// while). A peer this core holds in `room` gets `conn` as its connection, out of
+    /// any grace, with the messages kept for it; an old connection of it is closed
+    /// with 4001. A peer unknown here joins `room` as it was (same id, name and token
+    /// hash; capacity is not checked: it held its place already) and the others get
+    /// `peer_joined`. Invalid fields or a peer of another room change nothing.
+    pub fn reattach(
+        &mut self,
+        conn: ConnId,
+        handle: H,
+        peer: &Reattach,
+        now: Instant,
+    ) -> Vec<Effect<H>> {
+        let mut effects = Vec::new();
+        if self.conns.contains_key(&conn) || self.waiting.contains_key(&conn) {
+            return effects;
+        }
+        let valid_id = peer.id.len() == 16 && peer.id.bytes().all(|b| b.is_ascii_hexdigit());
+        let Ok(room) = normalize_room(&peer.room) else {
+            return effects;
+        };
+        let Some(name) = normalize_name(Some(&peer.name)) else {
+            return effects;
+        };
+        if !valid_id {
+            return effects;
+        }
+        if let Some(p) = self.peers.get_mut(peer.id.as_str()) {
+            if *p.room != *room {
+                return effects;
+            }
+            let id = p.id.clone();
+            if let Some((old, old_handle)) = p.conn.take() {
+                self.conns.remove(&old);
+                effects.push(Effect::Close(old_handle, CLOSE_TAKEN_OVER));
+            }
+            p.grace_until = None;
+            p.conn = Some((conn, handle.clone()));
+            let queued: Vec<ServerMsg> = p.queue.drain(..).collect();
+            self.conns.insert(conn, id);
+            self.generation += 1;
+            for m in queued {
+                effects.push(Effect::Send(vec![handle.clone()], m));
+            }
+            return effects;
+        }
+        if self.tokens.contains_key(&peer.token) {
+            return effects;
+        }
+        let room: Arc<str> = match self.rooms.get_key_value(room.as_str()) {
+            Some((r, _)) => r.clone(),
+            None => room.into(),
+        };
+        let id: Arc<str> = peer.id.as_str().into();
+        let name: Arc<str> = name.into();
+        let others = self
+            .rooms
+            .get(&room)
+            .map(|r| r.peers.clone())
+            .unwrap_or_default();
+        let host = peer.host || self.hosts_of(&room).is_empty();
+        self.generation += 1;
+        self.tokens.insert(peer.token, id.clone());
+        self.conns.insert(conn, id.clone());
+        self.peers.insert(
+            id.clone(),
+            Peer {
+                id: id.clone(),
+                name: name.clone(),
+                room: room.clone(),
+                media: peer.media,
+                conn: Some((conn, handle)),
+                token: peer.token,
+                grace_until: None,
+                queue: VecDeque::new(),
+                host,
+                actions: WindowCounter::new(now),
+            },
+        );
+        self.rooms
+            .entry(room.clone())
+            .or_insert_with(Room::new)
+            .peers
+            .push(id.clone());
+        self.deliver(&others, ServerMsg::PeerJoined { id, name }, &mut effects);
+        effects
+    }
+
+    /// What [`Rooms::reattach`] needs to know of a peer.
+    pub fn reattach_info(&self, id: &str) -> Option<Reattach> {
+        let p = self.peers.get(id)?;
+        Some(Reattach {
+            id: p.id.to_string(),
+            room: p.room.to_string(),
+            name: p.name.to_string(),
+            media: p.media,
+            host: p.host,
+            token: p.token,
+        })
+    }
+
+    /// Takes a room out of this core without telling anyone (cluster: another node is
+    /// its home now): returns its peers with their connections, for them to be
+    /// reattached there. Lobby waiters are closed with 1001, as at a restart: they
+    /// knock again.
+    pub fn evict_room(&mut self, room: &str) -> (Vec<(Reattach, Option<H>)>, Vec<Effect<H>>) {
+        let mut effects = Vec::new();
+        let Some(r) = self.rooms.remove(room) else {
+            return (Vec::new(), effects);
+        };
+        self.generation += 1;
+        for w in r.waiting {
+            self.waiting.remove(&w.conn);
+            effects.push(Effect::Close(w.handle, CLOSE_GOING_AWAY));
+        }
+        let mut out = Vec::new();
+        for id in r.peers {
+            let Some(p) = self.peers.remove(&id) else {
+                continue;
+            };
+            self.tokens.remove(&p.token);
+            let handle = p.conn.map(|(c, h)| {
+                self.conns.remove(&c);
+                h
+            });
+            out.push((
+                Reattach {
+                    id: p.id.to_string(),
+                    room: p.room.to_string(),
+                    name: p.name.to_string(),
+                    media: p.media,
+                    host: p.host,
+                    token: p.token,
+                },
+                handle,
+            ));
+        }
+        (out, effects)
     }
 
     /// The socket closed or timed out: its peer (if any) enters the resume grace.

@@ -16,14 +16,14 @@
 //! relay's peer events, the shutdown token and task tracker), so it depends on no
 //! other part of the server; [`routes`] gives the `/ws` route for the HTTPS router.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -43,12 +43,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::core::{
-    Beat, ConnId, Effect, Heartbeat, IceFor, RateLimiter, RoomRules, Rooms, Verdict, CLOSE_DENIED,
-    CLOSE_KICKED, CLOSE_TAKEN_OVER,
+    token_hash, Beat, ConnId, Effect, Heartbeat, IceFor, RateLimiter, Reattach, RoomRules, Rooms,
+    TokenHash, Verdict, CLOSE_DENIED, CLOSE_KICKED, CLOSE_TAKEN_OVER,
 };
 use super::persist;
+use super::proto::normalize_name;
 use super::proto::{ClientMsg, ErrorCode, ServerMsg};
+use super::room::normalize_room;
 use crate::clock::{unix_millis, unix_secs};
+use crate::cluster::wire::{Item, ToNode};
+use crate::cluster::{Cluster, Home};
 use crate::config::Config;
 use crate::ice::{IceProvider, PeerEvents};
 
@@ -61,7 +65,7 @@ const WRITE_BATCH: usize = 256;
 /// How long a closing socket may take to get its close frame out.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
-pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_GOING_AWAY: u16 = super::core::CLOSE_GOING_AWAY;
 pub const CLOSE_UNSUPPORTED: u16 = 1003;
 pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_TOO_BIG: u16 = 1009;
@@ -228,6 +232,18 @@ struct Outbox {
     close: Notify,
     queue: Mutex<Outgoing>,
     queued: Notify,
+    /// Cluster: the remote home this connection's frames go to (`None`: this node's
+    /// own core).
+    route: ArcSwapOption<Route>,
+}
+
+/// Where a connection's frames go when its room is homed on another node.
+struct Route {
+    home: Arc<str>,
+    room: Arc<str>,
+    name: Arc<str>,
+    /// Its peer id and resume-token hash, once the home sent its `joined`.
+    peer: Option<(Arc<str>, TokenHash)>,
 }
 
 #[derive(Default)]
@@ -237,18 +253,54 @@ struct Outgoing {
     closed: bool,
 }
 
-/// The core's handle to a connection.
+/// The core's handle to a connection: a WebSocket of this node, or (cluster) one of
+/// another node, whose messages go there over NATS.
 #[derive(Clone)]
 pub struct ConnHandle {
-    outbox: Arc<Outbox>,
+    id: ConnId,
+    target: Target,
     /// The upgrade request's Host header, for the ICE servers in its `joined`.
     host: Option<Arc<str>>,
 }
 
+#[derive(Clone)]
+enum Target {
+    Local(Arc<Outbox>),
+    Remote(Arc<RemoteConn>),
+}
+
+/// A participant's connection on another node.
+struct RemoteConn {
+    node: Arc<str>,
+    /// Its connection number on that node.
+    conn: u64,
+}
+
 impl ConnHandle {
-    /// Queues a message; a full queue closes the connection with 1013.
+    fn outbox(&self) -> Option<&Arc<Outbox>> {
+        match &self.target {
+            Target::Local(o) => Some(o),
+            Target::Remote(_) => None,
+        }
+    }
+
+    fn route(&self) -> Option<Arc<Route>> {
+        self.outbox().and_then(|o| o.route.load_full())
+    }
+
+    fn set_route(&self, r: Option<Route>) {
+        if let Some(o) = self.outbox() {
+            o.route.store(r.map(Arc::new));
+        }
+    }
+
+    /// Queues a message; a full queue closes the connection with 1013. (A remote
+    /// connection's messages go out through [`apply`].)
     fn send(&self, text: Utf8Bytes) {
-        let mut q = self.outbox.outgoing();
+        let Some(outbox) = self.outbox() else {
+            return;
+        };
+        let mut q = outbox.outgoing();
         if q.closed {
             return;
         }
@@ -261,18 +313,20 @@ impl ConnHandle {
         let first = q.msgs.len() == 1;
         drop(q);
         if first {
-            self.outbox.queued.notify_one();
+            outbox.queued.notify_one();
         }
     }
 
     fn close(&self, code: u16) {
-        if self
-            .outbox
+        let Some(outbox) = self.outbox() else {
+            return;
+        };
+        if outbox
             .code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.outbox.close.notify_one();
+            outbox.close.notify_one();
         }
     }
 }
@@ -387,6 +441,14 @@ pub struct Signaling {
     frozen: AtomicBool,
     /// The last write failed (logged once until one succeeds again).
     save_failing: AtomicBool,
+    /// Set when the node is part of a cluster (`cluster.nats_url`).
+    cluster: OnceLock<Arc<Cluster>>,
+    /// Cluster, as a home: connections of other nodes in rooms homed here, by
+    /// (node, their connection number).
+    remote: Mutex<HashMap<(Arc<str>, u64), ConnHandle>>,
+    /// Cluster, as a participant's node: this node's connections whose room is
+    /// homed elsewhere.
+    routed: Mutex<HashMap<ConnId, ConnHandle>>,
 }
 
 impl Signaling {
@@ -418,7 +480,20 @@ impl Signaling {
             timer_at: Mutex::new(None),
             timer_wake: Notify::new(),
             timer_started: AtomicBool::new(false),
+            cluster: OnceLock::new(),
+            remote: Mutex::new(HashMap::new()),
+            routed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Makes this node part of a cluster (once, before serving).
+    pub fn set_cluster(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// `None` on a single node; else whether NATS is reachable.
+    pub fn cluster_healthy(&self) -> Option<bool> {
+        self.cluster.get().map(|c| c.ready())
     }
 
     pub fn timings(&self) -> SignalingTimings {
@@ -561,6 +636,339 @@ impl Signaling {
     }
 }
 
+/// The cluster side of signaling (docs/CLUSTER.md): frames forwarded to rooms homed
+/// here, deliveries for this node's participants of rooms homed elsewhere, nodes
+/// dying, rooms moving.
+impl Signaling {
+    fn cl(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Names of the rooms in this node's core (all homed here).
+    pub fn room_names(&self) -> Vec<Arc<str>> {
+        self.core().room_names()
+    }
+
+    pub fn has_room(&self, room: &str) -> bool {
+        self.core().has_room(room)
+    }
+
+    /// The handle of another node's connection, made on its first frame here.
+    fn remote_handle(&self, node: &str, conn: u64) -> ConnHandle {
+        let mut map = lock(&self.remote, "remote connections");
+        if let Some(h) = map.get(&(Arc::<str>::from(node), conn)) {
+            return h.clone();
+        }
+        let node: Arc<str> = node.into();
+        let h = ConnHandle {
+            id: self.next_conn.fetch_add(1, Ordering::Relaxed),
+            target: Target::Remote(Arc::new(RemoteConn {
+                node: node.clone(),
+                conn,
+            })),
+            host: None,
+        };
+        map.insert((node, conn), h.clone());
+        h
+    }
+
+    /// After a join or reattach of another node's connection (`report`), or its
+    /// leave: forgets it when it is in no room here; tells its node whether it is.
+    /// (A node takes a `leave` as the end of its route at once, so a leave needs no
+    /// answer, and each answer belongs to the one join or reattach before it.)
+    fn report_status(&self, cl: &Cluster, node: &str, conn: u64, h: &ConnHandle, report: bool) {
+        let joined = {
+            let core = self.core();
+            core.is_joined(h.id) || core.is_waiting(h.id)
+        };
+        if !joined {
+            lock(&self.remote, "remote connections").remove(&(Arc::<str>::from(node), conn));
+        }
+        if report {
+            cl.deliver(node, vec![Item::Status { conn, joined }]);
+        }
+    }
+
+    /// One message from another node.
+    pub fn cluster_message(self: &Arc<Self>, msg: ToNode) {
+        let Some(cl) = self.cl().cloned() else {
+            return;
+        };
+        match msg {
+            ToNode::Fwd {
+                from, conn, text, ..
+            } => self.remote_frame(&cl, &from, conn, &text),
+            ToNode::Gone { from, conn } => {
+                let h = lock(&self.remote, "remote connections")
+                    .remove(&(Arc::<str>::from(from.as_str()), conn));
+                if let Some(h) = h {
+                    ordered(self, None, |core| core.disconnect(h.id, Instant::now()));
+                }
+            }
+            ToNode::Reattach { from, conn, peer } => {
+                let h = self.remote_handle(&from, conn);
+                ordered(self, None, |core| {
+                    core.reattach(h.id, h.clone(), &peer, Instant::now())
+                });
+                self.report_status(&cl, &from, conn, &h, true);
+            }
+            ToNode::Deliver { from, items, .. } => self.delivered(&cl, &from, items),
+        }
+    }
+
+    /// A frame of another node's participant, for a room homed here: handled like a
+    /// local frame (the sending node checked its size and rate already).
+    fn remote_frame(self: &Arc<Self>, cl: &Cluster, from: &str, conn: u64, text: &str) {
+        let h = self.remote_handle(from, conn);
+        let id = h.id;
+        let now = Instant::now();
+        let msg = match ClientMsg::parse(text) {
+            Ok(m) => m,
+            Err(_) => {
+                let fx = vec![Effect::Send(
+                    vec![h.clone()],
+                    ServerMsg::error(ErrorCode::BadMessage),
+                )];
+                finish(self, apply(self, None, fx));
+                return;
+            }
+        };
+        match msg {
+            ClientMsg::Ping | ClientMsg::IceRequest { .. } => {}
+            ClientMsg::Relay { kind, to, payload } => {
+                let fx = self.with_core(|c| c.relay(id, &h, kind, &to, payload));
+                finish(self, apply(self, None, fx));
+            }
+            ClientMsg::Join(req) => {
+                ordered(self, None, |c| c.join(id, h.clone(), req, now));
+                self.report_status(cl, from, conn, &h, true);
+            }
+            ClientMsg::Leave => {
+                ordered(self, None, |c| c.leave(id, &h));
+                self.report_status(cl, from, conn, &h, false);
+            }
+            ClientMsg::Media(m) => {
+                ordered(self, None, |c| c.media(id, &h, m));
+            }
+            ClientMsg::Chat { text } => {
+                ordered(self, None, |c| c.chat(id, &h, &text, unix_millis()));
+            }
+            ClientMsg::Control(c) => {
+                ordered(self, None, |core| core.control(id, &h, c, now));
+            }
+        }
+    }
+
+    /// What a home sends for this node's participants.
+    fn delivered(self: &Arc<Self>, cl: &Arc<Cluster>, from: &str, items: Vec<Item>) {
+        let routed = |conn: u64| lock(&self.routed, "routed connections").get(&conn).cloned();
+        for item in items {
+            match item {
+                Item::Send { conns, text } => {
+                    let text = Utf8Bytes::from(text);
+                    for c in conns {
+                        if let Some(h) = routed(c) {
+                            h.send(text.clone());
+                        }
+                    }
+                }
+                Item::Joined { conn, text } => {
+                    let Some(h) = routed(conn) else { continue };
+                    let Some((text, peer)) = self.with_own_ice(&text, h.host.as_deref()) else {
+                        tracing::warn!(node = from, "malformed joined from a home; dropped");
+                        continue;
+                    };
+                    if let Some(r) = h.route() {
+                        h.set_route(Some(Route {
+                            home: r.home.clone(),
+                            room: r.room.clone(),
+                            name: r.name.clone(),
+                            peer: Some(peer),
+                        }));
+                    }
+                    h.send(Utf8Bytes::from(text));
+                }
+                Item::Close { conn, code } => {
+                    if let Some(h) = routed(conn) {
+                        h.close(code);
+                    }
+                }
+                Item::Status { conn, joined } => {
+                    if !joined {
+                        if let Some(h) = lock(&self.routed, "routed connections").remove(&conn) {
+                            h.set_route(None);
+                        }
+                    }
+                }
+                Item::Rehome { conn } => {
+                    let sig = self.clone();
+                    let cl = cl.clone();
+                    self.tasks.spawn(async move { sig.rehome(&cl, conn).await });
+                }
+            }
+        }
+    }
+
+    /// A home's `joined` with this node's ICE servers in it; with the peer's id and
+    /// resume-token hash.
+    fn with_own_ice(
+        &self,
+        text: &str,
+        host: Option<&str>,
+    ) -> Option<(String, (Arc<str>, TokenHash))> {
+        let mut v: serde_json::Value = serde_json::from_str(text).ok()?;
+        let id: Arc<str> = v.get("id")?.as_str()?.into();
+        let token = token_hash(v.get("resume")?.as_str()?);
+        let ice = self.ice.for_peer(&id, host, unix_secs());
+        v["ice"] = serde_json::to_value(ice).ok()?;
+        Some((v.to_string(), (id, token)))
+    }
+
+    /// Finds the room of a routed connection again (its home died or moved it) and
+    /// reattaches its peer there. A connection not joined yet is closed (1001): its
+    /// client joins again.
+    async fn rehome(self: &Arc<Self>, cl: &Arc<Cluster>, conn: ConnId) {
+        let Some(h) = lock(&self.routed, "routed connections").get(&conn).cloned() else {
+            return;
+        };
+        let Some(route) = h.route() else {
+            return;
+        };
+        cl.forget_home(&route.room);
+        let Some((id, token)) = route.peer.clone() else {
+            h.close(CLOSE_GOING_AWAY);
+            return;
+        };
+        let info = Reattach {
+            id: id.to_string(),
+            room: route.room.to_string(),
+            name: route.name.to_string(),
+            media: None,
+            host: false,
+            token,
+        };
+        match Box::pin(cl.resolve(&route.room)).await {
+            Home::Here => {
+                lock(&self.routed, "routed connections").remove(&conn);
+                h.set_route(None);
+                ordered(self, None, |core| {
+                    core.reattach(conn, h.clone(), &info, Instant::now())
+                });
+            }
+            Home::There(node) => {
+                h.set_route(Some(Route {
+                    home: node.clone(),
+                    room: route.room.clone(),
+                    name: route.name.clone(),
+                    peer: route.peer.clone(),
+                }));
+                cl.send(
+                    &node,
+                    &ToNode::Reattach {
+                        from: cl.node.to_string(),
+                        conn,
+                        peer: info,
+                    },
+                );
+            }
+        }
+    }
+
+    /// A node is dead (unheard, or restarted): its connections in rooms homed here
+    /// drop into their resume grace; this node's participants of rooms it was home
+    /// to move to a new home.
+    pub fn cluster_node_dead(self: &Arc<Self>, node: &str) {
+        let gone: Vec<ConnHandle> = {
+            let mut map = lock(&self.remote, "remote connections");
+            let keys: Vec<(Arc<str>, u64)> =
+                map.keys().filter(|(n, _)| **n == *node).cloned().collect();
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        let now = Instant::now();
+        for h in gone {
+            ordered(self, None, |core| core.disconnect(h.id, now));
+        }
+        self.rehome_where(|r| *r.home == *node);
+    }
+
+    /// Reattaches every routed connection whose route matches.
+    fn rehome_where(self: &Arc<Self>, pick: impl Fn(&Route) -> bool) {
+        let Some(cl) = self.cl().cloned() else {
+            return;
+        };
+        let conns: Vec<ConnId> = lock(&self.routed, "routed connections")
+            .iter()
+            .filter(|(_, h)| h.route().is_some_and(|r| pick(&r)))
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in conns {
+            let sig = self.clone();
+            let cl = cl.clone();
+            self.tasks.spawn(async move { sig.rehome(&cl, conn).await });
+        }
+    }
+
+    /// NATS is back: this node's participants of remote rooms reattach (their homes
+    /// may have taken them for gone meanwhile; a reattach of a connected peer changes
+    /// nothing).
+    pub fn cluster_reconnected(self: &Arc<Self>) {
+        self.rehome_where(|_| true);
+    }
+
+    /// Another node holds a room this node served: its peers go there.
+    pub fn cluster_room_lost(self: &Arc<Self>, room: &str, owner: Arc<str>) {
+        let Some(cl) = self.cl().cloned() else {
+            return;
+        };
+        let (moved, fx) = self.with_core(|core| core.evict_room(room));
+        finish(self, apply(self, None, fx));
+        let mut batches: Vec<(Arc<str>, Vec<Item>)> = Vec::new();
+        for (info, handle) in moved {
+            let Some(h) = handle else {
+                continue;
+            };
+            match &h.target {
+                Target::Local(_) => {
+                    h.set_route(Some(Route {
+                        home: owner.clone(),
+                        room: info.room.as_str().into(),
+                        name: info.name.as_str().into(),
+                        peer: Some((info.id.as_str().into(), info.token)),
+                    }));
+                    lock(&self.routed, "routed connections").insert(h.id, h.clone());
+                    cl.send(
+                        &owner,
+                        &ToNode::Reattach {
+                            from: cl.node.to_string(),
+                            conn: h.id,
+                            peer: info,
+                        },
+                    );
+                }
+                Target::Remote(r) => {
+                    lock(&self.remote, "remote connections").remove(&(r.node.clone(), r.conn));
+                    match batches.iter_mut().find(|(n, _)| *n == r.node) {
+                        Some((_, items)) => items.push(Item::Rehome { conn: r.conn }),
+                        None => batches.push((r.node.clone(), vec![Item::Rehome { conn: r.conn }])),
+                    }
+                }
+            }
+        }
+        for (node, items) in batches {
+            cl.deliver(&node, items);
+        }
+    }
+
+    /// Another node's peer left for good: this node's relay drops its allocations.
+    pub fn cluster_peer_gone(&self, peer: &str, revoked: bool) {
+        if revoked {
+            self.peer_events.peer_revoked(peer);
+        } else {
+            self.peer_events.peer_gone(peer);
+        }
+    }
+}
+
 /// The `/ws` route, for the HTTPS router.
 pub fn routes(signaling: Arc<Signaling>) -> Router {
     Router::new()
@@ -688,10 +1096,12 @@ fn connection(
         let outbox = Arc::new(Outbox::default());
         let now = Instant::now();
         let timings = sig.timings();
+        let id = sig.next_conn.fetch_add(1, Ordering::Relaxed);
         let mut conn = Conn {
-            id: sig.next_conn.fetch_add(1, Ordering::Relaxed),
+            id,
             handle: ConnHandle {
-                outbox: outbox.clone(),
+                id,
+                target: Target::Local(outbox.clone()),
                 host: host.map(Arc::from),
             },
             limiter: RateLimiter::new(sig.rate_per_s, sig.rate_burst, now),
@@ -757,7 +1167,7 @@ fn connection(
                             break Ending::Gone(Reason::Closed);
                         }
                         Some(Ok(Message::Text(text))) => {
-                            if let Some(end) = on_text(&sig, &mut conn, text.as_str()) {
+                            if let Some(end) = on_text(&sig, &mut conn, text.as_str()).await {
                                 break end;
                             }
                         }
@@ -791,6 +1201,18 @@ fn connection(
         // Out of the core first, so messages for this peer go to its resume queue while
         // the close handshake below takes its time.
         ordered(&sig, None, |core| core.disconnect(conn.id, Instant::now()));
+        if let Some(cl) = sig.cluster.get() {
+            if let Some(r) = outbox.route.swap(None) {
+                lock(&sig.routed, "routed connections").remove(&conn.id);
+                cl.send(
+                    &r.home,
+                    &ToNode::Gone {
+                        from: cl.node.to_string(),
+                        conn: conn.id,
+                    },
+                );
+            }
+        }
         let left = outbox.close_queue();
         match ending {
             Ending::Close(code, _) => {
@@ -826,6 +1248,12 @@ fn connection(
 /// 1001 all the same. A network drop sends no close frame at all, so it
 /// still gets the resume grace.
 fn leave_on_going_away(sig: &Arc<Signaling>, conn: &Conn) {
+    if let (Some(cl), Some(r)) = (sig.cluster.get(), conn.handle.route()) {
+        cl.forward(&r.home, conn.id, r#"{"type":"leave"}"#);
+        conn.handle.set_route(None);
+        lock(&sig.routed, "routed connections").remove(&conn.id);
+        return;
+    }
     let id = conn.id;
     let h = &conn.handle;
     ordered(sig, conn.handle.host.as_deref(), |c| {
@@ -877,8 +1305,69 @@ fn is_too_big(e: axum::Error) -> bool {
     )
 }
 
+/// Cluster: sends the frame to the room's home when that is another node; returns
+/// whether it was handled so (forwarded, or answered here).
+async fn route_frame(
+    sig: &Arc<Signaling>,
+    cl: &Cluster,
+    conn: &Conn,
+    msg: &ClientMsg,
+    text: &str,
+) -> bool {
+    let route = conn.handle.route();
+    match msg {
+        ClientMsg::Ping | ClientMsg::IceRequest { .. } => false,
+        ClientMsg::Join(req) => {
+            if route.is_some() {
+                reply(sig, conn, &ServerMsg::error(ErrorCode::AlreadyJoined));
+                return true;
+            }
+            {
+                let core = sig.core();
+                if core.is_joined(conn.id) || core.is_waiting(conn.id) {
+                    return false;
+                }
+            }
+            // Invalid names are refused by this node's core, which creates nothing.
+            let (Ok(room), Some(name)) = (
+                normalize_room(&req.room),
+                normalize_name(req.name.as_deref()),
+            ) else {
+                return false;
+            };
+            match Box::pin(cl.resolve(&room)).await {
+                Home::Here => false,
+                Home::There(node) => {
+                    conn.handle.set_route(Some(Route {
+                        home: node.clone(),
+                        room: room.into(),
+                        name: name.into(),
+                        peer: None,
+                    }));
+                    lock(&sig.routed, "routed connections").insert(conn.id, conn.handle.clone());
+                    cl.forward(&node, conn.id, text);
+                    true
+                }
+            }
+        }
+        _ => match route {
+            Some(r) => {
+                cl.forward(&r.home, conn.id, text);
+                if matches!(msg, ClientMsg::Leave) {
+                    // Out of the room at its home whatever happens there: the next
+                    // join may go anywhere.
+                    conn.handle.set_route(None);
+                    lock(&sig.routed, "routed connections").remove(&conn.id);
+                }
+                true
+            }
+            None => false,
+        },
+    }
+}
+
 /// Handles one text frame; returns how the connection must end, if it must.
-fn on_text(sig: &Arc<Signaling>, conn: &mut Conn, text: &str) -> Option<Ending> {
+async fn on_text(sig: &Arc<Signaling>, conn: &mut Conn, text: &str) -> Option<Ending> {
     let now = Instant::now();
     match conn.limiter.frame(now) {
         Verdict::Allow => {}
@@ -894,6 +1383,11 @@ fn on_text(sig: &Arc<Signaling>, conn: &mut Conn, text: &str) -> Option<Ending> 
         Ok(m) => m,
         Err(_) => return bad_message(sig, conn, now),
     };
+    if let Some(cl) = sig.cluster.get() {
+        if route_frame(sig, cl, conn, &msg, text).await {
+            return None;
+        }
+    }
     let id = conn.id;
     let h = &conn.handle;
     let host = conn.handle.host.as_deref();
@@ -904,7 +1398,11 @@ fn on_text(sig: &Arc<Signaling>, conn: &mut Conn, text: &str) -> Option<Ending> 
         }
         ClientMsg::IceRequest { password } => {
             let unix = unix_secs();
-            let answer = sig.core().ice_request(id, password.as_deref());
+            let remote_peer = h.route().and_then(|r| r.peer.as_ref().map(|p| p.0.clone()));
+            let answer = match remote_peer {
+                Some(peer) => Ok(IceFor::Peer(peer)),
+                None => sig.core().ice_request(id, password.as_deref()),
+            };
             let msg = match answer {
                 Ok(IceFor::Peer(peer)) => ServerMsg::Ice {
                     ice: sig.ice.for_peer(&peer, host, unix),
@@ -1049,9 +1547,18 @@ enum Gone {
 /// Tells the relay about peers gone for good (outside the rooms lock).
 fn finish(sig: &Signaling, gone: Vec<Gone>) {
     for g in gone {
-        match g {
-            Gone::Left(id) => sig.peer_events.peer_gone(&id),
-            Gone::Revoked(id) => sig.peer_events.peer_revoked(&id),
+        let (id, revoked) = match g {
+            Gone::Left(id) => {
+                sig.peer_events.peer_gone(&id);
+                (id, false)
+            }
+            Gone::Revoked(id) => {
+                sig.peer_events.peer_revoked(&id);
+                (id, true)
+            }
+        };
+        if let Some(cl) = sig.cluster.get() {
+            cl.broadcast_gone(&id, revoked);
         }
     }
 }
@@ -1061,10 +1568,32 @@ fn finish(sig: &Signaling, gone: Vec<Gone>) {
 /// ICE config in `joined`. Returns the peers gone for good, for [`finish`].
 fn apply(sig: &Arc<Signaling>, host: Option<&str>, effects: Vec<Effect<ConnHandle>>) -> Vec<Gone> {
     let mut gone = Vec::new();
+    // Cluster: what goes to other nodes, per node in the core's order.
+    let mut batches: Vec<(Arc<str>, Vec<Item>)> = Vec::new();
+    let mut to_node =
+        |node: &Arc<str>, item: Item| match batches.iter_mut().find(|(n, _)| n == node) {
+            Some((_, items)) => items.push(item),
+            None => batches.push((node.clone(), vec![item])),
+        };
     for effect in effects {
         match effect {
             Effect::Send(targets, mut msg) => {
                 count(sig, &msg);
+                if let (ServerMsg::Joined { .. }, [t]) = (&msg, targets.as_slice()) {
+                    if let Target::Remote(r) = &t.target {
+                        // Its own node adds the ICE servers (its TURN URLs).
+                        if let Some(text) = encode(&msg) {
+                            to_node(
+                                &r.node,
+                                Item::Joined {
+                                    conn: r.conn,
+                                    text: text.to_string(),
+                                },
+                            );
+                        }
+                        continue;
+                    }
+                }
                 if let ServerMsg::Joined { id, ice, .. } = &mut msg {
                     // The joiner's own Host header (a lobby admission is caused by a
                     // host's message, from a connection that may name the server
@@ -1075,13 +1604,37 @@ fn apply(sig: &Arc<Signaling>, host: Option<&str>, effects: Vec<Effect<ConnHandl
                 let Some(text) = encode(&msg) else {
                     continue;
                 };
+                let mut remote: Vec<(Arc<str>, Vec<u64>)> = Vec::new();
                 for t in &targets {
-                    t.send(text.clone());
+                    match &t.target {
+                        Target::Local(_) => t.send(text.clone()),
+                        Target::Remote(r) => match remote.iter_mut().find(|(n, _)| *n == r.node) {
+                            Some((_, conns)) => conns.push(r.conn),
+                            None => remote.push((r.node.clone(), vec![r.conn])),
+                        },
+                    }
+                }
+                for (node, conns) in remote {
+                    to_node(
+                        &node,
+                        Item::Send {
+                            conns,
+                            text: text.to_string(),
+                        },
+                    );
                 }
             }
-            Effect::Close(h, code) => h.close(code),
+            Effect::Close(h, code) => match &h.target {
+                Target::Local(_) => h.close(code),
+                Target::Remote(r) => to_node(&r.node, Item::Close { conn: r.conn, code }),
+            },
             Effect::PeerGone(id) => gone.push(Gone::Left(id)),
             Effect::Revoke(id) => gone.push(Gone::Revoked(id)),
+        }
+    }
+    if let Some(cl) = sig.cluster.get() {
+        for (node, items) in batches {
+            cl.deliver(&node, items);
         }
     }
     gone

@@ -16,6 +16,8 @@
 //!   and WebSockets (coturn's `turnutils_uclient`, curl, the project's client).
 //! - [`acme`]: certificates from a real ACME CA (Pebble): TLS-ALPN-01 and HTTP-01,
 //!   restart without a new order, renewal under open calls, refusals and outages.
+//! - [`cluster`]: several nodes and a real `nats-server -js`: rooms across nodes,
+//!   capacity, resume on another node, SIGKILL of a node, NATS restarted.
 //! - [`support`]: the test server, the WebSocket client, TLS client configs, and the
 //!   check for external tools (tests needing coturn's tools or systemd skip with a
 //!   printed reason without them, and fail instead under `MESHMEET_REQUIRE_TOOLS=1`).
@@ -23,6 +25,7 @@
 //! Run one module with `cargo test --test it relay::`.
 
 mod acme;
+mod cluster;
 mod deploy;
 mod http;
 mod lifecycle;

@@ -1718,3 +1718,99 @@ fn room_control_state_survives_a_snapshot() {
     let text = serde_json::to_string(&back.snapshot(2_000)).unwrap();
     assert!(!text.contains("\"pw\""));
 }
+
+#[test]
+fn a_room_moves_to_another_core_silently() {
+    let t0 = Instant::now();
+    let mut a = core(6, "");
+    let (x, _) = join(&mut a, 1, "moving", t0);
+    let (y, _) = join(&mut a, 2, "moving", t0);
+    a.media(
+        2,
+        &2,
+        Media {
+            audio: true,
+            video: false,
+            screen: false,
+        },
+    );
+    // Connection 2 drops: its messages wait for it.
+    a.disconnect(2, t0);
+    a.chat(1, &1, "while away", 5);
+    let info_y = a.reattach_info(&y).unwrap();
+    assert!(!info_y.host);
+    let (moved, fx) = a.evict_room("moving");
+    assert!(fx.is_empty());
+    assert_eq!(moved.len(), 2);
+    assert_eq!(moved[0].1, Some(1));
+    assert_eq!(moved[1].1, None);
+    assert_eq!(a.table_sizes()[..4], [0, 0, 0, 0]);
+    // The other core knows nobody yet: the first reattach brings the room back with
+    // its host, the second tells the first of a newcomer it did not know.
+    let mut b = core(6, "");
+    let fx = b.reattach(10, 10, &moved[0].0, t0);
+    assert!(fx.is_empty(), "{fx:?}");
+    let fx = b.reattach(20, 20, &moved[1].0, t0);
+    assert_eq!(
+        sends(&fx),
+        vec![(
+            vec![10],
+            ServerMsg::PeerJoined {
+                id: y.clone(),
+                name: "Guest".into()
+            }
+        )]
+    );
+    assert_eq!(b.peer_of(10), Some(x.clone()));
+    assert_eq!(b.peer_of(20), Some(y.clone()));
+    // Relaying works between them, stamped with the same ids.
+    let fx = offer(&mut b, 20, &x, "v=0");
+    assert_eq!(
+        sends(&fx),
+        vec![(
+            vec![10],
+            ServerMsg::Offer {
+                from: y.clone(),
+                sdp: "v=0".into()
+            }
+        )]
+    );
+    // Reattaching again through another connection takes over (4001 to the old one).
+    let fx = b.reattach(21, 21, &moved[1].0, t0);
+    assert_eq!(fx, vec![Effect::Close(20, CLOSE_TAKEN_OVER)]);
+    // A peer of another room, a bad id or a connection already joined change nothing.
+    let mut other = moved[1].0.clone();
+    other.room = "elsewhere".into();
+    assert!(b.reattach(30, 30, &other, t0).is_empty());
+    assert_eq!(b.peer_of(30), None);
+    let mut bad = moved[1].0.clone();
+    bad.id = "zz".into();
+    assert!(b.reattach(31, 31, &bad, t0).is_empty());
+    assert!(b.reattach(10, 10, &moved[1].0, t0).is_empty());
+    assert_eq!(b.peer_count(), 2);
+}
+
+#[test]
+fn a_reattached_peer_in_its_grace_gets_its_queue() {
+    let t0 = Instant::now();
+    let mut a = core(6, "");
+    let (x, _) = join(&mut a, 1, "r", t0);
+    let (y, _) = join(&mut a, 2, "r", t0);
+    a.disconnect(2, t0);
+    a.chat(1, &1, "kept", 5);
+    let info = a.reattach_info(&y).unwrap();
+    let fx = a.reattach(3, 3, &info, t0 + Duration::from_secs(1));
+    match &sends(&fx)[..] {
+        [(to, ServerMsg::Chat { from, text, .. })] => {
+            assert_eq!(to, &vec![3]);
+            assert_eq!(from, &x);
+            assert_eq!(&**text, "kept");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Out of its grace: nothing happens when it would have ended.
+    assert!(a.handle_timeout(t0 + GRACE * 2).is_empty());
+    assert_eq!(a.peer_of(3), Some(y));
+    assert!(a.has_room("r"));
+    assert!(!a.is_waiting(3));
+}
