@@ -419,16 +419,30 @@ impl Cluster {
         }
         if self.store().is_none() {
             let js = async_nats::jetstream::new(self.client.clone());
-            let cfg = kv::Config {
-                bucket: HOMES_BUCKET.into(),
-                history: 1,
-                max_age: LEASE,
-                storage: async_nats::jetstream::stream::StorageType::File,
-                ..Default::default()
-            };
-            let store = match js.create_key_value(cfg).await {
+            let store = match js.get_key_value(HOMES_BUCKET).await {
                 Ok(s) => Some(s),
-                Err(_) => js.get_key_value(HOMES_BUCKET).await.ok(),
+                Err(_) => {
+                    // The client's own bucket creation first reads the account's
+                    // limits, in a form nats-server 2.9 does not answer; the stream
+                    // behind a bucket is created here instead, as the client would.
+                    let stream = async_nats::jetstream::stream::Config {
+                        name: format!("KV_{HOMES_BUCKET}"),
+                        subjects: vec![format!("$KV.{HOMES_BUCKET}.>")],
+                        max_messages_per_subject: 1,
+                        max_age: LEASE,
+                        storage: async_nats::jetstream::stream::StorageType::File,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: true,
+                        num_replicas: 1,
+                        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+                        ..Default::default()
+                    };
+                    if let Err(e) = js.get_or_create_stream(stream).await {
+                        tracing::warn!(error = %e, "cannot create the bucket of room homes");
+                    }
+                    js.get_key_value(HOMES_BUCKET).await.ok()
+                }
             };
             match store {
                 Some(s) => *lock(&self.homes) = Some(s),
