@@ -51,7 +51,7 @@ pub struct Config {
 
 /// `[cluster]`: several nodes sharing rooms through NATS (docs/CLUSTER.md). An empty
 /// `nats_url` is a single node, exactly as without this section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `nats://host:port` or `tls://host:port`; empty = no cluster.
@@ -252,19 +252,6 @@ impl Default for Config {
             turn: TurnConfig::default(),
             ice: IceConfig::default(),
             cluster: ClusterConfig::default(),
-        }
-    }
-}
-
-impl Default for ClusterConfig {
-    fn default() -> Self {
-        ClusterConfig {
-            nats_url: String::new(),
-            node_name: String::new(),
-            nats_user: String::new(),
-            nats_password: Secret::default(),
-            nats_token: Secret::default(),
-            nats_ca: String::new(),
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod wire;
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ClusterConfig;
+use crate::signaling::persist::Snapshot;
 use crate::signaling::ws::Signaling;
 use wire::{Alive, PeerGone, ToNode, ALIVE_SUBJECT, GONE_SUBJECT};
 
@@ -42,6 +44,15 @@ pub const OUTBOX_LEN: usize = 4096;
 const LINGER: Duration = Duration::from_secs(10);
 /// Key-value bucket of room homes.
 pub const HOMES_BUCKET: &str = "meshmeet_homes";
+/// Key-value bucket of rooms' replicated state (each room's part of the rooms
+/// snapshot), written by the room's home, read by a node taking the room over.
+pub const ROOMS_BUCKET: &str = "meshmeet_rooms";
+/// A room's state is written at the first tick after it changed, and again at least
+/// this often while the room exists (its age tells a node taking it over whether it
+/// is still current).
+pub const STATE_REFRESH: Duration = Duration::from_secs(5);
+/// How long a room's state nobody rewrites stays in the rooms bucket.
+const STATE_MAX_AGE: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
@@ -63,9 +74,9 @@ impl ClusterMetrics {
         let m = ClusterMetrics {
             messages: Family::default(),
             dropped: Counter::default(),
-            forward_latency: Histogram::new(
-                [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5].into_iter(),
-            ),
+            forward_latency: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5,
+            ]),
             rooms_homed: Gauge::default(),
             nats_connected: Gauge::default(),
         };
@@ -109,6 +120,9 @@ struct Lease {
     /// The key's revision we hold; `None` = provisional (NATS was unreachable).
     revision: Option<u64>,
     empty_since: Option<Instant>,
+    /// The room's state as last written to the rooms bucket (a hash of it without
+    /// its time stamp), and when.
+    written: Option<(u64, Instant)>,
 }
 
 #[derive(Default)]
@@ -130,6 +144,7 @@ pub struct Cluster {
     out: mpsc::Sender<(String, Bytes)>,
     out_rx: Mutex<Option<mpsc::Receiver<(String, Bytes)>>>,
     homes: Mutex<Option<kv::Store>>,
+    states: Mutex<Option<kv::Store>>,
     st: Mutex<State>,
     pub metrics: ClusterMetrics,
 }
@@ -194,6 +209,7 @@ impl Cluster {
             out,
             out_rx: Mutex::new(Some(rx)),
             homes: Mutex::new(None),
+            states: Mutex::new(None),
             st: Mutex::new(State::default()),
             metrics,
         })
@@ -203,9 +219,10 @@ impl Cluster {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// Connected, with the bucket of room homes open: rooms can be claimed.
+    /// Connected, with the buckets of room homes and states open: rooms can be
+    /// claimed.
     pub fn ready(&self) -> bool {
-        self.connected() && lock(&self.homes).is_some()
+        self.connected() && lock(&self.homes).is_some() && lock(&self.states).is_some()
     }
 
     /// Queues a message for `subject`; dropped (and counted) while NATS is
@@ -292,6 +309,72 @@ impl Cluster {
         lock(&self.homes).clone()
     }
 
+    fn states(&self) -> Option<kv::Store> {
+        lock(&self.states).clone()
+    }
+
+    /// The state a room's former home replicated, if there is one.
+    async fn saved_state(&self, room: &str) -> Option<Snapshot> {
+        let store = self.states()?;
+        let e = store.entry(wire::room_key(room).as_str()).await.ok()??;
+        if e.operation != kv::Operation::Put {
+            return None;
+        }
+        match wire::decode_room_state(&e.value) {
+            Ok(s) => Some(s),
+            Err(err) => {
+                self.metrics.dropped.inc();
+                tracing::warn!(error = %err, "unusable room state in the rooms bucket; ignored");
+                None
+            }
+        }
+    }
+
+    /// Writes a room's state to the rooms bucket when it changed since the last
+    /// write, or that is [`STATE_REFRESH`] old; deletes it when the room is gone.
+    async fn replicate(&self, store: &kv::Store, room: &Arc<str>, sig: &Signaling) {
+        let now = Instant::now();
+        let key = wire::room_key(room);
+        let prev = lock(&self.st).leases.get(room).and_then(|l| l.written);
+        let written = match sig.room_snapshot(room) {
+            None => {
+                if prev.is_none() || store.delete(key.as_str()).await.is_err() {
+                    return;
+                }
+                None
+            }
+            Some(mut snap) => {
+                let stamp = std::mem::take(&mut snap.saved_unix_ms);
+                let Ok(plain) = serde_json::to_vec(&snap) else {
+                    return;
+                };
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                plain.hash(&mut h);
+                let hash = h.finish();
+                let due = prev.is_none_or(|(last, at)| {
+                    last != hash || now.saturating_duration_since(at) >= STATE_REFRESH
+                });
+                if !due {
+                    return;
+                }
+                snap.saved_unix_ms = stamp;
+                let Some(bytes) = wire::encode(&snap) else {
+                    self.metrics.dropped.inc();
+                    tracing::warn!(room = %room, "room state too large to replicate");
+                    return;
+                };
+                if let Err(e) = store.put(key.as_str(), bytes).await {
+                    tracing::warn!(error = %e, "cannot write a room's state");
+                    return;
+                }
+                Some((hash, now))
+            }
+        };
+        if let Some(l) = lock(&self.st).leases.get_mut(room) {
+            l.written = written;
+        }
+    }
+
     /// Whether this node holds (or provisionally took) the room.
     pub fn is_home(&self, room: &str) -> bool {
         lock(&self.st).leases.contains_key(room)
@@ -305,6 +388,7 @@ impl Cluster {
             Lease {
                 revision,
                 empty_since: None,
+                written: None,
             },
         );
         self.metrics.rooms_homed.set(st.leases.len() as i64);
@@ -316,8 +400,10 @@ impl Cluster {
     }
 
     /// Finds the home of a (canonical) room, claiming it when nobody holds it, or
-    /// when its holder is dead. Without NATS this node takes it provisionally.
-    pub async fn resolve(&self, room: &str) -> Home {
+    /// when its holder is dead; a room claimed so gets the state its former home
+    /// replicated, if any (`sig`'s core takes it over). Without NATS this node takes
+    /// it provisionally.
+    pub async fn resolve(&self, room: &str, sig: &Arc<Signaling>) -> Home {
         {
             let st = lock(&self.st);
             if st.leases.contains_key(room) {
@@ -349,17 +435,26 @@ impl Cluster {
                         return Home::There(owner);
                     }
                     // Its holder is dead: take it over, unless another node is faster.
+                    let state = self.saved_state(room).await;
                     let me = Bytes::from(self.node.to_string());
                     if let Ok(rev) = store.update(key.as_str(), me, e.revision).await {
                         tracing::info!(room, from = owner, "took over a room of a dead node");
                         self.take_lease(room, Some(rev));
+                        if let Some(state) = state {
+                            sig.restore_room(room, state);
+                        }
                         return Home::Here;
                     }
                 }
                 Ok(_) => {
+                    // Nobody holds it: a new room, or one whose home's lease lapsed.
+                    let state = self.saved_state(room).await;
                     let me = Bytes::from(self.node.to_string());
                     if let Ok(rev) = store.create(key.as_str(), me).await {
                         self.take_lease(room, Some(rev));
+                        if let Some(state) = state {
+                            sig.restore_room(room, state);
+                        }
                         return Home::Here;
                     }
                 }
@@ -417,40 +512,24 @@ impl Cluster {
         if !connected {
             return;
         }
-        if self.store().is_none() {
+        if self.store().is_none() || self.states().is_none() {
             let js = async_nats::jetstream::new(self.client.clone());
-            let store = match js.get_key_value(HOMES_BUCKET).await {
-                Ok(s) => Some(s),
-                Err(_) => {
-                    // The client's own bucket creation first reads the account's
-                    // limits, in a form nats-server 2.9 does not answer; the stream
-                    // behind a bucket is created here instead, as the client would.
-                    let stream = async_nats::jetstream::stream::Config {
-                        name: format!("KV_{HOMES_BUCKET}"),
-                        subjects: vec![format!("$KV.{HOMES_BUCKET}.>")],
-                        max_messages_per_subject: 1,
-                        max_age: LEASE,
-                        storage: async_nats::jetstream::stream::StorageType::File,
-                        allow_rollup: true,
-                        deny_delete: true,
-                        allow_direct: true,
-                        num_replicas: 1,
-                        discard: async_nats::jetstream::stream::DiscardPolicy::New,
-                        ..Default::default()
-                    };
-                    if let Err(e) = js.get_or_create_stream(stream).await {
-                        tracing::warn!(error = %e, "cannot create the bucket of room homes");
-                    }
-                    js.get_key_value(HOMES_BUCKET).await.ok()
+            for (name, max_age, slot) in [
+                (HOMES_BUCKET, LEASE, &self.homes),
+                (ROOMS_BUCKET, STATE_MAX_AGE, &self.states),
+            ] {
+                if lock(slot).is_some() {
+                    continue;
                 }
-            };
-            match store {
-                Some(s) => *lock(&self.homes) = Some(s),
-                None => {
-                    tracing::warn!(
-                        "cannot open the JetStream bucket of room homes (is JetStream on?)"
-                    );
-                    return;
+                match open_bucket(&js, name, max_age).await {
+                    Some(s) => *lock(slot) = Some(s),
+                    None => {
+                        tracing::warn!(
+                            bucket = name,
+                            "cannot open a JetStream key-value bucket (is JetStream on?)"
+                        );
+                        return;
+                    }
                 }
             }
         }
@@ -488,7 +567,7 @@ impl Cluster {
     /// Renews the leases of rooms homed here; claims provisional ones; lets go of
     /// rooms empty for a while; gives up rooms another node holds now.
     async fn renew(&self, sig: &Arc<Signaling>) {
-        let Some(store) = self.store() else {
+        let (Some(store), Some(states)) = (self.store(), self.states()) else {
             return;
         };
         let now = Instant::now();
@@ -503,6 +582,7 @@ impl Cluster {
                         Lease {
                             revision: None,
                             empty_since: None,
+                            written: None,
                         },
                     );
                 }
@@ -527,6 +607,7 @@ impl Cluster {
             let key = wire::room_key(&room);
             if expired {
                 let _ = store.delete_expect_revision(key.as_str(), revision).await;
+                let _ = states.delete(key.as_str()).await;
                 let mut st = lock(&self.st);
                 if !sig.has_room(&room) {
                     st.leases.remove(&room);
@@ -547,6 +628,7 @@ impl Cluster {
                     if let Some(l) = lock(&self.st).leases.get_mut(&room) {
                         l.revision = Some(rev);
                     }
+                    self.replicate(&states, &room, sig).await;
                 }
                 None => {
                     // Someone else holds it now (this node was cut off for longer
@@ -595,6 +677,38 @@ impl Cluster {
             sig.cluster_node_dead(&a.node);
         }
     }
+}
+
+/// Opens a key-value bucket, creating it when it does not exist yet: the client's
+/// own bucket creation first reads the account's limits, in a form nats-server 2.9
+/// does not answer, so the stream behind a bucket is created here, as the client
+/// would.
+async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    max_age: Duration,
+) -> Option<kv::Store> {
+    if let Ok(s) = js.get_key_value(name).await {
+        return Some(s);
+    }
+    let stream = async_nats::jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        max_message_size: wire::MAX_ENVELOPE as i32,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    if let Err(e) = js.get_or_create_stream(stream).await {
+        tracing::warn!(bucket = name, error = %e, "cannot create a key-value bucket");
+    }
+    js.get_key_value(name).await.ok()
 }
 
 async fn publisher(

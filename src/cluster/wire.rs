@@ -112,6 +112,12 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, WireError> {
     serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
+/// A room's replicated state (its part of the rooms snapshot), as its home writes it
+/// to the rooms bucket.
+pub fn decode_room_state(bytes: &[u8]) -> Result<crate::signaling::persist::Snapshot, WireError> {
+    decode(bytes)
+}
+
 pub fn decode_to_node(bytes: &[u8]) -> Result<ToNode, WireError> {
     let m: ToNode = decode(bytes)?;
     if !valid_node_name(m.from_node()) {

@@ -90,6 +90,9 @@ pub struct Reattach {
     pub token: TokenHash,
 }
 
+/// The peers of an evicted room, with their connections (see [`Rooms::evict_room`]).
+pub type Evicted<H> = Vec<(Reattach, Option<H>)>;
+
 mod hex_hash {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -934,7 +937,7 @@ impl<H: Clone> Rooms<H> {
     /// its home now): returns its peers with their connections, for them to be
     /// reattached there. Lobby waiters are closed with 1001, as at a restart: they
     /// knock again.
-    pub fn evict_room(&mut self, room: &str) -> (Vec<(Reattach, Option<H>)>, Vec<Effect<H>>) {
+    pub fn evict_room(&mut self, room: &str) -> (Evicted<H>, Vec<Effect<H>>) {
         let mut effects = Vec::new();
         let Some(r) = self.rooms.remove(room) else {
             return (Vec::new(), effects);
@@ -1325,6 +1328,21 @@ impl<H: Clone> Rooms<H> {
     pub fn snapshot(&self, now_unix_ms: u64) -> Snapshot {
         let mut rooms: Vec<&Arc<str>> = self.rooms.keys().collect();
         rooms.sort();
+        self.snapshot_of(&rooms, now_unix_ms)
+    }
+
+    /// One room's part of [`Rooms::snapshot`] (cluster: what its home replicates, so
+    /// that another node can take the room over), without the id generator (zeros:
+    /// ids stay the new home's own); `None` when the room does not exist.
+    pub fn room_snapshot(&self, room: &str, now_unix_ms: u64) -> Option<Snapshot> {
+        let (name, _) = self.rooms.get_key_value(room)?;
+        let mut snap = self.snapshot_of(&[name], now_unix_ms);
+        snap.id_key = [0; 4];
+        snap.id_next = 0;
+        Some(snap)
+    }
+
+    fn snapshot_of(&self, rooms: &[&Arc<str>], now_unix_ms: u64) -> Snapshot {
         let peers = rooms
             .iter()
             .filter_map(|r| self.rooms.get(*r))
@@ -1363,6 +1381,24 @@ impl<H: Clone> Rooms<H> {
         }
     }
 
+    /// The checks every snapshot passes before anything of it is used.
+    fn check_snapshot(&self, snap: &Snapshot, now_unix_ms: u64) -> Result<(), RestoreError> {
+        if self.cfg.resume_grace.is_zero() {
+            return Err(RestoreError::ResumeOff);
+        }
+        if snap.format != FORMAT {
+            return Err(RestoreError::Format(snap.format));
+        }
+        let age_ms = now_unix_ms.abs_diff(snap.saved_unix_ms);
+        let limit = self.cfg.resume_grace.saturating_add(STALE_MARGIN);
+        if u128::from(age_ms) > limit.as_millis() {
+            return Err(RestoreError::Stale {
+                age_s: age_ms / 1000,
+            });
+        }
+        Ok(())
+    }
+
     /// Restores a snapshot into an empty core. Every peer comes back disconnected, in
     /// a fresh resume grace from `now`: those that resume keep their ids, the others
     /// leave as usual when it ends. Nothing is changed when an error is returned.
@@ -1378,61 +1414,38 @@ impl<H: Clone> Rooms<H> {
         if !self.peers.is_empty() {
             return Err(RestoreError::NotEmpty);
         }
-        if snap.format != FORMAT {
-            return Err(RestoreError::Format(snap.format));
-        }
-        let age_ms = now_unix_ms.abs_diff(snap.saved_unix_ms);
-        let limit = self.cfg.resume_grace.saturating_add(STALE_MARGIN);
-        if u128::from(age_ms) > limit.as_millis() {
-            return Err(RestoreError::Stale {
-                age_s: age_ms / 1000,
-            });
-        }
+        self.check_snapshot(&snap, now_unix_ms)?;
         let mut peers: HashMap<Arc<str>, Peer<H>> = HashMap::with_capacity(snap.peers.len());
         let mut rooms: HashMap<Arc<str>, Room<H>> = HashMap::new();
         let mut tokens = HashMap::with_capacity(snap.peers.len());
         let grace_until = now + self.cfg.resume_grace;
         for p in snap.peers {
-            let valid_id = p.id.len() == 16 && p.id.bytes().all(|b| b.is_ascii_hexdigit());
-            if !valid_id {
-                return Err(RestoreError::Invalid("peer id"));
-            }
-            if normalize_room(&p.room).ok().as_deref() != Some(p.room.as_str()) {
-                return Err(RestoreError::Invalid("room name"));
-            }
-            if normalize_name(Some(&p.name)).as_deref() != Some(p.name.as_str()) {
-                return Err(RestoreError::Invalid("peer name"));
-            }
-            let mut token: TokenHash = [0; 32];
-            if hex::decode_to_slice(&p.token_sha256, &mut token).is_err() {
-                return Err(RestoreError::Invalid("token hash"));
-            }
-            let id: Arc<str> = p.id.into();
-            let room: Arc<str> = match rooms.get_key_value(p.room.as_str()) {
+            let c = CheckedPeer::new(p)?;
+            let room: Arc<str> = match rooms.get_key_value(c.room.as_str()) {
                 Some((r, _)) => r.clone(),
-                None => p.room.into(),
+                None => c.room.into(),
             };
-            if tokens.insert(token, id.clone()).is_some() {
+            if tokens.insert(c.token, c.id.clone()).is_some() {
                 return Err(RestoreError::Invalid("duplicate token"));
             }
             rooms
                 .entry(room.clone())
                 .or_insert_with(Room::new)
                 .peers
-                .push(id.clone());
+                .push(c.id.clone());
             let peer = Peer {
-                id: id.clone(),
-                name: p.name.into(),
+                id: c.id.clone(),
+                name: c.name,
                 room,
-                media: p.media,
+                media: c.media,
                 conn: None,
-                token,
+                token: c.token,
                 grace_until: Some(grace_until),
                 queue: VecDeque::new(),
-                host: p.host,
+                host: c.host,
                 actions: WindowCounter::new(now),
             };
-            if peers.insert(id, peer).is_some() {
+            if peers.insert(c.id, peer).is_some() {
                 return Err(RestoreError::Invalid("duplicate peer id"));
             }
         }
@@ -1442,16 +1455,7 @@ impl<H: Clone> Rooms<H> {
             };
             r.locked = saved.locked;
             r.lobby = saved.lobby;
-            if let Some((salt_hex, hash_hex)) = saved.password {
-                let mut salt = [0u8; 16];
-                let mut hash = [0u8; 32];
-                if hex::decode_to_slice(&salt_hex, &mut salt).is_err()
-                    || hex::decode_to_slice(&hash_hex, &mut hash).is_err()
-                {
-                    return Err(RestoreError::Invalid("room password"));
-                }
-                r.password = Some(RoomPassword { salt, hash });
-            }
+            r.password = checked_password(&saved)?;
         }
         // A room saved without a host (an older file) gets its longest present.
         for r in rooms.values() {
@@ -1476,6 +1480,161 @@ impl<H: Clone> Rooms<H> {
         // Their graces end at `poll_timeout()`.
         Ok(Vec::new())
     }
+
+    /// Cluster: takes over one room from the snapshot its former home replicated
+    /// ([`Rooms::room_snapshot`]), into a core that may hold other rooms, and this
+    /// room's peers reattached already. A saved peer this core holds in the room gets
+    /// its saved host right, and its saved media state if it has none; any other
+    /// saved peer comes back disconnected, in a fresh resume grace from `now` (it
+    /// leaves with the usual `peer_left` unless it resumes). A saved peer whose id or
+    /// token this core holds elsewhere is left out. The room's lock, lobby and
+    /// password are restored; connected peers get the room's state. Nothing is
+    /// changed when an error is returned.
+    pub fn restore_room(
+        &mut self,
+        room: &str,
+        snap: Snapshot,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Result<Vec<Effect<H>>, RestoreError> {
+        self.check_snapshot(&snap, now_unix_ms)?;
+        let mut checked = Vec::with_capacity(snap.peers.len());
+        for p in snap.peers {
+            let c = CheckedPeer::new(p)?;
+            if c.room != room {
+                return Err(RestoreError::Invalid("peer of another room"));
+            }
+            checked.push(c);
+        }
+        let mut control = None;
+        for saved in &snap.rooms {
+            if saved.name != room {
+                return Err(RestoreError::Invalid("another room"));
+            }
+            control = Some((saved.locked, saved.lobby, checked_password(saved)?));
+        }
+        let Ok(room) = normalize_room(room) else {
+            return Err(RestoreError::Invalid("room name"));
+        };
+        if checked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let room: Arc<str> = match self.rooms.get_key_value(room.as_str()) {
+            Some((r, _)) => r.clone(),
+            None => room.into(),
+        };
+        let grace_until = now + self.cfg.resume_grace;
+        let mut added = Vec::new();
+        for c in checked {
+            if let Some(p) = self.peers.get_mut(&c.id) {
+                if p.room == room {
+                    p.host = c.host;
+                    if p.media.is_none() {
+                        p.media = c.media;
+                    }
+                }
+                continue;
+            }
+            if self.tokens.contains_key(&c.token) {
+                continue;
+            }
+            self.tokens.insert(c.token, c.id.clone());
+            self.peers.insert(
+                c.id.clone(),
+                Peer {
+                    id: c.id.clone(),
+                    name: c.name,
+                    room: room.clone(),
+                    media: c.media,
+                    conn: None,
+                    token: c.token,
+                    grace_until: Some(grace_until),
+                    queue: VecDeque::new(),
+                    host: c.host,
+                    actions: WindowCounter::new(now),
+                },
+            );
+            added.push(c.id);
+        }
+        let r = self.rooms.entry(room.clone()).or_insert_with(Room::new);
+        for id in &added {
+            r.peers.push(id.clone());
+        }
+        if let Some((locked, lobby, password)) = control {
+            r.locked = locked;
+            r.lobby = lobby;
+            r.password = password;
+        }
+        if r.peers.is_empty() {
+            self.rooms.remove(&room);
+            return Ok(Vec::new());
+        }
+        if self.hosts_of(&room).is_empty() {
+            let first = self.rooms.get(&room).and_then(|r| r.peers.first().cloned());
+            if let Some(p) = first.and_then(|id| self.peers.get_mut(&id)) {
+                p.host = true;
+            }
+        }
+        for id in added {
+            self.graces.push_back((grace_until, id));
+        }
+        self.generation += 1;
+        let mut effects = Vec::new();
+        self.broadcast_state(&room, false, &mut effects);
+        Ok(effects)
+    }
+}
+
+/// A saved peer whose fields passed the checks.
+struct CheckedPeer {
+    id: Arc<str>,
+    room: String,
+    name: Arc<str>,
+    media: Option<Media>,
+    token: TokenHash,
+    host: bool,
+}
+
+impl CheckedPeer {
+    fn new(p: SavedPeer) -> Result<CheckedPeer, RestoreError> {
+        let valid_id = p.id.len() == 16 && p.id.bytes().all(|b| b.is_ascii_hexdigit());
+        if !valid_id {
+            return Err(RestoreError::Invalid("peer id"));
+        }
+        if normalize_room(&p.room).ok().as_deref() != Some(p.room.as_str()) {
+            return Err(RestoreError::Invalid("room name"));
+        }
+        if normalize_name(Some(&p.name)).as_deref() != Some(p.name.as_str()) {
+            return Err(RestoreError::Invalid("peer name"));
+        }
+        let mut token: TokenHash = [0; 32];
+        if hex::decode_to_slice(&p.token_sha256, &mut token).is_err() {
+            return Err(RestoreError::Invalid("token hash"));
+        }
+        Ok(CheckedPeer {
+            id: p.id.into(),
+            room: p.room,
+            name: p.name.into(),
+            media: p.media,
+            token,
+            host: p.host,
+        })
+    }
+}
+
+/// A saved room password, decoded.
+fn checked_password(saved: &SavedRoom) -> Result<Option<RoomPassword>, RestoreError> {
+    let Some((salt_hex, hash_hex)) = &saved.password else {
+        return Ok(None);
+    };
+    let mut salt = [0u8; 16];
+    let mut hash = [0u8; 32];
+    if hex::decode_to_slice(salt_hex, &mut salt).is_err()
+        || hex::decode_to_slice(hash_hex, &mut hash).is_err()
+    {
+        return Err(RestoreError::Invalid("room password"));
+    }
+    Ok(Some(RoomPassword { salt, hash }))
 }
 
 /// Counts events in a sliding window of 10 one-second slots.

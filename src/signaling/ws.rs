@@ -62,6 +62,9 @@ pub const QUEUE_LEN: usize = 1024;
 pub const PRE_JOIN_ICE_TTL_S: u64 = 120;
 /// Messages written per flush.
 const WRITE_BATCH: usize = 256;
+/// Cluster: how long a connection waits for a remote home's answer to its `join`
+/// before reading its next frame.
+const JOIN_ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// How long a closing socket may take to get its close frame out.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -235,6 +238,8 @@ struct Outbox {
     /// Cluster: the remote home this connection's frames go to (`None`: this node's
     /// own core).
     route: ArcSwapOption<Route>,
+    /// Cluster: the remote home answered a forwarded `join` (its status came).
+    answered: Notify,
 }
 
 /// Where a connection's frames go when its room is homed on another node.
@@ -653,6 +658,31 @@ impl Signaling {
         self.core().has_room(room)
     }
 
+    /// A room's part of the rooms snapshot, for its replication to other nodes.
+    pub fn room_snapshot(&self, room: &str) -> Option<persist::Snapshot> {
+        self.core().room_snapshot(room, unix_millis())
+    }
+
+    /// Takes a room over from the state its former home replicated: its peers not
+    /// reattached yet wait in their resume grace.
+    pub fn restore_room(self: &Arc<Self>, room: &str, snap: persist::Snapshot) {
+        let peers = snap.peers.len();
+        let mut failed = None;
+        ordered(self, None, |core| {
+            match core.restore_room(room, snap, Instant::now(), unix_millis()) {
+                Ok(fx) => fx,
+                Err(e) => {
+                    failed = Some(e);
+                    Vec::new()
+                }
+            }
+        });
+        match failed {
+            None => tracing::info!(room, peers, "took over a room's replicated state"),
+            Some(e) => tracing::warn!(room, error = %e, "a room's replicated state was not used"),
+        }
+    }
+
     /// The handle of another node's connection, made on its first frame here.
     fn remote_handle(&self, node: &str, conn: u64) -> ConnHandle {
         let mut map = lock(&self.remote, "remote connections");
@@ -794,10 +824,17 @@ impl Signaling {
                     }
                 }
                 Item::Status { conn, joined } => {
-                    if !joined {
-                        if let Some(h) = lock(&self.routed, "routed connections").remove(&conn) {
+                    let h = if joined {
+                        routed(conn)
+                    } else {
+                        let h = lock(&self.routed, "routed connections").remove(&conn);
+                        if let Some(h) = &h {
                             h.set_route(None);
                         }
+                        h
+                    };
+                    if let Some(o) = h.as_ref().and_then(|h| h.outbox()) {
+                        o.answered.notify_waiters();
                     }
                 }
                 Item::Rehome { conn } => {
@@ -847,7 +884,7 @@ impl Signaling {
             host: false,
             token,
         };
-        match Box::pin(cl.resolve(&route.room)).await {
+        match Box::pin(cl.resolve(&route.room, self)).await {
             Home::Here => {
                 lock(&self.routed, "routed connections").remove(&conn);
                 h.set_route(None);
@@ -1335,7 +1372,7 @@ async fn route_frame(
             ) else {
                 return false;
             };
-            match Box::pin(cl.resolve(&room)).await {
+            match Box::pin(cl.resolve(&room, sig)).await {
                 Home::Here => false,
                 Home::There(node) => {
                     conn.handle.set_route(Some(Route {
@@ -1345,7 +1382,22 @@ async fn route_frame(
                         peer: None,
                     }));
                     lock(&sig.routed, "routed connections").insert(conn.id, conn.handle.clone());
+                    // This connection's next frame waits for the home's answer, as on
+                    // one node: a second `join` is `already_joined` only if this one
+                    // got in, and a failed one (`room_full`, ...) blocks no retry.
+                    let Some(outbox) = conn.handle.outbox() else {
+                        return true;
+                    };
+                    let answered = outbox.answered.notified();
+                    tokio::pin!(answered);
+                    answered.as_mut().enable();
                     cl.forward(&node, conn.id, text);
+                    if tokio::time::timeout(JOIN_ANSWER_WAIT, answered)
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!(node = %node, "no answer to a forwarded join yet");
+                    }
                     true
                 }
             }

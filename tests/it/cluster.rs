@@ -310,9 +310,16 @@ async fn resume_on_another_node_keeps_the_id_and_the_queue() {
     let jb = join_as(&mut b, "resume", "b").await;
     let b_id = id(&jb);
     a.recv_type("peer_joined").await;
+    // e, on b's node too.
+    let mut e = connect(&n2).await;
+    join_as(&mut e, "resume", "e").await;
+    a.recv_type("peer_joined").await;
     // b's socket drops without leave: its peer waits in its grace at the home.
     b.close_and_wait().await;
-    // Wait until the home knows (a relay to b is still accepted: it is queued).
+    // Wait until the home knows: b's node told it before it forwarded e's next
+    // frame (one subject, in order). That chat is queued for b.
+    e.send(json!({"type": "chat", "text": "sync"})).await;
+    assert_eq!(a.recv_type("chat").await["text"], "sync");
     a.send(json!({"type": "chat", "text": "while you were away"}))
         .await;
     a.recv_type("chat").await;
@@ -327,9 +334,11 @@ async fn resume_on_another_node_keeps_the_id_and_the_queue() {
     assert_eq!(j["resumed"], true, "{j}");
     assert_eq!(id(&j), b_id);
     assert_eq!(turn_port(&j), n3.addrs.turn_udp.unwrap().port());
-    let chat = b2.recv().await;
-    assert_eq!(chat["type"], "chat", "{chat}");
-    assert_eq!(chat["text"], "while you were away");
+    for text in ["sync", "while you were away"] {
+        let chat = b2.recv().await;
+        assert_eq!(chat["type"], "chat", "{chat}");
+        assert_eq!(chat["text"], text);
+    }
     let offer = b2.recv().await;
     assert_eq!(
         offer,
@@ -352,6 +361,29 @@ async fn ws_to(dir: &Path, addr: SocketAddr) -> Client {
             .await
             .expect("websocket connects");
     Client { ws }
+}
+
+/// Waits until the node at `addr` (a child process with its files in `dir`) says it
+/// is on NATS with its buckets open.
+async fn on_nats(dir: &Path, addr: SocketAddr) {
+    let pem = std::fs::read(dir.join("data/selfsigned-cert.pem")).expect("cert");
+    let http = crate::support::https_client(&[&pem], addr).build().unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let h: Value = http
+            .get(format!("https://localhost:{}/healthz", addr.port()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["cluster"] == "ok" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the node never got on NATS: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn child_config(dir: &Path, nats: &Nats, name: &str, grace_s: u64) -> PathBuf {
@@ -384,27 +416,7 @@ async fn a_killed_node_leaves_after_the_grace_and_its_rooms_go_on() {
     // Room "home-victim" is homed on the victim (its participant joins first).
     let mut v1 = ws_to(dir.path(), addr).await;
     // The victim's node must be on NATS (its bucket open) before its participant joins.
-    let pem = std::fs::read(dir.path().join("data/selfsigned-cert.pem")).expect("cert");
-    let http = crate::support::https_client(&[&pem], addr).build().unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let h: Value = http
-            .get(format!("https://localhost:{}/healthz", addr.port()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if h["cluster"] == "ok" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the victim never got on NATS: {h}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    on_nats(dir.path(), addr).await;
     join_as(&mut v1, "home-victim", "v1").await;
     let mut y = connect(&survivor1).await;
     let y_id = id(&join_as(&mut y, "home-victim", "y").await);
@@ -506,4 +518,183 @@ async fn nats_going_away_keeps_local_rooms_and_cross_node_rooms_recover() {
     a.send(json!({"type": "answer", "to": b_id, "sdp": "v=0 a"}))
         .await;
     assert_eq!(b.recv_type("answer").await["from"], a_id.as_str());
+}
+
+/// The next `room_state` for `c`.
+async fn room_state(c: &mut Client) -> Value {
+    loop {
+        let v = c.recv_any().await;
+        if v["type"] == "room_state" {
+            return v;
+        }
+    }
+}
+
+/// Waits until the rooms bucket holds a state of `room` that satisfies `cond`.
+async fn replicated(
+    nats: &Nats,
+    room: &str,
+    cond: impl Fn(&meshmeet::signaling::persist::Snapshot) -> bool,
+) {
+    let client = async_nats::connect(nats.url()).await.expect("NATS client");
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let state = match js.get_key_value(meshmeet::cluster::ROOMS_BUCKET).await {
+            Ok(kv) => kv
+                .get(meshmeet::cluster::wire::room_key(room))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|b| meshmeet::cluster::wire::decode_room_state(&b).ok()),
+            Err(_) => None,
+        };
+        if state.as_ref().is_some_and(&cond) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{room}'s state never replicated: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_home_s_participants_leave_and_its_room_keeps_hosts_lock_and_media() {
+    if !have_tool("nats-server", "nats-server") {
+        return;
+    }
+    let nats = Nats::start();
+    let grace = 3;
+    let s1 = node(&nats, "k1", grace, 6).await;
+    let s2 = node(&nats, "k2", grace, 6).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut home, addr) = Proc::start(&child_config(dir.path(), &nats, "khome", grace));
+    home.wait_for("cluster node");
+    ready(&[&s1, &s2]).await;
+    on_nats(dir.path(), addr).await;
+
+    // The room is homed on the node to be killed: its participant joins first and is
+    // host. Two more participants of it there, one on each other node.
+    let mut h1 = ws_to(dir.path(), addr).await;
+    let h1_id = id(&join_as(&mut h1, "kept", "h1").await);
+    let mut h2 = ws_to(dir.path(), addr).await;
+    let h2_id = id(&join_as(&mut h2, "kept", "h2").await);
+    let mut y = connect(&s1).await;
+    let y_id = id(&join_as(&mut y, "kept", "y").await);
+    let mut z = connect(&s2).await;
+    let jz = join_as(&mut z, "kept", "z").await;
+    let z_id = id(&jz);
+    assert_eq!(jz["hosts"], json!([h1_id]));
+    // h1 makes y a host too and locks the room; y turns its camera off.
+    h1.send(json!({"type": "host", "id": y_id})).await;
+    h1.send(json!({"type": "lock", "locked": true})).await;
+    loop {
+        let st = room_state(&mut z).await;
+        if st["locked"] == true {
+            assert_eq!(st["hosts"], json!([h1_id, y_id]));
+            break;
+        }
+    }
+    let media = json!({"audio": true, "video": false, "screen": false});
+    let mut m = media.clone();
+    m["type"] = json!("media");
+    y.send(m).await;
+    assert_eq!(z.recv_type("media").await["from"], y_id.as_str());
+    // Once that much is replicated (the home writes changes at its next tick):
+    let y2 = y_id.clone();
+    replicated(&nats, "kept", |s| {
+        s.rooms.first().is_some_and(|r| r.locked)
+            && s.peers
+                .iter()
+                .any(|p| p.id == y2 && p.host && p.media.is_some_and(|m| !m.video))
+    })
+    .await;
+
+    let killed = Instant::now();
+    home.signal(libc::SIGKILL);
+    home.wait_exit(WAIT);
+
+    // The others learn that the dead node's participants left, after the grace.
+    for c in [&mut y, &mut z] {
+        let mut left = Vec::new();
+        while left.len() < 2 {
+            left.push(
+                c.recv_type("peer_left").await["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        left.sort();
+        let mut want = vec![h1_id.clone(), h2_id.clone()];
+        want.sort();
+        assert_eq!(left, want);
+    }
+    assert!(
+        killed.elapsed() >= Duration::from_secs(grace),
+        "not before the grace"
+    );
+    // The room is still locked, and y is still its host (z is not).
+    let mut w = connect(&s2).await;
+    w.send(json!({"type": "join", "room": "kept", "name": "w"}))
+        .await;
+    w.expect_error("room_locked").await;
+    z.send(json!({"type": "lock", "locked": false})).await;
+    z.expect_error("not_host").await;
+    y.send(json!({"type": "lock", "locked": false})).await;
+    loop {
+        let st = room_state(&mut y).await;
+        if st["locked"] == false {
+            assert_eq!(st["hosts"], json!([y_id]));
+            break;
+        }
+    }
+    // A newcomer sees y's media state as it was set before the home died.
+    let jw = join_as(&mut w, "kept", "w").await;
+    let peers = jw["peers"].as_array().unwrap();
+    let py = peers.iter().find(|p| p["id"] == y_id.as_str()).expect("y");
+    assert_eq!(py["media"], media);
+    assert!(peers.iter().any(|p| p["id"] == z_id.as_str()));
+    assert_eq!(peers.len(), 2, "{jw}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_refused_at_a_remote_home_blocks_no_retry() {
+    if !have_tool("nats-server", "nats-server") {
+        return;
+    }
+    let nats = Nats::start();
+    let n1 = node(&nats, "j1", 20, 2).await;
+    let n2 = node(&nats, "j2", 20, 2).await;
+    ready(&[&n1, &n2]).await;
+    let mut a = connect(&n1).await;
+    join_as(&mut a, "tiny", "a").await;
+    let mut a2 = connect(&n1).await;
+    join_as(&mut a2, "tiny", "a2").await;
+    // b, on the other node, sends a second join before the first is answered: the
+    // first is refused (the room is full), so the second is a join of its own.
+    let mut b = connect(&n2).await;
+    b.send(json!({"type": "join", "room": "tiny", "name": "b"}))
+        .await;
+    b.send(json!({"type": "join", "room": "tiny", "name": "b"}))
+        .await;
+    b.send(json!({"type": "join", "room": "roomy", "name": "b"}))
+        .await;
+    assert_eq!(b.recv().await["type"], "room_full");
+    assert_eq!(b.recv().await["type"], "room_full");
+    let jb = b.recv().await;
+    assert_eq!(jb["type"], "joined", "{jb}");
+    assert_eq!(jb["room"], "roomy");
+    // Two joins in a row that both could succeed: the second is `already_joined`.
+    let mut c = connect(&n2).await;
+    join_as(&mut c, "third", "c").await;
+    let mut d = connect(&n1).await;
+    d.send(json!({"type": "join", "room": "third", "name": "d"}))
+        .await;
+    d.send(json!({"type": "join", "room": "third", "name": "d"}))
+        .await;
+    assert_eq!(d.recv().await["type"], "joined");
+    d.expect_error("already_joined").await;
 }

@@ -1814,3 +1814,112 @@ fn a_reattached_peer_in_its_grace_gets_its_queue() {
     assert!(a.has_room("r"));
     assert!(!a.is_waiting(3));
 }
+
+#[test]
+fn a_room_taken_over_from_its_snapshot_keeps_hosts_media_and_lock() {
+    let t0 = Instant::now();
+    // The former home: x (host), y (made host), z; y's media; the room locked.
+    let mut a = core(6, "");
+    let (x, _) = join(&mut a, 1, "r", t0);
+    let (y, _) = join(&mut a, 2, "r", t0);
+    let (z, _) = join(&mut a, 3, "r", t0);
+    join(&mut a, 4, "other", t0);
+    ctl(&mut a, 1, Control::MakeHost { id: y.to_string() }, t0);
+    ctl(&mut a, 1, Control::Lock { locked: true }, t0);
+    let media = Media {
+        audio: false,
+        video: true,
+        screen: true,
+    };
+    a.media(2, &2, media);
+    let snap = a.room_snapshot("r", UNIX_MS).unwrap();
+    assert_eq!(snap.peers.len(), 3, "only the room's peers");
+    assert!(a.room_snapshot("nowhere", UNIX_MS).is_none());
+
+    // The new home holds a room of its own, and z reattached before the takeover:
+    // into an empty room, so it became host for the time being.
+    let mut b = Rooms::new(a.cfg.clone(), StdRng::seed_from_u64(5));
+    join(&mut b, 10, "mine", t0);
+    let z_info = Reattach {
+        host: false,
+        media: None,
+        ..a.reattach_info(&z).unwrap()
+    };
+    b.reattach(13, 13, &z_info, t0);
+    assert_eq!(b.hosts_of(&"r".into()), vec![z.clone()]);
+    let fx = b.restore_room("r", snap.clone(), t0, UNIX_MS).unwrap();
+    // The saved hosts are the hosts; z (connected) hears the room's state.
+    assert_eq!(b.hosts_of(&"r".into()), vec![x.clone(), y.clone()]);
+    match state_for(&fx, 13) {
+        Some(ServerMsg::RoomState { hosts, locked, .. }) => {
+            assert_eq!(hosts, vec![x.clone(), y.clone()]);
+            assert!(locked);
+        }
+        other => panic!("{other:?}"),
+    }
+    // y reattaches: silently, with its media state as saved.
+    let y_info = Reattach {
+        host: false,
+        media: None,
+        ..a.reattach_info(&y).unwrap()
+    };
+    assert!(sends(&b.reattach(12, 12, &y_info, t0)).is_empty());
+    // The room is still locked for newcomers.
+    assert_eq!(
+        error_of(&b.join(20, 20, req("r"), t0)),
+        ErrorCode::RoomLocked
+    );
+    // A later joiner would see y's media: check it through the snapshot.
+    let again = b.room_snapshot("r", UNIX_MS).unwrap();
+    let saved_y = again.peers.iter().find(|p| *p.id == *y).unwrap();
+    assert_eq!(saved_y.media, Some(media));
+    // x never comes back: it leaves for y and z when its grace ends, and y stays host.
+    let fx = b.handle_timeout(t0 + GRACE);
+    let left: Vec<_> = sends(&fx)
+        .into_iter()
+        .filter(|(_, m)| matches!(m, ServerMsg::PeerLeft { id } if *id == x))
+        .map(|(to, _)| to)
+        .collect();
+    assert_eq!(left.len(), 1);
+    let mut to = left[0].clone();
+    to.sort();
+    assert_eq!(to, vec![12, 13]);
+    assert!(fx.contains(&Effect::PeerGone(x.clone())));
+    assert_eq!(b.hosts_of(&"r".into()), vec![y.clone()]);
+    // The other room of the new home was not touched.
+    assert!(b.has_room("mine"));
+}
+
+#[test]
+fn a_bad_room_snapshot_is_refused_and_changes_nothing() {
+    let t0 = Instant::now();
+    let mut a = core(6, "");
+    join(&mut a, 1, "r", t0);
+    join(&mut a, 2, "s", t0);
+    let snap = a.room_snapshot("r", UNIX_MS).unwrap();
+    let mut b = Rooms::<u64>::new(a.cfg.clone(), StdRng::seed_from_u64(5));
+    join(&mut b, 10, "mine", t0);
+    let before = b.table_sizes();
+    // Another room's snapshot, a stale one, a damaged one.
+    let e = b.restore_room("s", snap.clone(), t0, UNIX_MS).unwrap_err();
+    assert_eq!(e, RestoreError::Invalid("peer of another room"));
+    let late = UNIX_MS + (GRACE + STALE_MARGIN).as_millis() as u64 + 1;
+    let e = b.restore_room("r", snap.clone(), t0, late).unwrap_err();
+    assert!(matches!(e, RestoreError::Stale { .. }), "{e}");
+    let mut bad = snap.clone();
+    bad.peers[0].token_sha256 = "zz".into();
+    let e = b.restore_room("r", bad, t0, UNIX_MS).unwrap_err();
+    assert_eq!(e, RestoreError::Invalid("token hash"));
+    assert_eq!(b.table_sizes(), before);
+    // A peer this core holds already in another room is left out.
+    let mut c = Rooms::<u64>::new(a.cfg.clone(), StdRng::seed_from_u64(5));
+    let mut clash = snap.clone();
+    clash.peers[0].room = "mine".into();
+    c.restore_room("mine", clash, t0, UNIX_MS).unwrap();
+    assert_eq!(
+        c.restore_room("r", snap, t0, UNIX_MS).unwrap(),
+        Vec::new(),
+        "nothing new"
+    );
+    assert!(!c.has_room("r"));
+}
