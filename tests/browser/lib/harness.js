@@ -58,9 +58,11 @@ export function rooms() {
 }
 
 /**
- * @typedef {{capacity?: number, forceRelay?: boolean, password?: string, label?: string, turn?: string[], tls?: {cert: string, key: string}}} ServerOpts
+ * @typedef {{capacity?: number, forceRelay?: boolean, password?: string, label?: string, turn?: string[], tls?: {cert: string, key: string}, ports?: {https: number, turn: number, turnTls: number, relay: string}, cluster?: string[]}} ServerOpts
  * `turn`: more lines for the config's [turn] section (e.g. `extra_udp_listen = [...]`);
- * `tls`: a certificate and key (PEM files) instead of the self-signed pair.
+ * `tls`: a certificate and key (PEM files) instead of the self-signed pair;
+ * `ports`: other ports than 8443, 3478, 5349 and relay ports 50000-50999 (for a
+ * second server beside the first); `cluster`: lines for a [cluster] section.
  */
 
 /** The real meshmeet binary with a temporary config. */
@@ -82,9 +84,10 @@ export class Server {
     const bin = process.env.MESHMEET_BIN;
     if (!bin) throw new Error('MESHMEET_BIN is not set (path to target/debug/meshmeet)');
     const o = this.opts;
+    const ports = o.ports || { https: 8443, turn: 3478, turnTls: 5349, relay: '50000-50999' };
     const cfg = `data_dir = "${join(this.dir, 'data')}"
 [http]
-listen = "${HOST_IP}:8443"
+listen = "${HOST_IP}:${ports.https}"
 public_host = "${HOST_IP}"
 metrics_allow = ["10.213.0.0/24"]
 [log]
@@ -93,16 +96,17 @@ level = "info"
 capacity = ${o.capacity ?? 6}
 password = "${o.password ?? ''}"
 [turn]
-listen = "${HOST_IP}:3478"
-tls_listen = "${HOST_IP}:5349"
+listen = "${HOST_IP}:${ports.turn}"
+tls_listen = "${HOST_IP}:${ports.turnTls}"
 relay_ips = ["${HOST_IP}"]
-relay_ports = "50000-50999"
+relay_ports = "${ports.relay}"
 secret = "browser-test-secret-0123456789"
 allowed_peer_ranges = ["10.213.0.0/24"]
 ${(o.turn || []).join('\n')}
 [ice]
 force_relay = ${o.forceRelay ? 'true' : 'false'}
-${o.tls ? `[tls]\ncert = "${o.tls.cert}"\nkey = "${o.tls.key}"\n` : ''}`;
+${o.tls ? `[tls]\ncert = "${o.tls.cert}"\nkey = "${o.tls.key}"\n` : ''}
+${o.cluster ? `[cluster]\n${o.cluster.join('\n')}\n` : ''}`;
     const cfgPath = join(this.dir, 'meshmeet.toml');
     writeFileSync(cfgPath, cfg);
     const proc = spawn(bin, ['--config', cfgPath], {
