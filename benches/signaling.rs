@@ -2,8 +2,8 @@
 //! (so its RSS is the server's alone) and speaks PROTOCOL.md to it over TLS.
 //!
 //! ```text
-//! cargo bench --bench signaling -- [throughput|rate|idle|all] [--rooms N] [--secs T]
-//!                                  [--rate MSGS_PER_S] [--conns C]
+//! cargo bench --bench signaling -- [throughput|rate|idle|all|cluster] [--rooms N]
+//!                                  [--secs T] [--rate MSGS_PER_S] [--conns C]
 //! ```
 //! - `throughput`: N rooms of 4 (default 50); every client relays `candidate`s to its
 //!   room peers as fast as the server takes them, for T seconds (default 10). Prints
@@ -15,6 +15,13 @@
 //! Each mode runs twice in the same command: with the HTTPS port serving HTTPS only
 //! (`turn.share_https_port = false`), then shared with TURN (the default), whose
 //! listener first tells TURN from TLS by the first bytes of each connection.
+//!
+//! - `cluster` (not part of `all`; needs `nats-server`): `throughput` and `rate` on
+//!   one node, then on two nodes sharing their rooms through a `nats-server -js` on
+//!   loopback (docs/CLUSTER.md), in the same run. Each room's first and third clients
+//!   connect to the first node (the room's home), the second and fourth to the other,
+//!   so half the relayed messages arrive from, and half go to, the node that is not
+//!   the home. CPU and RSS are the two nodes' sum (NATS' own not counted).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -64,7 +71,7 @@ fn parse_args() -> Args {
             "--rate" => a.rate = num("--rate"),
             "--conns" => a.conns = num("--conns") as usize,
             "--bench" => {}
-            m @ ("throughput" | "rate" | "idle" | "all") => a.mode = m.into(),
+            m @ ("throughput" | "rate" | "idle" | "all" | "cluster") => a.mode = m.into(),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -105,6 +112,11 @@ impl Drop for Server {
 
 impl Server {
     async fn start(shared: bool) -> Server {
+        Server::start_with(shared, "").await
+    }
+
+    /// With `extra` appended to the config (after its `[turn]` section).
+    async fn start_with(shared: bool, extra: &str) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
@@ -116,7 +128,7 @@ impl Server {
             format!(
                 "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n\
                  [rooms]\nrate_per_s = 10000000\nrate_burst = 10000000\n\
-                 [turn]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"\"\nshare_https_port = {shared}\n",
+                 [turn]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"\"\nshare_https_port = {shared}\n{extra}",
                 dir.path().display().to_string()
             ),
         )
@@ -158,6 +170,30 @@ impl Server {
             tls,
             wrapped,
             _dir: dir,
+        }
+    }
+
+    /// Waits until the node says it is on NATS with its buckets open.
+    async fn cluster_ready(&self) {
+        let http = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .expect("http client");
+        let url = format!("https://localhost:{}/healthz", self.addr.port());
+        let start = Instant::now();
+        loop {
+            let h: Option<serde_json::Value> = match http.get(&url).send().await {
+                Ok(r) => r.json().await.ok(),
+                Err(_) => None,
+            };
+            if h.as_ref().is_some_and(|h| h["cluster"] == "ok") {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "node never got on NATS: {h:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -249,13 +285,18 @@ async fn join(ws: &mut Ws, room: &str) -> (String, Vec<String>) {
     }
 }
 
-/// Connects `rooms` × 4 clients, joined; returns each with its room peers' ids.
-async fn room_clients(server: &Arc<Server>, rooms: usize) -> Vec<(Ws, Vec<String>)> {
+/// Numbers the loads run by this process.
+static RUN: AtomicU64 = AtomicU64::new(0);
+
+/// Connects `rooms` × 4 clients, joined; returns each with its room peers' ids. A
+/// room's clients go to the servers in turn (the first to the first server).
+async fn room_clients(servers: &[Arc<Server>], rooms: usize) -> Vec<(Ws, Vec<String>)> {
     let mut joined: Vec<(Ws, String, String, Vec<String>)> = Vec::new();
     for r in 0..rooms {
-        for _ in 0..4 {
-            let mut ws = server.connect().await;
-            let room = format!("bench-{r}");
+        for i in 0..4 {
+            let mut ws = servers[i % servers.len()].connect().await;
+            // Fresh names in every run (a cluster's buckets outlive its nodes).
+            let room = format!("bench-{}-{r}", RUN.load(Ordering::Relaxed));
             let (me, _) = join(&mut ws, &room).await;
             joined.push((ws, room, me, Vec::new()));
         }
@@ -296,12 +337,13 @@ fn stamp(text: &str) -> Option<u64> {
 /// Runs the room load: paced at `rate` msgs/s in total, or (None) as fast as the
 /// server takes them within the in-flight window. Returns (msgs/s, latencies in µs).
 async fn run_load(
-    server: &Arc<Server>,
+    servers: &[Arc<Server>],
     rooms: usize,
     secs: u64,
     rate: Option<u64>,
 ) -> (f64, Vec<u32>, f64) {
-    let clients = room_clients(server, rooms).await;
+    RUN.fetch_add(1, Ordering::Relaxed);
+    let clients = room_clients(servers, rooms).await;
     let n = clients.len();
     let stats = Arc::new(Stats {
         received: AtomicU64::new(0),
@@ -314,12 +356,13 @@ async fn run_load(
     // The server's CPU time over the measured window (it holds on a busy machine,
     // where the message rate does not).
     let cpu = {
-        let server = server.clone();
+        let servers = servers.to_vec();
         tokio::spawn(async move {
+            let total = |s: &[Arc<Server>]| s.iter().map(|s| s.cpu_us()).sum::<u64>();
             tokio::time::sleep_until(measure_start.into()).await;
-            let c0 = server.cpu_us();
+            let c0 = total(&servers);
             tokio::time::sleep_until(end.into()).await;
-            server.cpu_us().saturating_sub(c0)
+            total(&servers).saturating_sub(c0)
         })
     };
     let mut readers = Vec::new();
@@ -458,6 +501,111 @@ async fn idle(conns: usize, shared: bool, port: &str) {
     );
 }
 
+/// A `nats-server -js` on a free loopback port; killed on drop.
+struct Nats {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    async fn start() -> Nats {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("addr").port()
+        };
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (Debian package nats-server) starts");
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "nats-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Nats {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `n` fresh nodes; with more than one, on NATS (and ready) under names from `tag`.
+async fn nodes(n: usize, nats: &Nats, tag: &str) -> Vec<Arc<Server>> {
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let extra = if n == 1 {
+            String::new()
+        } else {
+            format!(
+                "secret = \"bench-shared-turn-secret\"\n[cluster]\nnats_url = \"nats://127.0.0.1:{}\"\nnode_name = \"{tag}-{i}\"\n",
+                nats.port
+            )
+        };
+        servers.push(Arc::new(Server::start_with(true, &extra).await));
+    }
+    if n > 1 {
+        for s in &servers {
+            s.cluster_ready().await;
+        }
+    }
+    servers
+}
+
+/// One node, then two nodes sharing rooms through NATS: throughput and fixed rate.
+async fn cluster(args: &Args) {
+    let nats = Nats::start().await;
+    let rss = |s: &[Arc<Server>]| s.iter().map(|s| s.rss_kb()).sum::<u64>();
+    for n in [1, 2] {
+        let what = if n == 1 {
+            "one node"
+        } else {
+            "two nodes + NATS"
+        };
+        let servers = nodes(n, &nats, "bench").await;
+        let (per_s, lat, cpu) = run_load(&servers, args.rooms, args.secs, None).await;
+        assert!(per_s > 0.0 && !lat.is_empty(), "nothing was relayed");
+        report(
+            &format!(
+                "cluster: {what}: throughput ({} rooms of 4, {} s)",
+                args.rooms, args.secs
+            ),
+            per_s,
+            lat,
+            rss(&servers),
+            cpu,
+        );
+        drop(servers);
+        let servers = nodes(n, &nats, "bench-rate").await;
+        let (per_s, lat, cpu) = run_load(&servers, args.rooms, args.secs, Some(args.rate)).await;
+        report(
+            &format!(
+                "cluster: {what}: fixed rate {} msgs/s ({} rooms of 4)",
+                args.rate, args.rooms
+            ),
+            per_s,
+            lat,
+            rss(&servers),
+            cpu,
+        );
+    }
+}
+
 fn main() {
     let mut args = parse_args();
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary
@@ -481,6 +629,10 @@ fn main() {
     }
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
+        if args.mode == "cluster" {
+            cluster(&args).await;
+            return;
+        }
         for shared in [false, true] {
             let port = if shared {
                 "HTTPS port shared with TURN"
@@ -489,7 +641,8 @@ fn main() {
             };
             if matches!(args.mode.as_str(), "throughput" | "all") {
                 let server = Arc::new(Server::start(shared).await);
-                let (per_s, lat, cpu) = run_load(&server, args.rooms, args.secs, None).await;
+                let (per_s, lat, cpu) =
+                    run_load(std::slice::from_ref(&server), args.rooms, args.secs, None).await;
                 assert!(per_s > 0.0 && !lat.is_empty(), "nothing was relayed");
                 report(
                     &format!(
@@ -504,8 +657,13 @@ fn main() {
             }
             if matches!(args.mode.as_str(), "rate" | "all") {
                 let server = Arc::new(Server::start(shared).await);
-                let (per_s, lat, cpu) =
-                    run_load(&server, args.rooms, args.secs, Some(args.rate)).await;
+                let (per_s, lat, cpu) = run_load(
+                    std::slice::from_ref(&server),
+                    args.rooms,
+                    args.secs,
+                    Some(args.rate),
+                )
+                .await;
                 report(
                     &format!(
                         "{port}: fixed rate {} msgs/s ({} rooms of 4)",

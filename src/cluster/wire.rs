@@ -239,6 +239,26 @@ mod tests {
     }
 
     #[test]
+    fn room_states_are_bounded_and_checked_for_shape() {
+        let big = vec![b' '; MAX_ENVELOPE + 1];
+        assert!(matches!(decode_room_state(&big), Err(WireError::TooLarge)));
+        assert!(matches!(
+            decode_room_state(b"{\"format\":1}"),
+            Err(WireError::Malformed(_))
+        ));
+        let snap = crate::signaling::persist::Snapshot {
+            format: 1,
+            saved_unix_ms: 5,
+            id_key: [0; 4],
+            id_next: 0,
+            peers: Vec::new(),
+            rooms: Vec::new(),
+        };
+        let bytes = encode(&snap).expect("small");
+        assert_eq!(decode_room_state(&bytes).expect("decodes").saved_unix_ms, 5);
+    }
+
+    #[test]
     fn room_keys_are_valid_bucket_keys() {
         assert_eq!(room_key("ab"), "6162");
         assert!(room_key("größe.1").chars().all(|c| c.is_ascii_hexdigit()));
