@@ -25,7 +25,8 @@
 //! `cargo bench --bench relay -- [oneway|closed|rates|all]... [--only udp,tcp,tls]
 //! [--sizes 100,1200] [--allocs 1,100] [--secs S] [--repeats N] [--window N]
 //! [--baseline PATH] [--no-coturn]` (needs `turnserver` on PATH). Without a mode, all
-//! three run. `--secs` (or `MESHMEET_BENCH_SECS`) is the length of each measurement,
+//! three run. The closed loop keeps 16 packets in flight per allocation with one
+//! allocation, 2 with 100 (`--window` sets one figure for all). `--secs` (or `MESHMEET_BENCH_SECS`) is the length of each measurement,
 //! default 2; each figure is the median of `--repeats` runs (default 3), interleaved
 //! between the servers. `--baseline` adds another meshmeet binary (an earlier build)
 //! as a column of the same run. `MESHMEET_BENCH_ONLY=udp|tcp|tls|rates` still selects
@@ -692,17 +693,27 @@ fn closed_rate(
         } else {
             server.addr
         };
-        let mut link = Link::open(to, via)?;
-        let mut session = session(&format!("loop{i}"))?;
-        allocate(&mut link, &mut session)?;
-        channel_bind(&mut link, &mut session, closed::CHANNEL, echo)?;
+        // A fresh socket may reuse the port of a 5-tuple the server still remembers
+        // (437), and a loaded machine may time a request out: a few attempts.
+        let mut attempt = 0;
+        let (link, session) = loop {
+            let mut link = Link::open(to, via)?;
+            let mut session = session(&format!("loop{i}"))?;
+            let r = allocate(&mut link, &mut session)
+                .and_then(|_| channel_bind(&mut link, &mut session, closed::CHANNEL, echo));
+            match r {
+                Ok(()) => break (link, session),
+                Err(e) if attempt >= 3 => return Err(e),
+                Err(_) => attempt += 1,
+            }
+        };
         flows.push(link.into_flow()?);
         sessions.push(session);
     }
     let (figures, flows) = closed::measure(
         flows,
         server.child.id(),
-        opts.window,
+        opts.window.unwrap_or_else(|| default_window(allocs)),
         size,
         opts.secs,
         cpu_seconds,
@@ -727,6 +738,14 @@ fn closed_rate(
     Ok(figures)
 }
 
+/// Packets in flight per allocation unless `--window` says: 16 for one allocation,
+/// fewer for many (200 in all), so that the load fits the sockets' default receive
+/// buffers (`net.core.rmem_max`, about 200 KiB) on every server and on the echo peer:
+/// a larger window measures buffer overflow (losses, 200 ms stalls), not the relay.
+fn default_window(allocs: usize) -> usize {
+    (200 / allocs.max(1)).clamp(2, 16)
+}
+
 /// What to run: `cargo bench --bench relay -- [oneway|closed|rates|all]... [--only
 /// udp,tcp,tls] [--sizes 100,1200] [--allocs 1,100] [--secs S] [--repeats N]
 /// [--window N] [--baseline PATH] [--no-coturn]`.
@@ -739,8 +758,8 @@ struct Opts {
     allocs: Vec<usize>,
     secs: Duration,
     repeats: usize,
-    /// Packets in flight per allocation (closed loop).
-    window: usize,
+    /// Packets in flight per allocation (closed loop); `None`: [`default_window`].
+    window: Option<usize>,
     /// An earlier meshmeet binary measured in the same run, as "meshmeet-before".
     baseline: Option<PathBuf>,
     coturn: bool,
@@ -765,7 +784,7 @@ impl Opts {
             allocs: vec![1, 100],
             secs: Duration::from_secs_f64(env_secs.unwrap_or(2.0)),
             repeats: REPEATS,
-            window: 16,
+            window: None,
             baseline: None,
             coturn: true,
         };
@@ -785,7 +804,7 @@ impl Opts {
                 "--allocs" => o.allocs = list(&value()?)?,
                 "--secs" => o.secs = Duration::from_secs_f64(value()?.parse()?),
                 "--repeats" => o.repeats = value()?.parse::<usize>()?.max(1),
-                "--window" => o.window = value()?.parse::<usize>()?.clamp(1, 4096),
+                "--window" => o.window = Some(value()?.parse::<usize>()?.clamp(1, 4096)),
                 "--baseline" => o.baseline = Some(PathBuf::from(value()?)),
                 "--no-coturn" => o.coturn = false,
                 m @ ("oneway" | "closed" | "rates" | "all") => modes.push(m.to_owned()),
@@ -854,6 +873,11 @@ fn main() -> Result<()> {
     if let Some(bin) = &opts.baseline {
         let bdir = dir.path().join("before");
         std::fs::create_dir_all(&bdir)?;
+        // The same self-signed certificate (it is reused when present), which is the
+        // one TLS clients trust.
+        for f in ["selfsigned-cert.pem", "selfsigned-key.pem"] {
+            std::fs::copy(mdir.join(f), bdir.join(f))?;
+        }
         servers.push(start_meshmeet("meshmeet-before", bin, &bdir)?);
     }
     if opts.coturn {
@@ -875,10 +899,18 @@ fn main() -> Result<()> {
         let rows = closed_rows(&servers, forwarder.as_ref(), echo.addr, &opts)?;
         let mut names: Vec<&Server> = servers.iter().collect();
         names.extend(forwarder.as_ref());
+        let window = match opts.window {
+            Some(w) => w.to_string(),
+            None => opts
+                .allocs
+                .iter()
+                .map(|&a| format!("{} with {a} allocations", default_window(a)))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
         println!(
-            "\nClosed loop (echo peer, {} packets in flight per allocation; pkt/s counts \
-             both directions, two relayed packets per round trip):",
-            opts.window
+            "\nClosed loop (echo peer; packets in flight per allocation: {window}; pkt/s \
+             counts both directions, two relayed packets per round trip):"
         );
         print_table_of(&names, &rows);
     }
