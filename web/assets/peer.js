@@ -46,9 +46,13 @@ export const DISCONNECTED_RESTART_MS = 12_000;
 const CONTROLLING_DEFER_MS = 5_000;
 /**
  * How long an offer may go unanswered before it is sent again; each further wait
- * doubles, up to ANSWER_TIMEOUT_MAX_MS.
+ * doubles, up to ANSWER_TIMEOUT_MAX_MS. Shorter than DISCONNECTED_RESTART_MS: a
+ * Firefox that answered an ICE restart whose answer was lost is on the new ICE
+ * generation alone and goes `disconnected`; the offer sent again (and the same
+ * answer with it) must come before that side restarts on its own. A repeat is
+ * cheap: the other side answers it with the answer it sent already.
  */
-const ANSWER_TIMEOUT_MS = 15_000;
+const ANSWER_TIMEOUT_MS = 6_000;
 const ANSWER_TIMEOUT_MAX_MS = 60_000;
 /**
  * How long a description that starts a new ICE generation waits for its first local
@@ -59,6 +63,8 @@ const GATHER_WAIT_MS = 5_000;
 const EARLY_CANDIDATES_MAX = 64;
 /** A restart that has not connected after this long counts as failed. */
 const RESTART_TIMEOUT_MS = 30_000;
+/** Refused answers handled by offering again with an ICE restart, between connections. */
+const ANSWER_REFUSALS_MAX = 3;
 /** Back-off before a further restart after failed ones: doubling from, at most. */
 const BACKOFF_FIRST_MS = 2_000;
 const BACKOFF_MAX_MS = 60_000;
@@ -189,6 +195,8 @@ export class Peer {
     this.answerWatch = undefined;
     /** offers sent again for want of an answer (diagnostics) */
     this.unanswered = 0;
+    /** answers the browser refused since the connection was last connected (see answerRefused) */
+    this.answerRefusals = 0;
     /**
      * Negotiation steps run one after another (descriptions, candidates, our offers):
      * a step that awaits the browser is never overtaken by the next message.
@@ -220,6 +228,15 @@ export class Peer {
     /** @type {string[]} */
     this.trace = [];
     this.born = Date.now();
+    /**
+     * From when the first frame of this peer counts (performance.now()): when it
+     * arrived, or our Join if it was there already; and when that frame was shown.
+     */
+    this.since = performance.now();
+    this.firstFrameAt = 0;
+    /** when things first happened on this connection (performance.now(); diagnostics) */
+    /** @type {Record<string, number>} */
+    this.marks = {};
     this.pc = new RTCPeerConnection(config);
     this.wire();
   }
@@ -232,6 +249,8 @@ export class Peer {
     const pc = this.pc;
     this.trace.push(`${((Date.now() - this.born) / 1000).toFixed(1)}s ${what} [${pc.signalingState}/${pc.iceConnectionState}/${pc.connectionState}]`);
     if (this.trace.length > 100) this.trace.shift();
+    const k = what.replace(/ \(.*$/, '').replace(/ \d+/, '');
+    if (!(k in this.marks) && Object.keys(this.marks).length < 32) this.marks[k] = performance.now();
   }
 
   wire() {
@@ -597,9 +616,37 @@ export class Peer {
     } catch (e) {
       this.note(`negotiation failed: ${e}`);
       console.warn('negotiation failed', e);
+      if (description.type === 'answer' && pc === this.pc) await this.answerRefused();
     } finally {
       if (this.held) this.releaseCandidates(sent);
     }
+  }
+
+  /**
+   * The browser refused the answer to our offer. Seen between Chromium and Firefox:
+   * the other side answers with new ICE credentials an offer that asked for none
+   * (it had rolled back an ICE restart offer of its own in a collision), and the
+   * browser refuses an answer that restarts ICE unasked. Sent again, the same offer
+   * would get the same answer, and the connection would wait in `have-local-offer`
+   * for good. So the offer is rolled back and made again with an ICE restart, which
+   * lets the other side's credentials change; at most ANSWER_REFUSALS_MAX times
+   * until the connection is next connected (then failure handling takes over).
+   */
+  async answerRefused() {
+    const pc = this.pc;
+    if (this.closed || pc.signalingState !== 'have-local-offer' || this.answerRefusals >= ANSWER_REFUSALS_MAX) return;
+    this.answerRefusals += 1;
+    clearTimeout(this.answerWatch);
+    this.answerWatch = undefined;
+    this.sentOffer = '';
+    try {
+      await pc.setLocalDescription({ type: 'rollback' });
+    } catch (e) {
+      this.note(`rollback failed: ${e}`);
+      return;
+    }
+    this.note('answer refused: offer rolled back, offering again with an ICE restart');
+    if (!this.restartIce()) pc.restartIce();
   }
 
   /**
@@ -714,7 +761,9 @@ export class Peer {
       this.disconnectedSince = 0;
     }
     if (cs === 'connected') {
+      this.marks.connected ||= performance.now();
       this.everConnected = true;
+      this.answerRefusals = 0;
       if (changed) {
         clearTimeout(this.restartTimer);
         this.restartTimer = undefined;
@@ -825,6 +874,7 @@ export class Peer {
     this.lastOfferIn = '';
     this.lastAnswerOut = '';
     this.lastAnswerIn = '';
+    this.answerRefusals = 0;
     this.audioTx = null;
     this.videoTx = null;
     this.screenTx = null;

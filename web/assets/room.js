@@ -67,6 +67,8 @@ const state = {
   left: false,
   /** @type {IceConfig|null} */
   ice: null,
+  /** when Join was last pressed (performance.now()), 0 before */
+  joinAt: 0,
   /** @type {number} unix seconds */
   iceExpires: 0,
   /** @type {ReturnType<typeof setTimeout>|undefined} */
@@ -598,6 +600,7 @@ function renderPeer(p) {
     menu: isHost(),
   });
   el.dataset.state = p.state;
+  watchFirstFrame(p, /** @type {HTMLVideoElement} */ (el.querySelector('video')));
   el.dataset.relayProtocol = p.state === 'relay' && p.path ? p.path.relayProtocol || p.path.protocol : '';
   el.dataset.audio = media ? String(media.audio) : '';
   el.dataset.video = media ? String(media.video) : '';
@@ -610,6 +613,19 @@ function renderPeer(p) {
     const v = /** @type {HTMLVideoElement} */ (se.querySelector('video'));
     v.muted = true;
   } else removeTile(`${p.id}:screen`);
+}
+
+/**
+ * Notes when the first frame of a peer's camera video is shown (`loadeddata`: the
+ * element has its first decoded frame), for `firstFrameMs` in the test handle's stats.
+ * @param {Peer} p @param {HTMLVideoElement} video
+ */
+function watchFirstFrame(p, video) {
+  if (p.firstFrameAt || !video.srcObject || video.dataset.watched === String(p.serial)) return;
+  video.dataset.watched = String(p.serial);
+  const seen = () => { if (!p.firstFrameAt) p.firstFrameAt = performance.now(); };
+  if (video.readyState >= HTMLMediaElement.HAVE_CURRENT_DATA && video.videoWidth > 0) seen();
+  else video.addEventListener('loadeddata', seen, { once: true });
 }
 
 function renderCount() {
@@ -1365,6 +1381,8 @@ function onJoined(m) {
     let p = state.peers.get(info.id);
     if (!p) {
       p = addPeer(info.id, info.name);
+      // There before we joined: its first frame counts from our Join.
+      if (fresh && state.joinAt) p.since = state.joinAt;
       p.start();
     } else if (state.ice) {
       p.setConfiguration(rtcConfig(state.ice));
@@ -1436,6 +1454,7 @@ function resetJoinButton() {
 }
 
 function doJoin() {
+  state.joinAt = performance.now();
   const input = /** @type {HTMLInputElement} */ ($('name'));
   state.name = input.value.trim().slice(0, 64);
   try { localStorage.setItem(NAME_KEY, state.name); } catch { /* storage unavailable */ }
@@ -1555,6 +1574,8 @@ async function stats() {
       tilePath: p.path, restarts: p.restarts, noPathRestarts: p.noPathRestarts, iceRole: p.iceRole,
       offers: p.offers, unanswered: p.unanswered, roleFixes: p.roleFixes, renewals: p.renewals, blips: p.blips.slice(),
       disconnectedFor: p.disconnectedSince ? Date.now() - p.disconnectedSince : 0,
+      firstFrameMs: p.firstFrameAt ? Math.round(p.firstFrameAt - p.since) : null,
+      sinceJoin: p.since === state.joinAt,
     };
   }
   return out;

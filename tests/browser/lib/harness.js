@@ -535,6 +535,37 @@ export async function waitFor(page, fn, arg, opts = {}) {
   }
 }
 
+/**
+ * Join to first frame: for every page, the time from pressing Join to the first
+ * frame shown of each peer that was in the room already, and from the arrival of
+ * each later peer to its first frame (the client's `firstFrameMs`, docs/CLIENT.md).
+ * Waits until every connection has one (their media is flowing when this is called).
+ * @param {Page[]} pages
+ * @returns {Promise<{joined: number[], arrived: number[], text: string}>}
+ */
+export async function firstFrames(pages) {
+  /** @type {number[]} */ const joined = [];
+  /** @type {number[]} */ const arrived = [];
+  for (const [i, page] of pages.entries()) {
+    await waitFor(page, async () => Object.values(await /** @type {any} */ (window).meshmeet.stats())
+      .every((/** @type {any} */ p) => typeof p.firstFrameMs === 'number'), null,
+    { timeout: 30_000, interval: 250, what: `a first-frame time for every peer on page ${i}` });
+    const st = await page.evaluate(async () => Object.values(await /** @type {any} */ (window).meshmeet.stats())
+      .map((/** @type {any} */ p) => ({ ms: /** @type {number} */ (p.firstFrameMs), sinceJoin: !!p.sinceJoin })));
+    for (const p of st) (p.sinceJoin ? joined : arrived).push(p.ms);
+  }
+  const sum = (/** @type {number[]} */ xs) => {
+    if (!xs.length) return 'none';
+    const v = xs.slice().sort((a, b) => a - b);
+    const median = v.length % 2 ? v[(v.length - 1) / 2] : Math.round((v[v.length / 2 - 1] + v[v.length / 2]) / 2);
+    return `median ${median} ms, worst ${v[v.length - 1]} ms (${v.length})`;
+  };
+  return {
+    joined, arrived,
+    text: `join to first frame: from Join, of peers already there: ${sum(joined)}; from a later peer's arrival: ${sum(arrived)}`,
+  };
+}
+
 let mediaWaits = 0;
 
 /**

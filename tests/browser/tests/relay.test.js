@@ -9,7 +9,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  Server, Browsers, rooms, participant, joinAll, waitForMedia, waitFor, dishonestTiles, HOST_IP,
+  Server, Browsers, rooms, participant, joinAll, waitForMedia, waitFor, dishonestTiles, firstFrames, HOST_IP,
 } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
@@ -82,6 +82,7 @@ for (const room of rooms()) {
       await newcomer4.page.click('#join-btn');
       const pages = people.map((p) => p.page);
       await waitForMedia(pages, 4, 120_000);
+      t.diagnostic(`relay forced, ${(await firstFrames(pages)).text}`);
       await Promise.all(pages.map(gathered));
       const m1 = await server.metrics();
       const created = Server.total(m1, CREATED) - Server.total(m0, CREATED);
