@@ -401,8 +401,13 @@ function startMeter() {
 
 function readLocalLevel() {
   if (!analyser || !state.micOn) return 0;
-  const buf = new Float32Array(analyser.fftSize);
-  analyser.getFloatTimeDomainData(buf);
+  return rms(analyser);
+}
+
+/** The level an analyser hears now: its RMS, scaled to 0..1. @param {AnalyserNode} a */
+function rms(a) {
+  const buf = new Float32Array(a.fftSize);
+  a.getFloatTimeDomainData(buf);
   let sum = 0;
   for (const x of buf) sum += x * x;
   return Math.min(1, Math.sqrt(sum / buf.length) * 4);
@@ -1475,18 +1480,58 @@ function doJoin() {
 
 // ---------------------------------------------------------------- speaker detection
 
+/**
+ * Each peer's audio level meter: its received audio track into an analyser. (Not
+ * the receiver's `getSynchronizationSources()`: in Chromium that call waits for the
+ * browser's WebRTC threads, which a starved machine backs up, and the page with it.)
+ * @type {Map<string, {track: MediaStreamTrack, source: MediaStreamAudioSourceNode, analyser: AnalyserNode}>}
+ */
+const peerMeters = new Map();
+
+/** A peer's audio level now (0 to 1), from its meter; 0 without one. @param {Peer} p */
+function peerLevel(p) {
+  const track = p.mainStream ? p.mainStream.getAudioTracks()[0] : undefined;
+  let m = peerMeters.get(p.id);
+  if (m && m.track !== track) {
+    m.source.disconnect();
+    peerMeters.delete(p.id);
+    m = undefined;
+  }
+  if (!track || track.readyState !== 'live') return 0;
+  if (!m) {
+    try {
+      if (!audioCtx) audioCtx = new AudioContext();
+      if (audioCtx.state === 'suspended') audioCtx.resume().catch(() => {});
+      const source = audioCtx.createMediaStreamSource(new MediaStream([track]));
+      const analyser = audioCtx.createAnalyser();
+      analyser.fftSize = 512;
+      source.connect(analyser);
+      m = { track, source, analyser };
+      peerMeters.set(p.id, m);
+    } catch {
+      return 0; /* no Web Audio: no active speaker */
+    }
+  }
+  return rms(m.analyser);
+}
+
+/** Drops the meters of peers that are gone. */
+function prunePeerMeters() {
+  for (const [id, m] of peerMeters) {
+    if (state.peers.has(id)) continue;
+    m.source.disconnect();
+    peerMeters.delete(id);
+  }
+}
+
 function pollSpeaker() {
+  prunePeerMeters();
   if (!state.inCall) return;
   /** @type {[string, number][]} */
   const levels = [];
   for (const p of state.peers.values()) {
-    const tx = p.audioTx;
-    if (!tx || (p.media && !p.media.audio)) continue;
-    try {
-      const src = tx.receiver.getSynchronizationSources();
-      const lvl = src.length ? src[0].audioLevel || 0 : 0;
-      levels.push([p.id, lvl]);
-    } catch { /* not supported */ }
+    if (p.media && !p.media.audio) continue;
+    levels.push([p.id, peerLevel(p)]);
   }
   localLevel = readLocalLevel();
   levels.push(['self', localLevel * 0.5]);

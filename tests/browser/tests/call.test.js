@@ -190,6 +190,9 @@ for (const room of rooms()) {
         return Array.from(mm.peers.values()).every((p, i) => JSON.stringify(p.pc.getConfiguration().iceServers) !== old[i]);
       }, before, { timeout: UI, what: 'new ICE credentials on every connection' });
       // ICE restart on one pair: new credentials in the SDP, same connection, media flows.
+      // First every connection settled: a restart of the client's own (after a
+      // consent-check blip on a busy machine) would refuse the ones asked for here.
+      await settled(pages());
       const bId = await myId(b);
       const ufrag = (/** @type {string} */ sdp) => (sdp.match(/a=ice-ufrag:(\S+)/) || [])[1];
       const sdpBefore = await a.evaluate((id) => /** @type {any} */ (window).meshmeet.peers.get(id).pc.localDescription.sdp, bId);
@@ -210,6 +213,7 @@ for (const room of rooms()) {
       // role; the connection must still complete its negotiation.
       const c = pages()[2];
       const cId = await myId(c);
+      await settled(pages());
       assert.equal(await b.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), cId), true);
       await waitFor(b, (id) => {
         const p = /** @type {any} */ (window).meshmeet.peers.get(id);
