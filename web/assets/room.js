@@ -1480,58 +1480,18 @@ function doJoin() {
 
 // ---------------------------------------------------------------- speaker detection
 
-/**
- * Each peer's audio level meter: its received audio track into an analyser. (Not
- * the receiver's `getSynchronizationSources()`: in Chromium that call waits for the
- * browser's WebRTC threads, which a starved machine backs up, and the page with it.)
- * @type {Map<string, {track: MediaStreamTrack, source: MediaStreamAudioSourceNode, analyser: AnalyserNode}>}
- */
-const peerMeters = new Map();
-
-/** A peer's audio level now (0 to 1), from its meter; 0 without one. @param {Peer} p */
-function peerLevel(p) {
-  const track = p.mainStream ? p.mainStream.getAudioTracks()[0] : undefined;
-  let m = peerMeters.get(p.id);
-  if (m && m.track !== track) {
-    m.source.disconnect();
-    peerMeters.delete(p.id);
-    m = undefined;
-  }
-  if (!track || track.readyState !== 'live') return 0;
-  if (!m) {
-    try {
-      if (!audioCtx) audioCtx = new AudioContext();
-      if (audioCtx.state === 'suspended') audioCtx.resume().catch(() => {});
-      const source = audioCtx.createMediaStreamSource(new MediaStream([track]));
-      const analyser = audioCtx.createAnalyser();
-      analyser.fftSize = 512;
-      source.connect(analyser);
-      m = { track, source, analyser };
-      peerMeters.set(p.id, m);
-    } catch {
-      return 0; /* no Web Audio: no active speaker */
-    }
-  }
-  return rms(m.analyser);
-}
-
-/** Drops the meters of peers that are gone. */
-function prunePeerMeters() {
-  for (const [id, m] of peerMeters) {
-    if (state.peers.has(id)) continue;
-    m.source.disconnect();
-    peerMeters.delete(id);
-  }
-}
-
 function pollSpeaker() {
-  prunePeerMeters();
   if (!state.inCall) return;
   /** @type {[string, number][]} */
   const levels = [];
   for (const p of state.peers.values()) {
-    if (p.media && !p.media.audio) continue;
-    levels.push([p.id, peerLevel(p)]);
+    const tx = p.audioTx;
+    if (!tx || (p.media && !p.media.audio)) continue;
+    try {
+      const src = tx.receiver.getSynchronizationSources();
+      const lvl = src.length ? src[0].audioLevel || 0 : 0;
+      levels.push([p.id, lvl]);
+    } catch { /* not supported */ }
   }
   localLevel = readLocalLevel();
   levels.push(['self', localLevel * 0.5]);
