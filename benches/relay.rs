@@ -1,20 +1,39 @@
 //! Relay load generator: meshmeet (release binary, separate process) against coturn
 //! (`turnserver` from Debian) configured alike on loopback, in the same run.
 //!
-//! Measures relayed packets/s (raw ChannelData client -> peer over UDP, TCP and TLS,
-//! 100 and 1200 byte payloads, 1 and 100 allocations) with the loss at that offered
-//! rate and the server's CPU time per relayed packet, allocations per second, and STUN
-//! Binding answers per second, and prints a table with both servers and their ratio.
-//! CPU time per packet is the figure to compare on a busy machine: the rates depend on
-//! how much CPU the servers get, the cost of a packet much less.
+//! One way (`oneway`): relayed packets/s (raw ChannelData client -> peer over UDP,
+//! TCP and TLS, 100 and 1200 byte payloads, 1 and 100 allocations) counted at the peer,
+//! with the loss at that offered rate and the server's CPU time per relayed packet.
+//!
+//! Closed loop (`closed`, [`closed`]): a UDP echo peer sends every packet back through
+//! the relay, each allocation keeps a bounded window of packets in flight, and round
+//! trips are counted and timed at the client: relayed packets/s (both directions),
+//! loss, p50/p99 round trip, and server CPU per relayed packet, for meshmeet, coturn,
+//! and on the UDP rows a bare UDP forwarder (one `recv` and one `send` per packet, no
+//! TURN work) as the floor.
+//!
+//! `rates`: allocations per second, and STUN Binding answers per second.
+//!
+//! CPU time per packet (utime + stime from `/proc/PID/stat` over the measured window)
+//! is the figure to compare on a busy machine: the rates depend on how much CPU the
+//! servers get, the cost of a packet much less.
 //!
 //! TLS rows: meshmeet's TURN over TLS on its shared HTTPS port (no ALPN offered, as
 //! browsers do, so each connection is classified by its first decrypted bytes) against
 //! coturn's `tls-listening-port`, both with the same self-signed certificate.
 //!
-//! `cargo bench --bench relay` (needs `turnserver` on PATH; `MESHMEET_BENCH_SECS`
-//! sets the length of each measurement, default 2; `MESHMEET_BENCH_ONLY=udp|tcp|tls|rates`
-//! one group of rows).
+//! `cargo bench --bench relay -- [oneway|closed|rates|all]... [--only udp,tcp,tls]
+//! [--sizes 100,1200] [--allocs 1,100] [--secs S] [--repeats N] [--window N]
+//! [--baseline PATH] [--no-coturn]` (needs `turnserver` on PATH). Without a mode, all
+//! three run. The closed loop keeps 16 packets in flight per allocation with one
+//! allocation, 2 with 100 (`--window` sets one figure for all). `--secs` (or `MESHMEET_BENCH_SECS`) is the length of each measurement,
+//! default 2; each figure is the median of `--repeats` runs (default 3), interleaved
+//! between the servers. `--baseline` adds another meshmeet binary (an earlier build)
+//! as a column of the same run. `MESHMEET_BENCH_ONLY=udp|tcp|tls|rates` still selects
+//! one group.
+
+#[path = "relay/closed.rs"]
+mod closed;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -39,6 +58,8 @@ const REPEATS: usize = 3;
 
 struct Server {
     name: &'static str,
+    /// Speaks TURN (false: the bare forwarder, raw datagrams).
+    turn: bool,
     child: Child,
     addr: SocketAddr,
     /// TURN over TLS: meshmeet's HTTPS port, coturn's `tls-listening-port`.
@@ -54,15 +75,6 @@ enum Via {
 }
 
 impl Via {
-    /// The group name `MESHMEET_BENCH_ONLY` selects.
-    fn key(self) -> &'static str {
-        match self {
-            Via::Udp => "udp",
-            Via::Tcp => "tcp",
-            Via::Tls => "tls",
-        }
-    }
-
     fn label(self) -> &'static str {
         match self {
             Via::Udp => "UDP",
@@ -94,7 +106,8 @@ fn free_port() -> Result<u16> {
     bail!("no free port")
 }
 
-fn start_meshmeet(dir: &Path) -> Result<Server> {
+/// meshmeet from `bin` (this build's, or an earlier one to compare with).
+fn start_meshmeet(name: &'static str, bin: &Path, dir: &Path) -> Result<Server> {
     // Outside the relay port range below, which may not hold the listener's port.
     let port = loop {
         let p = free_port()?;
@@ -126,9 +139,9 @@ max_allocation_lifetime_s = 3600
     );
     let path = dir.join("meshmeet.toml");
     std::fs::write(&path, cfg)?;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshmeet"));
+    let mut cmd = Command::new(bin);
     cmd.arg("--config").arg(&path);
-    let s = launch("meshmeet", &mut cmd, port, https).context("start meshmeet")?;
+    let s = launch(name, &mut cmd, port, https).with_context(|| format!("start {name}"))?;
     let cert = std::fs::read(dir.join("selfsigned-cert.pem"))?;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut &cert[..]) {
@@ -181,6 +194,7 @@ fn launch(name: &'static str, cmd: &mut Command, port: u16, tls: u16) -> Result<
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let s = Server {
         name,
+        turn: true,
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         tls: SocketAddr::from(([127, 0, 0, 1], tls)),
@@ -230,14 +244,15 @@ fn transact(
     bail!("challenge loop")
 }
 
-/// A byte stream to the server: TCP, or TLS over TCP.
-trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
+/// TURN over TLS on the client side.
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
-/// A client connection to the server: a connected UDP socket or a stream.
+/// A client connection to the server: a connected UDP socket or a stream (with the
+/// bytes read and not yet framed).
 enum Link {
     Udp(UdpSocket),
-    Tcp(Box<dyn Stream>, Vec<u8>),
+    Tcp(TcpStream, Vec<u8>),
+    Tls(Box<TlsStream>, Vec<u8>),
 }
 
 impl Link {
@@ -254,7 +269,7 @@ impl Link {
         // A server may still be relaying the previous run's backlog.
         s.set_read_timeout(Some(Duration::from_secs(20)))?;
         if via == Via::Tcp {
-            return Ok(Link::Tcp(Box::new(s), Vec::new()));
+            return Ok(Link::Tcp(s, Vec::new()));
         }
         // No ALPN, as browsers' `turns:` connections.
         let cfg = TLS_CLIENT.get().context("no TLS client config")?.clone();
@@ -264,7 +279,7 @@ impl Link {
         while tls.conn.is_handshaking() {
             tls.conn.complete_io(&mut tls.sock)?;
         }
-        Ok(Link::Tcp(Box::new(tls), Vec::new()))
+        Ok(Link::Tls(Box::new(tls), Vec::new()))
     }
 
     fn roundtrip(&mut self, req: &[u8]) -> Result<Message> {
@@ -282,30 +297,51 @@ impl Link {
                 }
                 bail!("no answer")
             }
-            Link::Tcp(s, pending) => {
-                s.write_all(req)?;
-                s.flush()?;
-                loop {
-                    loop {
-                        let total = match wire::stream_frame(pending) {
-                            Frame::Complete(total) => total,
-                            Frame::Incomplete => break,
-                            Frame::Invalid => bail!("not STUN or ChannelData"),
-                        };
-                        let frame: Vec<u8> = pending.drain(..total).collect();
-                        if let Some(m) = wire::is_stun(&frame).then(|| answer(&frame)).flatten() {
-                            return Ok(m);
-                        }
-                    }
-                    let mut chunk = [0u8; 4096];
-                    let n = s.read(&mut chunk)?;
-                    if n == 0 {
-                        bail!("connection closed");
-                    }
-                    pending.extend_from_slice(&chunk[..n]);
-                }
+            Link::Tcp(s, pending) => stream_roundtrip(s, pending, req, answer),
+            Link::Tls(s, pending) => stream_roundtrip(&mut **s, pending, req, answer),
+        }
+    }
+
+    /// The same connection for the closed loop (non-blocking from there on).
+    fn into_flow(self) -> Result<closed::Flow> {
+        let (wire, leftover) = match self {
+            Link::Udp(s) => (closed::Wire::Udp(s), Vec::new()),
+            Link::Tcp(s, p) => (closed::Wire::Tcp(s), p),
+            Link::Tls(s, p) => {
+                let s = *s;
+                (closed::Wire::Tls(s.sock, Box::new(s.conn)), p)
+            }
+        };
+        closed::Flow::new(wire, true, leftover)
+    }
+}
+
+fn stream_roundtrip(
+    s: &mut (impl Read + Write),
+    pending: &mut Vec<u8>,
+    req: &[u8],
+    answer: impl Fn(&[u8]) -> Option<Message>,
+) -> Result<Message> {
+    s.write_all(req)?;
+    s.flush()?;
+    loop {
+        loop {
+            let total = match wire::stream_frame(pending) {
+                Frame::Complete(total) => total,
+                Frame::Incomplete => break,
+                Frame::Invalid => bail!("not STUN or ChannelData"),
+            };
+            let frame: Vec<u8> = pending.drain(..total).collect();
+            if let Some(m) = wire::is_stun(&frame).then(|| answer(&frame)).flatten() {
+                return Ok(m);
             }
         }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        pending.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -324,12 +360,34 @@ fn channel_bind(link: &mut Link, session: &mut Session, ch: u16, peer: SocketAdd
     Ok(())
 }
 
-fn secs() -> Duration {
-    let s: f64 = std::env::var("MESHMEET_BENCH_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2.0);
-    Duration::from_secs_f64(s)
+/// The bare forwarder (this bench binary run with `--forwarder`), sending to `echo`.
+fn start_forwarder(echo: SocketAddr) -> Result<Server> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--forwarder")
+        .arg(echo.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let port = match child.stdout.as_mut() {
+        Some(out) => closed::read_port(out),
+        None => Err(anyhow!("no forwarder output")),
+    };
+    let port = match port {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    Ok(Server {
+        name: "bare forwarder",
+        turn: false,
+        child,
+        addr,
+        tls: addr,
+    })
 }
 
 /// A UDP sink counting datagrams on its own thread.
@@ -410,7 +468,13 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// Relayed ChannelData rate client -> peer: (packets/s delivered, loss fraction,
 /// server CPU microseconds per delivered packet).
-fn relay_rate(server: &Server, via: Via, allocs: usize, size: usize) -> Result<(f64, f64, f64)> {
+fn relay_rate(
+    server: &Server,
+    via: Via,
+    allocs: usize,
+    size: usize,
+    secs: Duration,
+) -> Result<(f64, f64, f64)> {
     let tcp = via != Via::Udp;
     let sink = Sink::new()?;
     let mut links = Vec::new();
@@ -469,7 +533,7 @@ fn relay_rate(server: &Server, via: Via, allocs: usize, size: usize) -> Result<(
     let c0 = sink.count.load(Ordering::Relaxed);
     let cpu0 = cpu_seconds(server.child.id())?;
     let t0 = Instant::now();
-    std::thread::sleep(secs());
+    std::thread::sleep(secs);
     let c1 = sink.count.load(Ordering::Relaxed);
     let cpu1 = cpu_seconds(server.child.id())?;
     let window = t0.elapsed().as_secs_f64();
@@ -517,21 +581,23 @@ fn send_frames(link: &mut Link, frame: &[u8], n: usize) -> Result<u64> {
             }
             Ok(sent)
         }
-        Link::Tcp(s, _) => {
-            let mut buf = Vec::with_capacity(frame.len() * n);
-            for _ in 0..n {
-                buf.extend_from_slice(frame);
-            }
-            s.write_all(&buf)?;
-            s.flush()?;
-            Ok(n as u64)
-        }
+        Link::Tcp(s, _) => write_frames(s, frame, n),
+        Link::Tls(s, _) => write_frames(&mut **s, frame, n),
     }
 }
 
+fn write_frames(s: &mut impl Write, frame: &[u8], n: usize) -> Result<u64> {
+    let mut buf = Vec::with_capacity(frame.len() * n);
+    for _ in 0..n {
+        buf.extend_from_slice(frame);
+    }
+    s.write_all(&buf)?;
+    s.flush()?;
+    Ok(n as u64)
+}
+
 /// Complete allocations per second (challenge, Allocate, Refresh 0), 4 clients.
-fn allocation_rate(server: &Server) -> Result<f64> {
-    let dur = secs();
+fn allocation_rate(server: &Server, dur: Duration) -> Result<f64> {
     let start = Instant::now();
     let handles: Vec<_> = (0..4)
         .map(|t| {
@@ -565,8 +631,7 @@ fn allocation_rate(server: &Server) -> Result<f64> {
 }
 
 /// Binding answers per second: 4 clients with 16 requests in flight each.
-fn binding_rate(server: &Server) -> Result<f64> {
-    let dur = secs();
+fn binding_rate(server: &Server, dur: Duration) -> Result<f64> {
     let start = Instant::now();
     let handles: Vec<_> = (0..4)
         .map(|_| {
@@ -606,149 +671,477 @@ fn binding_rate(server: &Server) -> Result<f64> {
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
+/// One closed-loop run: `allocs` allocations (or bare-forwarder flows) with `window`
+/// packets in flight each, echoed by `echo`.
+fn closed_rate(
+    server: &Server,
+    via: Via,
+    allocs: usize,
+    size: usize,
+    echo: SocketAddr,
+    opts: &Opts,
+) -> Result<closed::Closed> {
+    let mut flows = Vec::new();
+    let mut sessions = Vec::new();
+    for i in 0..allocs {
+        if !server.turn {
+            flows.push(closed::forwarder_flow(server.addr)?);
+            continue;
+        }
+        let to = if via == Via::Tls {
+            server.tls
+        } else {
+            server.addr
+        };
+        // A fresh socket may reuse the port of a 5-tuple the server still remembers
+        // (437), and a loaded machine may time a request out: a few attempts.
+        let mut attempt = 0;
+        let (link, session) = loop {
+            let mut link = Link::open(to, via)?;
+            let mut session = session(&format!("loop{i}"))?;
+            let r = allocate(&mut link, &mut session)
+                .and_then(|_| channel_bind(&mut link, &mut session, closed::CHANNEL, echo));
+            match r {
+                Ok(()) => break (link, session),
+                Err(e) if attempt >= 3 => return Err(e),
+                Err(_) => attempt += 1,
+            }
+        };
+        flows.push(link.into_flow()?);
+        sessions.push(session);
+    }
+    let (figures, flows) = closed::measure(
+        flows,
+        server.child.id(),
+        opts.window.unwrap_or_else(|| default_window(allocs)),
+        size,
+        opts.secs,
+        cpu_seconds,
+    )?;
+    // Free UDP allocations so later runs do not meet their 5-tuples again (a stream's
+    // allocation ends with its connection).
+    if server.turn && via == Via::Udp {
+        for (flow, mut session) in flows.into_iter().zip(sessions) {
+            if let Some(s) = flow.into_udp() {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                let mut link = Link::Udp(s);
+                let _ = transact(
+                    &mut link,
+                    &mut session,
+                    METHOD_REFRESH,
+                    &[&Attr::Lifetime(0)],
+                );
+            }
+        }
+    }
+    Ok(figures)
+}
+
+/// Packets in flight per allocation unless `--window` says: 16 for one allocation,
+/// fewer for many (200 in all), so that the load fits the sockets' default receive
+/// buffers (`net.core.rmem_max`, about 200 KiB) on every server and on the echo peer:
+/// a larger window measures buffer overflow (losses, 200 ms stalls), not the relay.
+fn default_window(allocs: usize) -> usize {
+    (200 / allocs.max(1)).clamp(2, 16)
+}
+
+/// What to run: `cargo bench --bench relay -- [oneway|closed|rates|all]... [--only
+/// udp,tcp,tls] [--sizes 100,1200] [--allocs 1,100] [--secs S] [--repeats N]
+/// [--window N] [--baseline PATH] [--no-coturn]`.
+struct Opts {
+    oneway: bool,
+    closed: bool,
+    rates: bool,
+    vias: Vec<Via>,
+    sizes: Vec<usize>,
+    allocs: Vec<usize>,
+    secs: Duration,
+    repeats: usize,
+    /// Packets in flight per allocation (closed loop); `None`: [`default_window`].
+    window: Option<usize>,
+    /// An earlier meshmeet binary measured in the same run, as "meshmeet-before".
+    baseline: Option<PathBuf>,
+    coturn: bool,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Result<Opts> {
+        let list = |v: &str| -> Result<Vec<usize>> {
+            v.split(',')
+                .map(|x| x.trim().parse().context("a list of numbers"))
+                .collect()
+        };
+        let env_secs: Option<f64> = std::env::var("MESHMEET_BENCH_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let mut o = Opts {
+            oneway: false,
+            closed: false,
+            rates: false,
+            vias: vec![Via::Udp, Via::Tcp, Via::Tls],
+            sizes: vec![100, 1200],
+            allocs: vec![1, 100],
+            secs: Duration::from_secs_f64(env_secs.unwrap_or(2.0)),
+            repeats: REPEATS,
+            window: None,
+            baseline: None,
+            coturn: true,
+        };
+        let mut only = std::env::var("MESHMEET_BENCH_ONLY").unwrap_or_default();
+        let mut modes = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || {
+                it.next()
+                    .cloned()
+                    .with_context(|| format!("{a} needs a value"))
+            };
+            match a.as_str() {
+                "--bench" => {}
+                "--only" => only = value()?,
+                "--sizes" => o.sizes = list(&value()?)?,
+                "--allocs" => o.allocs = list(&value()?)?,
+                "--secs" => o.secs = Duration::from_secs_f64(value()?.parse()?),
+                "--repeats" => o.repeats = value()?.parse::<usize>()?.max(1),
+                "--window" => o.window = Some(value()?.parse::<usize>()?.clamp(1, 4096)),
+                "--baseline" => o.baseline = Some(PathBuf::from(value()?)),
+                "--no-coturn" => o.coturn = false,
+                m @ ("oneway" | "closed" | "rates" | "all") => modes.push(m.to_owned()),
+                other => bail!("unknown argument {other}"),
+            }
+        }
+        // The old group selector: `rates` alone, or one transport.
+        if only.eq_ignore_ascii_case("rates") {
+            modes.push("rates".into());
+            only.clear();
+        }
+        if !only.is_empty() {
+            o.vias = only
+                .split(',')
+                .map(|k| match k.trim().to_ascii_lowercase().as_str() {
+                    "udp" => Ok(Via::Udp),
+                    "tcp" => Ok(Via::Tcp),
+                    "tls" => Ok(Via::Tls),
+                    other => Err(anyhow!("unknown transport {other}")),
+                })
+                .collect::<Result<_>>()?;
+        }
+        let all = modes.is_empty() || modes.iter().any(|m| m == "all");
+        o.oneway = all || modes.iter().any(|m| m == "oneway");
+        o.closed = all || modes.iter().any(|m| m == "closed");
+        // Allocation and Binding rates: with everything, or asked for.
+        o.rates = (all && only.is_empty()) || modes.iter().any(|m| m == "rates");
+        Ok(o)
+    }
+}
+
 struct Row {
     name: String,
-    figures: [f64; 2],
+    /// One figure per server, in the servers' order (NaN: not measured).
+    figures: Vec<f64>,
     unit: &'static str,
 }
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--forwarder") {
+        let echo: SocketAddr = args
+            .get(i + 1)
+            .context("--forwarder needs the echo address")?
+            .parse()?;
+        return closed::forwarder_main(echo);
+    }
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary
     // without it, and a load test has no place in the test suite.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !args.iter().any(|a| a == "--bench") {
         println!("relay benchmark: run with `cargo bench --bench relay`");
         return Ok(());
     }
+    let opts = Opts::parse(&args)?;
     meshmeet::tls::install_crypto_provider();
     let dir = tempfile::tempdir()?;
     let mdir = dir.path().join("meshmeet");
     let cdir = dir.path().join("coturn");
     std::fs::create_dir_all(&mdir)?;
     std::fs::create_dir_all(&cdir)?;
-    let meshmeet = start_meshmeet(&mdir)?;
-    let servers = [meshmeet, start_coturn(&cdir, &mdir)?];
-    let mut rows: Vec<Row> = Vec::new();
-    // MESHMEET_BENCH_ONLY=udp|tcp|tls|rates limits the run to one group of rows.
-    let only = std::env::var("MESHMEET_BENCH_ONLY").unwrap_or_default();
-    for via in [Via::Udp, Via::Tcp, Via::Tls] {
-        let label = via.label();
-        if !only.is_empty() && !only.eq_ignore_ascii_case(via.key()) {
-            continue;
+    let mut servers = vec![start_meshmeet(
+        "meshmeet",
+        Path::new(env!("CARGO_BIN_EXE_meshmeet")),
+        &mdir,
+    )?];
+    if let Some(bin) = &opts.baseline {
+        let bdir = dir.path().join("before");
+        std::fs::create_dir_all(&bdir)?;
+        // The same self-signed certificate (it is reused when present), which is the
+        // one TLS clients trust.
+        for f in ["selfsigned-cert.pem", "selfsigned-key.pem"] {
+            std::fs::copy(mdir.join(f), bdir.join(f))?;
         }
-        for size in [100usize, 1200] {
-            for allocs in [1usize, 100] {
-                let mut pps = [0.0; 2];
-                let mut loss = [0.0; 2];
-                let mut cpu = [0.0; 2];
-                // Runs alternate between the servers so both see the same background.
-                let mut runs: [Vec<(f64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
-                for _ in 0..REPEATS {
-                    for (i, s) in servers.iter().enumerate() {
-                        runs[i].push(
-                            relay_rate(s, via, allocs, size).with_context(|| {
-                                format!("{} {label} {size} B x{allocs}", s.name)
-                            })?,
-                        );
-                    }
+        servers.push(start_meshmeet("meshmeet-before", bin, &bdir)?);
+    }
+    if opts.coturn {
+        servers.push(start_coturn(&cdir, &mdir)?);
+    }
+    let started = Instant::now();
+    if opts.oneway {
+        let rows = oneway_rows(&servers, &opts)?;
+        println!("\nOne way (client to peer, counted at the peer):");
+        print_table(&servers, &rows);
+    }
+    if opts.closed {
+        let echo = closed::EchoPeer::new()?;
+        let forwarder = if opts.vias.contains(&Via::Udp) {
+            Some(start_forwarder(echo.addr)?)
+        } else {
+            None
+        };
+        let rows = closed_rows(&servers, forwarder.as_ref(), echo.addr, &opts)?;
+        let mut names: Vec<&Server> = servers.iter().collect();
+        names.extend(forwarder.as_ref());
+        let window = match opts.window {
+            Some(w) => w.to_string(),
+            None => opts
+                .allocs
+                .iter()
+                .map(|&a| format!("{} with {a} allocations", default_window(a)))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        println!(
+            "\nClosed loop (echo peer; packets in flight per allocation: {window}; pkt/s \
+             counts both directions, two relayed packets per round trip):"
+        );
+        print_table_of(&names, &rows);
+    }
+    if opts.rates {
+        let rows = rate_rows(&servers, &opts)?;
+        println!("\nAllocations and Binding answers:");
+        print_table(&servers, &rows);
+    }
+    eprintln!("(bench ran {:.0} s)", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The median of `repeats` runs of `f` per server, runs interleaved between the
+/// servers so all see the same background.
+fn interleaved<T: Copy>(
+    servers: &[&Server],
+    repeats: usize,
+    mut f: impl FnMut(&Server) -> Result<T>,
+) -> Result<Vec<Vec<T>>> {
+    let mut runs: Vec<Vec<T>> = servers.iter().map(|_| Vec::new()).collect();
+    for _ in 0..repeats {
+        for (i, s) in servers.iter().enumerate() {
+            runs[i].push(f(s)?);
+        }
+    }
+    Ok(runs)
+}
+
+fn oneway_rows(servers: &[Server], opts: &Opts) -> Result<Vec<Row>> {
+    let refs: Vec<&Server> = servers.iter().collect();
+    let mut rows = Vec::new();
+    for &via in &opts.vias {
+        let label = via.label();
+        for &size in &opts.sizes {
+            for &allocs in &opts.allocs {
+                let runs = interleaved(&refs, opts.repeats, |s| {
+                    relay_rate(s, via, allocs, size, opts.secs)
+                        .with_context(|| format!("{} {label} {size} B x{allocs}", s.name))
+                })?;
+                let mut pps = Vec::new();
+                let mut loss = Vec::new();
+                let mut cpu = Vec::new();
+                for mut r in runs {
+                    // The median run by rate, with its loss; the median CPU cost alone.
+                    r.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    let (p, l, _) = r[r.len() / 2];
+                    pps.push(p);
+                    loss.push(l * 100.0);
+                    let mut c: Vec<f64> = r.iter().map(|x| x.2).collect();
+                    cpu.push(closed::median(&mut c));
                 }
-                for i in 0..2 {
-                    // The median run by rate, with its loss.
-                    runs[i].sort_by(|a, b| a.0.total_cmp(&b.0));
-                    let (p, l, _) = runs[i][runs[i].len() / 2];
-                    pps[i] = p;
-                    loss[i] = l * 100.0;
-                    // The median CPU cost, on its own.
-                    let mut c: Vec<f64> = runs[i].iter().map(|r| r.2).collect();
-                    c.sort_by(f64::total_cmp);
-                    cpu[i] = c[c.len() / 2];
-                }
-                let name = format!("relayed pkt/s, {label}, {size} B, {allocs} alloc");
-                eprintln!("{name}: meshmeet {:.0}, coturn {:.0}", pps[0], pps[1]);
+                let tag = format!("{label}, {size} B, {allocs} alloc");
+                eprintln!("one way {tag}: pkt/s {pps:.0?}, CPU µs/pkt {cpu:.2?}");
                 rows.push(Row {
-                    name: name.clone(),
+                    name: format!("relayed pkt/s, {tag}"),
                     figures: pps,
                     unit: "pkt/s",
                 });
                 rows.push(Row {
-                    name: format!("loss at that rate, {label}, {size} B, {allocs} alloc"),
+                    name: format!("loss at that rate, {tag}"),
                     figures: loss,
                     unit: "%",
                 });
                 rows.push(Row {
-                    name: format!(
-                        "server CPU per packet (lower is better), {label}, {size} B, {allocs} alloc"
-                    ),
+                    name: format!("server CPU per packet (lower is better), {tag}"),
                     figures: cpu,
                     unit: "µs",
                 });
             }
         }
     }
-    let mut a = [0.0; 2];
-    let mut b = [0.0; 2];
-    if !only.is_empty() && only != "rates" {
-        print_table(&rows);
-        return Ok(());
-    }
-    let mut ra: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    let mut rb: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for _ in 0..REPEATS {
-        for (i, s) in servers.iter().enumerate() {
-            ra[i].push(allocation_rate(s).with_context(|| format!("{} allocations", s.name))?);
-            rb[i].push(binding_rate(s).with_context(|| format!("{} bindings", s.name))?);
-        }
-    }
-    for i in 0..2 {
-        ra[i].sort_by(f64::total_cmp);
-        rb[i].sort_by(f64::total_cmp);
-        a[i] = ra[i][REPEATS / 2];
-        b[i] = rb[i][REPEATS / 2];
-        eprintln!(
-            "{}: allocations/s {:.0}, bindings/s {:.0}",
-            servers[i].name, a[i], b[i]
-        );
-    }
-    rows.push(Row {
-        name: "allocations/s (401, Allocate, Refresh 0)".into(),
-        figures: a,
-        unit: "/s",
-    });
-    rows.push(Row {
-        name: "STUN Binding answers/s".into(),
-        figures: b,
-        unit: "/s",
-    });
-    print_table(&rows);
-    Ok(())
+    Ok(rows)
 }
 
-fn print_table(rows: &[Row]) {
+fn closed_rows(
+    servers: &[Server],
+    forwarder: Option<&Server>,
+    echo: SocketAddr,
+    opts: &Opts,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &via in &opts.vias {
+        let label = via.label();
+        let mut targets: Vec<&Server> = servers.iter().collect();
+        // The floor is a UDP forwarder: measured on the UDP rows only.
+        let floor = via == Via::Udp && forwarder.is_some();
+        targets.extend(forwarder.filter(|_| via == Via::Udp));
+        for &size in &opts.sizes {
+            for &allocs in &opts.allocs {
+                let runs = interleaved(&targets, opts.repeats, |s| {
+                    closed_rate(s, via, allocs, size, echo, opts)
+                        .with_context(|| format!("{} {label} {size} B x{allocs}", s.name))
+                })?;
+                let med = |f: fn(&closed::Closed) -> f64| -> Vec<f64> {
+                    let mut v: Vec<f64> = runs
+                        .iter()
+                        .map(|r| {
+                            let mut x: Vec<f64> = r.iter().map(f).collect();
+                            closed::median(&mut x)
+                        })
+                        .collect();
+                    if !floor {
+                        v.push(f64::NAN);
+                    }
+                    v
+                };
+                let tag = format!("{label}, {size} B, {allocs} alloc");
+                let pps = med(|c| c.pps);
+                let cpu = med(|c| c.cpu);
+                eprintln!("closed loop {tag}: pkt/s {pps:.0?}, CPU µs/pkt {cpu:.2?}");
+                rows.push(Row {
+                    name: format!("relayed pkt/s, {tag}"),
+                    figures: pps,
+                    unit: "pkt/s",
+                });
+                rows.push(Row {
+                    name: format!("loss, {tag}"),
+                    figures: med(|c| c.loss * 100.0),
+                    unit: "%",
+                });
+                rows.push(Row {
+                    name: format!("round trip p50, {tag}"),
+                    figures: med(|c| c.p50),
+                    unit: "µs rtt",
+                });
+                rows.push(Row {
+                    name: format!("round trip p99, {tag}"),
+                    figures: med(|c| c.p99),
+                    unit: "µs rtt",
+                });
+                rows.push(Row {
+                    name: format!("server CPU per packet (lower is better), {tag}"),
+                    figures: cpu,
+                    unit: "µs",
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+fn rate_rows(servers: &[Server], opts: &Opts) -> Result<Vec<Row>> {
+    let refs: Vec<&Server> = servers.iter().collect();
+    let runs = interleaved(&refs, opts.repeats, |s| {
+        Ok((
+            allocation_rate(s, opts.secs).with_context(|| format!("{} allocations", s.name))?,
+            binding_rate(s, opts.secs).with_context(|| format!("{} bindings", s.name))?,
+        ))
+    })?;
+    let med = |f: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+        runs.iter()
+            .map(|r| {
+                let mut x: Vec<f64> = r.iter().map(f).collect();
+                closed::median(&mut x)
+            })
+            .collect()
+    };
+    Ok(vec![
+        Row {
+            name: "allocations/s (401, Allocate, Refresh 0)".into(),
+            figures: med(|r| r.0),
+            unit: "/s",
+        },
+        Row {
+            name: "STUN Binding answers/s".into(),
+            figures: med(|r| r.1),
+            unit: "/s",
+        },
+    ])
+}
+
+fn print_table(servers: &[Server], rows: &[Row]) {
+    let refs: Vec<&Server> = servers.iter().collect();
+    print_table_of(&refs, rows);
+}
+
+/// A Markdown table: one column per server, then the ratios of meshmeet to each
+/// other server (for pkt/s and rates: higher is better for meshmeet; for CPU and
+/// latency: lower is; loss: the difference in points).
+fn print_table_of(servers: &[&Server], rows: &[Row]) {
     println!();
-    println!("| figure | meshmeet | coturn 4.6 | ratio |");
-    println!("|---|---:|---:|---:|");
+    let mut head = String::from("| figure |");
+    let mut rule = String::from("|---|");
+    for s in servers {
+        head += &format!(" {} |", column_name(s));
+        rule += "---:|";
+    }
+    for s in servers.iter().skip(1) {
+        head += &format!(" meshmeet / {} |", column_name(s));
+        rule += "---:|";
+    }
+    println!("{head}");
+    println!("{rule}");
     for r in rows {
-        let ratio = if r.unit == "%" {
-            format!("{:+.1} pt", r.figures[0] - r.figures[1])
-        } else if r.figures[1] > 0.0 {
-            format!("{:.2}x", r.figures[0] / r.figures[1])
-        } else {
-            "n/a".into()
-        };
         let fmt = |v: f64| {
-            if r.unit == "%" {
+            if v.is_nan() {
+                "".to_string()
+            } else if r.unit == "%" {
                 format!("{v:.1} %")
             } else if r.unit == "µs" {
                 format!("{v:.2} µs")
+            } else if r.unit == "µs rtt" {
+                format!("{v:.0} µs")
             } else {
                 format!("{v:.0}")
             }
         };
-        println!(
-            "| {} | {} | {} | {} |",
-            r.name,
-            fmt(r.figures[0]),
-            fmt(r.figures[1]),
-            ratio
-        );
+        let mut line = format!("| {} |", r.name);
+        for v in &r.figures {
+            line += &format!(" {} |", fmt(*v));
+        }
+        let m = r.figures.first().copied().unwrap_or(f64::NAN);
+        for v in r.figures.iter().skip(1) {
+            let cell = if v.is_nan() || m.is_nan() {
+                String::new()
+            } else if r.unit == "%" {
+                format!("{:+.1} pt", m - v)
+            } else if *v > 0.0 {
+                format!("{:.2}x", m / v)
+            } else {
+                "n/a".into()
+            };
+            line += &format!(" {cell} |");
+        }
+        println!("{line}");
+    }
+}
+
+fn column_name(s: &Server) -> &'static str {
+    match s.name {
+        "coturn" => "coturn 4.6",
+        n => n,
     }
 }

@@ -6,12 +6,18 @@
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::ops::Range;
 use std::os::fd::RawFd;
 
 /// Datagrams per `recvmmsg`/`sendmmsg` call.
 pub const BATCH: usize = 32;
 /// Largest datagram kept whole (anything larger is dropped as truncated).
 pub const SLOT: usize = 65_536;
+/// Room in front of every datagram, for a ChannelData header written in place.
+pub const HEADROOM: usize = 4;
+/// Distance between two slots: the headroom, the datagram, and room behind it for
+/// the padding of a ChannelData frame on a stream (at most 3 bytes).
+const STRIDE: usize = HEADROOM + SLOT + 4;
 
 /// Receive buffers for one batch. Holds no pointers, so it can live in a task.
 pub struct RecvBatch {
@@ -24,7 +30,7 @@ pub struct RecvBatch {
 impl Default for RecvBatch {
     fn default() -> Self {
         RecvBatch {
-            bufs: vec![0u8; BATCH * SLOT],
+            bufs: vec![0u8; BATCH * STRIDE],
             // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
             addrs: vec![unsafe { zeroed() }; BATCH],
             lens: [0; BATCH],
@@ -42,8 +48,9 @@ impl RecvBatch {
         let base = self.bufs.as_mut_ptr();
         for i in 0..BATCH {
             iovs[i] = libc::iovec {
-                // SAFETY: i * SLOT + SLOT <= bufs.len(), so the slot is inside the buffer.
-                iov_base: unsafe { base.add(i * SLOT) } as *mut libc::c_void,
+                // SAFETY: Self::offset(i) + SLOT <= bufs.len(), so the slot is inside
+                // the buffer.
+                iov_base: unsafe { base.add(Self::offset(i)) } as *mut libc::c_void,
                 iov_len: SLOT,
             };
             hdrs[i].msg_hdr.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
@@ -73,7 +80,12 @@ impl RecvBatch {
         Ok(n)
     }
 
-    /// The whole receive buffer (datagram `i` starts at `i * SLOT`).
+    /// Where datagram `i` starts in [`RecvBatch::bytes`].
+    pub const fn offset(i: usize) -> usize {
+        i * STRIDE + HEADROOM
+    }
+
+    /// The whole receive buffer (datagram `i` starts at [`RecvBatch::offset`]).
     pub fn bytes(&self) -> &[u8] {
         &self.bufs
     }
@@ -84,8 +96,29 @@ impl RecvBatch {
             return None;
         }
         let from = from_storage(&self.addrs[i])?;
-        let start = i * SLOT;
+        let start = Self::offset(i);
         Some((&self.bufs[start..start + self.lens[i].min(SLOT)], from))
+    }
+
+    /// Turns datagram `i` into a ChannelData frame in place: `channel` and the length
+    /// in the headroom in front, and on a stream (`pad`) zeros up to a multiple of
+    /// four bytes behind. Returns the frame's range in [`RecvBatch::bytes`].
+    pub fn channel_frame(&mut self, i: usize, channel: u16, pad: bool) -> Option<Range<usize>> {
+        if i >= BATCH || self.truncated[i] {
+            return None;
+        }
+        let len = self.lens[i].min(SLOT);
+        let len16 = u16::try_from(len).ok()?;
+        let start = Self::offset(i) - HEADROOM;
+        self.bufs[start..start + 2].copy_from_slice(&channel.to_be_bytes());
+        self.bufs[start + 2..start + 4].copy_from_slice(&len16.to_be_bytes());
+        let mut end = start + HEADROOM + len;
+        if pad {
+            let padded = start + ((HEADROOM + len + 3) & !3);
+            self.bufs[end..padded].fill(0);
+            end = padded;
+        }
+        Some(start..end)
     }
 }
 
@@ -252,5 +285,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn channel_frames_are_written_in_place() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let payloads: [&[u8]; 3] = [&[7; 5], &[9; 8], &[]];
+        for p in payloads {
+            tx.send_to(p, to).unwrap();
+        }
+        let mut b = RecvBatch::default();
+        let mut seen = 0;
+        while seen < payloads.len() {
+            let n = match b.recv(rx.as_raw_fd()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            for i in 0..n {
+                let p = payloads[seen];
+                let len = p.len();
+                // A UDP client gets the header and the payload, nothing more.
+                let r = b.channel_frame(i, 0x4001, false).unwrap();
+                let mut want = vec![0x40, 0x01, 0, len as u8];
+                want.extend_from_slice(p);
+                assert_eq!(&b.bytes()[r.clone()], &want[..]);
+                assert_eq!(r.start + 4, RecvBatch::offset(i));
+                // A stream client gets it padded with zeros to a multiple of four.
+                let r = b.channel_frame(i, 0x4001, true).unwrap();
+                want.resize((4 + len + 3) & !3, 0);
+                assert_eq!(&b.bytes()[r], &want[..]);
+                seen += 1;
+            }
+        }
+        assert!(b.channel_frame(BATCH, 0x4000, false).is_none());
     }
 }

@@ -992,3 +992,77 @@ async fn dual_allocation_over_ipv4_and_ipv6_loopback() {
         port_freed(a).await;
     }
 }
+
+/// A burst from peers reaches a TCP client whole and in order: ChannelData frames
+/// padded to four bytes (more than one receive batch of them), then a Data indication
+/// for a peer of the same address without a channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_peers_reaches_a_tcp_client_framed_and_in_order() {
+    use meshmeet::relay::wire::{self, Frame};
+    use tokio::io::AsyncReadExt;
+
+    let server = TestServer::start_with(loopback_peers).await;
+    let to = server.addrs.turn_tcp.expect("turn over tcp");
+    let mut tcp = tokio::net::TcpStream::connect(to).await.unwrap();
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let other = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (user, pass) = rest_user("burst", future());
+    let mut session = Session::new(&user, &pass);
+    let mut request = async |attrs: &[&dyn Setter], method: Method| {
+        for _ in 0..3 {
+            let req = session.request(method, attrs);
+            let answer = crate::oneport::roundtrip(&mut tcp, &req).await;
+            if session.learn(&answer) {
+                continue;
+            }
+            assert!(client::is_success(&answer), "{answer}");
+            return answer;
+        }
+        panic!("challenge loop");
+    };
+    let relay = relayed_address(&request(&[&Attr::UDP], METHOD_ALLOCATE).await);
+    let peer_addr = peer.local_addr().unwrap();
+    request(
+        &[&Attr::Channel(0x4000), &Attr::Peer(peer_addr)],
+        METHOD_CHANNEL_BIND,
+    )
+    .await;
+    const BURST: usize = 100;
+    for i in 1..=BURST {
+        peer.send_to(&vec![i as u8; i], relay).await.unwrap();
+    }
+    // Same address, another port: permitted, but no channel.
+    other.send_to(b"no channel", relay).await.unwrap();
+
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 65536];
+    let mut next = 1usize;
+    loop {
+        while let Frame::Complete(total) = wire::stream_frame(&buf) {
+            let frame: Vec<u8> = buf.drain(..total).collect();
+            if next <= BURST {
+                let (ch, len) = wire::channel_header(&frame).expect("ChannelData");
+                assert_eq!((ch, len), (0x4000, next));
+                assert_eq!(total, (4 + next + 3) & !3, "padded to four bytes");
+                assert!(frame[4..4 + len].iter().all(|&b| b == next as u8));
+                assert!(frame[4 + len..].iter().all(|&b| b == 0));
+                next += 1;
+            } else {
+                let m = client::parse(&frame).expect("a Data indication");
+                assert_eq!(m.typ, MessageType::new(METHOD_DATA, CLASS_INDICATION));
+                assert_eq!(
+                    client::peer_address(&m).unwrap(),
+                    other.local_addr().unwrap()
+                );
+                assert_eq!(client::data(&m).unwrap(), b"no channel");
+                return;
+            }
+        }
+        let n = tokio::time::timeout(ws::WAIT, tcp.read(&mut chunk))
+            .await
+            .expect("relayed data in time")
+            .unwrap();
+        assert!(n > 0, "connection closed");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}

@@ -179,7 +179,9 @@ export class Peer {
     this.path = null;
     /** false while the browser's stats name no selected pair at all */
     this.pathKnowable = true;
-    this.pathSeq = 0;
+    /** a read of the selected pair under way, and whether another was asked for meanwhile */
+    this.pathReading = false;
+    this.pathAgain = false;
     /** re-reads the selected candidate pair now and then (it can change) */
     /** @type {ReturnType<typeof setInterval>|undefined} */
     this.pathTimer = undefined;
@@ -771,7 +773,7 @@ export class Peer {
         if (this.restarting) this.restartDone();
       }
       this.hookPairEvent();
-      if (!this.pathTimer) this.pathTimer = setInterval(() => this.detectPath(), PATH_POLL_MS);
+      if (!this.pathTimer) this.pathTimer = setInterval(() => this.detectPath(true), PATH_POLL_MS);
       this.setState(this.connectedState());
       this.detectPath();
       return;
@@ -889,6 +891,18 @@ export class Peer {
       if (this.blips.length > 50) this.blips.shift();
       this.disconnectedSince = 0;
     }
+    // Replacing on our own (our connection failed): the other side's session, which
+    // our old connection was negotiated with, is over for us too. Its offers still on
+    // the way (a renegotiation the other side started before it saw our new offer)
+    // are dropped: applied to the new connection, they would tie it to the other
+    // side's old connection and its DTLS certificate, and the DTLS handshake would
+    // fail on both sides. The other side replaces its own connection when our new
+    // offer reaches it.
+    if (offer && this.remoteSession) {
+      this.retired.push(this.remoteSession);
+      if (this.retired.length > 8) this.retired.shift();
+      this.remoteSession = '';
+    }
     this.pc = new RTCPeerConnection(this.config);
     this.wire();
     this.note(`new connection (${why})`);
@@ -959,18 +973,37 @@ export class Peer {
     }
   }
 
-  /** Re-reads the selected candidate pair; the tile follows it. */
-  async detectPath() {
-    const seq = ++this.pathSeq;
+  /**
+   * Re-reads the selected candidate pair; the tile follows it. One read at a time:
+   * on a starved machine one stats read can take seconds, and reads that pile up
+   * (a poll every PATH_POLL_MS) back up the browser's WebRTC thread, which the page
+   * then waits for in its calls to the connection. A read asked for while one is
+   * under way (not by the poll) makes that one's answer stale: it is read again.
+   * @param {boolean} [poll] asked for by the periodic poll
+   */
+  async detectPath(poll = false) {
+    if (this.pathReading) {
+      if (!poll) this.pathAgain = true;
+      return;
+    }
+    this.pathReading = true;
     /** @type {Path|null|undefined} */
     let path;
+    let read = true;
     try {
       path = await this.selectedPath();
     } catch {
-      return; /* stats unavailable this time */
+      read = false; /* stats unavailable this time */
+    } finally {
+      this.pathReading = false;
     }
-    // A later read, or a state change, overtook this one.
-    if (this.closed || seq !== this.pathSeq || this.connState() !== 'connected') return;
+    if (this.pathAgain) {
+      this.pathAgain = false;
+      this.detectPath();
+      return;
+    }
+    // A state change overtook this read.
+    if (!read || this.closed || this.connState() !== 'connected') return;
     this.pathKnowable = path !== undefined;
     const moved = JSON.stringify(path || null) !== JSON.stringify(this.path);
     this.path = path || null;

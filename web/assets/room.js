@@ -33,6 +33,9 @@ const AUDIO_CONSTRAINTS = { echoCancellation: true, noiseSuppression: true, auto
 /** Uplink budget shared by all peer connections, bits per second. */
 const CAMERA_UPLINK_BPS = 2_000_000;
 const SCREEN_UPLINK_BPS = 3_000_000;
+/** How often the speaking levels are read, and the longest wait when reads are slow. */
+const SPEAKER_POLL_MS = 250;
+const SPEAKER_POLL_MAX_MS = 5000;
 /** Waiting joiners the page lists at most (the server holds 20 per lobby). */
 const MAX_KNOCKS = 50;
 /** Notices kept for the test handle. */
@@ -398,8 +401,13 @@ function startMeter() {
 
 function readLocalLevel() {
   if (!analyser || !state.micOn) return 0;
-  const buf = new Float32Array(analyser.fftSize);
-  analyser.getFloatTimeDomainData(buf);
+  return rms(analyser);
+}
+
+/** The level an analyser hears now: its RMS, scaled to 0..1. @param {AnalyserNode} a */
+function rms(a) {
+  const buf = new Float32Array(a.fftSize);
+  a.getFloatTimeDomainData(buf);
   let sum = 0;
   for (const x of buf) sum += x * x;
   return Math.min(1, Math.sqrt(sum / buf.length) * 4);
@@ -1472,7 +1480,7 @@ function doJoin() {
 
 // ---------------------------------------------------------------- speaker detection
 
-async function pollSpeaker() {
+function pollSpeaker() {
   if (!state.inCall) return;
   /** @type {[string, number][]} */
   const levels = [];
@@ -1545,8 +1553,22 @@ function onKey(e) {
 
 // ---------------------------------------------------------------- test handle
 
-/** Media and connection figures for every peer (used by the browser tests). */
-async function stats() {
+/** @type {Promise<Record<string, any>>|null} */
+let statsReading = null;
+
+/**
+ * Media and connection figures for every peer (used by the browser tests). Callers
+ * at the same time share one read: reads that pile up (several waits polling at
+ * once, each read slow on a starved machine) back up the browser's WebRTC thread,
+ * which the page then waits for in its calls to the connections.
+ */
+function stats() {
+  if (!statsReading) statsReading = readStats().finally(() => { statsReading = null; });
+  return statsReading;
+}
+
+/** One read of {@link stats}. */
+async function readStats() {
   /** @type {Record<string, any>} */
   const out = {};
   const peers = Array.from(state.peers.values());
@@ -1704,7 +1726,22 @@ function init() {
     startMeter();
   });
   requestAnimationFrame(previewMeter);
-  setInterval(pollSpeaker, 250);
+  speakerLoop();
+}
+
+/**
+ * Polls the speaking levels every SPEAKER_POLL_MS, or less often when a poll was
+ * slow: reading a receiver's levels waits for the browser's WebRTC thread, which a
+ * starved machine backs up, and the page's thread waits with it.
+ */
+function speakerLoop() {
+  const started = performance.now();
+  try {
+    pollSpeaker();
+  } finally {
+    const took = performance.now() - started;
+    setTimeout(speakerLoop, Math.min(SPEAKER_POLL_MAX_MS, Math.max(SPEAKER_POLL_MS, 4 * took)));
+  }
 }
 
 init();

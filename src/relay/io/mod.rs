@@ -12,6 +12,7 @@ mod udp;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -111,11 +112,88 @@ impl CoreCell {
     }
 }
 
+/// Bytes queued towards one TCP/TLS client before relayed data is dropped (about
+/// 850 full-size media packets).
+const STREAM_QUEUE_BYTES: usize = 1 << 20;
+
+/// The queue towards a TCP/TLS client's writer task: bounded in entries (the
+/// channel) and in bytes (relayed data beyond [`STREAM_QUEUE_BYTES`] is dropped).
+/// Relayed data arrives in batches, one entry per batch.
+#[derive(Clone)]
+struct StreamTx {
+    tx: mpsc::Sender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl StreamTx {
+    fn new(entries: usize) -> (StreamTx, StreamRx) {
+        let (tx, rx) = mpsc::channel(entries);
+        let queued = Arc::new(AtomicUsize::new(0));
+        (
+            StreamTx {
+                tx,
+                queued: queued.clone(),
+            },
+            StreamRx { rx, queued },
+        )
+    }
+
+    /// Queues relayed data without waiting; dropped (false) when the queue is full.
+    fn try_send_data(&self, bytes: Vec<u8>) -> bool {
+        let len = bytes.len();
+        if self.queued.load(Ordering::Relaxed) + len > STREAM_QUEUE_BYTES {
+            return false;
+        }
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        if self.tx.try_send(bytes).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Queues a STUN answer, waiting for an entry (answers are few and must not be
+    /// lost). Fails only when the writer is gone: nothing to send to.
+    async fn send_answer(&self, bytes: Vec<u8>) {
+        let len = bytes.len();
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        if self.tx.send(bytes).await.is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The writer's end of a [`StreamTx`].
+struct StreamRx {
+    rx: mpsc::Receiver<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl StreamRx {
+    /// The next entry, with every entry already waiting behind it appended (up to
+    /// about `coalesce` bytes): one write for all frames that are ready.
+    async fn recv(&mut self, coalesce: usize) -> Option<Vec<u8>> {
+        let mut out = self.rx.recv().await?;
+        let mut taken = out.len();
+        while out.len() < coalesce {
+            match self.rx.try_recv() {
+                Ok(more) => {
+                    taken += more.len();
+                    out.extend_from_slice(&more);
+                }
+                Err(_) => break,
+            }
+        }
+        self.queued.fetch_sub(taken, Ordering::Relaxed);
+        Some(out)
+    }
+}
+
 /// Where answers for the client of the current input go.
 #[derive(Clone)]
 enum ClientSink {
     Udp(Arc<UdpSocket>, SocketAddr),
-    Stream(mpsc::Sender<Vec<u8>>),
+    Stream(StreamTx),
 }
 
 impl ClientSink {
@@ -129,10 +207,7 @@ impl ClientSink {
                     tracing::debug!(error = %e, client = %to, "turn answer not sent");
                 }
             }
-            ClientSink::Stream(tx) => {
-                // Fails only when the connection's writer is gone: nothing to send to.
-                let _ = tx.send(bytes).await;
-            }
+            ClientSink::Stream(tx) => tx.send_answer(bytes).await,
         }
     }
 }
@@ -604,5 +679,45 @@ mod tests {
         assert_eq!(shared.lock().core.allocation_count(), 0);
         stop.cancel();
         timer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_stream_queue_is_bounded_in_bytes_and_entries_and_coalesces() {
+        let (tx, mut rx) = StreamTx::new(8);
+        let quarter = STREAM_QUEUE_BYTES / 4;
+        for _ in 0..4 {
+            assert!(tx.try_send_data(vec![1; quarter]));
+        }
+        // Full in bytes: relayed data is dropped.
+        assert!(!tx.try_send_data(vec![1]));
+        // The writer takes everything waiting in one go.
+        let got = rx.recv(usize::MAX).await.unwrap();
+        assert_eq!(got.len(), STREAM_QUEUE_BYTES);
+        assert_eq!(tx.queued.load(Ordering::Relaxed), 0);
+        // Full in entries: dropped too, however small.
+        for _ in 0..8 {
+            assert!(tx.try_send_data(vec![2; 10]));
+        }
+        assert!(!tx.try_send_data(vec![3; 10]));
+        // Entries are appended until the coalescing size is reached.
+        assert_eq!(rx.recv(25).await.unwrap().len(), 30);
+        assert_eq!(tx.queued.load(Ordering::Relaxed), 50);
+        // An answer waits for an entry instead of being dropped; order is kept.
+        let answer = tokio::spawn({
+            let tx = tx.clone();
+            async move {
+                for _ in 0..4 {
+                    tx.send_answer(vec![4; 3]).await;
+                }
+            }
+        });
+        let mut all = Vec::new();
+        while all.len() < 50 + 12 {
+            all.extend(rx.recv(usize::MAX).await.unwrap());
+        }
+        answer.await.unwrap();
+        assert_eq!(&all[..50], &[2; 50][..]);
+        assert_eq!(&all[50..], &[4; 12][..]);
+        assert_eq!(tx.queued.load(Ordering::Relaxed), 0);
     }
 }

@@ -16,18 +16,20 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
 use super::udp::{flush, Forwards};
-use super::{free_sockets, ClientSink, Commands, CoreCell, Ctx};
+use super::{free_sockets, ClientSink, Commands, CoreCell, Ctx, StreamTx};
 use crate::limits::AcceptBackoff;
 use crate::relay::batch;
 use crate::relay::core::{FiveTuple, Transport};
 use crate::relay::wire::{self, Frame};
 use crate::tls::Tls;
 
-/// Frames queued towards one TCP/TLS client before relayed data is dropped.
+/// Entries queued towards one TCP/TLS client (a STUN answer, or a batch of relayed
+/// frames); bytes are bounded too ([`super::STREAM_QUEUE_BYTES`]).
 const STREAM_QUEUE: usize = 512;
+/// Frames that are ready are written together, up to about this many bytes at once.
+const WRITE_COALESCE: usize = 64 * 1024;
 /// Idle TCP connections without an allocation are closed after this long.
 pub(super) const STREAM_IDLE: Duration = Duration::from_secs(120);
 /// The read buffer grows by at most this much per read.
@@ -155,10 +157,12 @@ where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
+    let (tx, mut rx) = StreamTx::new(STREAM_QUEUE);
     let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if wr.write_all(&frame).await.is_err() {
+        while let Some(frames) = rx.recv(WRITE_COALESCE).await {
+            // Flushed every time: a TLS stream may hold encrypted bytes the socket did
+            // not take, and nothing else would send them while the queue is empty.
+            if wr.write_all(&frames).await.is_err() || wr.flush().await.is_err() {
                 break;
             }
         }

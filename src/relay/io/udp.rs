@@ -72,7 +72,7 @@ pub(super) async fn udp_loop(ctx: Arc<Ctx>, socket: Arc<UdpSocket>, local: Socke
                         transport: Transport::Udp,
                     };
                     if let Some((relay, peer)) = guard.core.channel_data(&five, ch, len, now) {
-                        fwd.push((relay, peer, i * batch::SLOT + 4, len));
+                        fwd.push((relay, peer, batch::RecvBatch::offset(i) + 4, len));
                     }
                 } else if wire::is_stun(pkt) {
                     stun.push(i);

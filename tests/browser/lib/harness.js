@@ -519,6 +519,9 @@ export function attr(page, selector, name) {
   return page.$eval(selector, (el, n) => el.getAttribute(n), name);
 }
 
+/** Numbers each wait's check (see waitFor). */
+let checks = 0;
+
 /**
  * Waits until a (possibly async) check in the page returns true; the check gets
  * `arg`. A timeout says what was awaited.
@@ -530,9 +533,17 @@ export function attr(page, selector, name) {
  */
 export async function waitFor(page, fn, arg, opts = {}) {
   const timeout = opts.timeout ?? 30000;
+  // One check at a time: puppeteer runs the check on a timer without waiting for the
+  // last one, and slow async checks (getStats on a starved machine) that pile up
+  // back up Chromium's WebRTC thread, which the page then waits for.
+  const key = JSON.stringify(`check-${++checks}`);
+  const once = new Function('arg', `const busy = (window.__checks ||= {});
+    if (busy[${key}]) return false;
+    busy[${key}] = true;
+    return Promise.resolve().then(() => (${fn.toString()})(arg)).finally(() => { delete busy[${key}]; });`);
   try {
     // @ts-ignore: puppeteer's typing of generic page functions
-    await page.waitForFunction(fn, { timeout, polling: opts.interval ?? 100 }, arg);
+    await page.waitForFunction(once, { timeout, polling: opts.interval ?? 100 }, arg);
   } catch (e) {
     throw new Error(`waiting for ${opts.what || 'a page condition'}: ${/** @type {Error} */ (e).message}\n` +
       `${await describeCall(page)}`);
@@ -617,6 +628,55 @@ function mediaOn(p, i, n, token, timeout) {
     if (flowing) delete w.__mediaBase[key];
     return flowing;
   }, [n - 1, token], { timeout, interval: 1000, what: `media flowing from ${n - 1} peers on page ${i}` });
+}
+
+/**
+ * Waits until every connection between `pages` has settled: connected, signaling
+ * stable, no restart under way or scheduled, a selected candidate pair (read afresh
+ * from the browser's stats), and both ends on the same ICE credentials (each side's
+ * local ufrag is the other's remote one). A test that injects a fault starts from
+ * here, so that the recovery of the test before it cannot overlap it.
+ * @param {Page[]} pages
+ * @param {number} [timeout]
+ */
+export async function settled(pages, timeout = 90_000) {
+  const deadline = Date.now() + timeout;
+  for (;;) {
+    const views = await Promise.all(pages.map((page) => page.evaluate(async () => {
+      const mm = /** @type {any} */ (window).meshmeet;
+      const u = (/** @type {string|undefined} */ sdp) => ((sdp || '').match(/a=ice-ufrag:(\S+)/) || [])[1] || '';
+      /** @type {Record<string, {cs: string, ss: string, busy: boolean, path: boolean, local: string, remote: string}>} */
+      const peers = {};
+      for (const p of mm.peers.values()) {
+        let path = false;
+        try { path = !!(await p.selectedPath()); } catch { /* no stats this time */ }
+        peers[p.id] = {
+          cs: p.pc.connectionState, ss: p.pc.signalingState, busy: !!(p.restarting || p.restartTimer), path,
+          local: u(p.pc.currentLocalDescription?.sdp), remote: u(p.pc.currentRemoteDescription?.sdp),
+        };
+      }
+      return { id: /** @type {string} */ (mm.id), peers };
+    })));
+    const byId = new Map(views.map((v) => [v.id, v]));
+    /** @type {string[]} */
+    const open = [];
+    for (const v of views) {
+      for (const [id, p] of Object.entries(v.peers)) {
+        const back = byId.get(id)?.peers[v.id];
+        if (p.cs !== 'connected' || p.ss !== 'stable' || p.busy || !p.path) {
+          open.push(`${v.id} to ${id}: ${p.cs}/${p.ss}${p.busy ? ', restart under way' : ''}${p.path ? '' : ', no selected pair'}`);
+        } else if (back && (back.remote !== p.local || back.local !== p.remote)) {
+          open.push(`${v.id} to ${id}: ICE credentials differ (${p.local}/${p.remote} against ${back.remote}/${back.local})`);
+        }
+      }
+    }
+    if (!open.length) return;
+    if (Date.now() > deadline) {
+      const all = await Promise.all(pages.map(async (p, i) => `page ${i}: ${await describeCall(p)}`));
+      throw new Error(`waiting for every connection to settle: ${open.join('; ')}\nevery page:\n${all.join('\n')}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
 }
 
 /**

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import {
   Server, Browsers, startXvfb, rooms, participant, joinAll, waitForMedia, waitFor, ensureArtifacts, text, attr,
-  fill, dishonestTiles, describeCall, firstFrames,
+  fill, dishonestTiles, describeCall, firstFrames, settled,
 } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
@@ -190,6 +190,9 @@ for (const room of rooms()) {
         return Array.from(mm.peers.values()).every((p, i) => JSON.stringify(p.pc.getConfiguration().iceServers) !== old[i]);
       }, before, { timeout: UI, what: 'new ICE credentials on every connection' });
       // ICE restart on one pair: new credentials in the SDP, same connection, media flows.
+      // First every connection settled: a restart of the client's own (after a
+      // consent-check blip on a busy machine) would refuse the ones asked for here.
+      await settled(pages());
       const bId = await myId(b);
       const ufrag = (/** @type {string} */ sdp) => (sdp.match(/a=ice-ufrag:(\S+)/) || [])[1];
       const sdpBefore = await a.evaluate((id) => /** @type {any} */ (window).meshmeet.peers.get(id).pc.localDescription.sdp, bId);
@@ -210,6 +213,7 @@ for (const room of rooms()) {
       // role; the connection must still complete its negotiation.
       const c = pages()[2];
       const cId = await myId(c);
+      await settled(pages());
       assert.equal(await b.evaluate((id) => /** @type {any} */ (window).meshmeet.restartIce(id), cId), true);
       await waitFor(b, (id) => {
         const p = /** @type {any} */ (window).meshmeet.peers.get(id);
@@ -288,6 +292,8 @@ for (const room of rooms()) {
       }, id);
 
       test('an offer lost on the way is sent again and answered (from Firefox and from Chromium)', T, async (t) => {
+        // Every connection settled first: the recovery of the test before cannot overlap.
+        await settled(pages());
         const [a, b, c] = pages();
         const [aId, bId, cId] = [await myId(a), await myId(b), await myId(c)];
         const before = [await ufragTo(a, bId), await ufragTo(b, cId)];
@@ -305,6 +311,8 @@ for (const room of rooms()) {
       });
 
       test('an answer lost on the way: the offer comes again and gets the same answer (to Firefox and to Chromium)', T, async (t) => {
+        // Every connection settled first: the recovery of the test before cannot overlap.
+        await settled(pages());
         const [a, b, c] = pages();
         const [aId, bId, cId] = [await myId(a), await myId(b), await myId(c)];
         const before = [await ufragTo(a, bId), await ufragTo(b, cId)];
@@ -322,6 +330,8 @@ for (const room of rooms()) {
       });
 
       test('an ICE restart answered by Firefox while its peer is starved (candidates and answer 8 s late): media flows again, and a failed Firefox connection is replaced', T, async (t) => {
+        // Every connection settled first: the recovery of the test before cannot overlap.
+        await settled(pages());
         const [a, b] = pages();
         const [aId, bId] = [await myId(a), await myId(b)];
         // On Firefox's page (A): for 6 s from the restart offer, the Chromium peer's candidates reach
@@ -354,6 +364,8 @@ for (const room of rooms()) {
       });
 
       test('a Firefox connection that fails anyway is replaced by a new one on both sides, and media flows both ways again', T, async () => {
+        // Every connection settled first: the recovery of the test before cannot overlap.
+        await settled(pages());
         const [a, b] = pages();
         const [aId, bId] = [await myId(a), await myId(b)];
         // As above, and the Chromium peer's restart offer reaches Firefox without its
@@ -374,6 +386,7 @@ for (const room of rooms()) {
           }, /** @type {[string, number]} */ ([id, before]), { timeout: MEDIA, interval: 250, what: 'a new connection, connected' });
         }
         await waitForMedia(pages(), 4, MEDIA);
+        await settled(pages());
       });
     }
 
@@ -612,10 +625,9 @@ for (const room of rooms()) {
           t.diagnostic(`${people[i].name} (${room.kinds[i]}): ${blips.length} disconnected spells ` +
             `[${blips.map((ms) => (ms / 1000).toFixed(1)).join(', ')}] s, ${restarts} ICE restarts ` +
             `(${noPath} for no selected pair, ${renewed} new connections)`);
-          for (const p of Object.values(st)) {
-            assert.equal(p.connectionState, 'connected');
-            assert.notEqual(p.state, 'failed');
-          }
+          // (Every connection was connected above; a consent-check blip since, on a
+          // machine still busy, is not a failure: no tile may say "failed".)
+          for (const p of Object.values(st)) assert.notEqual(p.state, 'failed', `${people[i].name}: ${p.name} ${p.connectionState}`);
           assert.deepEqual(await dishonestTiles(page), []);
         }
       });

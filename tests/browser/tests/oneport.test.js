@@ -267,8 +267,13 @@ for (const room of firewallRooms()) {
       // Each one relays over UDP on the HTTPS port (its pairs settle in the meantime).
       for (const [i, page] of pages.slice(0, 3).entries()) {
         // The client's own reading of each selected pair (`path` in meshmeet.stats()).
-        await waitFor(page, async () => Object.values(await /** @type {any} */ (window).meshmeet.stats())
-          .some((/** @type {any} */ p) => p.path?.local === 'relay' && p.path.relayProtocol === 'udp'), null, { timeout: 60_000, interval: 500, what: `participant ${i + 1} relayed over UDP` }).catch(async (e) => {
+        // (And every connection with a selected pair: one that a busy machine made
+        // restart has none for a moment.)
+        await waitFor(page, async () => {
+          const all = Object.values(await /** @type {any} */ (window).meshmeet.stats());
+          return all.length === 3 && all.every((/** @type {any} */ p) => p.path) &&
+            all.some((/** @type {any} */ p) => p.path.local === 'relay' && p.path.relayProtocol === 'udp');
+        }, null, { timeout: 60_000, interval: 500, what: `participant ${i + 1} relayed over UDP` }).catch(async (e) => {
           throw new Error(`${e.message}\ncandidate pairs:\n${await pairs(page).catch((err) => String(err))}`);
         });
       }
