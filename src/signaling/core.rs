@@ -454,11 +454,8 @@ impl<H: Clone> Rooms<H> {
             .unwrap_or_default();
         let host = others.is_empty();
         let peers = self.peer_infos(&others);
-        self.generation += 1;
-        self.tokens.insert(token_hash(&token), id.clone());
-        self.conns.insert(conn, id.clone());
-        self.peers.insert(
-            id.clone(),
+        self.seat(
+            conn,
             Peer {
                 id: id.clone(),
                 name: name.clone(),
@@ -472,11 +469,6 @@ impl<H: Clone> Rooms<H> {
                 actions: WindowCounter::new(now),
             },
         );
-        self.rooms
-            .entry(room.clone())
-            .or_insert_with(Room::new)
-            .peers
-            .push(id.clone());
         effects.push(Effect::Send(
             vec![handle.clone()],
             ServerMsg::Joined {
@@ -499,6 +491,20 @@ impl<H: Clone> Rooms<H> {
     }
 
     /// Holds a joiner in the room's lobby: `waiting` to it, a `knock` to every host.
+    /// Seats a connected peer: its token and connection are known from now on, and it
+    /// is last in its room's join order.
+    fn seat(&mut self, conn: ConnId, peer: Peer<H>) {
+        self.generation += 1;
+        self.tokens.insert(peer.token, peer.id.clone());
+        self.conns.insert(conn, peer.id.clone());
+        self.rooms
+            .entry(peer.room.clone())
+            .or_insert_with(Room::new)
+            .peers
+            .push(peer.id.clone());
+        self.peers.insert(peer.id.clone(), peer);
+    }
+
     fn knock(
         &mut self,
         conn: ConnId,
@@ -893,11 +899,8 @@ impl<H: Clone> Rooms<H> {
             .map(|r| r.peers.clone())
             .unwrap_or_default();
         let host = peer.host || self.hosts_of(&room).is_empty();
-        self.generation += 1;
-        self.tokens.insert(peer.token, id.clone());
-        self.conns.insert(conn, id.clone());
-        self.peers.insert(
-            id.clone(),
+        self.seat(
+            conn,
             Peer {
                 id: id.clone(),
                 name: name.clone(),
@@ -911,11 +914,6 @@ impl<H: Clone> Rooms<H> {
                 actions: WindowCounter::new(now),
             },
         );
-        self.rooms
-            .entry(room.clone())
-            .or_insert_with(Room::new)
-            .peers
-            .push(id.clone());
         self.deliver(&others, ServerMsg::PeerJoined { id, name }, &mut effects);
         effects
     }
