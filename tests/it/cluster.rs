@@ -14,8 +14,7 @@ use serde_json::{json, Value};
 
 use crate::lifecycle::{write_config, Proc};
 use crate::support::have_tool;
-use crate::support::rustls_client_config;
-use crate::support::ws::{connect, id, Client, WAIT};
+use crate::support::ws::{connect, connect_child, id, Client, WAIT};
 use crate::support::TestServer;
 
 const SECRET: &str = "a-shared-turn-secret-for-tests";
@@ -352,17 +351,6 @@ async fn resume_on_another_node_keeps_the_id_and_the_queue() {
     assert_eq!(a.recv().await["from"], b_id.as_str());
 }
 
-async fn ws_to(dir: &Path, addr: SocketAddr) -> Client {
-    let pem = std::fs::read(dir.join("data/selfsigned-cert.pem")).expect("cert");
-    let connector = tokio_tungstenite::Connector::Rustls(rustls_client_config(&pem));
-    let url = format!("wss://localhost:{}/ws", addr.port());
-    let (ws, _) =
-        tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
-            .await
-            .expect("websocket connects");
-    Client { ws }
-}
-
 /// Waits until the node at `addr` (a child process with its files in `dir`) says it
 /// is on NATS with its buckets open.
 async fn on_nats(dir: &Path, addr: SocketAddr) {
@@ -414,7 +402,7 @@ async fn a_killed_node_leaves_after_the_grace_and_its_rooms_go_on() {
     let mut x = connect(&survivor1).await;
     let x_id = id(&join_as(&mut x, "home-elsewhere", "x").await);
     // Room "home-victim" is homed on the victim (its participant joins first).
-    let mut v1 = ws_to(dir.path(), addr).await;
+    let mut v1 = connect_child(dir.path(), addr).await;
     // The victim's node must be on NATS (its bucket open) before its participant joins.
     on_nats(dir.path(), addr).await;
     join_as(&mut v1, "home-victim", "v1").await;
@@ -423,7 +411,7 @@ async fn a_killed_node_leaves_after_the_grace_and_its_rooms_go_on() {
     let mut z = connect(&survivor2).await;
     let jz = join_as(&mut z, "home-victim", "z").await;
     assert_eq!(jz["peers"].as_array().unwrap().len(), 2, "{jz}");
-    let mut v2 = ws_to(dir.path(), addr).await;
+    let mut v2 = connect_child(dir.path(), addr).await;
     let v2_id = id(&join_as(&mut v2, "home-elsewhere", "v2").await);
     assert_eq!(x.recv_type("peer_joined").await["id"], v2_id.as_str());
     y.recv_type("peer_joined").await;
@@ -577,9 +565,9 @@ async fn a_killed_home_s_participants_leave_and_its_room_keeps_hosts_lock_and_me
 
     // The room is homed on the node to be killed: its participant joins first and is
     // host. Two more participants of it there, one on each other node.
-    let mut h1 = ws_to(dir.path(), addr).await;
+    let mut h1 = connect_child(dir.path(), addr).await;
     let h1_id = id(&join_as(&mut h1, "kept", "h1").await);
-    let mut h2 = ws_to(dir.path(), addr).await;
+    let mut h2 = connect_child(dir.path(), addr).await;
     let h2_id = id(&join_as(&mut h2, "kept", "h2").await);
     let mut y = connect(&s1).await;
     let y_id = id(&join_as(&mut y, "kept", "y").await);

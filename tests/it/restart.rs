@@ -15,25 +15,13 @@ use meshmeet::relay::client::{self, Attr, Session};
 use stun::message::METHOD_ALLOCATE;
 
 use crate::lifecycle::{write_config, Proc};
-use crate::support::rustls_client_config;
-use crate::support::ws::{id, Client, WAIT};
+use crate::support::ws::{connect_child, id, Client, WAIT};
 
 /// The resume grace the tests run with: short, so those who never return leave soon.
 const GRACE_S: u64 = 4;
 
 fn config(dir: &Path) -> std::path::PathBuf {
     write_config(dir, &format!("[rooms]\nresume_grace_s = {GRACE_S}\n"))
-}
-
-async fn ws(dir: &Path, addr: SocketAddr) -> Client {
-    let pem = std::fs::read(dir.join("data/selfsigned-cert.pem")).expect("cert");
-    let connector = tokio_tungstenite::Connector::Rustls(rustls_client_config(&pem));
-    let url = format!("wss://localhost:{}/ws", addr.port());
-    let (ws, _) =
-        tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
-            .await
-            .expect("websocket connects");
-    Client { ws }
 }
 
 async fn join(c: &mut Client, room: &str, name: &str, resume: Option<&str>) -> Value {
@@ -136,9 +124,9 @@ async fn sigterm_restart_keeps_ids_and_tells_nobody() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let (p, addr) = Proc::start(&cfg);
-    let mut a = ws(dir.path(), addr).await;
-    let mut b = ws(dir.path(), addr).await;
-    let mut c = ws(dir.path(), addr).await;
+    let mut a = connect_child(dir.path(), addr).await;
+    let mut b = connect_child(dir.path(), addr).await;
+    let mut c = connect_child(dir.path(), addr).await;
     let ja = join(&mut a, "standup", "Ann", None).await;
     let jb = join(&mut b, "standup", "Bob", None).await;
     let jc = join(&mut c, "standup", "Cy", None).await;
@@ -167,14 +155,14 @@ async fn sigterm_restart_keeps_ids_and_tells_nobody() {
     assert_eq!(gauge(dir.path(), addr, "meshmeet_rooms").await, 1);
 
     // a and b come back with their tokens, as the web client does after a drop.
-    let mut a = ws(dir.path(), addr).await;
+    let mut a = connect_child(dir.path(), addr).await;
     let ja2 = join(&mut a, "standup", "Ann", Some(&token(&ja))).await;
     assert_eq!(ja2["resumed"], true, "{ja2}");
     assert_eq!(id(&ja2), ida);
     let mut want = vec![idb.clone(), idc.clone()];
     want.sort();
     assert_eq!(peer_ids(&ja2), want);
-    let mut b = ws(dir.path(), addr).await;
+    let mut b = connect_child(dir.path(), addr).await;
     let jb2 = join(&mut b, "standup", "Bob", Some(&token(&jb))).await;
     assert_eq!(
         (id(&jb2), jb2["resumed"].clone()),
@@ -217,8 +205,8 @@ async fn kill_9_restart_resumes_or_rejoins_and_leaves_no_ghost() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let (p, addr) = Proc::start(&cfg);
-    let mut a = ws(dir.path(), addr).await;
-    let mut b = ws(dir.path(), addr).await;
+    let mut a = connect_child(dir.path(), addr).await;
+    let mut b = connect_child(dir.path(), addr).await;
     let ja = join(&mut a, "r", "Ann", None).await;
     let jb = join(&mut b, "r", "Bob", None).await;
     // Wait (on the file, not a clock) for the periodic write that holds both.
@@ -234,19 +222,19 @@ async fn kill_9_restart_resumes_or_rejoins_and_leaves_no_ghost() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // c joins just before the crash: it may or may not be in the last snapshot.
-    let mut c = ws(dir.path(), addr).await;
+    let mut c = connect_child(dir.path(), addr).await;
     let jc = join(&mut c, "r", "Cy", None).await;
     let st = stop(p, libc::SIGKILL).await;
     assert!(!st.success());
 
     let (p, addr) = Proc::start(&cfg);
-    let mut a = ws(dir.path(), addr).await;
+    let mut a = connect_child(dir.path(), addr).await;
     let ja2 = join(&mut a, "r", "Ann", Some(&token(&ja))).await;
     assert_eq!(
         (id(&ja2), ja2["resumed"].clone()),
         (ida.clone(), json!(true))
     );
-    let mut c = ws(dir.path(), addr).await;
+    let mut c = connect_child(dir.path(), addr).await;
     let jc2 = join(&mut c, "r", "Cy", Some(&token(&jc))).await;
     let c_now = id(&jc2);
     if jc2["resumed"] == true {

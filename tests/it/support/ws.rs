@@ -46,6 +46,19 @@ pub async fn try_connect(
     Ok(Client { ws })
 }
 
+/// A WebSocket to a server run as a child process (its data directory `dir`, its
+/// HTTPS address `addr`), trusting the self-signed certificate it wrote there.
+pub async fn connect_child(dir: &std::path::Path, addr: std::net::SocketAddr) -> Client {
+    let pem = std::fs::read(dir.join("data/selfsigned-cert.pem")).expect("cert");
+    let connector = Connector::Rustls(super::rustls_client_config(&pem));
+    let url = format!("wss://localhost:{}/ws", addr.port());
+    let (ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
+            .await
+            .expect("websocket connects");
+    Client { ws }
+}
+
 pub async fn connect(server: &TestServer) -> Client {
     try_connect(server, Some(&server.origin()))
         .await
