@@ -401,13 +401,8 @@ function startMeter() {
 
 function readLocalLevel() {
   if (!analyser || !state.micOn) return 0;
-  return rms(analyser);
-}
-
-/** The level an analyser hears now: its RMS, scaled to 0..1. @param {AnalyserNode} a */
-function rms(a) {
-  const buf = new Float32Array(a.fftSize);
-  a.getFloatTimeDomainData(buf);
+  const buf = new Float32Array(analyser.fftSize);
+  analyser.getFloatTimeDomainData(buf);
   let sum = 0;
   for (const x of buf) sum += x * x;
   return Math.min(1, Math.sqrt(sum / buf.length) * 4);
