@@ -3,6 +3,8 @@
 // late, mesh-aware sender limits. No DOM and no socket: messages for the other side
 // go out through `hooks.send`.
 
+import { fingerprintOf, SafetyExchange, SAFETY_CHANNEL } from './safety.js';
+
 /**
  * What a tile says about the connection:
  * - connecting: not connected yet, or connected but the selected candidate pair is
@@ -23,6 +25,7 @@
  *   local: () => {stream: MediaStream, audio: MediaStreamTrack|null, video: MediaStreamTrack|null,
  *                  screen: MediaStream|null},
  *   limits: () => {video: {maxBitrate: number, scale: number}, screen: {maxBitrate: number}},
+ *   onSafety?: (peer: Peer, r: {code: string, local: string, remote: string}) => void,
  * }} PeerHooks
  */
 
@@ -239,6 +242,9 @@ export class Peer {
     /** when things first happened on this connection (performance.now(); diagnostics) */
     /** @type {Record<string, number>} */
     this.marks = {};
+    /** the safety-code exchange on this connection (safety.js), once it has a channel */
+    /** @type {SafetyExchange|null} */
+    this.safety = null;
     this.pc = new RTCPeerConnection(config);
     this.wire();
   }
@@ -426,8 +432,22 @@ export class Peer {
       streams: [local.stream],
     });
     this.attached = true;
+    this.openSafety();
     if (local.screen) this.setScreen(local.screen);
     // negotiationneeded fires and sends the offer.
+  }
+
+  /**
+   * The negotiated data channel of the safety-code exchange, made by the offering
+   * side with its transceivers (the first offer carries it: no renegotiation of its
+   * own) and by the answering side when that offer arrives.
+   */
+  openSafety() {
+    if (this.safety) this.safety.close();
+    const channel = this.pc.createDataChannel(SAFETY_CHANNEL.label, { negotiated: true, id: SAFETY_CHANNEL.id });
+    this.safety = new SafetyExchange(channel, () => this.fingerprints(),
+      (r) => { this.note(`safety code (${r.code})`); if (this.hooks.onSafety && !this.closed) this.hooks.onSafety(this, r); },
+      (why) => this.note(`no safety code: ${why}`));
   }
 
   /**
@@ -437,6 +457,7 @@ export class Peer {
   attachLocal() {
     if (this.attached) return;
     this.attached = true;
+    this.openSafety();
     const local = this.hooks.local();
     const txs = this.pc.getTransceivers();
     const audioTx = txs.find((t) => t.receiver.track.kind === 'audio' && !isStopped(t)) || null;
@@ -857,6 +878,8 @@ export class Peer {
     const old = this.pc;
     this.detach(old);
     old.close();
+    if (this.safety) this.safety.close();
+    this.safety = null;
     clearTimeout(this.restartTimer);
     this.restartTimer = undefined;
     clearTimeout(this.answerWatch);
@@ -1085,6 +1108,17 @@ export class Peer {
     };
   }
 
+  /**
+   * The DTLS certificate fingerprints the connection was last negotiated with
+   * ('' where a side has none yet), normalized as safety.js reads them.
+   */
+  fingerprints() {
+    return {
+      local: fingerprintOf(this.pc.currentLocalDescription?.sdp),
+      remote: fingerprintOf(this.pc.currentRemoteDescription?.sdp),
+    };
+  }
+
   /** New ICE servers and credentials. @param {RTCConfiguration} config */
   setConfiguration(config) {
     if (this.closed) return;
@@ -1132,5 +1166,6 @@ export class Peer {
     clearTimeout(this.answerWatch);
     this.detach(this.pc);
     this.pc.close();
+    if (this.safety) this.safety.close();
   }
 }

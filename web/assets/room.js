@@ -7,6 +7,7 @@ import { t, translate } from './i18n.js';
 import { icon, setIcon, placeIcons } from './icons.js';
 import { Signaling, CLOSE_KICKED } from './signaling.js';
 import { Peer } from './peer.js';
+import { pageCertificate, newPageCertificate } from './safety.js';
 
 /**
  * @typedef {import('./signaling.js').MediaState} MediaState
@@ -108,6 +109,14 @@ const state = {
   ended: false,
   /** @type {string[]} notices about hosts' requests, as shown (for tests) */
   notices: [],
+  /** @type {RTCCertificate|null} the DTLS certificate of every connection (safety.js) */
+  cert: null,
+  /**
+   * Safety codes by peer id: the fingerprint pair a code was derived from, the code,
+   * whether the user marked it verified, whether it changed since it was first shown.
+   * @type {Map<string, {pair: string, code: string, verified: boolean, changed: boolean}>}
+   */
+  safety: new Map(),
 };
 
 const signaling = new Signaling(`wss://${location.host}/ws`, {
@@ -442,12 +451,15 @@ function tile(key) {
   const hostText = document.createElement('span');
   hostText.textContent = t('host');
   host.append(icon('crown'), hostText);
-  foot.append(icons, host, name);
+  const safety = document.createElement('span');
+  safety.className = 'tile-safety';
+  safety.hidden = true;
+  foot.append(icons, host, safety, name);
   const st = document.createElement('div');
   st.className = 'tile-state';
   el.append(video, avatar, foot, st);
   if (!key.startsWith('self') && !key.endsWith(':screen')) {
-    // A host's menu for this participant (kick, make host, mute requests).
+    // The menu for this participant: its safety code; for hosts, kick, make host, mute requests.
     const menu = document.createElement('button');
     menu.type = 'button';
     menu.className = 'tile-menu-btn';
@@ -600,9 +612,10 @@ function renderPeer(p) {
     stateClass: `st-${p.state}${connected ? ' fade' : ''}`,
     idForHue: p.id,
     host: state.hosts.has(p.id),
-    menu: isHost(),
+    menu: true,
   });
   el.dataset.state = p.state;
+  renderSafety(p, el);
   watchFirstFrame(p, /** @type {HTMLVideoElement} */ (el.querySelector('video')));
   el.dataset.relayProtocol = p.state === 'relay' && p.path ? p.path.relayProtocol || p.path.protocol : '';
   el.dataset.audio = media ? String(media.audio) : '';
@@ -616,6 +629,46 @@ function renderPeer(p) {
     const v = /** @type {HTMLVideoElement} */ (se.querySelector('video'));
     v.muted = true;
   } else removeTile(`${p.id}:screen`);
+}
+
+/**
+ * A tile's safety mark: "Verified" once the user marked the code so, a warning while
+ * a code changed and was not looked at again.
+ * @param {Peer} p @param {HTMLElement} el
+ */
+function renderSafety(p, el) {
+  const s = state.safety.get(p.id);
+  const mark = s ? (s.changed ? 'changed' : s.verified ? 'verified' : '') : '';
+  if (el.dataset.safety === mark) return;
+  el.dataset.safety = mark;
+  const badge = /** @type {HTMLElement} */ (el.querySelector('.tile-safety'));
+  badge.hidden = !mark;
+  badge.className = `tile-safety ${mark}`;
+  badge.replaceChildren();
+  if (!mark) return;
+  const text = document.createElement('span');
+  text.textContent = t(mark === 'changed' ? 'safetyChangedShort' : 'safetyVerified');
+  badge.append(icon(mark === 'changed' ? 'warn' : 'check'), text);
+}
+
+/**
+ * A safety code from a connection's exchange (safety.js). The code of a pair of
+ * certificates comes out the same on every connection between two pages; one that
+ * differs from the code the page had for that participant means a certificate
+ * changed (a page reload, or someone in the middle): the user is told, and a
+ * verified mark goes.
+ * @param {Peer} p @param {{code: string, local: string, remote: string}} r
+ */
+function onSafety(p, r) {
+  if (state.peers.get(p.id) !== p) return;
+  const pair = `${r.local}|${r.remote}`;
+  const prev = state.safety.get(p.id);
+  if (prev && prev.pair === pair && prev.code === r.code) return;
+  const changed = !!prev && prev.code !== r.code;
+  state.safety.set(p.id, { pair, code: r.code, verified: !changed && !!prev?.verified, changed: changed || !!prev?.changed });
+  if (changed) notice(t('safetyChanged', { name: p.name || 'Guest' }));
+  renderPeer(p);
+  if (menuFor === p.id && $('tile-menu').dataset.view === 'safety') showSafety(p.id);
 }
 
 /**
@@ -860,6 +913,7 @@ function endCall() {
 function closeAllPeers() {
   for (const p of state.peers.values()) p.close();
   state.peers.clear();
+  state.safety.clear();
   for (const el of Array.from($('grid').querySelectorAll('.tile'))) {
     const k = /** @type {HTMLElement} */ (el).dataset.key || '';
     if (!k.startsWith('self')) removeTile(k);
@@ -903,7 +957,8 @@ function renderRoomControl() {
   btn.hidden = !host;
   if (!host) {
     closeRoomPanel();
-    closeTileMenu();
+    // A tile menu with a host's items goes; one on a safety code stays.
+    if ($('tile-menu').querySelector('[data-action^="kick"], [data-action^="mute-"]')) closeTileMenu();
   }
   /** @type {HTMLInputElement} */ ($('rc-lock')).checked = state.locked;
   /** @type {HTMLInputElement} */ ($('rc-lobby')).checked = state.lobby;
@@ -1020,7 +1075,7 @@ let menuFor = null;
  */
 function openTileMenu(id, anchor) {
   const p = state.peers.get(id);
-  if (!p || !isHost()) return;
+  if (!p) return;
   closeTileMenu();
   closeRoomPanel();
   const menu = $('tile-menu');
@@ -1038,6 +1093,27 @@ function openTileMenu(id, anchor) {
     menu.appendChild(b);
     return b;
   };
+  item(t('safetyCode'), 'safety', () => showSafety(id));
+  if (isHost()) hostItems(id, name, item);
+  menu.setAttribute('aria-label', t('tileMenu', { name }));
+  menu.dataset.for = id;
+  menu.dataset.view = 'menu';
+  menu.setAttribute('role', 'menu');
+  menu.hidden = false;
+  menuFor = id;
+  anchor.setAttribute('aria-expanded', 'true');
+  placeTileMenu(anchor);
+  const first = /** @type {HTMLElement|null} */ (menu.querySelector('button'));
+  if (first) first.focus();
+}
+
+/**
+ * A host's items in a participant's tile menu.
+ * @param {string} id @param {string} name
+ * @param {(label: string, action: string, fn: () => void, cls?: string) => HTMLButtonElement} item
+ */
+function hostItems(id, name, item) {
+  const menu = $('tile-menu');
   item(t('askMute'), 'mute-audio', () => {
     control({ type: 'mute_request', id, audio: true, video: false });
     toast(t('askedMute', { name }));
@@ -1061,12 +1137,74 @@ function openTileMenu(id, anchor) {
     item(t('remove'), 'kick-confirm', () => { control({ type: 'kick', id }); closeTileMenu(); }, 'danger').focus();
     item(t('cancel'), 'kick-cancel', () => closeTileMenu());
   }, 'danger');
-  menu.setAttribute('aria-label', t('tileMenu', { name }));
-  menu.dataset.for = id;
-  menu.hidden = false;
-  menuFor = id;
-  anchor.setAttribute('aria-expanded', 'true');
-  // Below the button, kept inside the window.
+}
+
+/**
+ * The tile menu shows a participant's safety code, in place of its items: the code,
+ * how to use it, and a control to mark it verified.
+ * @param {string} id
+ */
+function showSafety(id) {
+  const p = state.peers.get(id);
+  const menu = $('tile-menu');
+  if (!p || menuFor !== id) return;
+  const name = p.name || 'Guest';
+  const s = state.safety.get(id);
+  if (s && s.changed) s.changed = false;
+  menu.replaceChildren();
+  menu.dataset.view = 'safety';
+  menu.setAttribute('role', 'dialog');
+  const title = document.createElement('p');
+  title.className = 'menu-question';
+  title.textContent = t('safetyTitle', { name });
+  menu.appendChild(title);
+  const code = document.createElement('p');
+  code.className = 'safety-code';
+  code.id = 'safety-code';
+  if (s) {
+    code.textContent = s.code;
+    code.dataset.code = s.code;
+    code.setAttribute('aria-label', s.code.replace(/\d/g, '$& ').replace(/ +/g, ' ').trim());
+  } else {
+    code.textContent = t('safetyPending');
+    code.classList.add('pending');
+  }
+  menu.appendChild(code);
+  const help = document.createElement('p');
+  help.className = 'safety-help';
+  help.textContent = t('safetyHelp', { name });
+  menu.appendChild(help);
+  /** @param {string} label @param {string} action @param {() => void} fn */
+  const item = (label, action, fn) => {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = 'menu-item';
+    b.dataset.action = action;
+    b.textContent = label;
+    b.addEventListener('click', (e) => { e.stopPropagation(); fn(); });
+    menu.appendChild(b);
+    return b;
+  };
+  if (s) {
+    const verify = item(s.verified ? t('safetyUnverify') : t('safetyVerify'), 'safety-verify', () => {
+      s.verified = !s.verified;
+      renderPeer(p);
+      showSafety(id);
+      const again = /** @type {HTMLElement|null} */ (menu.querySelector('[data-action="safety-verify"]'));
+      if (again) again.focus();
+    });
+    verify.setAttribute('aria-pressed', String(s.verified));
+  }
+  const close = item(t('close'), 'safety-close', () => closeTileMenu());
+  renderPeer(p);
+  const anchor = /** @type {HTMLElement|null} */ ($('grid').querySelector(`[data-key="${CSS.escape(id)}"] .tile-menu-btn`));
+  if (anchor) placeTileMenu(anchor);
+  if (!menu.contains(document.activeElement)) close.focus();
+}
+
+/** Puts the tile menu below its button, kept inside the window. @param {HTMLElement} anchor */
+function placeTileMenu(anchor) {
+  const menu = $('tile-menu');
   const r = anchor.getBoundingClientRect();
   const w = menu.offsetWidth;
   const h = menu.offsetHeight;
@@ -1074,8 +1212,6 @@ function openTileMenu(id, anchor) {
   const top = r.bottom + 4 + h > window.innerHeight - 8 ? Math.max(8, r.top - 4 - h) : r.bottom + 4;
   menu.style.left = `${Math.round(left)}px`;
   menu.style.top = `${Math.round(top)}px`;
-  const first = /** @type {HTMLElement|null} */ (menu.querySelector('button'));
-  if (first) first.focus();
 }
 
 function closeTileMenu() {
@@ -1087,6 +1223,7 @@ function closeTileMenu() {
   menuFor = null;
   menu.hidden = true;
   delete menu.dataset.for;
+  delete menu.dataset.view;
   menu.replaceChildren();
 }
 
@@ -1176,6 +1313,9 @@ function rtcConfig(ice) {
     // TURN URL (not one per media line), RTP and RTCP on one port.
     bundlePolicy: 'max-bundle',
     rtcpMuxPolicy: 'require',
+    // The same certificate on every connection (safety codes stay put); given again on
+    // every setConfiguration, which may not change or drop it.
+    ...(state.cert ? { certificates: [state.cert] } : {}),
   };
 }
 
@@ -1195,6 +1335,7 @@ function addPeer(id, name) {
     onTracks: (peer) => renderPeer(peer),
     local: () => ({ stream: state.local, audio: audioTrack(), video: sendableVideo(), screen: state.screen }),
     limits,
+    onSafety,
   });
   state.peers.set(id, p);
   renderPeer(p);
@@ -1210,6 +1351,7 @@ function removePeer(id) {
   if (menuFor === id) closeTileMenu();
   p.close();
   state.peers.delete(id);
+  state.safety.delete(id);
   removeTile(id);
   removeTile(`${id}:screen`);
   renderCount();
@@ -1456,7 +1598,7 @@ function resetJoinButton() {
   b.textContent = t('join');
 }
 
-function doJoin() {
+async function doJoin() {
   state.joinAt = performance.now();
   const input = /** @type {HTMLInputElement} */ ($('name'));
   state.name = input.value.trim().slice(0, 64);
@@ -1466,6 +1608,8 @@ function doJoin() {
   b.textContent = t('joining');
   state.ended = false;
   delete document.body.dataset.ended;
+  // Made at page load; connections are only made after a join.
+  if (!state.cert) state.cert = await pageCertificate();
   signaling.join({
     room: state.room, name: state.name,
     ...(state.password ? { password: state.password } : {}),
@@ -1616,6 +1760,10 @@ const testHandle = {
   },
   /** notices shown about hosts' requests, oldest first */
   get notices() { return state.notices.slice(); },
+  /** safety codes by peer id, as the tile menus show them */
+  get safety() {
+    return Object.fromEntries(Array.from(state.safety, ([id, s]) => [id, { code: s.code, verified: s.verified, changed: s.changed }]));
+  },
   stats,
   /** Closes the signaling socket as a network drop would; it resumes (after holdMs). */
   dropSocket(/** @type {number} */ holdMs) { signaling.drop(holdMs); },
@@ -1624,12 +1772,24 @@ const testHandle = {
   restartIce(id) { return state.peers.get(id)?.restartIce() ?? false; },
   /** @param {string} text */
   chat(text) { signaling.send({ type: 'chat', text }); },
+  /**
+   * Puts a new certificate on every connection (each is replaced), as someone in the
+   * middle swapping certificates would look to the other sides.
+   */
+  async renewCertificate() {
+    state.cert = await newPageCertificate();
+    for (const p of state.peers.values()) {
+      p.config = rtcConfig(state.ice || { iceServers: [] });
+      p.renew('new certificate', true);
+    }
+  },
 };
 /** @type {Window & {meshmeet?: typeof testHandle}} */ (window).meshmeet = testHandle;
 
 // ---------------------------------------------------------------- start
 
 function init() {
+  pageCertificate();
   translate();
   placeIcons();
   $('room-name').textContent = state.room;

@@ -15,7 +15,7 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { Server, Browsers, rooms, newPage, waitFor, waitForMedia, ensureArtifacts, text, attr, fill } from '../lib/harness.js';
+import { Server, Browsers, rooms, newPage, waitFor, waitForMedia, settled, ensureArtifacts, text, attr, fill } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
 /** @typedef {import('../lib/harness.js').Participant} Participant */
@@ -195,7 +195,7 @@ for (const { label } of rooms()) {
       return { a: host.page, b: guest.page };
     };
 
-    test('the first in is host: badge, room menu and tile menus for it alone', T, async () => {
+    test('the first in is host: badge, room menu and host actions for it alone', T, async () => {
       host = await person(hostKind, 'Ada Host');
       await inCall(host.page, 'the host in the call');
       guest = await person(guestKind, 'Bo Guest');
@@ -216,12 +216,21 @@ for (const { label } of rooms()) {
         return !!badge && !/** @type {HTMLElement} */ (badge).hidden;
       }, aId, { timeout: UI, what: 'the host badge on the host tile' });
       assert.equal(await text(b, `.tile[data-key="${aId}"] .tile-host`), 'Host');
-      // The room menu and the tile menus are the host's only.
+      // The room menu and the tile menus' host actions are the host's only; everyone
+      // has a tile menu (the safety code).
       assert.equal(await visible(a, '#btn-room'), true);
       assert.equal(await visible(a, `.tile[data-key="${bId}"] .tile-menu-btn`), true);
       assert.equal(await visible(b, '#btn-room'), false);
-      assert.equal(await visible(b, `.tile[data-key="${aId}"] .tile-menu-btn`), false);
       assert.equal(await attr(a, `.tile[data-key="${bId}"] .tile-menu-btn`, 'aria-label'), 'Options for Bo Guest');
+      await openMenu(a, bId);
+      assert.notEqual(await a.$('#tile-menu [data-action="kick"]'), null);
+      await a.keyboard.press('Escape');
+      await openMenu(b, aId);
+      assert.notEqual(await b.$('#tile-menu [data-action="safety"]'), null);
+      assert.equal(await b.$('#tile-menu [data-action="kick"]'), null);
+      assert.equal(await b.$('#tile-menu [data-action="mute-audio"]'), null);
+      await b.keyboard.press('Escape');
+      await b.waitForSelector('#tile-menu', { hidden: true, timeout: UI });
     });
 
     test('a host locks the room: everyone sees the lock, a latecomer sees the locked screen', T, async () => {
@@ -343,6 +352,81 @@ for (const { label } of rooms()) {
       assert.equal(await b.$('#tile-menu [data-action="host"]'), null);
       await b.keyboard.press('Escape');
       await b.waitForSelector('#tile-menu', { hidden: true, timeout: UI });
+    });
+
+    test('safety codes: both ends of a connection show the same code, another connection another; a changed certificate is flagged', T, async () => {
+      const { a, b } = pages();
+      const c = late.page;
+      const aId = await myId(a);
+      const bId = await myId(b);
+      const cId = await myId(c);
+      // The code of a connection, as one end's tile menu shows it (opened with the
+      // keyboard: the menu button, then its first item).
+      /** @param {Page} page @param {string} id */
+      const shown = async (page, id) => {
+        await waitFor(page, (peer) => !!/** @type {any} */ (window).meshmeet.safety[peer], id,
+          { timeout: MEDIA, what: 'a safety code' });
+        if (await visible(page, '#tile-menu')) {
+          await page.keyboard.press('Escape');
+          await page.waitForSelector('#tile-menu', { hidden: true, timeout: UI });
+        }
+        await page.focus(`.tile[data-key="${id}"] .tile-menu-btn`);
+        await page.keyboard.press('Enter');
+        await page.waitForSelector(`#tile-menu[data-for="${id}"] [data-action="safety"]`, { visible: true, timeout: UI });
+        assert.equal(await page.evaluate(() => document.activeElement?.getAttribute('data-action')), 'safety');
+        await page.keyboard.press('Enter');
+        await page.waitForSelector('#safety-code[data-code]', { visible: true, timeout: UI });
+        const code = /** @type {string} */ (await attr(page, '#safety-code', 'data-code'));
+        assert.match(code, /^\d{3} \d{3}$/);
+        assert.equal(await text(page, '#safety-code'), code);
+        return code;
+      };
+      const ab = await shown(a, bId);
+      assert.equal(await shown(b, aId), ab, 'both ends of a and b show one code');
+      const ac = await shown(a, cId);
+      assert.equal(await shown(c, aId), ac, 'both ends of a and c show one code');
+      const bc = await shown(b, cId);
+      assert.equal(await shown(c, bId), bc, 'both ends of b and c show one code');
+      assert.equal(new Set([ab, ac, bc]).size, 3, `three connections, three codes: ${ab} / ${ac} / ${bc}`);
+      for (const page of [a, b, c]) {
+        await page.keyboard.press('Escape');
+        await page.waitForSelector('#tile-menu', { hidden: true, timeout: UI });
+      }
+      // a marks b's code verified: the tile says so.
+      await shown(a, bId);
+      await a.click('#tile-menu [data-action="safety-verify"]');
+      await a.waitForSelector('#tile-menu [data-action="safety-verify"][aria-pressed="true"]', { timeout: UI });
+      await a.keyboard.press('Escape');
+      await a.waitForSelector(`.tile[data-key="${bId}"][data-safety="verified"] .tile-safety`, { visible: true, timeout: UI });
+      assert.equal(await text(a, `.tile[data-key="${bId}"] .tile-safety`), 'Verified');
+      // b's page puts a new certificate on its connections (what a swap in the middle
+      // would look like): a's code for b changes, a is told, the verified mark goes;
+      // a's code for c stays.
+      note('b changes its certificate');
+      await b.evaluate(() => /** @type {any} */ (window).meshmeet.renewCertificate());
+      await waitFor(a, (arg) => {
+        const s = /** @type {any} */ (window).meshmeet.safety[arg.id];
+        return !!s && s.code !== arg.old;
+      }, { id: bId, old: ab }, { timeout: MEDIA, what: "a's new code for b" });
+      const now = /** @type {any} */ (await a.evaluate((id) => /** @type {any} */ (window).meshmeet.safety[id], bId));
+      assert.equal(now.verified, false);
+      assert.equal(now.changed, true);
+      assert.ok((await a.evaluate(() => /** @type {any} */ (window).meshmeet.notices)).includes(
+        'The safety code with Bo Guest changed. Compare it again.'));
+      await a.waitForSelector(`.tile[data-key="${bId}"][data-safety="changed"] .tile-safety`, { visible: true, timeout: UI });
+      assert.equal(await text(a, `.tile[data-key="${bId}"] .tile-safety`), 'Code changed');
+      const ab2 = await shown(a, bId);
+      assert.notEqual(ab2, ab);
+      // Looked at again: no longer flagged. Both ends agree on the new code.
+      await a.waitForSelector(`.tile[data-key="${bId}"][data-safety=""]`, { timeout: UI });
+      assert.equal(await shown(b, aId), ab2);
+      assert.equal(await shown(c, aId), ac);
+      for (const page of [a, b, c]) {
+        await page.keyboard.press('Escape');
+        await page.waitForSelector('#tile-menu', { hidden: true, timeout: UI });
+      }
+      // The replaced connections are up again before the next test.
+      await settled([a, b, c], MEDIA);
     });
 
     test('a host removes a participant: its tile goes everywhere, it sees who did it, it does not reconnect', T, async () => {
