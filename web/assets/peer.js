@@ -283,6 +283,7 @@ export class Peer {
       clearTimeout(this.answerWatch);
       this.answerWatch = undefined;
       this.applyLimits();
+      if (this.safety) this.safety.descriptions();
       // A restart of a connection that stayed connected ends with its negotiation:
       // once new ICE credentials of ours are in force. (A `stable` with the old ones
       // is our restart offer rolled back in a collision; the browser offers again.)

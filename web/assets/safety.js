@@ -145,6 +145,8 @@ export class SafetyExchange {
     /** @type {string} the other side's commitment */
     this.theirCommit = '';
     this.done = false;
+    /** the channel is open (the commitment goes once the descriptions are in force too) */
+    this.opened = false;
     /** work done in order: a message is handled after the one before it */
     /** @type {Promise<void>} */
     this.queue = Promise.resolve();
@@ -165,10 +167,21 @@ export class SafetyExchange {
     this.onError(why);
   }
 
+  /**
+   * The connection's descriptions changed (its signaling state is stable again): a
+   * channel that opened before the answer was in force can start now.
+   */
+  descriptions() {
+    if (this.opened && !this.sentCommit && !this.done) this.run(() => this.open());
+  }
+
   async open() {
+    this.opened = true;
     if (this.done || this.sentCommit) return;
     const { local, remote } = this.fingerprints();
-    if (!local || !remote) return this.fail('no fingerprints');
+    // The channel may open while the answer that set it up is still being applied
+    // (the DTLS and SCTP handshakes run ahead of it): wait for `descriptions()`.
+    if (!local || !remote) return;
     this.local = local;
     this.remote = remote;
     this.nonce = await nonceFor(remote);
