@@ -23,8 +23,19 @@
  *   local: () => {stream: MediaStream, audio: MediaStreamTrack|null, video: MediaStreamTrack|null,
  *                  screen: MediaStream|null},
  *   limits: () => {video: {maxBitrate: number, scale: number}, screen: {maxBitrate: number}},
+ *   onChannel?: (peer: Peer, channel: RTCDataChannel|null) => void,
  * }} PeerHooks
  */
+
+/**
+ * The data channel every connection carries (file sharing, files.js), negotiated
+ * out of band with a fixed id: created with the connection's first media (start on
+ * the offering side, attachLocal on the answering side), so the first offer has
+ * its m=application section and nothing renegotiates for it later. (Made before
+ * that, on the answering side, it would have that side offer too, colliding with
+ * the offer on its way.)
+ */
+export const DATA_CHANNEL = { label: 'meshmeet', id: 0 };
 
 /**
  * How long a connection may stay `disconnected` before an ICE restart. A missed
@@ -239,8 +250,30 @@ export class Peer {
     /** when things first happened on this connection (performance.now(); diagnostics) */
     /** @type {Record<string, number>} */
     this.marks = {};
+    /** the data channel of the current connection (see DATA_CHANNEL), null until made */
+    /** @type {RTCDataChannel|null} */
+    this.channel = null;
     this.pc = new RTCPeerConnection(config);
     this.wire();
+  }
+
+  /** Makes the current connection's data channel (once) and hands it to `hooks.onChannel`. */
+  openChannel() {
+    if (this.channel || this.closed) return;
+    try {
+      this.channel = this.pc.createDataChannel(DATA_CHANNEL.label, { negotiated: true, id: DATA_CHANNEL.id });
+    } catch (e) {
+      this.note(`data channel failed: ${e}`);
+      return;
+    }
+    this.hooks.onChannel?.(this, this.channel);
+  }
+
+  /** The connection is closed or replaced: its data channel with it. */
+  dropChannel() {
+    if (!this.channel) return;
+    this.channel = null;
+    this.hooks.onChannel?.(this, null);
   }
 
   /**
@@ -426,6 +459,7 @@ export class Peer {
       streams: [local.stream],
     });
     this.attached = true;
+    this.openChannel();
     if (local.screen) this.setScreen(local.screen);
     // negotiationneeded fires and sends the offer.
   }
@@ -437,6 +471,7 @@ export class Peer {
   attachLocal() {
     if (this.attached) return;
     this.attached = true;
+    this.openChannel();
     const local = this.hooks.local();
     const txs = this.pc.getTransceivers();
     const audioTx = txs.find((t) => t.receiver.track.kind === 'audio' && !isStopped(t)) || null;
@@ -857,6 +892,7 @@ export class Peer {
     const old = this.pc;
     this.detach(old);
     old.close();
+    this.dropChannel();
     clearTimeout(this.restartTimer);
     this.restartTimer = undefined;
     clearTimeout(this.answerWatch);
@@ -1132,5 +1168,6 @@ export class Peer {
     clearTimeout(this.answerWatch);
     this.detach(this.pc);
     this.pc.close();
+    this.dropChannel();
   }
 }

@@ -7,6 +7,7 @@ import { t, translate } from './i18n.js';
 import { icon, setIcon, placeIcons } from './icons.js';
 import { Signaling, CLOSE_KICKED } from './signaling.js';
 import { Peer } from './peer.js';
+import { FileSharing } from './files.js';
 
 /**
  * @typedef {import('./signaling.js').MediaState} MediaState
@@ -1195,6 +1196,7 @@ function addPeer(id, name) {
     onTracks: (peer) => renderPeer(peer),
     local: () => ({ stream: state.local, audio: audioTrack(), video: sendableVideo(), screen: state.screen }),
     limits,
+    onChannel: (peer, channel) => files.onChannel(peer, channel),
   });
   state.peers.set(id, p);
   renderPeer(p);
@@ -1546,6 +1548,59 @@ function onKey(e) {
   e.preventDefault();
 }
 
+// ---------------------------------------------------------------- file sharing
+
+/**
+ * Shows a file transfer's item in the chat list; one from someone else counts as
+ * unread while the chat is closed, as a chat line does.
+ * @param {HTMLElement} el @param {boolean} fromOther
+ */
+function showInChat(el, fromOther) {
+  const list = $('chat-list');
+  list.appendChild(el);
+  $('chat-empty').hidden = true;
+  list.scrollTop = list.scrollHeight;
+  if (fromOther && !state.chatOpen) {
+    state.unread += 1;
+    renderUnread();
+  }
+}
+
+const files = new FileSharing({
+  peers: () => Array.from(state.peers.values()),
+  show: showInChat,
+  toast: (text) => toast(text, 5000),
+});
+
+/** The Send file button, its file picker, and files dropped on the call. */
+function initFiles() {
+  const input = /** @type {HTMLInputElement} */ ($('file-input'));
+  $('btn-file').addEventListener('click', () => input.click());
+  input.addEventListener('change', () => {
+    if (input.files) files.sendFiles(Array.from(input.files));
+    input.value = '';
+  });
+  const call = $('call');
+  call.dataset.drop = t('dropFiles');
+  /** @param {DragEvent} e */
+  const carriesFiles = (e) => !!e.dataTransfer && Array.from(e.dataTransfer.types).includes('Files');
+  call.addEventListener('dragover', (e) => {
+    if (!state.inCall || !carriesFiles(e)) return;
+    e.preventDefault();
+    if (e.dataTransfer) e.dataTransfer.dropEffect = 'copy';
+    call.classList.add('drop-target');
+  });
+  call.addEventListener('dragleave', (e) => {
+    if (!call.contains(/** @type {Node|null} */ (e.relatedTarget))) call.classList.remove('drop-target');
+  });
+  call.addEventListener('drop', (e) => {
+    call.classList.remove('drop-target');
+    if (!state.inCall || !e.dataTransfer || !e.dataTransfer.files.length) return;
+    e.preventDefault();
+    files.sendFiles(Array.from(e.dataTransfer.files));
+  });
+}
+
 // ---------------------------------------------------------------- test handle
 
 /** @type {Promise<Record<string, any>>|null} */
@@ -1624,6 +1679,8 @@ const testHandle = {
   restartIce(id) { return state.peers.get(id)?.restartIce() ?? false; },
   /** @param {string} text */
   chat(text) { signaling.send({ type: 'chat', text }); },
+  /** file sharing (files.js): `maxBytes`, `summary()`, `send(file, name)`, `saved` */
+  get files() { return files; },
 };
 /** @type {Window & {meshmeet?: typeof testHandle}} */ (window).meshmeet = testHandle;
 
@@ -1645,6 +1702,7 @@ function init() {
   $('btn-chat').addEventListener('click', () => toggleChat());
   $('chat-close').addEventListener('click', () => toggleChat(false));
   $('btn-leave').addEventListener('click', leave);
+  initFiles();
   $('copy-link').addEventListener('click', copyLink);
   $('copy-link-top').addEventListener('click', copyLink);
   $('cam-select').addEventListener('change', (e) => switchDevice('video', /** @type {HTMLSelectElement} */ (e.target).value));
