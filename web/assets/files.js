@@ -620,7 +620,7 @@ export class FileSharing {
     w.textContent = who;
     const what = document.createElement('span');
     what.className = 'muted';
-    what.textContent = t('fileShared');
+    what.textContent = t(mine ? 'fileSharedMine' : 'fileShared');
     head.append(w, what);
     const file = document.createElement('p');
     file.className = 'file-name';
@@ -631,7 +631,6 @@ export class FileSharing {
     s.textContent = ` (${formatSize(size)})`;
     file.append(n, s);
     li.append(head, file);
-    li.setAttribute('aria-label', t('fileItem', { who, name, size: formatSize(size) }));
     this.items.set(key, li);
     return li;
   }

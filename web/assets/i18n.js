@@ -135,7 +135,7 @@ const TEXT = {
     // File sharing
     sendFile: 'Send a file to everyone',
     fileShared: 'shares a file',
-    fileItem: '{who} shares {name} ({size})',
+    fileSharedMine: 'share a file',
     fileTooBig: '{name} is too big to send ({size}); the limit is {limit}.',
     fileNobody: 'Nobody else is in the call to send the file to.',
     fileAccept: 'Accept',
@@ -296,7 +296,7 @@ const TEXT = {
     // File sharing
     sendFile: '모두에게 파일 보내기',
     fileShared: '님이 파일을 공유합니다',
-    fileItem: '{who}: {name} ({size}) 파일 공유',
+    fileSharedMine: '파일을 공유합니다',
     fileTooBig: '{name} 파일이 너무 커서 보낼 수 없습니다 ({size}, 한도 {limit}).',
     fileNobody: '파일을 받을 다른 참가자가 없습니다.',
     fileAccept: '받기',
