@@ -678,9 +678,10 @@ export class FileSharing {
       row.append(n, this.bar(`out:${leg.out.id}:${leg.peerId}`, t('progressTo', { name: leg.out.name, who })), st);
       rows.append(row);
     }
-    row.dataset.state = leg.state;
     const bar = /** @type {HTMLProgressElement} */ (row.querySelector('progress'));
     this.setBar(bar, leg.acked, leg.out.size);
+    if (row.dataset.state === leg.state) return;
+    row.dataset.state = leg.state;
     bar.hidden = leg.state === 'failed';
     const st = /** @type {HTMLElement} */ (row.querySelector('.file-status'));
     const text = leg.state === 'offered' ? t('fsWaiting') : leg.state === 'sending' || leg.state === 'sent' ? t('fsSending')
@@ -711,18 +712,19 @@ export class FileSharing {
       li.append(bar, st, actions);
       this.page.show(li, true);
     }
-    li.dataset.state = inc.state;
     const bar = /** @type {HTMLProgressElement} */ (li.querySelector('progress'));
+    if (inc.state === 'receiving' || inc.state === 'done') this.setBar(bar, inc.received, inc.size);
+    // The rest changes with the state only (progress comes once per chunk).
+    if (li.dataset.state === inc.state) return;
+    li.dataset.state = inc.state;
     const st = /** @type {HTMLElement} */ (li.querySelector('.file-status'));
     const q = (/** @type {string} */ s) => /** @type {HTMLElement} */ (li.querySelector(s));
     q('.file-accept').hidden = inc.state !== 'offered';
     q('.file-decline').hidden = inc.state !== 'offered';
     q('.file-cancel').hidden = inc.state !== 'receiving';
     bar.hidden = inc.state !== 'receiving' && inc.state !== 'done';
-    if (inc.state === 'receiving' || inc.state === 'done') this.setBar(bar, inc.received, inc.size);
-    const text = inc.state === 'offered' ? t('fsOffered') : inc.state === 'receiving' ? t('fsReceiving')
+    st.textContent = inc.state === 'offered' ? t('fsOffered') : inc.state === 'receiving' ? t('fsReceiving')
       : inc.state === 'done' ? t('fsReceived') : endText(inc.reason, false);
-    if (st.textContent !== text) st.textContent = text;
     if (inc.state === 'done' && inc.blob && !li.querySelector('.file-save')) {
       const a = document.createElement('a');
       a.className = 'primary file-save';
