@@ -26,8 +26,19 @@ import { fingerprintOf, SafetyExchange, SAFETY_CHANNEL } from './safety.js';
  *                  screen: MediaStream|null},
  *   limits: () => {video: {maxBitrate: number, scale: number}, screen: {maxBitrate: number}},
  *   onSafety?: (peer: Peer, r: {code: string, local: string, remote: string}) => void,
+ *   onChannel?: (peer: Peer, channel: RTCDataChannel|null) => void,
  * }} PeerHooks
  */
+
+/**
+ * The data channel every connection carries (file sharing, files.js), negotiated
+ * out of band with a fixed id: created with the connection's first media (start on
+ * the offering side, attachLocal on the answering side), so the first offer has
+ * its m=application section and nothing renegotiates for it later. (Made before
+ * that, on the answering side, it would have that side offer too, colliding with
+ * the offer on its way.)
+ */
+export const DATA_CHANNEL = { label: 'meshmeet', id: 0 };
 
 /**
  * How long a connection may stay `disconnected` before an ICE restart. A missed
@@ -245,8 +256,30 @@ export class Peer {
     /** the safety-code exchange on this connection (safety.js), once it has a channel */
     /** @type {SafetyExchange|null} */
     this.safety = null;
+    /** the data channel of the current connection (see DATA_CHANNEL), null until made */
+    /** @type {RTCDataChannel|null} */
+    this.channel = null;
     this.pc = new RTCPeerConnection(config);
     this.wire();
+  }
+
+  /** Makes the current connection's data channel (once) and hands it to `hooks.onChannel`. */
+  openChannel() {
+    if (this.channel || this.closed) return;
+    try {
+      this.channel = this.pc.createDataChannel(DATA_CHANNEL.label, { negotiated: true, id: DATA_CHANNEL.id });
+    } catch (e) {
+      this.note(`data channel failed: ${e}`);
+      return;
+    }
+    this.hooks.onChannel?.(this, this.channel);
+  }
+
+  /** The connection is closed or replaced: its data channel with it. */
+  dropChannel() {
+    if (!this.channel) return;
+    this.channel = null;
+    this.hooks.onChannel?.(this, null);
   }
 
   /**
@@ -434,6 +467,7 @@ export class Peer {
     });
     this.attached = true;
     this.openSafety();
+    this.openChannel();
     if (local.screen) this.setScreen(local.screen);
     // negotiationneeded fires and sends the offer.
   }
@@ -459,6 +493,7 @@ export class Peer {
     if (this.attached) return;
     this.attached = true;
     this.openSafety();
+    this.openChannel();
     const local = this.hooks.local();
     const txs = this.pc.getTransceivers();
     const audioTx = txs.find((t) => t.receiver.track.kind === 'audio' && !isStopped(t)) || null;
@@ -881,6 +916,7 @@ export class Peer {
     old.close();
     if (this.safety) this.safety.close();
     this.safety = null;
+    this.dropChannel();
     clearTimeout(this.restartTimer);
     this.restartTimer = undefined;
     clearTimeout(this.answerWatch);
@@ -1168,5 +1204,6 @@ export class Peer {
     this.detach(this.pc);
     this.pc.close();
     if (this.safety) this.safety.close();
+    this.dropChannel();
   }
 }

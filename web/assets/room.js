@@ -8,6 +8,7 @@ import { icon, setIcon, placeIcons } from './icons.js';
 import { Signaling, CLOSE_KICKED } from './signaling.js';
 import { Peer } from './peer.js';
 import { pageCertificate, newPageCertificate } from './safety.js';
+import { FileSharing } from './files.js';
 
 /**
  * @typedef {import('./signaling.js').MediaState} MediaState
@@ -1336,6 +1337,7 @@ function addPeer(id, name) {
     local: () => ({ stream: state.local, audio: audioTrack(), video: sendableVideo(), screen: state.screen }),
     limits,
     onSafety,
+    onChannel: (peer, channel) => files.onChannel(peer, channel),
   });
   state.peers.set(id, p);
   renderPeer(p);
@@ -1690,6 +1692,59 @@ function onKey(e) {
   e.preventDefault();
 }
 
+// ---------------------------------------------------------------- file sharing
+
+/**
+ * Shows a file transfer's item in the chat list; one from someone else counts as
+ * unread while the chat is closed, as a chat line does.
+ * @param {HTMLElement} el @param {boolean} fromOther
+ */
+function showInChat(el, fromOther) {
+  const list = $('chat-list');
+  list.appendChild(el);
+  $('chat-empty').hidden = true;
+  list.scrollTop = list.scrollHeight;
+  if (fromOther && !state.chatOpen) {
+    state.unread += 1;
+    renderUnread();
+  }
+}
+
+const files = new FileSharing({
+  peers: () => Array.from(state.peers.values()),
+  show: showInChat,
+  toast: (text) => toast(text, 5000),
+});
+
+/** The Send file button, its file picker, and files dropped on the call. */
+function initFiles() {
+  const input = /** @type {HTMLInputElement} */ ($('file-input'));
+  $('btn-file').addEventListener('click', () => input.click());
+  input.addEventListener('change', () => {
+    if (input.files) files.sendFiles(Array.from(input.files));
+    input.value = '';
+  });
+  const call = $('call');
+  call.dataset.drop = t('dropFiles');
+  /** @param {DragEvent} e */
+  const carriesFiles = (e) => !!e.dataTransfer && Array.from(e.dataTransfer.types).includes('Files');
+  call.addEventListener('dragover', (e) => {
+    if (!state.inCall || !carriesFiles(e)) return;
+    e.preventDefault();
+    if (e.dataTransfer) e.dataTransfer.dropEffect = 'copy';
+    call.classList.add('drop-target');
+  });
+  call.addEventListener('dragleave', (e) => {
+    if (!call.contains(/** @type {Node|null} */ (e.relatedTarget))) call.classList.remove('drop-target');
+  });
+  call.addEventListener('drop', (e) => {
+    call.classList.remove('drop-target');
+    if (!state.inCall || !e.dataTransfer || !e.dataTransfer.files.length) return;
+    e.preventDefault();
+    files.sendFiles(Array.from(e.dataTransfer.files));
+  });
+}
+
 // ---------------------------------------------------------------- test handle
 
 /** @type {Promise<Record<string, any>>|null} */
@@ -1783,6 +1838,8 @@ const testHandle = {
       p.renew('new certificate', true);
     }
   },
+  /** file sharing (files.js): `maxBytes`, `summary()`, `send(file, name)`, `saved` */
+  get files() { return files; },
 };
 /** @type {Window & {meshmeet?: typeof testHandle}} */ (window).meshmeet = testHandle;
 
@@ -1805,6 +1862,7 @@ function init() {
   $('btn-chat').addEventListener('click', () => toggleChat());
   $('chat-close').addEventListener('click', () => toggleChat(false));
   $('btn-leave').addEventListener('click', leave);
+  initFiles();
   $('copy-link').addEventListener('click', copyLink);
   $('copy-link-top').addEventListener('click', copyLink);
   $('cam-select').addEventListener('change', (e) => switchDevice('video', /** @type {HTMLSelectElement} */ (e.target).value));
