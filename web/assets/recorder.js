@@ -488,9 +488,16 @@ export class CallRecorder {
     };
     try {
       const w = new Worker('/assets/recorder-clock.js');
-      w.onmessage = tick;
-      w.postMessage({ ms: Math.round(1000 / FPS) });
+      w.onmessage = () => {
+        if (this.clock !== w) return;
+        try {
+          tick();
+        } finally {
+          w.postMessage('done');
+        }
+      };
       this.clock = w;
+      w.postMessage({ ms: Math.round(1000 / FPS) });
     } catch {
       this.fallbackTimer = setInterval(tick, Math.round(1000 / FPS));
     }

@@ -163,7 +163,7 @@ for (const room of rooms()) {
       assert.equal(await a.$eval('#btn-rec', (el) => el.getAttribute('aria-label')), 'Stop recording');
       assert.equal(await text(a, '#rec-panel [data-i18n="recLocal"]'), 'The recording stays on this device. It is not uploaded anywhere.');
       // Everyone sees who records: the others on the recorder's tile too.
-      await indicator(a, 'Ada Rec (you)', 'self');
+      await indicator(a, 'Ada Rec (You)', 'self');
       await indicator(b, 'Ada Rec', aId);
       await indicator(c, 'Ada Rec', aId);
       assert.equal(await text(b, '#rec-banner-text'), 'Recording: Ada Rec');
