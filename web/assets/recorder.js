@@ -149,6 +149,30 @@ async function openFileStore() {
   }
 }
 
+/** How long opening the stored file may take before the chunks go to memory instead. */
+const STORE_WAIT_MS = 5000;
+
+/**
+ * {@link openFileStore}, or null if it takes longer than `ms` (some browsers leave
+ * the storage calls unanswered); a file opened too late is removed.
+ * @param {number} ms @returns {Promise<Store|null>}
+ */
+function openFileStoreWithin(ms) {
+  return new Promise((resolve) => {
+    let late = false;
+    const timer = setTimeout(() => { late = true; resolve(null); }, ms);
+    openFileStore().then(async (store) => {
+      clearTimeout(timer);
+      if (!late) return resolve(store);
+      if (store && store.kind === 'opfs') {
+        await store.writable.abort().catch(() => {});
+        await store.dir.removeEntry(store.name).catch(() => {});
+        store.release();
+      }
+    }, () => { clearTimeout(timer); resolve(null); });
+  });
+}
+
 /** Draws a participant's initials on its hue, for a tile without camera. */
 function drawAvatar(/** @type {CanvasRenderingContext2D} */ ctx, /** @type {Source} */ s,
   /** @type {number} */ x, /** @type {number} */ y, /** @type {number} */ w, /** @type {number} */ h) {
@@ -319,11 +343,13 @@ export class CallRecorder {
       const audio = new AudioContext();
       this.audio = audio;
       this.mix = audio.createMediaStreamDestination();
-      await audio.resume().catch(() => {});
+      // Not awaited: a context may wait for the page's focus to run, and the mix
+      // starts as soon as it does.
+      audio.resume().catch(() => {});
       this.syncAudio();
       const video = canvas.captureStream(FPS).getVideoTracks()[0];
       const stream = new MediaStream([video, ...this.mix.stream.getAudioTracks()]);
-      this.store = (await openFileStore()) || { kind: 'memory', parts: [] };
+      this.store = (await openFileStoreWithin(STORE_WAIT_MS)) || { kind: 'memory', parts: [] };
       this.storage = this.store.kind;
       if (this.state !== 'starting') throw new Error('stopped while starting');
       const rec = new MediaRecorder(stream, { mimeType, videoBitsPerSecond: VIDEO_BPS, audioBitsPerSecond: AUDIO_BPS });
