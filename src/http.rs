@@ -49,7 +49,7 @@ use crate::tls_stream::ServerTlsStream;
 struct Web;
 
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
-img-src 'self' data: blob:; media-src 'self' blob: mediastream:; connect-src 'self'; \
+img-src 'self' data: blob:; media-src 'self' blob: mediastream:; connect-src 'self' blob:; \
 font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'";
 const PERMISSIONS: &str =
     "camera=(self), microphone=(self), display-capture=(self), geolocation=(), payment=(), usb=()";

@@ -22,6 +22,8 @@ command -v nft >/dev/null || need_apt+=(nftables)
 command -v stress-ng >/dev/null || need_apt+=(stress-ng)
 # The cluster tests run a NATS server with JetStream.
 command -v nats-server >/dev/null || need_apt+=(nats-server)
+# The recording test reads the recorded file with ffprobe.
+command -v ffprobe >/dev/null || need_apt+=(ffmpeg)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

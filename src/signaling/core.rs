@@ -767,6 +767,7 @@ impl<H: Clone> Rooms<H> {
             audio: media.audio,
             video: media.video,
             screen: media.screen,
+            recording: media.recording,
         };
         self.deliver(&others, msg, &mut effects);
         effects

@@ -143,6 +143,7 @@ mod tests {
                     audio: true,
                     video: false,
                     screen: false,
+                    recording: true,
                 }),
                 token_sha256: "00".repeat(32),
                 host: true,
@@ -173,6 +174,18 @@ mod tests {
         s.peers.clear();
         save(dir.path(), &s).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(s));
+    }
+
+    #[test]
+    fn media_saved_before_recording_existed_loads_as_not_recording() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = serde_json::to_string(&sample()).unwrap();
+        text = text.replace(",\"recording\":true", "");
+        assert!(!text.contains("recording"));
+        fs::write(dir.path().join(FILE), text).unwrap();
+        let loaded = load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.peers[0].media.map(|m| m.recording), Some(false));
+        assert_eq!(sample().peers[0].media.map(|m| m.recording), Some(true));
     }
 
     #[test]

@@ -11,8 +11,8 @@ use crate::ice::RtcConfiguration;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The minor version (`joined.minor`): 1 adds room control (hosts, lock, room
-/// password, lobby, kick, mute request).
-pub const PROTOCOL_MINOR: u32 = 1;
+/// password, lobby, kick, mute request); 2 adds `media.recording`.
+pub const PROTOCOL_MINOR: u32 = 2;
 /// Longest room password, in characters.
 pub const MAX_ROOM_PASSWORD_CHARS: usize = 128;
 pub const MAX_CHAT_CHARS: usize = 2000;
@@ -114,6 +114,10 @@ pub struct Media {
     pub audio: bool,
     pub video: bool,
     pub screen: bool,
+    /// Protocol 1.2: the peer says it is recording the call on its device. Absent in
+    /// 1.0/1.1 messages and in older snapshots: false.
+    #[serde(default)]
+    pub recording: bool,
 }
 
 /// Every field any client message may carry, so parsing needs no intermediate
@@ -133,6 +137,7 @@ struct Incoming {
     audio: Option<bool>,
     video: Option<bool>,
     screen: Option<bool>,
+    recording: Option<bool>,
     text: Option<String>,
     room_password: Option<String>,
     id: Option<String>,
@@ -188,6 +193,7 @@ impl ClientMsg {
                 audio: m.audio.ok_or(ParseError::Field("audio"))?,
                 video: m.video.ok_or(ParseError::Field("video"))?,
                 screen: m.screen.ok_or(ParseError::Field("screen"))?,
+                recording: m.recording.unwrap_or(false),
             })),
             "chat" => Ok(ClientMsg::Chat {
                 text: m.text.ok_or(ParseError::Field("text"))?,
@@ -369,6 +375,8 @@ pub enum ServerMsg {
         audio: bool,
         video: bool,
         screen: bool,
+        /// Protocol 1.2: always present.
+        recording: bool,
     },
     Ice {
         ice: RtcConfiguration,
@@ -529,9 +537,36 @@ mod tests {
             ClientMsg::Media(Media {
                 audio: true,
                 video: false,
-                screen: false
+                screen: false,
+                recording: false,
             })
         );
+        // Protocol 1.2: `recording`, absent or null = false.
+        for (text, recording) in [
+            (
+                r#"{"type":"media","audio":true,"video":true,"screen":false,"recording":true}"#,
+                true,
+            ),
+            (
+                r#"{"type":"media","audio":true,"video":true,"screen":false,"recording":false}"#,
+                false,
+            ),
+            (
+                r#"{"type":"media","audio":true,"video":true,"screen":false,"recording":null}"#,
+                false,
+            ),
+        ] {
+            assert_eq!(
+                ClientMsg::parse(text).unwrap(),
+                ClientMsg::Media(Media {
+                    audio: true,
+                    video: true,
+                    screen: false,
+                    recording,
+                }),
+                "{text}"
+            );
+        }
         assert_eq!(
             ClientMsg::parse(r#"{"type":"chat","text":"hi"}"#).unwrap(),
             ClientMsg::Chat { text: "hi".into() }
@@ -569,6 +604,11 @@ mod tests {
             r#"{"type":"candidate","to":"x","candidate":"str"}"#,
             r#"{"type":"media","audio":true,"video":false}"#,
             r#"{"type":"media","audio":1,"video":false,"screen":false}"#,
+            r#"{"type":"media","audio":true,"video":false,"screen":false,"recording":1}"#,
+            r#"{"type":"media","audio":true,"video":false,"screen":false,"recording":"yes"}"#,
+            r#"{"type":"media","audio":true,"video":false,"screen":false,"recording":{}}"#,
+            r#"{"type":"ping","recording":"no"}"#,
+            r#"{"type":"media","audio":true,"video":false,"screen":false,"recording":true,"recording":true}"#,
             r#"{"type":"chat"}"#,
         ] {
             assert!(ClientMsg::parse(bad).is_err(), "{bad}");
@@ -601,6 +641,38 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f, json!({"type":"room_full","room":"r","capacity":6}));
+        // Protocol 1.2: `recording` is always present, in `media` and in peers' media.
+        let m: Value = serde_json::from_str(
+            &ServerMsg::Media {
+                from: "a".into(),
+                audio: true,
+                video: false,
+                screen: false,
+                recording: false,
+            }
+            .to_json()
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            json!({"type":"media","from":"a","audio":true,"video":false,"screen":false,"recording":false})
+        );
+        let p = serde_json::to_value(PeerInfo {
+            id: "a".into(),
+            name: "n".into(),
+            media: Some(Media {
+                audio: false,
+                video: false,
+                screen: false,
+                recording: true,
+            }),
+        })
+        .unwrap();
+        assert_eq!(
+            p["media"],
+            json!({"audio":false,"video":false,"screen":false,"recording":true})
+        );
     }
 
     #[test]
@@ -645,6 +717,7 @@ mod tests {
                 audio: true,
                 video: false,
                 screen: false,
+                recording: true,
             },
             ServerMsg::Ice { ice },
             ServerMsg::Chat {

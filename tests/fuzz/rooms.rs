@@ -184,6 +184,7 @@ impl Model {
                     audio: v,
                     video: !v,
                     screen: false,
+                    recording: v,
                 };
                 self.core.media(conn, &conn, m)
             }

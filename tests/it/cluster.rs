@@ -197,12 +197,14 @@ async fn participants_on_different_nodes_share_a_room() {
     assert_eq!(a.recv().await["candidate"], Value::Null);
 
     // Media state, and chat in one order for both.
-    b.send(json!({"type": "media", "audio": true, "video": false, "screen": true}))
-        .await;
+    b.send(
+        json!({"type": "media", "audio": true, "video": false, "screen": true, "recording": true}),
+    )
+    .await;
     let m = a.recv().await;
     assert_eq!(
         m,
-        json!({"type": "media", "from": b_id, "audio": true, "video": false, "screen": true})
+        json!({"type": "media", "from": b_id, "audio": true, "video": false, "screen": true, "recording": true})
     );
     for i in 0..5 {
         a.send(json!({"type": "chat", "text": format!("a{i}")}))
@@ -235,7 +237,7 @@ async fn participants_on_different_nodes_share_a_room() {
     assert_eq!(peers.len(), 2);
     assert_eq!(
         peers[1]["media"],
-        json!({"audio": true, "video": false, "screen": true})
+        json!({"audio": true, "video": false, "screen": true, "recording": true})
     );
 
     // Relaying across rooms is refused, and nothing leaks into the other room.
@@ -585,7 +587,7 @@ async fn a_killed_home_s_participants_leave_and_its_room_keeps_hosts_lock_and_me
             break;
         }
     }
-    let media = json!({"audio": true, "video": false, "screen": false});
+    let media = json!({"audio": true, "video": false, "screen": false, "recording": true});
     let mut m = media.clone();
     m["type"] = json!("media");
     y.send(m).await;
@@ -596,7 +598,7 @@ async fn a_killed_home_s_participants_leave_and_its_room_keeps_hosts_lock_and_me
         s.rooms.first().is_some_and(|r| r.locked)
             && s.peers
                 .iter()
-                .any(|p| p.id == y2 && p.host && p.media.is_some_and(|m| !m.video))
+                .any(|p| p.id == y2 && p.host && p.media.is_some_and(|m| !m.video && m.recording))
     })
     .await;
 

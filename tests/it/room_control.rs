@@ -78,7 +78,7 @@ async fn hosts_lock_and_every_refusal() {
     let (ja, sa) = join_as(&mut a, "ctl", "Ada").await;
     let aid = id(&ja);
     assert_eq!(ja["protocol"], 1);
-    assert_eq!(ja["minor"], 1);
+    assert_eq!(ja["minor"], 2);
     assert_eq!(ja["hosts"], json!([aid]));
     // A host's copy carries the waiting list.
     assert_eq!(

@@ -93,7 +93,7 @@ async fn every_message_type() {
         .await;
     assert_eq!(
         b.recv().await,
-        json!({"type": "media", "from": aid, "audio": false, "video": true, "screen": false})
+        json!({"type": "media", "from": aid, "audio": false, "video": true, "screen": false, "recording": false})
     );
     // Chat: everyone, sender included, with server time.
     b.send(json!({"type": "chat", "text": "hello <b>"})).await;
@@ -115,7 +115,7 @@ async fn every_message_type() {
     let peers = jc["peers"].as_array().unwrap();
     assert_eq!(
         peers[0]["media"],
-        json!({"audio": false, "video": true, "screen": false})
+        json!({"audio": false, "video": true, "screen": false, "recording": false})
     );
     assert_eq!(peers[1]["media"], Value::Null);
     let cid = id(&jc);
@@ -150,6 +150,78 @@ async fn every_message_type() {
     );
 }
 
+/// Protocol 1.2: a peer's `recording` flag reaches the others, latecomers see it in
+/// `joined`, it stays while the recorder is in its resume grace, and it goes away
+/// when the recorder stops or leaves.
+#[tokio::test]
+async fn recording_flag_reaches_everyone_and_clears() {
+    let server = TestServer::start_with(|c| c.rooms.resume_grace_s = 30).await;
+    let mut a = connect(&server).await;
+    let mut b = connect(&server).await;
+    let ja = a.join("rec").await;
+    assert_eq!(ja["minor"], 2);
+    let aid = id(&ja);
+    let token = ja["resume"].as_str().unwrap().to_string();
+    b.join("rec").await;
+    a.recv_type("peer_joined").await;
+
+    a.send(
+        json!({"type": "media", "audio": true, "video": true, "screen": false, "recording": true}),
+    )
+    .await;
+    assert_eq!(
+        b.recv().await,
+        json!({"type": "media", "from": aid, "audio": true, "video": true, "screen": false, "recording": true})
+    );
+    // A latecomer sees it at join.
+    let mut c = connect(&server).await;
+    let jc = c.join("rec").await;
+    assert_eq!(
+        jc["peers"][0]["media"],
+        json!({"audio": true, "video": true, "screen": false, "recording": true})
+    );
+    b.recv_type("peer_joined").await;
+    a.recv_type("peer_joined").await;
+
+    // The recorder's socket drops: in its grace the flag stays, for a new joiner too.
+    a.close_and_wait().await;
+    let mut d = connect(&server).await;
+    let jd = d.join("rec").await;
+    assert_eq!(jd["peers"][0]["id"], aid.as_str());
+    assert_eq!(jd["peers"][0]["media"]["recording"], true);
+    // It resumes and stops: everyone hears `recording: false`.
+    let mut a2 = connect(&server).await;
+    a2.send(json!({"type": "join", "room": "rec", "resume": token}))
+        .await;
+    assert_eq!(a2.recv_type("joined").await["resumed"], true);
+    a2.send(json!({"type": "media", "audio": true, "video": true, "screen": false}))
+        .await;
+    for s in [&mut b, &mut c, &mut d] {
+        let m = s.recv_type("media").await;
+        assert_eq!(m["from"], aid.as_str());
+        assert_eq!(m["recording"], false, "absent means false: {m}");
+    }
+    // It records again, then leaves for good: the others drop it with peer_left.
+    a2.send(
+        json!({"type": "media", "audio": true, "video": true, "screen": false, "recording": true}),
+    )
+    .await;
+    for s in [&mut b, &mut c, &mut d] {
+        assert_eq!(s.recv_type("media").await["recording"], true);
+    }
+    a2.send(json!({"type": "leave"})).await;
+    for s in [&mut b, &mut c, &mut d] {
+        assert_eq!(s.recv_type("peer_left").await["id"], aid.as_str());
+    }
+    let mut e = connect(&server).await;
+    let je = e.join("rec").await;
+    assert!(je["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["id"] != aid.as_str() && p["media"]["recording"] != true));
+}
+
 #[tokio::test]
 async fn error_codes() {
     let server = TestServer::start().await;
@@ -161,6 +233,9 @@ async fn error_codes() {
         Message::text(r#"{"type":"dance"}"#),
         Message::text(r#"{"type":"join","room":7}"#),
         Message::text(r#"{"type":"media","audio":"yes","video":true,"screen":false}"#),
+        Message::text(
+            r#"{"type":"media","audio":true,"video":true,"screen":false,"recording":"on"}"#,
+        ),
     ] {
         a.send_raw(bad).await;
         a.expect_error("bad_message").await;

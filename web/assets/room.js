@@ -9,6 +9,7 @@ import { Signaling, CLOSE_KICKED } from './signaling.js';
 import { Peer } from './peer.js';
 import { pageCertificate, newPageCertificate } from './safety.js';
 import { FileSharing } from './files.js';
+import { CallRecorder, canRecord } from './recorder.js';
 
 /**
  * @typedef {import('./signaling.js').MediaState} MediaState
@@ -161,7 +162,10 @@ function sendableVideo() {
 
 /** @returns {MediaState} */
 function mediaState() {
-  return { audio: !!audioTrack() && state.micOn, video: !!videoTrack() && state.camOn, screen: !!state.screen };
+  return {
+    audio: !!audioTrack() && state.micOn, video: !!videoTrack() && state.camOn, screen: !!state.screen,
+    recording: recorder.active,
+  };
 }
 
 async function copyLink() {
@@ -591,6 +595,7 @@ function renderSelf() {
     name, stream: state.local, videoOn: !!videoTrack() && state.camOn, audioOn: !!audioTrack() && state.micOn,
     idForHue: state.myId || 'self', host: isHost(),
   });
+  markRecording(el, recorder.active);
   if (state.screen) {
     fillTile(tile('self:screen'), { name: t('yourScreen'), stream: state.screen, videoOn: true, audioOn: null, idForHue: 'self' });
   } else removeTile('self:screen');
@@ -622,6 +627,7 @@ function renderPeer(p) {
   el.dataset.audio = media ? String(media.audio) : '';
   el.dataset.video = media ? String(media.video) : '';
   el.dataset.screen = media ? String(media.screen) : '';
+  markRecording(el, !!(media && media.recording));
   const sTrack = p.screenStream ? p.screenStream.getVideoTracks()[0] : null;
   const screenOn = !!sTrack && sTrack.readyState === 'live' && !sTrack.muted && (media ? media.screen : true);
   if (screenOn) {
@@ -899,6 +905,8 @@ function leave() {
 
 /** The call is over for us (left or removed): connections, devices, timers, menus. */
 function endCall() {
+  // The file is finished while the tiles are still there; it stays offered after.
+  recorder.stop();
   state.inCall = false;
   closeAllPeers();
   stopShare();
@@ -909,6 +917,7 @@ function endCall() {
   state.waiting = [];
   renderRoomControl();
   renderCount();
+  renderRecording();
 }
 
 function closeAllPeers() {
@@ -1357,6 +1366,7 @@ function removePeer(id) {
   removeTile(id);
   removeTile(`${id}:screen`);
   renderCount();
+  renderRecording();
   for (const q of state.peers.values()) q.applyLimits();
 }
 
@@ -1462,8 +1472,9 @@ function onMessage(m) {
     case 'media': {
       const p = state.peers.get(m.from);
       if (!p) return;
-      p.media = { audio: !!m.audio, video: !!m.video, screen: !!m.screen };
+      p.media = { audio: !!m.audio, video: !!m.video, screen: !!m.screen, recording: m.recording === true };
       renderPeer(p);
+      renderRecording();
       return;
     }
     case 'ice': {
@@ -1540,6 +1551,7 @@ function onJoined(m) {
   }
   renderRoomControl();
   renderCount();
+  renderRecording();
   sendMedia();
   layout();
   const held = early;
@@ -1745,6 +1757,163 @@ function initFiles() {
   });
 }
 
+// ---------------------------------------------------------------- local recording
+
+const recorder = new CallRecorder({ room: roomRaw, sources: recordingSources, onChange: onRecorderChange });
+
+/**
+ * What the recorder draws and mixes: the grid's tiles in their order (camera when
+ * it shows, else initials), with everyone's audio (our microphone, each peer's).
+ * @returns {import('./recorder.js').Source[]}
+ */
+function recordingSources() {
+  /** @type {import('./recorder.js').Source[]} */
+  const out = [];
+  if (!state.inCall) return out;
+  for (const node of $('grid').querySelectorAll('.tile')) {
+    const el = /** @type {HTMLElement} */ (node);
+    const key = el.dataset.key || '';
+    const video = /** @type {HTMLVideoElement|null} */ (el.querySelector('video'));
+    const showing = !!video && !!video.srcObject && !el.classList.contains('no-video');
+    const peerId = key.startsWith('self') ? null : key.split(':')[0];
+    const p = peerId ? state.peers.get(peerId) : undefined;
+    const who = peerId ? (p && p.name) || 'Guest' : state.name || 'Guest';
+    const screen = key.endsWith(':screen');
+    /** @type {MediaStreamTrack[]} */
+    let audio = [];
+    if (!screen) audio = peerId ? (p && p.mainStream ? p.mainStream.getAudioTracks() : []) : state.local.getAudioTracks();
+    out.push({
+      key, name: screen ? t('screenOf', { name: who }) : who, hue: hue(peerId || state.myId || 'self'),
+      video: showing ? video : null, audio,
+    });
+  }
+  return out;
+}
+
+/**
+ * The red "REC" mark on a tile, made on first use.
+ * @param {HTMLElement} el @param {boolean} on
+ */
+function markRecording(el, on) {
+  let mark = /** @type {HTMLElement|null} */ (el.querySelector('.tile-rec'));
+  if (!mark && !on) return;
+  if (!mark) {
+    mark = document.createElement('span');
+    mark.className = 'tile-rec';
+    mark.setAttribute('role', 'img');
+    mark.setAttribute('aria-label', t('recTile'));
+    const dot = document.createElement('span');
+    dot.className = 'rec-dot';
+    dot.setAttribute('aria-hidden', 'true');
+    const txt = document.createElement('span');
+    txt.setAttribute('aria-hidden', 'true');
+    txt.textContent = t('recShort');
+    mark.append(dot, txt);
+    el.querySelector('.tile-foot')?.prepend(mark);
+  }
+  if (mark.hidden !== !on) mark.hidden = !on;
+  el.classList.toggle('is-recording', on);
+}
+
+/** The banner everyone sees while anyone in the call records, naming who. */
+function renderRecording() {
+  /** @type {string[]} */
+  const names = [];
+  if (state.inCall) {
+    if (recorder.active) names.push(`${state.name || 'Guest'} (${t('you')})`);
+    for (const p of state.peers.values()) if (p.media && p.media.recording) names.push(p.name || 'Guest');
+  }
+  const banner = $('rec-banner');
+  const text = names.length ? t('recordingBy', { names: names.join(', ') }) : '';
+  const out = $('rec-banner-text');
+  // Rewritten only on a change, so a screen reader announces each change once.
+  if (out.textContent !== text) out.textContent = text;
+  if (banner.hidden !== !names.length) banner.hidden = !names.length;
+  if (names.length) document.body.dataset.recording = 'true';
+  else delete document.body.dataset.recording;
+}
+
+/** m:ss or h:mm:ss. @param {number} ms */
+function clock(ms) {
+  const s = Math.floor(ms / 1000);
+  const two = (/** @type {number} */ n) => String(n).padStart(2, '0');
+  const h = Math.floor(s / 3600);
+  return h ? `${h}:${two(Math.floor(s / 60) % 60)}:${two(s % 60)}` : `${Math.floor(s / 60)}:${two(s % 60)}`;
+}
+
+/** @param {number} n */
+function size(n) {
+  return n >= 1e9 ? `${(n / 1e9).toFixed(1)} GB` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${Math.ceil(n / 1e3)} kB`;
+}
+
+let lastRecActive = false;
+
+function onRecorderChange() {
+  const st = recorder.status();
+  const btn = $('btn-rec');
+  const active = recorder.active;
+  btn.setAttribute('aria-pressed', String(active));
+  const label = t(active ? 'recordStop' : 'record');
+  if (btn.title !== label) {
+    btn.setAttribute('aria-label', label);
+    btn.title = label;
+  }
+  /** @type {HTMLButtonElement} */ (btn).disabled = st.state === 'starting' || st.state === 'stopping' || !canRecord();
+  const panel = $('rec-panel');
+  panel.hidden = st.state === 'idle';
+  const status = st.state === 'starting' ? t('recStarting')
+    : st.state === 'recording' ? t('recOn', { time: clock(st.elapsedMs) })
+      : st.state === 'paused' ? t('recPaused', { time: clock(st.elapsedMs) })
+        : st.state === 'stopping' ? t('recSaving')
+          : st.state === 'stopped' ? t('recReady', { time: clock(st.recordedMs), size: size(st.bytes) }) : '';
+  $('rec-status').textContent = status;
+  panel.dataset.state = st.state;
+  const pause = /** @type {HTMLButtonElement} */ ($('rec-pause'));
+  pause.hidden = st.state !== 'recording' && st.state !== 'paused';
+  pause.textContent = t(st.state === 'paused' ? 'recResume' : 'recPause');
+  $('rec-stop').hidden = st.state !== 'recording' && st.state !== 'paused';
+  const dl = /** @type {HTMLAnchorElement} */ ($('rec-download'));
+  dl.hidden = st.state !== 'stopped';
+  if (st.state === 'stopped') {
+    if (dl.href !== st.url) dl.href = st.url;
+    dl.download = st.fileName;
+  } else if (dl.getAttribute('href') !== '#') {
+    dl.href = '#';
+  }
+  $('rec-discard').hidden = st.state !== 'stopped';
+  if (st.error && st.error !== shownRecError) {
+    shownRecError = st.error;
+    toast(st.error === 'unsupported' ? t('recUnsupported') : t('recFailed', { why: st.error }), 6000);
+  }
+  // The others learn of a start or stop at once; chunks change nothing for them.
+  if (active !== lastRecActive) {
+    lastRecActive = active;
+    sendMedia();
+    renderSelf();
+    renderRecording();
+  }
+}
+
+let shownRecError = '';
+
+function initRecording() {
+  $('btn-rec').addEventListener('click', () => {
+    if (recorder.active) recorder.stop();
+    else {
+      shownRecError = '';
+      recorder.start();
+    }
+  });
+  $('rec-pause').addEventListener('click', () => {
+    if (recorder.state === 'paused') recorder.resume();
+    else recorder.pause();
+  });
+  $('rec-stop').addEventListener('click', () => { recorder.stop(); });
+  $('rec-download').addEventListener('click', () => { recorder.markSaved(); });
+  $('rec-discard').addEventListener('click', () => { recorder.discard(); });
+  onRecorderChange();
+}
+
 // ---------------------------------------------------------------- test handle
 
 /** @type {Promise<Record<string, any>>|null} */
@@ -1819,6 +1988,12 @@ const testHandle = {
   get safety() {
     return Object.fromEntries(Array.from(state.safety, ([id, s]) => [id, { code: s.code, verified: s.verified, changed: s.changed }]));
   },
+  /** the local recorder: state, format, storage, chunks, bytes, recorded time, file */
+  get recording() { return recorder.status(); },
+  recorder: {
+    start: () => recorder.start(), pause: () => recorder.pause(), resume: () => recorder.resume(),
+    stop: () => recorder.stop(), discard: () => recorder.discard(),
+  },
   stats,
   /** Closes the signaling socket as a network drop would; it resumes (after holdMs). */
   dropSocket(/** @type {number} */ holdMs) { signaling.drop(holdMs); },
@@ -1863,6 +2038,7 @@ function init() {
   $('chat-close').addEventListener('click', () => toggleChat(false));
   $('btn-leave').addEventListener('click', leave);
   initFiles();
+  initRecording();
   $('copy-link').addEventListener('click', copyLink);
   $('copy-link-top').addEventListener('click', copyLink);
   $('cam-select').addEventListener('change', (e) => switchDevice('video', /** @type {HTMLSelectElement} */ (e.target).value));

@@ -5,7 +5,8 @@
 
 /**
  * Mute / camera / screen-share state of a participant.
- * @typedef {{audio: boolean, video: boolean, screen: boolean}} MediaState
+ * `recording` (protocol 1.2): this peer records the call on its device.
+ * @typedef {{audio: boolean, video: boolean, screen: boolean, recording?: boolean}} MediaState
  *
  * One ICE server entry as the server hands it out (`urls` is always an array).
  * @typedef {{urls: string[], username?: string, credential?: string}} IceServer
@@ -29,7 +30,7 @@
  *   room_password?: string}} JoinMsg
  * @typedef {{type: 'offer'|'answer', to: string, sdp: string}} DescriptionOut
  * @typedef {{type: 'candidate', to: string, candidate: RTCIceCandidateInit|null}} CandidateOut
- * @typedef {{type: 'media', audio: boolean, video: boolean, screen: boolean}} MediaOut
+ * @typedef {{type: 'media', audio: boolean, video: boolean, screen: boolean, recording?: boolean}} MediaOut
  * @typedef {{type: 'chat', text: string}} ChatOut
  * @typedef {{type: 'leave'}} LeaveMsg
  * @typedef {{type: 'ping'}} PingMsg
@@ -56,7 +57,7 @@
  * @typedef {{type: 'peer_left', id: string}} PeerLeftMsg
  * @typedef {{type: 'offer'|'answer', from: string, sdp: string}} DescriptionIn
  * @typedef {{type: 'candidate', from: string, candidate: RTCIceCandidateInit|null}} CandidateIn
- * @typedef {{type: 'media', from: string, audio: boolean, video: boolean, screen: boolean}} MediaIn
+ * @typedef {{type: 'media', from: string, audio: boolean, video: boolean, screen: boolean, recording?: boolean}} MediaIn
  * @typedef {{type: 'ice', ice: IceConfig}} IceMsg
  * @typedef {{type: 'chat', from: string, name: string, text: string, ts: number}} ChatIn
  * @typedef {{type: 'room_full', room: string, capacity: number}} RoomFullMsg

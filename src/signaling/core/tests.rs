@@ -344,6 +344,7 @@ fn media_is_stored_and_not_echoed() {
         audio: true,
         video: false,
         screen: true,
+        recording: false,
     };
     assert_eq!(
         sends(&r.media(1, &1, m)),
@@ -353,7 +354,8 @@ fn media_is_stored_and_not_echoed() {
                 from: a.clone(),
                 audio: true,
                 video: false,
-                screen: true
+                screen: true,
+                recording: false,
             }
         )]
     );
@@ -367,6 +369,89 @@ fn media_is_stored_and_not_echoed() {
     // Alone in a room: stored, sent to nobody.
     join(&mut r, 4, "solo", now);
     assert!(r.media(4, &4, m).is_empty());
+}
+
+#[test]
+fn recording_flag_is_stored_relayed_shown_to_latecomers_and_cleared() {
+    let now = Instant::now();
+    let mut r = core(6, "");
+    let (a, _) = join(&mut r, 1, "r", now);
+    join(&mut r, 2, "r", now);
+    let rec = Media {
+        audio: true,
+        video: true,
+        screen: false,
+        recording: true,
+    };
+    assert_eq!(
+        sends(&r.media(1, &1, rec)),
+        vec![(
+            vec![2],
+            ServerMsg::Media {
+                from: a.clone(),
+                audio: true,
+                video: true,
+                screen: false,
+                recording: true,
+            }
+        )]
+    );
+    let latecomer_sees = |r: &mut Rooms<u64>, conn: u64| {
+        let fx = r.join(conn, conn, req("r"), now);
+        let ServerMsg::Joined { peers, .. } = &sends(&fx)[0].1 else {
+            panic!("{fx:?}")
+        };
+        let seen = peers.iter().find(|p| p.id == a).and_then(|p| p.media);
+        r.leave(conn, &conn);
+        seen
+    };
+    assert_eq!(latecomer_sees(&mut r, 3), Some(rec));
+    // In its resume grace the recorder's page may still record: the flag stays.
+    assert!(r.disconnect(1, now).is_empty());
+    assert_eq!(latecomer_sees(&mut r, 4), Some(rec));
+    // Stopping clears it for everyone.
+    let (a2, _) = join(&mut r, 6, "s", now);
+    join(&mut r, 7, "s", now);
+    let s = sends(&r.media(6, &6, rec));
+    assert!(matches!(
+        &s[0].1,
+        ServerMsg::Media {
+            recording: true,
+            ..
+        }
+    ));
+    let stopped = Media {
+        recording: false,
+        ..rec
+    };
+    assert_eq!(
+        sends(&r.media(6, &6, stopped)),
+        vec![(
+            vec![7],
+            ServerMsg::Media {
+                from: a2.clone(),
+                audio: true,
+                video: true,
+                screen: false,
+                recording: false,
+            }
+        )]
+    );
+    let fx = r.join(8, 8, req("s"), now);
+    let ServerMsg::Joined { peers, .. } = &sends(&fx)[0].1 else {
+        panic!("{fx:?}")
+    };
+    assert_eq!(peers[0].media, Some(stopped));
+    // Leaving for good removes the recorder and its state: others get peer_left.
+    let fx = r.handle_timeout(now + GRACE);
+    assert!(sends(&fx)
+        .iter()
+        .any(|(to, m)| to == &vec![2] && matches!(m, ServerMsg::PeerLeft { id } if *id == a)));
+    let fx = r.join(9, 9, req("r"), now + GRACE);
+    let ServerMsg::Joined { peers, .. } = &sends(&fx)[0].1 else {
+        panic!("{fx:?}")
+    };
+    assert!(peers.iter().all(|p| p.id != a));
 }
 
 #[test]
@@ -806,6 +891,7 @@ fn snapshot_round_trip_resumes_everyone_with_their_ids() {
         audio: true,
         video: false,
         screen: true,
+        recording: true,
     };
     r.media(2, &2, media);
     let snap = r.snapshot(UNIX_MS);
@@ -997,6 +1083,7 @@ fn generation_moves_with_what_a_snapshot_records() {
             audio: false,
             video: false,
             screen: false,
+            recording: false,
         },
     );
     assert!(r.generation() > g2);
@@ -1732,6 +1819,7 @@ fn a_room_moves_to_another_core_silently() {
             audio: true,
             video: false,
             screen: false,
+            recording: true,
         },
     );
     // Connection 2 drops: its messages wait for it.
@@ -1830,6 +1918,7 @@ fn a_room_taken_over_from_its_snapshot_keeps_hosts_media_and_lock() {
         audio: false,
         video: true,
         screen: true,
+        recording: true,
     };
     a.media(2, &2, media);
     let snap = a.room_snapshot("r", UNIX_MS).unwrap();
