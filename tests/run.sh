@@ -48,10 +48,13 @@ echo "== cargo test (benches are built by clippy above and run with cargo bench)
 MESHMEET_REQUIRE_TOOLS=1 cargo test --lib --bins --tests
 if [ -f tests/browser/package.json ]; then
   # The call, relay, HTTPS-only and room-control tests in the Chromium and the Firefox
-  # room, the pages and /check. The mixed room (MESHMEET_ROOMS=chromium,firefox,mixed,
-  # or empty for every room) is not in this run yet: see the README, "Browser tests".
-  echo "== browser tests (Chromium and Firefox rooms, pages, /check, room control)"
+  # room, the pages and /check; recording and file sharing in the mixed room (both
+  # browsers in one room). The mixed room of the call tests (MESHMEET_ROOMS=
+  # chromium,firefox,mixed, or empty for every room) is not in this run yet: see the
+  # README, "Browser tests".
+  echo "== browser tests (Chromium and Firefox rooms, pages, /check, room control, recording, files)"
   cargo build --bin meshmeet
   (cd tests/browser && MESHMEET_ROOMS="${MESHMEET_ROOMS-chromium,firefox}" \
+    MESHMEET_FEATURE_ROOMS="${MESHMEET_FEATURE_ROOMS-mixed}" \
     MESHMEET_BIN="$PWD/../../target/debug/meshmeet" npm run test:ci)
 fi

@@ -49,12 +49,21 @@ const ALL_ROOMS = /** @type {{label: string, kinds: Kind[]}[]} */ ([
   { label: 'mixed', kinds: ['firefox', 'chromium', 'firefox', 'chromium'] },
 ]);
 
-export function rooms() {
-  const want = (process.env.MESHMEET_ROOMS || '').split(',').map((s) => s.trim()).filter(Boolean);
+export function rooms(variable = 'MESHMEET_ROOMS') {
+  const want = (process.env[variable] || '').split(',').map((s) => s.trim()).filter(Boolean);
   for (const w of want) {
-    if (!ALL_ROOMS.some((r) => r.label === w)) throw new Error(`MESHMEET_ROOMS: unknown room kind ${w}`);
+    if (!ALL_ROOMS.some((r) => r.label === w)) throw new Error(`${variable}: unknown room kind ${w}`);
   }
   return want.length ? ALL_ROOMS.filter((r) => want.includes(r.label)) : ALL_ROOMS;
+}
+
+/**
+ * The rooms of the feature tests (recording, file sharing): MESHMEET_FEATURE_ROOMS
+ * when set (CI runs them in the mixed room alone, which has both browsers), else the
+ * rooms of `rooms()`.
+ */
+export function featureRooms() {
+  return process.env.MESHMEET_FEATURE_ROOMS ? rooms('MESHMEET_FEATURE_ROOMS') : rooms();
 }
 
 /**

@@ -6,11 +6,14 @@
 // beside them complete; the size limit refuses a bigger file on the sending and on
 // the receiving side; the receiver's parser refuses malformed frames, oversized
 // declarations and bytes beyond the declared size, and garbage sent over a real
-// channel ends no call.
+// channel ends no call; with one receiver's connection limited to 256 kbit/s (HTB on
+// the namespace's loopback), the other receiver gets the file first and chat goes
+// on, and the slow one gets it once the limit is lifted.
 
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { Server, Browsers, rooms, joinAll, waitFor, text } from '../lib/harness.js';
+import { execFileSync } from 'node:child_process';
+import { Server, Browsers, featureRooms, joinAll, waitFor, text } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
 /** @typedef {import('../lib/harness.js').Participant} Participant */
@@ -94,6 +97,63 @@ function sendFile(page, name, opts = {}) {
   }, name, opts);
 }
 
+/**
+ * The local UDP port of the selected candidate pair of a page's connection with a
+ * peer (the transport's selected pair, or the pair marked selected where the stats
+ * have no transport entry naming it).
+ * @param {Page} page @param {string} peer
+ */
+async function selectedLocalPort(page, peer) {
+  const port = await page.evaluate(async (peer) => {
+    const pc = /** @type {RTCPeerConnection} */ (/** @type {any} */ (window).meshmeet.peers.get(peer).pc);
+    /** @type {Map<string, any>} */
+    const st = new Map();
+    (await pc.getStats()).forEach((v, k) => st.set(k, v));
+    const all = Array.from(st.values());
+    const tid = all.find((v) => v.type === 'transport' && v.selectedCandidatePairId)?.selectedCandidatePairId;
+    const pair = (tid && st.get(tid)) || all.find((v) => v.type === 'candidate-pair' && v.selected) ||
+      all.find((v) => v.type === 'candidate-pair' && v.nominated && v.state === 'succeeded');
+    const local = pair && st.get(pair.localCandidateId);
+    return local && local.protocol === 'udp' ? Number(local.port) : 0;
+  }, peer);
+  assert.ok(port > 0, 'a UDP pair is selected');
+  return port;
+}
+
+/**
+ * Limits the UDP traffic from and to one port on the namespace's loopback (where the
+ * browsers' direct connections run) to 256 kbit/s, with a short queue (a long one
+ * would hold packets for seconds, and consent checks with them).
+ */
+class Shaper {
+  /** @param {number} port */
+  constructor(port) {
+    this.on = true;
+    const tc = (/** @type {string[]} */ ...a) => execFileSync('tc', a, { stdio: ['ignore', 'ignore', 'pipe'] });
+    tc('qdisc', 'add', 'dev', 'lo', 'root', 'handle', '1:', 'htb', 'default', '10');
+    tc('class', 'add', 'dev', 'lo', 'parent', '1:', 'classid', '1:10', 'htb', 'rate', '10gbit', 'quantum', '60000');
+    tc('class', 'add', 'dev', 'lo', 'parent', '1:', 'classid', '1:20', 'htb', 'rate', '256kbit', 'ceil', '256kbit');
+    tc('qdisc', 'add', 'dev', 'lo', 'parent', '1:20', 'handle', '20:', 'pfifo', 'limit', '30');
+    for (const dir of ['sport', 'dport']) {
+      tc('filter', 'add', 'dev', 'lo', 'parent', '1:', 'protocol', 'ip', 'prio', '1', 'u32', 'match', 'ip', 'protocol', '17', '0xff',
+        'match', 'ip', dir, String(port), '0xffff', 'flowid', '1:20');
+    }
+  }
+
+  /** Packets that went through the limited class so far. */
+  packets() {
+    const out = execFileSync('tc', ['-s', 'class', 'show', 'dev', 'lo', 'classid', '1:20'], { encoding: 'utf8' });
+    const m = /Sent \d+ bytes (\d+) pkt/.exec(out);
+    return m ? Number(m[1]) : 0;
+  }
+
+  remove() {
+    if (!this.on) return;
+    this.on = false;
+    execFileSync('tc', ['qdisc', 'del', 'dev', 'lo', 'root'], { stdio: 'ignore' });
+  }
+}
+
 /** The item of a transfer from `from` on a receiver's page. @param {string} from @param {number} id */
 const inItem = (from, id) => `li.file-item[data-transfer="in:${from}:${id}"]`;
 
@@ -148,7 +208,7 @@ async function itemState(page, sel, state, what) {
     { sel, state }, { timeout: XFER, interval: 100, what });
 }
 
-for (const { label, kinds } of rooms()) {
+for (const { label, kinds } of featureRooms()) {
   const three = kinds.slice(0, 3);
   describe(`${label} room (${three.join(', ')})`, () => {
     /** @type {Participant[]} */ let people = [];
@@ -290,6 +350,43 @@ for (const { label, kinds } of rooms()) {
       assert.equal((await record(c, 'out', id, ids[1])).state, 'done');
       assert.equal(await text(c, `li.file-item[data-transfer="out:${id}"] li[data-peer="${ids[0]}"] .file-status`), 'Cancelled by the receiver');
       note('receiver cancelled midway; the other got the file');
+    });
+
+    test('one slow receiver: the other gets the file first, chat goes on, the slow one gets it too', T, async () => {
+      const [a, b, c] = call();
+      // Cy's connection with Ann limited to 256 kbit/s both ways (HTB on the
+      // namespace's loopback, by Cy's UDP port of that connection): Ann's 5 MB takes
+      // Cy at least 160 s, Ben none of that.
+      const port = await selectedLocalPort(c, ids[0]);
+      const shaper = new Shaper(port);
+      try {
+        const hash = await makeFile(a, 'slow.bin', MB5);
+        const id = await sendFile(a, 'slow.bin');
+        assert.ok(id > 0);
+        for (const p of [b, c]) {
+          await p.waitForSelector(inItem(ids[0], id), { timeout: XFER });
+          await acceptNow(p, [inItem(ids[0], id)]);
+        }
+        await itemState(b, inItem(ids[0], id), 'done', 'Ben has the file');
+        const slow = await record(c, 'in', id, ids[0]);
+        assert.equal(slow.state, 'receiving', `Cy still receiving when Ben is done: ${JSON.stringify(slow)}`);
+        assert.ok(slow.received < MB5);
+        assert.ok(shaper.packets() > 0, 'the shaper held back Cy\'s connection');
+        // Chat meanwhile: a line from Ann reaches both.
+        await a.evaluate(() => /** @type {any} */ (window).meshmeet.chat('while Cy is still receiving'));
+        for (const p of [b, c]) {
+          await waitFor(p, () => /** @type {any} */ (window).meshmeet.chatLog.includes('while Cy is still receiving'),
+            null, { timeout: UI, what: 'the chat line during a slow transfer' });
+        }
+        assert.equal((await record(c, 'in', id, ids[0])).state, 'receiving', 'Cy still receiving after the chat line');
+        assert.deepEqual(await savedHash(b, inItem(ids[0], id)), { name: 'slow.bin', hash });
+        note(`Ben done while Cy had ${slow.received} bytes; chat went through`);
+        shaper.remove();
+        await itemState(c, inItem(ids[0], id), 'done', 'Cy has the file once the limit is gone');
+        assert.deepEqual(await savedHash(c, inItem(ids[0], id)), { name: 'slow.bin', hash });
+      } finally {
+        shaper.remove();
+      }
     });
 
     test('the size limit: a bigger file is not sent, and a receiver refuses a bigger offer', T, async () => {

@@ -370,6 +370,8 @@ for (const { label } of rooms()) {
           await page.keyboard.press('Escape');
           await page.waitForSelector('#tile-menu', { hidden: true, timeout: UI });
         }
+        // (A Firefox window takes keys only while it has the focus.)
+        await page.bringToFront();
         await page.focus(`.tile[data-key="${id}"] .tile-menu-btn`);
         await page.keyboard.press('Enter');
         await page.waitForSelector(`#tile-menu[data-for="${id}"] [data-action="safety"]`, { visible: true, timeout: UI });
