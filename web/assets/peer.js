@@ -79,6 +79,8 @@ const EARLY_CANDIDATES_MAX = 64;
 const RESTART_TIMEOUT_MS = 30_000;
 /** Refused answers handled by offering again with an ICE restart, between connections. */
 const ANSWER_REFUSALS_MAX = 3;
+/** Refused offers handled by a new connection, between connections that connected. */
+const OFFER_REFUSALS_MAX = 3;
 /** Back-off before a further restart after failed ones: doubling from, at most. */
 const BACKOFF_FIRST_MS = 2_000;
 const BACKOFF_MAX_MS = 60_000;
@@ -213,6 +215,8 @@ export class Peer {
     this.unanswered = 0;
     /** answers the browser refused since the connection was last connected (see answerRefused) */
     this.answerRefusals = 0;
+    /** offers of the other side the browser refused since the connection was last connected (see offerRefused) */
+    this.offerRefusals = 0;
     /**
      * Negotiation steps run one after another (descriptions, candidates, our offers):
      * a step that awaits the browser is never overtaken by the next message.
@@ -676,9 +680,27 @@ export class Peer {
       this.note(`negotiation failed: ${e}`);
       console.warn('negotiation failed', e);
       if (description.type === 'answer' && pc === this.pc) await this.answerRefused();
+      if (description.type === 'offer' && pc === this.pc) this.offerRefused();
     } finally {
       if (this.held) this.releaseCandidates(sent);
     }
+  }
+
+  /**
+   * The browser refused an offer of the other side. Seen in Chromium on a new
+   * connection whose first offers collided: the side that rolled its offer back
+   * offered next with its media sections in another order than the answer had
+   * ("The order of m-lines in subsequent offer doesn't match order from previous
+   * offer/answer"). Each copy of that offer sent again is refused the same way, and
+   * the other side would wait in `have-local-offer` for good. So this side starts
+   * over: a new connection and its own offer (the other side replaces its connection
+   * when that offer comes, and its old offers are dropped); at most
+   * OFFER_REFUSALS_MAX times until a connection connects.
+   */
+  offerRefused() {
+    if (this.closed || this.offerRefusals >= OFFER_REFUSALS_MAX) return;
+    this.offerRefusals += 1;
+    this.renew('an offer was refused', true);
   }
 
   /**
@@ -823,6 +845,7 @@ export class Peer {
       this.marks.connected ||= performance.now();
       this.everConnected = true;
       this.answerRefusals = 0;
+      this.offerRefusals = 0;
       if (changed) {
         clearTimeout(this.restartTimer);
         this.restartTimer = undefined;
