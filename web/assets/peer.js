@@ -267,9 +267,20 @@ export class Peer {
     this.wire();
   }
 
-  /** Makes the current connection's data channel (once) and hands it to `hooks.onChannel`. */
-  openChannel() {
-    if (this.channel || this.closed) return;
+  /**
+   * The current connection's negotiated data channels, made by the offering side
+   * with its transceivers (the first offer carries them: no renegotiation of their
+   * own) and by the answering side when that offer arrives: the safety-code
+   * exchange's (safety.js), and file sharing's, handed to `hooks.onChannel`.
+   */
+  openChannels() {
+    if (this.closed) return;
+    if (this.safety) this.safety.close();
+    const safety = this.pc.createDataChannel(SAFETY_CHANNEL.label, { negotiated: true, id: SAFETY_CHANNEL.id });
+    this.safety = new SafetyExchange(safety, () => this.fingerprints(),
+      (r) => { this.note(`safety code (${r.code})`); if (this.hooks.onSafety && !this.closed) this.hooks.onSafety(this, r); },
+      (why) => this.note(`no safety code: ${why}`));
+    if (this.channel) return;
     try {
       this.channel = this.pc.createDataChannel(DATA_CHANNEL.label, { negotiated: true, id: DATA_CHANNEL.id });
     } catch (e) {
@@ -279,8 +290,10 @@ export class Peer {
     this.hooks.onChannel?.(this, this.channel);
   }
 
-  /** The connection is closed or replaced: its data channel with it. */
-  dropChannel() {
+  /** The connection is closed or replaced: its data channels with it. */
+  dropChannels() {
+    if (this.safety) this.safety.close();
+    this.safety = null;
     if (!this.channel) return;
     this.channel = null;
     this.hooks.onChannel?.(this, null);
@@ -470,23 +483,9 @@ export class Peer {
       streams: [local.stream],
     });
     this.attached = true;
-    this.openSafety();
-    this.openChannel();
+    this.openChannels();
     if (local.screen) this.setScreen(local.screen);
     // negotiationneeded fires and sends the offer.
-  }
-
-  /**
-   * The negotiated data channel of the safety-code exchange, made by the offering
-   * side with its transceivers (the first offer carries it: no renegotiation of its
-   * own) and by the answering side when that offer arrives.
-   */
-  openSafety() {
-    if (this.safety) this.safety.close();
-    const channel = this.pc.createDataChannel(SAFETY_CHANNEL.label, { negotiated: true, id: SAFETY_CHANNEL.id });
-    this.safety = new SafetyExchange(channel, () => this.fingerprints(),
-      (r) => { this.note(`safety code (${r.code})`); if (this.hooks.onSafety && !this.closed) this.hooks.onSafety(this, r); },
-      (why) => this.note(`no safety code: ${why}`));
   }
 
   /**
@@ -496,8 +495,7 @@ export class Peer {
   attachLocal() {
     if (this.attached) return;
     this.attached = true;
-    this.openSafety();
-    this.openChannel();
+    this.openChannels();
     const local = this.hooks.local();
     const txs = this.pc.getTransceivers();
     const audioTx = txs.find((t) => t.receiver.track.kind === 'audio' && !isStopped(t)) || null;
@@ -937,9 +935,7 @@ export class Peer {
     const old = this.pc;
     this.detach(old);
     old.close();
-    if (this.safety) this.safety.close();
-    this.safety = null;
-    this.dropChannel();
+    this.dropChannels();
     clearTimeout(this.restartTimer);
     this.restartTimer = undefined;
     clearTimeout(this.answerWatch);
@@ -1226,7 +1222,6 @@ export class Peer {
     clearTimeout(this.answerWatch);
     this.detach(this.pc);
     this.pc.close();
-    if (this.safety) this.safety.close();
-    this.dropChannel();
+    this.dropChannels();
   }
 }
