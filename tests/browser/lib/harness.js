@@ -528,6 +528,13 @@ export function attr(page, selector, name) {
   return page.$eval(selector, (el, n) => el.getAttribute(n), name);
 }
 
+const started = Date.now();
+/** Progress with the time since the test file started, for reading a slow run. @param {string} what */
+export const step = (what) => console.log(`[${((Date.now() - started) / 1000).toFixed(1)} s] ${what}`);
+
+/** A room page's own peer id. @param {Page} page */
+export const myId = (page) => page.evaluate(() => /** @type {string} */ (/** @type {any} */ (window).meshmeet.id));
+
 /** Numbers each wait's check (see waitFor). */
 let checks = 0;
 

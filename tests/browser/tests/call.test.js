@@ -9,10 +9,7 @@ import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
-import {
-  Server, Browsers, startXvfb, rooms, participant, joinAll, waitForMedia, waitFor, ensureArtifacts, text, attr,
-  fill, dishonestTiles, describeCall, firstFrames, settled,
-} from '../lib/harness.js';
+import { Server, Browsers, startXvfb, rooms, participant, joinAll, waitForMedia, waitFor, ensureArtifacts, text, attr, fill, dishonestTiles, describeCall, firstFrames, settled, myId } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
 /** @typedef {import('../lib/harness.js').Participant} Participant */
@@ -62,8 +59,6 @@ after(async () => {
   await server?.stop();
 });
 
-/** @param {Page} page */
-const myId = (page) => page.evaluate(() => /** @type {string} */ (/** @type {any} */ (window).meshmeet.id));
 /** @param {Page} page */
 const ids = (page) => page.evaluate(() => /** @type {string[]} */ (Array.from(/** @type {any} */ (window).meshmeet.peers.keys())));
 /** @param {Page} page */

@@ -13,7 +13,7 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { Server, Browsers, featureRooms, joinAll, waitFor, text } from '../lib/harness.js';
+import { Server, Browsers, featureRooms, joinAll, waitFor, text, step, myId } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
 /** @typedef {import('../lib/harness.js').Participant} Participant */
@@ -36,12 +36,6 @@ after(async () => {
   await server?.stop();
 });
 
-const started = Date.now();
-/** @param {string} what */
-const step = (what) => console.log(`[${((Date.now() - started) / 1000).toFixed(1)} s] ${what}`);
-
-/** @param {Page} page */
-const myId = (page) => page.evaluate(() => /** @type {string} */ (/** @type {any} */ (window).meshmeet.id));
 
 /**
  * Makes a file of random bytes in the page (kept as `window.__files[name]`) and

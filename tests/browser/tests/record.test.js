@@ -15,7 +15,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Server, Browsers, featureRooms, joinAll, participant, waitFor, waitForMedia, ensureArtifacts, text } from '../lib/harness.js';
+import { Server, Browsers, featureRooms, joinAll, participant, waitFor, waitForMedia, ensureArtifacts, text, step, myId } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
 /** @typedef {import('../lib/harness.js').Participant} Participant */
@@ -43,12 +43,6 @@ after(async () => {
   await server?.stop();
 });
 
-const started = Date.now();
-/** @param {string} what */
-const step = (what) => console.log(`[${((Date.now() - started) / 1000).toFixed(1)} s] ${what}`);
-
-/** @param {Page} page */
-const myId = (page) => page.evaluate(() => /** @type {string} */ (/** @type {any} */ (window).meshmeet.id));
 /** @param {Page} page */
 const recording = (page) => page.evaluate(() => /** @type {any} */ (window).meshmeet.recording);
 

@@ -15,7 +15,7 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { Server, Browsers, rooms, newPage, waitFor, waitForMedia, settled, ensureArtifacts, text, attr, fill } from '../lib/harness.js';
+import { Server, Browsers, rooms, newPage, waitFor, waitForMedia, settled, ensureArtifacts, text, attr, fill, step, myId } from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
 /** @typedef {import('../lib/harness.js').Participant} Participant */
@@ -59,10 +59,6 @@ after(async () => {
   await server?.stop();
 });
 
-const started = Date.now();
-/** Progress with the time since the start, for reading a slow run. @param {string} what */
-const step = (what) => console.log(`[${((Date.now() - started) / 1000).toFixed(1)} s] ${what}`);
-
 /**
  * Waits until the server's metrics satisfy `ok` (polled), for the server side of a
  * state the pages cannot see.
@@ -82,8 +78,6 @@ async function serverState(ok, what, timeout) {
   }
 }
 
-/** @param {Page} page */
-const myId = (page) => page.evaluate(() => /** @type {string} */ (/** @type {any} */ (window).meshmeet.id));
 /** @param {Page} page */
 const room = (page) => page.evaluate(() => /** @type {any} */ (window).meshmeet.room);
 /** @param {Page} page @param {string} selector */
