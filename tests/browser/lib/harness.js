@@ -260,6 +260,17 @@ export async function startXvfb() {
   };
 }
 
+/**
+ * Chromium's fake cameras: `fake_device_N`. Three or more pages of one browser on the
+ * same camera stall every one of its consumers for 2-3 s whenever a connection is
+ * added (each new encoder, in every page, got its first frame at the same moment,
+ * about 2.5 s later; measured with `bench:firstframe`), which no real participant,
+ * who has a camera of their own, sees. Every fourth one from index 1 is a depth
+ * camera (Y16) that gives no picture to send, so those are skipped.
+ */
+const FAKE_CAMERAS = 8;
+const CAMERA_PICKS = [0, 2, 3, 4, 6, 7];
+
 export const CHROMIUM_ARGS = [
   '--no-sandbox',
   '--disable-gpu',
@@ -268,7 +279,8 @@ export const CHROMIUM_ARGS = [
   '--disable-background-networking',
   '--disable-component-update',
   '--disable-sync',
-  '--use-fake-device-for-media-stream=fps=10',
+  // Several fake cameras, so that each participant has its own (ownCamera below).
+  `--use-fake-device-for-media-stream=fps=10,device-count=${FAKE_CAMERAS}`,
   '--use-fake-ui-for-media-stream',
   '--auto-select-desktop-capture-source=Entire screen',
   '--disable-features=WebRtcHideLocalIpsWithMdns',
@@ -305,6 +317,8 @@ export class Browsers {
     this.display = opts.display || '';
     /** @type {Map<Kind, Promise<Browser>>} */
     this.launched = new Map();
+    /** Chromium pages given a camera so far (ownCamera). */
+    this.cameras = 0;
   }
 
   /** @param {Kind} kind @returns {Promise<Browser>} */
@@ -430,9 +444,39 @@ export async function participant(browsers, kind, url, name, opts = {}) {
   if (opts.holdDevices) await page.evaluateOnNewDocument(holdDevices);
   await page.goto(url);
   if (!opts.early) await page.waitForFunction(() => document.body.dataset.ready === 'true', { timeout: 60000 });
+  if (kind === 'chromium' && !opts.early && !opts.holdDevices) {
+    await ownCamera(page, `fake_device_${CAMERA_PICKS[browsers.cameras++ % CAMERA_PICKS.length]}`);
+  }
   await fill(page, '#name', name);
   if (opts.join !== false) await page.click('#join-btn');
   return { page, context, name, kind, errors };
+}
+
+/**
+ * Picks a camera in the preview's device list, as a participant would, and waits
+ * until the preview shows it (see FAKE_CAMERAS).
+ * @param {Page} page
+ * @param {string} label
+ */
+async function ownCamera(page, label) {
+  const pick = () => page.evaluate((label) => {
+    const sel = /** @type {HTMLSelectElement} */ (document.getElementById('cam-select'));
+    const opt = Array.from(sel.options).find((o) => o.textContent === label);
+    if (!opt) return false;
+    if (sel.value !== opt.value) {
+      sel.value = opt.value;
+      sel.dispatchEvent(new Event('change'));
+    }
+    return true;
+  }, label);
+  await page.waitForFunction((label) => Array.from(document.querySelectorAll('#cam-select option')).some((o) => o.textContent === label), { timeout: 60_000 }, label);
+  if (!(await pick())) throw new Error(`no camera ${label} in the list`);
+  await page.waitForFunction((label) => {
+    const v = /** @type {HTMLVideoElement|null} */ (document.getElementById('preview-video'));
+    const src = /** @type {MediaStream|null} */ (v && v.srcObject);
+    const track = src ? src.getVideoTracks()[0] : null;
+    return !!track && track.readyState === 'live' && track.label === label;
+  }, { timeout: 60_000 }, label);
 }
 
 /**
