@@ -2,7 +2,9 @@
 // room one by one (as in the call tests), and each page records, per peer, when (ms
 // after its own Join, or after the peer's arrival) the offer/answer went out, the
 // connection was connected, the first RTP packet and the first decoded frame showed
-// in getStats, and the tile's video had its first frame.
+// in getStats, and the tile's video had its first frame; `firstEncoded` is when the
+// page's own encoder for that connection had its first frame (a sender that has no
+// frames to encode shows there, not on the network).
 //
 //   cd tests/browser && MESHMEET_BIN=... node lib/netns.js node bench/firstframe.js
 //
@@ -26,12 +28,18 @@ try {
         if (!mm) return;
         for (const p of mm.peers.values()) {
           const m = (p.marks ||= {});
-          if (m.firstDecoded) continue;
+          if (m.firstDecoded && m.firstEncoded) continue;
           (await p.pc.getStats()).forEach((/** @type {any} */ s) => {
-            if (s.type !== 'inbound-rtp' || s.kind !== 'video') return;
-            if (s.packetsReceived > 0 && !m.firstRtp) m.firstRtp = performance.now();
-            if (s.framesReceived > 0 && !m.firstReceived) m.firstReceived = performance.now();
-            if (s.framesDecoded > 0 && !m.firstDecoded) m.firstDecoded = performance.now();
+            if (s.kind !== 'video') return;
+            const now = performance.now();
+            if (s.type === 'inbound-rtp') {
+              if (s.packetsReceived > 0 && !m.firstRtp) m.firstRtp = now;
+              if (s.framesReceived > 0 && !m.firstReceived) m.firstReceived = now;
+              if (s.framesDecoded > 0 && !m.firstDecoded) m.firstDecoded = now;
+            } else if (s.type === 'outbound-rtp') {
+              // Our side of the same connection: when our encoder had its first frame.
+              if (s.framesEncoded > 0 && !m.firstEncoded) m.firstEncoded = now;
+            }
           });
         }
       }, 50);
