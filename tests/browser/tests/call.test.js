@@ -9,7 +9,10 @@ import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
-import { Server, Browsers, startXvfb, rooms, participant, joinAll, waitForMedia, waitFor, ensureArtifacts, text, attr, fill, dishonestTiles, describeCall, firstFrames, settled, myId } from '../lib/harness.js';
+import {
+  Server, Browsers, startXvfb, rooms, participant, joinAll, waitForMedia, waitFor, ensureArtifacts, text, attr,
+  fill, dishonestTiles, describeCall, firstFrames, settled, myId,
+} from '../lib/harness.js';
 
 /** @typedef {import('../lib/harness.js').Page} Page */
 /** @typedef {import('../lib/harness.js').Participant} Participant */

@@ -36,7 +36,6 @@ after(async () => {
   await server?.stop();
 });
 
-
 /**
  * Makes a file of random bytes in the page (kept as `window.__files[name]`) and
  * returns its SHA-256, hex.
