@@ -19,20 +19,32 @@ pub const HEADROOM: usize = 4;
 /// the padding of a ChannelData frame on a stream (at most 3 bytes).
 const STRIDE: usize = HEADROOM + SLOT + 4;
 
-/// Receive buffers for one batch. Holds no pointers, so it can live in a task.
+/// Receive buffers for one batch, with the `recvmmsg` headers kept between calls (so
+/// a call does not clear and rebuild them all: it refreshes the pointers and the
+/// name lengths, which the kernel changes).
 pub struct RecvBatch {
     bufs: Vec<u8>,
     addrs: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
     lens: [usize; BATCH],
     truncated: [bool; BATCH],
 }
+
+// SAFETY: the raw pointers in `iovs` and `hdrs` are written afresh by each `recv`
+// and point only into `bufs`, `addrs` and `iovs`, heap memory owned by the same value;
+// they are not used outside that call, so the value may move to another thread.
+unsafe impl Send for RecvBatch {}
 
 impl Default for RecvBatch {
     fn default() -> Self {
         RecvBatch {
             bufs: vec![0u8; BATCH * STRIDE],
-            // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+            // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs; all-zero
+            // is a valid value of each.
             addrs: vec![unsafe { zeroed() }; BATCH],
+            iovs: vec![unsafe { zeroed() }; BATCH],
+            hdrs: vec![unsafe { zeroed() }; BATCH],
             lens: [0; BATCH],
             truncated: [false; BATCH],
         }
@@ -42,28 +54,31 @@ impl Default for RecvBatch {
 impl RecvBatch {
     /// One non-blocking `recvmmsg`; returns how many datagrams arrived.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        // SAFETY: iovec/mmsghdr are plain C structs; zero is valid for them.
-        let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
-        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
         let base = self.bufs.as_mut_ptr();
-        for i in 0..BATCH {
-            iovs[i] = libc::iovec {
-                // SAFETY: Self::offset(i) + SLOT <= bufs.len(), so the slot is inside
-                // the buffer.
-                iov_base: unsafe { base.add(Self::offset(i)) } as *mut libc::c_void,
-                iov_len: SLOT,
-            };
-            hdrs[i].msg_hdr.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
-            hdrs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
-            hdrs[i].msg_hdr.msg_iovlen = 1;
+        let addrs = self.addrs.as_mut_ptr();
+        let iovs = self.iovs.as_mut_ptr();
+        for (i, h) in self.hdrs.iter_mut().enumerate() {
+            // SAFETY: i < BATCH, the length of `iovs` and `addrs`, and
+            // Self::offset(i) + SLOT <= bufs.len(): every pointer stays inside its
+            // vector.
+            unsafe {
+                *iovs.add(i) = libc::iovec {
+                    iov_base: base.add(Self::offset(i)) as *mut libc::c_void,
+                    iov_len: SLOT,
+                };
+                h.msg_hdr.msg_name = addrs.add(i) as *mut libc::c_void;
+                h.msg_hdr.msg_iov = iovs.add(i);
+            }
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_iovlen = 1;
         }
-        // SAFETY: every pointer in hdrs refers to memory owned by self or this frame and
-        // outlives the call; the kernel writes at most iov_len bytes per slot.
+        // SAFETY: every pointer in hdrs was just derived from memory owned by self,
+        // alive for the call; the kernel writes at most iov_len bytes per slot and at
+        // most msg_namelen bytes of address.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
-                hdrs.as_mut_ptr(),
+                self.hdrs.as_mut_ptr(),
                 BATCH as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
@@ -73,7 +88,7 @@ impl RecvBatch {
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
-        for (i, h) in hdrs.iter().take(n).enumerate() {
+        for (i, h) in self.hdrs.iter().take(n).enumerate() {
             self.lens[i] = h.msg_len as usize;
             self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         }

@@ -4,8 +4,8 @@
 //!
 //! What one connection may hold: a place under the connection caps
 //! ([`crate::limits`]); a read buffer that grows with the bytes actually received (a
-//! few KiB at a time, so a partial 64 KiB message pins about its own size) and is
-//! released whenever the connection is idle; and time: the TLS handshake, the first
+//! 4 KiB at a time, up to 16 KiB after a read of large frames that filled it, so a
+//! partial 64 KiB message pins about its own size) and is released whenever the connection is idle; and time: the TLS handshake, the first
 //! message and every later message (from its first byte) must each complete within
 //! `turn.stream_message_timeout_s`, however slowly bytes trickle in. Between messages
 //! a connection holding an allocation may stay idle; one without closes after
@@ -32,10 +32,15 @@ const STREAM_QUEUE: usize = 512;
 const WRITE_COALESCE: usize = 64 * 1024;
 /// Idle TCP connections without an allocation are closed after this long.
 pub(super) const STREAM_IDLE: Duration = Duration::from_secs(120);
-/// The read buffer grows by at most this much per read.
+/// The read buffer grows by at most this much per read...
 const READ_STEP: usize = 4096;
+/// ...unless a read filled it with large frames: it then grows by room for this many
+/// frames of the last size seen, up to [`BULK_READ_STEP`] (4 KiB holds 40 frames of
+/// 100 bytes but only 3 of 1,200: a read, a lock and a send per 3 packets).
+const FRAMES_PER_READ: usize = 12;
+const BULK_READ_STEP: usize = 16384;
 /// An empty read buffer larger than this is released between messages.
-const KEEP_IDLE_BUFFER: usize = 8192;
+const KEEP_IDLE_BUFFER: usize = BULK_READ_STEP + READ_STEP;
 
 /// Accepts connections until shutdown; `tls` makes them TURN over TLS.
 pub(super) async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, tls: Option<Arc<Tls>>) {
@@ -175,26 +180,53 @@ where
     let mut cmds = Commands::new();
     // The first message is due from the start; later ones from their first byte.
     let mut message_due = Some(tokio::time::Instant::now() + ctx.message_timeout);
+    // Without a message under way, the connection is idle from its last byte.
+    let mut idle_from = tokio::time::Instant::now();
+    // One timer and one wait for shutdown for the connection's life, not one of each
+    // per read. The timer is never later than the deadline that applies (a message's
+    // or idleness's); it may be earlier, and then it is set again when it fires.
+    let shutdown = ctx.shutdown.cancelled();
+    tokio::pin!(shutdown);
+    let timer = tokio::time::sleep_until(message_due.unwrap_or(idle_from + STREAM_IDLE));
+    tokio::pin!(timer);
+    let mut step = READ_STEP;
+    // The size of the last ChannelData frame relayed.
+    let mut frame = 0;
     'conn: loop {
-        if buf.capacity() - buf.len() < READ_STEP / 2 {
+        if buf.capacity() - buf.len() < step / 2 {
             // Grows with what arrives, never by a fixed large chunk up front.
-            buf.reserve_exact(READ_STEP);
+            buf.reserve_exact(step);
         }
-        let deadline = message_due.unwrap_or_else(|| tokio::time::Instant::now() + STREAM_IDLE);
+        let room = buf.capacity() - buf.len();
         let read = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
-            r = tokio::time::timeout_at(deadline, rd.read_buf(&mut buf)) => r,
+            _ = &mut shutdown => break,
+            r = rd.read_buf(&mut buf) => Some(r),
+            _ = &mut timer => None,
         };
         match read {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(_)) => {}
-            Err(_) if message_due.is_some() => {
-                tracing::debug!(client = %five.client, "turn stream message not complete in time; closed");
-                break;
+            Some(Ok(0)) | Some(Err(_)) => break,
+            Some(Ok(n)) => {
+                step = if n == room {
+                    (FRAMES_PER_READ * frame).clamp(READ_STEP, BULK_READ_STEP)
+                } else {
+                    READ_STEP
+                };
             }
-            Err(_) => {
+            None => {
+                let now = tokio::time::Instant::now();
+                let due = message_due.unwrap_or(idle_from + STREAM_IDLE);
+                if now < due {
+                    timer.as_mut().reset(due);
+                    continue;
+                }
+                if message_due.is_some() {
+                    tracing::debug!(client = %five.client, "turn stream message not complete in time; closed");
+                    break;
+                }
                 // Idle: keep connections that hold an allocation.
                 if ctx.shared.lock().core.allocation_of(&five).is_some() {
+                    idle_from = now;
+                    timer.as_mut().reset(now + STREAM_IDLE);
                     continue;
                 }
                 break;
@@ -220,11 +252,15 @@ where
                 }
             }
         }
+        if let Some(&(_, _, _, len)) = fwd.last() {
+            frame = len + 4;
+        }
         flush(&mut fwd, &buf);
         buf.drain(..off);
         if buf.is_empty() {
             // Between messages: nothing is due, and a large buffer is given back.
             message_due = None;
+            idle_from = tokio::time::Instant::now();
             if buf.capacity() > KEEP_IDLE_BUFFER {
                 buf = Vec::new();
             }
@@ -232,7 +268,11 @@ where
             // A new partial message starts now; its whole must arrive in time. (The
             // same message still incomplete keeps its deadline, the first message
             // included: trickling bytes does not extend it.)
-            message_due = Some(tokio::time::Instant::now() + ctx.message_timeout);
+            let due = tokio::time::Instant::now() + ctx.message_timeout;
+            message_due = Some(due);
+            if due < timer.deadline() {
+                timer.as_mut().reset(due);
+            }
         }
     }
     ctx.shared.with(&mut cmds, |core| core.client_gone(&five));

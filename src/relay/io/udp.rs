@@ -43,13 +43,16 @@ pub(super) async fn udp_loop(ctx: Arc<Ctx>, socket: Arc<UdpSocket>, local: Socke
     let mut fwd: Forwards = Vec::with_capacity(batch::BATCH);
     let mut stun: Vec<usize> = Vec::with_capacity(batch::BATCH);
     let mut cmds = Commands::new();
+    let shutdown = ctx.shutdown.cancelled();
+    tokio::pin!(shutdown);
     loop {
+        // The listener carries every UDP client: after a batch, it is read again at
+        // once (more has often arrived meanwhile) until a read finds nothing.
         let n = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
+            _ = &mut shutdown => return,
             r = socket.async_io(Interest::READABLE, || rb.recv(fd)) => match r {
                 Ok(n) => n,
                 Err(e) => {
-                    // ICMP errors surface here on Linux; they are not fatal.
                     tracing::debug!(error = %e, "turn udp recv");
                     continue;
                 }
