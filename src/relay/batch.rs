@@ -7,8 +7,9 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 /// Datagrams per `recvmmsg`/`sendmmsg` call.
 pub const BATCH: usize = 32;
@@ -198,6 +199,32 @@ const GSO_MAX_SEGMENT: usize = 1452;
 /// batches from then on.
 static GSO_OFF: AtomicBool = AtomicBool::new(false);
 
+/// Whether this kernel knows UDP segmentation offload (Linux 4.18 and later), asked
+/// once. A kernel without it would not refuse the control message but ignore it and
+/// send a run as one large datagram, so it is never used unasked.
+fn gso_supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let Ok(probe) = std::net::UdpSocket::bind("127.0.0.1:0")
+            .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        else {
+            return false;
+        };
+        let off: libc::c_int = 0;
+        // SAFETY: `off` is a c_int alive for the call, and its size is passed.
+        let r = unsafe {
+            libc::setsockopt(
+                probe.as_raw_fd(),
+                libc::SOL_UDP,
+                UDP_SEGMENT,
+                &off as *const _ as *const libc::c_void,
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        r == 0
+    })
+}
+
 /// Room for one cmsg carrying a u16 (CMSG_SPACE(2) on 64-bit Linux is 24 bytes).
 #[repr(C, align(8))]
 #[derive(Clone, Copy)]
@@ -226,7 +253,7 @@ pub fn send_batch(fd: RawFd, items: &[(&[u8], SocketAddr)]) -> usize {
         [(data, to)] => return usize::from(send_one(fd, data, *to)),
         _ => {}
     }
-    let gso = !GSO_OFF.load(Ordering::Relaxed);
+    let gso = gso_supported() && !GSO_OFF.load(Ordering::Relaxed);
     let mut groups = [Group::default(); BATCH];
     let mut m = 0;
     let mut i = 0;
@@ -349,7 +376,6 @@ fn send_one(fd: RawFd, data: &[u8], to: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     #[test]
     fn batched_round_trip_v4_and_v6() {
