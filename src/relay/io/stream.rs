@@ -3,10 +3,11 @@
 //! a writer task drains the connection's bounded queue.
 //!
 //! What one connection may hold: a place under the connection caps
-//! ([`crate::limits`]); a read buffer that grows with the bytes actually received (a
-//! 4 KiB at a time, up to 16 KiB after a read of large frames that filled it, so a
-//! partial 64 KiB message pins about its own size) and is released whenever the connection is idle; and time: the TLS handshake, the first
-//! message and every later message (from its first byte) must each complete within
+//! ([`crate::limits`]); a read buffer that grows with the bytes actually received (4
+//! KiB at a time, up to 16 KiB after a read of large frames that filled it, so a
+//! partial 64 KiB message pins about its own size) and is released whenever the
+//! connection is idle; and time: the TLS handshake, the first message and every later
+//! message (from its first byte) must each complete within
 //! `turn.stream_message_timeout_s`, however slowly bytes trickle in. Between messages
 //! a connection holding an allocation may stay idle; one without closes after
 //! [`STREAM_IDLE`].
