@@ -49,47 +49,15 @@ fn loopback(port: u16) -> SocketAddr {
 /// A TCP port free on 127.0.0.1 now (handed to a server started right after, and
 /// bound again by it after a restart).
 fn free_port() -> u16 {
-    fixed_port(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+    support::fixed_port(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
 }
 
 /// A port free for both UDP and TCP (a DNS server listens on both).
 fn free_dns_port() -> u16 {
-    fixed_port(|port| {
+    support::fixed_port(|port| {
         std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
             && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
     })
-}
-
-/// A port below the kernel's ephemeral range that `free` finds free. A port from
-/// `bind(0)` is in that range: between a server's stop and its restart, the kernel
-/// may hand it to any test's outgoing connection, and the restart cannot bind it.
-/// Ports are taken in turn from a start that differs per process, so two tests of
-/// one run never get the same port.
-fn fixed_port(free: impl Fn(u16) -> bool) -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    let (low, high) = (10_000u32, ephemeral_low.clamp(10_000, 65_536));
-    if high - low < 1000 {
-        // No room below the range: a port the kernel picks (as before).
-        return std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-    }
-    let start = std::process::id().wrapping_mul(7919) % (high - low);
-    for _ in 0..(high - low) {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = low + (start + n) % (high - low);
-        if free(port as u16) {
-            return port as u16;
-        }
-    }
-    panic!("no free port in {low}..{high}");
 }
 
 /// The lines a child process writes (stdout and stderr), gathered as they come.

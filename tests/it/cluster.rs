@@ -29,10 +29,7 @@ struct Nats {
 
 impl Nats {
     fn start() -> Nats {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = crate::support::fixed_port(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
         let mut n = Nats {
             port,
             dir: tempfile::tempdir().expect("tempdir"),
