@@ -220,8 +220,12 @@ pub struct Flow {
     wire: Wire,
     /// ChannelData framing (false: raw payloads to the bare forwarder).
     turn: bool,
-    /// Stream bytes not yet written (plain TCP).
+    /// Stream bytes not yet written (plain TCP); for UDP, the datagrams not yet sent,
+    /// one after another, with their lengths in `out_lens`.
     out: Vec<u8>,
+    out_lens: Vec<usize>,
+    /// Where a UDP flow's datagrams go (its socket is connected there).
+    to: Option<SocketAddr>,
     /// Stream bytes read and not yet framed.
     inbuf: Vec<u8>,
     next_seq: u64,
@@ -234,14 +238,22 @@ pub struct Flow {
 
 impl Flow {
     pub fn new(wire: Wire, turn: bool, leftover: Vec<u8>) -> Result<Flow> {
-        match &wire {
-            Wire::Udp(s) => s.set_nonblocking(true)?,
-            Wire::Tcp(s) | Wire::Tls(s, _) => s.set_nonblocking(true)?,
-        }
+        let to = match &wire {
+            Wire::Udp(s) => {
+                s.set_nonblocking(true)?;
+                Some(s.peer_addr().context("a connected UDP socket")?)
+            }
+            Wire::Tcp(s) | Wire::Tls(s, _) => {
+                s.set_nonblocking(true)?;
+                None
+            }
+        };
         Ok(Flow {
             wire,
             turn,
             out: Vec::new(),
+            out_lens: Vec::new(),
+            to,
             inbuf: leftover,
             next_seq: 0,
             outstanding: VecDeque::new(),
@@ -287,12 +299,10 @@ impl Flow {
         scratch.resize(total, 0);
         self.sent += 1;
         match &mut self.wire {
-            Wire::Udp(s) => {
-                if s.send(scratch).is_err() {
-                    // Not taken by the kernel (buffer full, ICMP error): lost.
-                    self.lost += 1;
-                    return Ok(());
-                }
+            // Sent with the others of this round by `flush`.
+            Wire::Udp(_) => {
+                self.out.extend_from_slice(scratch);
+                self.out_lens.push(scratch.len());
             }
             Wire::Tcp(_) => self.out.extend_from_slice(scratch),
             Wire::Tls(_, c) => c.writer().write_all(scratch)?,
@@ -301,10 +311,32 @@ impl Flow {
         Ok(())
     }
 
-    /// Writes what the stream can take now.
+    /// Writes what the stream can take now; sends the datagrams waiting, up to
+    /// [`batch::BATCH`] per `sendmmsg` (what the kernel does not take is lost).
     fn flush(&mut self) -> Result<()> {
         match &mut self.wire {
-            Wire::Udp(_) => {}
+            Wire::Udp(s) => {
+                let to = self.to.context("a connected UDP socket")?;
+                let mut off = 0;
+                let mut untaken = 0;
+                for lens in self.out_lens.chunks(batch::BATCH) {
+                    let mut items = Vec::with_capacity(lens.len());
+                    for &len in lens {
+                        items.push((&self.out[off..off + len], to));
+                        off += len;
+                    }
+                    untaken += items.len() - batch::send_batch(s.as_raw_fd(), &items);
+                }
+                self.out.clear();
+                self.out_lens.clear();
+                // Not taken by the kernel (buffer full, ICMP error): the last sent are
+                // lost. Taken datagrams are consecutive from the first of the batch.
+                for _ in 0..untaken {
+                    if self.outstanding.pop_back().is_some() {
+                        self.lost += 1;
+                    }
+                }
+            }
             Wire::Tcp(s) => {
                 while !self.out.is_empty() {
                     match s.write(&self.out) {
@@ -331,7 +363,12 @@ impl Flow {
     }
 
     /// Reads everything available; calls `answer(seq, sent_ns)` per echoed packet.
-    fn read(&mut self, buf: &mut [u8], mut answer: impl FnMut(&mut Flow, u64, u64)) -> Result<()> {
+    fn read(
+        &mut self,
+        buf: &mut [u8],
+        rb: &mut batch::RecvBatch,
+        mut answer: impl FnMut(&mut Flow, u64, u64),
+    ) -> Result<()> {
         let payload = |p: &[u8]| -> Option<(u64, u64)> {
             let seq = u64::from_be_bytes(p.get(0..8)?.try_into().ok()?);
             let ts = u64::from_be_bytes(p.get(8..16)?.try_into().ok()?);
@@ -339,19 +376,22 @@ impl Flow {
         };
         let mut got = Vec::new();
         match &mut self.wire {
-            // Until nothing more waits (or an ICMP error: a port closed).
+            // Until nothing more waits (or an ICMP error: a port closed), a batch
+            // per `recvmmsg`.
             Wire::Udp(s) => {
-                while let Ok(n) = s.recv(buf) {
-                    let p = &buf[..n];
-                    let p = if self.turn {
-                        match wire::channel_header(p) {
-                            Some((_, len)) if 4 + len <= p.len() => &p[4..4 + len],
-                            _ => continue,
-                        }
-                    } else {
-                        p
-                    };
-                    got.extend(payload(p));
+                while let Ok(n) = rb.recv(s.as_raw_fd()) {
+                    for i in 0..n {
+                        let Some((p, _)) = rb.packet(i) else { continue };
+                        let p = if self.turn {
+                            match wire::channel_header(p) {
+                                Some((_, len)) if 4 + len <= p.len() => &p[4..4 + len],
+                                _ => continue,
+                            }
+                        } else {
+                            p
+                        };
+                        got.extend(payload(p));
+                    }
                 }
             }
             Wire::Tcp(s) => loop {
@@ -455,6 +495,7 @@ pub fn drive(
 ) -> Result<Tally> {
     let mut scratch = Vec::with_capacity(size + 8);
     let mut buf = vec![0u8; 65_536];
+    let mut rb = batch::RecvBatch::default();
     let mut rtts = Vec::new();
     for f in &mut flows {
         for _ in 0..window {
@@ -500,7 +541,7 @@ pub fn drive(
         for (p, f) in fds.iter().zip(flows.iter_mut()) {
             if p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0 {
                 let mut answered = 0usize;
-                f.read(&mut buf, |f, seq, ts| {
+                f.read(&mut buf, &mut rb, |f, seq, ts| {
                     if f.settle(seq, window) {
                         answered += 1;
                         if measuring {
@@ -522,11 +563,7 @@ pub fn drive(
                     f.last_rx = Instant::now();
                 }
                 while f.outstanding.len() < window {
-                    let before = f.lost;
                     f.send(size, epoch, &mut scratch)?;
-                    if f.lost != before {
-                        break;
-                    }
                 }
             }
             f.flush()?;
