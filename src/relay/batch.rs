@@ -54,12 +54,19 @@ impl Default for RecvBatch {
 }
 
 impl RecvBatch {
-    /// One non-blocking `recvmmsg`; returns how many datagrams arrived.
+    /// One non-blocking `recvmmsg` of up to [`BATCH`] datagrams; returns how many
+    /// arrived.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_up_to(fd, BATCH)
+    }
+
+    /// One non-blocking `recvmmsg` of up to `max` datagrams (at most [`BATCH`]).
+    pub fn recv_up_to(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
+        let max = max.clamp(1, BATCH);
         let base = self.bufs.as_mut_ptr();
         let addrs = self.addrs.as_mut_ptr();
         let iovs = self.iovs.as_mut_ptr();
-        for (i, h) in self.hdrs.iter_mut().enumerate() {
+        for (i, h) in self.hdrs.iter_mut().take(max).enumerate() {
             // SAFETY: i < BATCH, the length of `iovs` and `addrs`, and
             // Self::offset(i) + SLOT <= bufs.len(): every pointer stays inside its
             // vector.
@@ -81,7 +88,7 @@ impl RecvBatch {
             libc::recvmmsg(
                 fd,
                 self.hdrs.as_mut_ptr(),
-                BATCH as libc::c_uint,
+                max as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
@@ -223,6 +230,53 @@ fn gso_supported() -> bool {
         };
         r == 0
     })
+}
+
+/// How many datagrams the next read of a socket asks for: [`Ramp::FIRST`] after a
+/// read that emptied the socket, twice as many after each read that came back full,
+/// up to [`BATCH`].
+///
+/// A burst (a client's or a peer's packets sent together) is relayed in growing
+/// parts: the first datagrams are on their way to the next hop, which starts on them,
+/// while the rest are still being read. Taking the whole burst in one read would make
+/// every hop wait for all of it; in a closed loop the packets in flight then travel
+/// as one clump, and each hop idles while another works. A socket that stays busy
+/// soon reads whole batches again.
+#[derive(Clone, Copy, Debug)]
+pub struct Ramp {
+    next: usize,
+}
+
+impl Ramp {
+    pub const FIRST: usize = 4;
+
+    /// How many datagrams to ask for now.
+    pub fn next(&self) -> usize {
+        self.next
+    }
+
+    /// The last read asked for [`Ramp::next`] and got `got` datagrams; true if it
+    /// came back full (more may be waiting).
+    pub fn got(&mut self, got: usize) -> bool {
+        let full = got >= self.next;
+        self.filled(full);
+        full
+    }
+
+    /// The last read came back full (`true`), or it emptied the socket.
+    pub fn filled(&mut self, full: bool) {
+        self.next = if full {
+            (self.next * 2).min(BATCH)
+        } else {
+            Self::FIRST
+        };
+    }
+}
+
+impl Default for Ramp {
+    fn default() -> Self {
+        Ramp { next: Self::FIRST }
+    }
 }
 
 /// Room for one cmsg carrying a u16 (CMSG_SPACE(2) on 64-bit Linux is 24 bytes).
@@ -484,6 +538,48 @@ mod tests {
                 "segmentation offload refused"
             );
         }
+    }
+
+    #[test]
+    fn a_read_takes_no_more_than_it_asks_for() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        for i in 0..10u8 {
+            tx.send_to(&[i; 20], to).unwrap();
+        }
+        // All ten are queued once a plain read sees the first (loopback delivers in
+        // order, at send time).
+        let mut b = RecvBatch::default();
+        let mut got = Vec::new();
+        for max in [3, 0, 4, BATCH] {
+            let n = b.recv_up_to(rx.as_raw_fd(), max).unwrap();
+            assert_eq!(n, max.clamp(1, BATCH).min(10 - got.len()), "max {max}");
+            got.extend((0..n).map(|i| b.packet(i).unwrap().0[0]));
+        }
+        assert_eq!(got, (0..10).collect::<Vec<u8>>());
+        let e = b.recv_up_to(rx.as_raw_fd(), 4).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn the_ramp_grows_on_full_reads_and_starts_over_when_emptied() {
+        let mut r = Ramp::default();
+        assert_eq!(r.next(), Ramp::FIRST);
+        // A socket that stays busy: 4, 8, 16, 32, and no further.
+        let mut asked = Vec::new();
+        for _ in 0..6 {
+            asked.push(r.next());
+            assert!(r.got(r.next()));
+        }
+        assert_eq!(asked, [4, 8, 16, 32, 32, 32]);
+        // A read that empties the socket (or found nothing) starts over.
+        assert!(!r.got(5));
+        assert_eq!(r.next(), Ramp::FIRST);
+        r.filled(true);
+        assert_eq!(r.next(), 2 * Ramp::FIRST);
+        r.filled(false);
+        assert_eq!(r.next(), Ramp::FIRST);
     }
 
     #[test]

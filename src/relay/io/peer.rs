@@ -2,8 +2,10 @@
 //! ([`Core::from_peer`](crate::relay::core::Core::from_peer)), go to the client as
 //! ChannelData or as a Data indication.
 //!
-//! The hot path works in batches: one `recvmmsg` takes every datagram waiting on the
-//! relay socket (up to [`batch::BATCH`]), the core checks them all under one lock,
+//! The hot path works in batches: one `recvmmsg` takes the datagrams waiting on the
+//! relay socket (for a UDP client, as many as [`batch::Ramp`] says: a burst goes on
+//! in growing parts; for a TCP/TLS client, up to [`batch::BATCH`], one write each),
+//! the core checks them all under one lock,
 //! ChannelData headers are written in place in front of the payloads, and the batch
 //! leaves in one `sendmmsg` to a UDP client or as one queued buffer to a TCP/TLS
 //! client's writer. The receive buffers belong to the worker thread, not to the
@@ -44,6 +46,7 @@ struct Scratch {
     ranges: Vec<std::ops::Range<usize>>,
     indications: Vec<Vec<u8>>,
     eager: Eager,
+    ramp: batch::Ramp,
 }
 
 /// Whether to read a relay socket again at once after a batch that was not full.
@@ -133,14 +136,19 @@ fn forward(
     stream: bool,
     s: &mut Scratch,
 ) -> io::Result<Outcome> {
-    let n = match b.recv(fd) {
+    // A stream client gets one write per batch: whole batches suit it better.
+    let max = if stream { batch::BATCH } else { s.ramp.next() };
+    let n = match b.recv_up_to(fd, max) {
         Ok(n) => n,
         Err(e) => {
             s.eager.read(None);
+            s.ramp.filled(false);
             return Err(e);
         }
     };
     s.eager.read(Some(n));
+    let full = n >= max;
+    s.ramp.filled(full);
     let now = Instant::now();
     s.verdicts.clear();
     {
@@ -204,7 +212,7 @@ fn forward(
             }
         }
     }
-    if n < batch::BATCH && !s.eager.again() {
+    if !full && !s.eager.again() {
         // recvmmsg stops early only when the queue is empty (relay sockets are not
         // connected and do not ask for ICMP errors, so no error ends a batch early).
         return Err(io::ErrorKind::WouldBlock.into());

@@ -1,4 +1,5 @@
-//! The UDP listener: client datagrams in batches (`recvmmsg`). ChannelData is routed
+//! The UDP listener: client datagrams in batches (`recvmmsg`, sized by
+//! [`batch::Ramp`]: a burst goes on to the peers in growing parts). ChannelData is routed
 //! under one lock per batch and forwarded with one `sendmmsg` per relay socket; STUN
 //! messages go through the core one by one, their commands carried out after.
 
@@ -39,6 +40,7 @@ pub(super) fn flush(fwd: &mut Forwards, data: &[u8]) {
 
 pub(super) async fn udp_loop(ctx: Arc<Ctx>, socket: Arc<UdpSocket>, local: SocketAddr) {
     let mut rb = batch::RecvBatch::default();
+    let mut ramp = batch::Ramp::default();
     let fd = socket.as_raw_fd();
     let mut fwd: Forwards = Vec::with_capacity(batch::BATCH);
     let mut stun: Vec<usize> = Vec::with_capacity(batch::BATCH);
@@ -47,10 +49,15 @@ pub(super) async fn udp_loop(ctx: Arc<Ctx>, socket: Arc<UdpSocket>, local: Socke
     tokio::pin!(shutdown);
     loop {
         // The listener carries every UDP client: after a batch, it is read again at
-        // once (more has often arrived meanwhile) until a read finds nothing.
+        // once (more has often arrived meanwhile) until a read finds nothing; each
+        // read asks for what the ramp says.
         let n = tokio::select! {
             _ = &mut shutdown => return,
-            r = socket.async_io(Interest::READABLE, || rb.recv(fd)) => match r {
+            r = socket.async_io(Interest::READABLE, || {
+                let r = rb.recv_up_to(fd, ramp.next());
+                ramp.got(*r.as_ref().unwrap_or(&0));
+                r
+            }) => match r {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(error = %e, "turn udp recv");
