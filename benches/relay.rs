@@ -9,8 +9,9 @@
 //! the relay, each allocation keeps a bounded window of packets in flight, and round
 //! trips are counted and timed at the client: relayed packets/s (both directions),
 //! loss, p50/p99 round trip, and server CPU per relayed packet, for meshmeet, coturn,
-//! and on the UDP rows a bare UDP forwarder (one `recv` and one `send` per packet, no
-//! TURN work) as the floor.
+//! and on the UDP and TCP rows a bare forwarder (one `recv` and one `send` per packet,
+//! no TURN work; over TCP it parses ChannelData frames and writes one per datagram)
+//! as the floor.
 //!
 //! `rates`: allocations per second, and STUN Binding answers per second.
 //!
@@ -685,7 +686,7 @@ fn closed_rate(
     let mut sessions = Vec::new();
     for i in 0..allocs {
         if !server.turn {
-            flows.push(closed::forwarder_flow(server.addr)?);
+            flows.push(closed::forwarder_flow(server.addr, via == Via::Tcp)?);
             continue;
         }
         let to = if via == Via::Tls {
@@ -891,7 +892,7 @@ fn main() -> Result<()> {
     }
     if opts.closed {
         let echo = closed::EchoPeer::new()?;
-        let forwarder = if opts.vias.contains(&Via::Udp) {
+        let forwarder = if opts.vias.contains(&Via::Udp) || opts.vias.contains(&Via::Tcp) {
             Some(start_forwarder(echo.addr)?)
         } else {
             None
@@ -995,9 +996,9 @@ fn closed_rows(
     for &via in &opts.vias {
         let label = via.label();
         let mut targets: Vec<&Server> = servers.iter().collect();
-        // The floor is a UDP forwarder: measured on the UDP rows only.
-        let floor = via == Via::Udp && forwarder.is_some();
-        targets.extend(forwarder.filter(|_| via == Via::Udp));
+        // The floor forwards UDP and TCP (ChannelData frames); not TLS.
+        let floor = via != Via::Tls && forwarder.is_some();
+        targets.extend(forwarder.filter(|_| floor));
         for &size in &opts.sizes {
             for &allocs in &opts.allocs {
                 let runs = interleaved(&targets, opts.repeats, |s| {

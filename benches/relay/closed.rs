@@ -112,21 +112,27 @@ fn wait_readable(fd: RawFd, ms: i32) -> bool {
 
 /// The bare forwarder, run as `relay --forwarder ECHO_ADDR` (a process of its own, so
 /// its CPU time is measured like a server's). It prints its client-facing port on
-/// stdout, then forwards: a datagram from a client goes to the echo peer from a
-/// socket of that client's own (created on its first datagram, like an allocation's
-/// relay socket), and what comes back on that socket goes to the client. One `recv`
-/// and one `send` per packet, one thread, epoll: no TURN parsing, no permissions, no
-/// channels, no batching.
+/// stdout (the same number for UDP and TCP), then forwards, one thread, epoll:
+///
+/// - UDP: a datagram from a client goes to the echo peer from a socket of that
+///   client's own (created on its first datagram, like an allocation's relay
+///   socket), and what comes back on that socket goes to the client. One `recv` and
+///   one `send` per packet: no TURN parsing, no permissions, no channels, no
+///   batching.
+/// - TCP: a client's stream carries ChannelData frames (the least a TURN relay over
+///   TCP must parse); each frame's payload goes to the echo peer from the
+///   connection's own UDP socket, and each datagram that comes back goes to the
+///   client as a frame, one `write` each. No permissions, no channel table, no
+///   batching of the datagrams.
 pub fn forwarder_main(echo: SocketAddr) -> Result<()> {
-    /// Clients served at most (a bench tool; bounded all the same).
+    /// Clients served at most, per transport (a bench tool; bounded all the same).
     const MAX_CLIENTS: usize = 10_000;
     const FRONT: u64 = u64::MAX;
-    let front = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-    let _ = front.set_recv_buffer_size(4 << 20);
-    let _ = front.set_send_buffer_size(4 << 20);
-    front.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-    front.set_nonblocking(true)?;
-    let front: UdpSocket = front.into();
+    const LISTEN: u64 = u64::MAX - 1;
+    /// Tokens of TCP connections (`CONN + i`) and of their UDP sockets (`BACK + i`).
+    const CONN: u64 = 1 << 32;
+    const BACK: u64 = 2 << 32;
+    let (front, listener) = bind_udp_and_tcp()?;
     println!("{}", front.local_addr()?.port());
     io::stdout().flush()?;
     // SAFETY: plain syscall; the result is checked.
@@ -146,9 +152,14 @@ pub fn forwarder_main(echo: SocketAddr) -> Result<()> {
         Ok(())
     };
     add(front.as_raw_fd(), FRONT)?;
+    add(listener.as_raw_fd(), LISTEN)?;
     let mut backs: Vec<(UdpSocket, SocketAddr)> = Vec::new();
     let mut by_client: HashMap<SocketAddr, usize> = HashMap::new();
+    // TCP connections: the stream, its UDP socket towards the echo peer, and the
+    // bytes read and not yet framed. A closed one stays as `None`.
+    let mut conns: Vec<Option<(TcpStream, UdpSocket, Vec<u8>)>> = Vec::new();
     let mut buf = vec![0u8; 65_536];
+    let mut frame = Vec::with_capacity(65_536 + 8);
     // SAFETY: zero is a valid epoll_event.
     let mut events: Vec<libc::epoll_event> = vec![unsafe { std::mem::zeroed() }; 64];
     loop {
@@ -185,6 +196,72 @@ pub fn forwarder_main(echo: SocketAddr) -> Result<()> {
                     };
                     let _ = backs[idx].0.send(&buf[..len]);
                 }
+            } else if token == LISTEN {
+                while let Ok((s, _)) = listener.accept() {
+                    if conns.len() >= MAX_CLIENTS {
+                        continue;
+                    }
+                    s.set_nodelay(true)?;
+                    s.set_nonblocking(true)?;
+                    let b = UdpSocket::bind("127.0.0.1:0")?;
+                    b.connect(echo)?;
+                    b.set_nonblocking(true)?;
+                    let i = conns.len() as u64;
+                    add(s.as_raw_fd(), CONN + i)?;
+                    add(b.as_raw_fd(), BACK + i)?;
+                    conns.push(Some((s, b, Vec::new())));
+                }
+            } else if token >= BACK {
+                let Some(Some((s, b, _))) = conns.get_mut((token - BACK) as usize) else {
+                    continue;
+                };
+                loop {
+                    let len = match b.recv(&mut buf) {
+                        Ok(x) => x,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => continue,
+                    };
+                    frame.clear();
+                    frame.extend_from_slice(&CHANNEL.to_be_bytes());
+                    frame.extend_from_slice(&(len as u16).to_be_bytes());
+                    frame.extend_from_slice(&buf[..len]);
+                    frame.resize((frame.len() + 3) & !3, 0);
+                    write_all_now(s, &frame)?;
+                }
+            } else if token >= CONN {
+                let i = (token - CONN) as usize;
+                let Some(Some((s, b, inbuf))) = conns.get_mut(i) else {
+                    continue;
+                };
+                let mut closed = false;
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => {
+                            closed = true;
+                            break;
+                        }
+                        Ok(n) => inbuf.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                }
+                let mut off = 0;
+                while let Some((_, len)) = wire::channel_header(&inbuf[off..]) {
+                    let total = (4 + len + 3) & !3;
+                    if inbuf.len() - off < total {
+                        break;
+                    }
+                    let _ = b.send(&inbuf[off + 4..off + 4 + len]);
+                    off += total;
+                }
+                inbuf.drain(..off);
+                if closed {
+                    // Dropping the sockets takes them out of the epoll set.
+                    conns[i] = None;
+                }
             } else if let Some((b, client)) = backs.get(token as usize) {
                 loop {
                     let len = match b.recv(&mut buf) {
@@ -197,6 +274,46 @@ pub fn forwarder_main(echo: SocketAddr) -> Result<()> {
             }
         }
     }
+}
+
+/// A UDP socket and a TCP listener on one loopback port number.
+fn bind_udp_and_tcp() -> Result<(UdpSocket, std::net::TcpListener)> {
+    for _ in 0..100 {
+        let front = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        let _ = front.set_recv_buffer_size(4 << 20);
+        let _ = front.set_send_buffer_size(4 << 20);
+        front.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        front.set_nonblocking(true)?;
+        let front: UdpSocket = front.into();
+        let port = front.local_addr()?.port();
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            l.set_nonblocking(true)?;
+            return Ok((front, l));
+        }
+    }
+    bail!("no loopback port free for both UDP and TCP")
+}
+
+/// Writes all of `data` to a non-blocking stream, waiting for room if it must (the
+/// closed loop's window keeps that rare).
+fn write_all_now(s: &mut TcpStream, mut data: &[u8]) -> Result<()> {
+    while !data.is_empty() {
+        match s.write(data) {
+            Ok(0) => bail!("connection closed"),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut p = libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut p, 1, 100) };
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// A client's connection for the closed loop, non-blocking.
@@ -688,8 +805,14 @@ pub fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// A connected UDP socket for a bare-forwarder flow.
-pub fn forwarder_flow(front: SocketAddr) -> Result<Flow> {
+/// A bare-forwarder flow: a connected UDP socket sending raw payloads, or a TCP
+/// connection carrying ChannelData frames.
+pub fn forwarder_flow(front: SocketAddr, tcp: bool) -> Result<Flow> {
+    if tcp {
+        let s = TcpStream::connect(front)?;
+        s.set_nodelay(true)?;
+        return Flow::new(Wire::Tcp(s), true, Vec::new());
+    }
     let s = UdpSocket::bind("127.0.0.1:0")?;
     s.connect(front)?;
     Flow::new(Wire::Udp(s), false, Vec::new())
