@@ -541,6 +541,61 @@ mod tests {
     }
 
     #[test]
+    fn a_run_of_segments_larger_than_the_route_allows_goes_one_by_one() {
+        // On a thread in a network namespace of its own, loopback with a 1,280-byte
+        // MTU: a segmented send of 1,400-byte segments is refused (EMSGSIZE: the
+        // segments would not fit the route), and the run goes one datagram at a time,
+        // fragmented and reassembled by IP. Segmented sends stay on for later runs
+        // that fit.
+        let r = std::thread::spawn(|| -> Result<(), String> {
+            // SAFETY: plain syscall; a new network namespace for this thread only.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "no network namespace: {}",
+                    io::Error::last_os_error()
+                ));
+            }
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "mtu", "1280", "up"])
+                .status()
+                .map_err(|e| format!("ip: {e}"))?;
+            if !up.success() {
+                return Err(format!("ip link set lo: {up}"));
+            }
+            let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let to = rx.local_addr().unwrap();
+            let big: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 1400]).collect();
+            let items: Vec<(&[u8], SocketAddr)> = big.iter().map(|p| (p.as_slice(), to)).collect();
+            assert_eq!(send_batch(tx.as_raw_fd(), &items), 4);
+            let got: Vec<Vec<u8>> = recv_n(&rx, 4).into_iter().map(|(p, _)| p).collect();
+            assert_eq!(got, big);
+            assert!(
+                !GSO_OFF.load(Ordering::Relaxed),
+                "a refusal for size turned segmented sends off"
+            );
+            // A run that fits still goes (as a segmented send).
+            let small: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 1000]).collect();
+            let items: Vec<(&[u8], SocketAddr)> =
+                small.iter().map(|p| (p.as_slice(), to)).collect();
+            assert_eq!(send_batch(tx.as_raw_fd(), &items), 3);
+            let got: Vec<Vec<u8>> = recv_n(&rx, 3).into_iter().map(|(p, _)| p).collect();
+            assert_eq!(got, small);
+            Ok(())
+        })
+        .join()
+        .expect("the namespace thread");
+        match r {
+            Ok(()) => {}
+            // Needs root (CAP_NET_ADMIN) and `ip`; the CI run requires them.
+            Err(e) if std::env::var_os("MESHMEET_REQUIRE_TOOLS").is_none() => {
+                eprintln!("skipped: {e}")
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
     fn a_read_takes_no_more_than_it_asks_for() {
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
