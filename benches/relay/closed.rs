@@ -34,12 +34,7 @@ pub struct EchoPeer {
 
 impl EchoPeer {
     pub fn new() -> Result<EchoPeer> {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-        let _ = sock.set_recv_buffer_size(8 << 20);
-        let _ = sock.set_send_buffer_size(8 << 20);
-        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-        sock.set_nonblocking(true)?;
-        let sock: UdpSocket = sock.into();
+        let sock = loopback_udp(8 << 20)?;
         let addr = sock.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -249,12 +244,11 @@ pub fn forwarder_main(echo: SocketAddr) -> Result<()> {
                     }
                 }
                 let mut off = 0;
-                while let Some((_, len)) = wire::channel_header(&inbuf[off..]) {
-                    let total = (4 + len + 3) & !3;
-                    if inbuf.len() - off < total {
-                        break;
+                while let Frame::Complete(total) = wire::stream_frame(&inbuf[off..]) {
+                    let frame = &inbuf[off..off + total];
+                    if let Some((_, len)) = wire::channel_header(frame) {
+                        let _ = b.send(&frame[4..4 + len]);
                     }
-                    let _ = b.send(&inbuf[off + 4..off + 4 + len]);
                     off += total;
                 }
                 inbuf.drain(..off);
@@ -276,15 +270,21 @@ pub fn forwarder_main(echo: SocketAddr) -> Result<()> {
     }
 }
 
+/// A non-blocking UDP socket on a free loopback port, with send and receive buffers
+/// of `buffer` bytes asked for (the kernel may cap them).
+fn loopback_udp(buffer: usize) -> Result<UdpSocket> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let _ = sock.set_recv_buffer_size(buffer);
+    let _ = sock.set_send_buffer_size(buffer);
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
 /// A UDP socket and a TCP listener on one loopback port number.
 fn bind_udp_and_tcp() -> Result<(UdpSocket, std::net::TcpListener)> {
     for _ in 0..100 {
-        let front = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-        let _ = front.set_recv_buffer_size(4 << 20);
-        let _ = front.set_send_buffer_size(4 << 20);
-        front.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-        front.set_nonblocking(true)?;
-        let front: UdpSocket = front.into();
+        let front = loopback_udp(4 << 20)?;
         let port = front.local_addr()?.port();
         if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
             l.set_nonblocking(true)?;
