@@ -940,6 +940,22 @@ fn interleaved<T: Copy>(
     Ok(runs)
 }
 
+/// Each server's lowest and highest figure over its runs, for the log: a median
+/// difference smaller than these spreads is noise.
+fn spreads<T>(servers: &[&Server], runs: &[Vec<T>], f: impl Fn(&T) -> f64) -> String {
+    servers
+        .iter()
+        .zip(runs)
+        .map(|(s, r)| {
+            let v = r.iter().map(&f);
+            let lo = v.clone().fold(f64::INFINITY, f64::min);
+            let hi = v.fold(f64::NEG_INFINITY, f64::max);
+            format!("{} {lo:.0}-{hi:.0}", s.name)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn oneway_rows(servers: &[Server], opts: &Opts) -> Result<Vec<Row>> {
     let refs: Vec<&Server> = servers.iter().collect();
     let mut rows = Vec::new();
@@ -951,6 +967,7 @@ fn oneway_rows(servers: &[Server], opts: &Opts) -> Result<Vec<Row>> {
                     relay_rate(s, via, allocs, size, opts.secs)
                         .with_context(|| format!("{} {label} {size} B x{allocs}", s.name))
                 })?;
+                let spread = spreads(&refs, &runs, |r| r.0);
                 let mut pps = Vec::new();
                 let mut loss = Vec::new();
                 let mut cpu = Vec::new();
@@ -964,7 +981,9 @@ fn oneway_rows(servers: &[Server], opts: &Opts) -> Result<Vec<Row>> {
                     cpu.push(closed::median(&mut c));
                 }
                 let tag = format!("{label}, {size} B, {allocs} alloc");
-                eprintln!("one way {tag}: pkt/s {pps:.0?}, CPU µs/pkt {cpu:.2?}");
+                eprintln!(
+                    "one way {tag}: pkt/s {pps:.0?}, CPU µs/pkt {cpu:.2?}; pkt/s of single runs: {spread}"
+                );
                 rows.push(Row {
                     name: format!("relayed pkt/s, {tag}"),
                     figures: pps,
@@ -1021,7 +1040,10 @@ fn closed_rows(
                 let tag = format!("{label}, {size} B, {allocs} alloc");
                 let pps = med(|c| c.pps);
                 let cpu = med(|c| c.cpu);
-                eprintln!("closed loop {tag}: pkt/s {pps:.0?}, CPU µs/pkt {cpu:.2?}");
+                let spread = spreads(&targets, &runs, |c| c.pps);
+                eprintln!(
+                    "closed loop {tag}: pkt/s {pps:.0?}, CPU µs/pkt {cpu:.2?}; pkt/s of single runs: {spread}"
+                );
                 rows.push(Row {
                     name: format!("relayed pkt/s, {tag}"),
                     figures: pps,
