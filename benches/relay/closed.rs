@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use meshmeet::relay::batch;
 use meshmeet::relay::wire::{self, Frame};
+use meshmeet::relay::{batch, client};
 
 /// The channel every bench allocation binds to the echo peer.
 pub const CHANNEL: u16 = 0x4000;
@@ -216,11 +216,7 @@ pub fn forwarder_main(echo: SocketAddr) -> Result<()> {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(_) => continue,
                     };
-                    frame.clear();
-                    frame.extend_from_slice(&CHANNEL.to_be_bytes());
-                    frame.extend_from_slice(&(len as u16).to_be_bytes());
-                    frame.extend_from_slice(&buf[..len]);
-                    frame.resize((frame.len() + 3) & !3, 0);
+                    client::channel_data_into(&mut frame, CHANNEL, &buf[..len], true);
                     write_all_now(s, &frame)?;
                 }
             } else if token >= CONN {

@@ -109,15 +109,22 @@ pub fn send_indication(peer: SocketAddr, data: &[u8]) -> Vec<u8> {
 /// A ChannelData message; `stream` pads it to a multiple of four bytes, as TCP and
 /// TLS require. Payloads longer than 65535 bytes are cut to that length.
 pub fn channel_data(channel: u16, payload: &[u8], stream: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    channel_data_into(&mut out, channel, payload, stream);
+    out
+}
+
+/// [`channel_data`] into `out` (cleared first), reusing its allocation.
+pub fn channel_data_into(out: &mut Vec<u8>, channel: u16, payload: &[u8], stream: bool) {
     let payload = &payload[..payload.len().min(usize::from(u16::MAX))];
     let len = payload.len();
     let total = if stream { (4 + len + 3) & !3 } else { 4 + len };
-    let mut out = Vec::with_capacity(total);
+    out.clear();
+    out.reserve(total);
     out.extend_from_slice(&channel.to_be_bytes());
     out.extend_from_slice(&(len as u16).to_be_bytes());
     out.extend_from_slice(payload);
     out.resize(total, 0);
-    out
 }
 
 /// Long-term credentials and what the server told about them (realm, nonce).
@@ -348,6 +355,10 @@ mod tests {
             channel_data(0x4000, &[1, 2, 3], true),
             [0x40, 0, 0, 3, 1, 2, 3, 0]
         );
+        // Into a buffer that held something longer: cleared first.
+        let mut out = vec![9; 20];
+        channel_data_into(&mut out, 0x4001, &[5], true);
+        assert_eq!(out, [0x40, 1, 0, 1, 5, 0, 0, 0]);
         let m = parse(&send_indication("192.0.2.9:9".parse().unwrap(), b"hi")).unwrap();
         assert_eq!(data(&m).as_deref(), Some(&b"hi"[..]));
     }
